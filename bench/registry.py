@@ -1,0 +1,136 @@
+"""A real registry (Debian's ``docker-registry``, distribution 2.8) on 127.0.0.1, for the demo,
+the benchmarks and the tests.
+
+It gets its own config, storage directory and port, and is stopped by the PID we started, so
+nothing else on the machine is touched. The config is written as JSON, which the registry's YAML
+reader accepts, so no YAML library is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REGISTRY_BINARY = "docker-registry"
+READY_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class TokenAuth:
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+
+@dataclass(frozen=True)
+class TLS:
+    certificate: Path
+    key: Path
+
+
+@dataclass
+class LocalRegistry:
+    """A running registry; ``host`` is ``127.0.0.1:PORT``."""
+
+    workdir: Path
+    port: int
+    process: subprocess.Popen[bytes]
+    scheme: str
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "registry.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _config(workdir: Path, port: int, htpasswd: Path | None, token: TokenAuth | None,
+            tls: TLS | None) -> dict[str, Any]:
+    http: dict[str, Any] = {"addr": f"127.0.0.1:{port}", "secret": "imaged-local-registry"}
+    if tls is not None:
+        http["tls"] = {"certificate": str(tls.certificate), "key": str(tls.key)}
+    config: dict[str, Any] = {
+        "version": "0.1",
+        "log": {"level": "info", "accesslog": {"disabled": False},
+                "formatter": "text"},
+        "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")},
+                    "delete": {"enabled": True}, "maintenance": {
+                        "uploadpurging": {"enabled": False}}},
+        "http": http,
+    }
+    if htpasswd is not None:
+        config["auth"] = {"htpasswd": {"realm": "imaged-test", "path": str(htpasswd)}}
+    elif token is not None:
+        config["auth"] = {"token": {"realm": token.realm, "service": token.service,
+                                    "issuer": token.issuer,
+                                    "rootcertbundle": str(token.rootcertbundle)}}
+    return config
+
+
+def start_registry(workdir: Path, htpasswd: Path | None = None, token: TokenAuth | None = None,
+                   tls: TLS | None = None, port: int | None = None) -> LocalRegistry:
+    if shutil.which(REGISTRY_BINARY) is None:
+        raise FileNotFoundError(f"{REGISTRY_BINARY} not found: run scripts/setup "
+                                "(Debian package docker-registry)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    config_path = workdir / "config.yml"
+    config_path.write_text(json.dumps(_config(workdir, port, htpasswd, token, tls), indent=1))
+    log = (workdir / "registry.log").open("ab")
+    process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config_path)], stdout=log,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    registry = LocalRegistry(workdir, port, process, "https" if tls else "http")
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"registry exited with {process.returncode}: {registry.log()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return registry
+        if time.monotonic() > deadline:
+            registry.stop()
+            raise RuntimeError(f"registry did not answer within {READY_TIMEOUT} s: "
+                               f"{registry.log()}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def local_registry(workdir: Path, **kwargs: Any) -> Iterator[LocalRegistry]:
+    registry = start_registry(workdir, **kwargs)
+    try:
+        yield registry
+    finally:
+        registry.stop()

@@ -1,0 +1,3 @@
+from imaged.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""The ``imaged`` command line (DESIGN §4).
+
+The one place errors become exit statuses: an ``ImagedError`` prints ``imaged: error: …`` and
+exits 1 (with ``{"error": …}`` on stdout under ``--json``); usage errors exit 2 (argparse);
+anything else is a bug, shown with a traceback only under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from imaged import __version__
+from imaged.config import DRIVER_NAMES, Overrides, load_config
+from imaged.errors import ImagedError, InternalError
+from imaged.progress import progress_for
+from imaged.service import Service
+from imaged.sizes import format_size
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options valid before or after the command name.
+
+    On subcommands they default to SUPPRESS so a value given before the command survives.
+    """
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--root", type=Path, default=default(None),
+                        help="store root (default /var/lib/imaged; env IMAGED_ROOT)")
+    parser.add_argument("--driver", choices=DRIVER_NAMES, default=default(None),
+                        help="storage driver (default: chosen from the root's filesystem)")
+    parser.add_argument("--config", type=Path, default=default(None),
+                        help="config file (default /etc/imaged/imaged.toml; env IMAGED_CONFIG)")
+    parser.add_argument("--socket", type=Path, default=default(None),
+                        help="daemon socket (default /run/imaged/imaged.sock; env IMAGED_SOCKET)")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print one JSON document on stdout")
+    parser.add_argument("--debug", action="store_true", default=default(False),
+                        help="show tracebacks of internal errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imaged", description="Container image storage with copy-on-write drivers.")
+    parser.add_argument("--version", action="version", version=f"imaged {__version__}")
+    _global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pull", parents=[common], help="fetch an image and record it")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="platform to select from a multi-platform image (default: this host)")
+    sub.add_parser("images", parents=[common], help="list images")
+    p = sub.add_parser("rmi", parents=[common], help="remove an image reference")
+    p.add_argument("image", metavar="REF|ID")
+    p.add_argument("--force", action="store_true",
+                   help="remove every name of an image given by ID")
+    sub.add_parser("info", parents=[common], help="describe the root, host and drivers")
+    return parser
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _print_images(images: list[dict[str, Any]]) -> None:
+    rows = []
+    for image in images:
+        for ref in image["refs"] or ["<none>"]:
+            rows.append([ref, image["id"].split(":", 1)[1][:12],
+                         image["config_digest"].split(":", 1)[1][:12],
+                         format_size(image["size"]), str(image["layers"])])
+    print(_table(rows, ["REF", "ID", "CONFIG", "SIZE", "LAYERS"]))
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    fs = info["backing_filesystem"]
+    print(f"version:   {info['version']}")
+    print(f"root:      {info['root']}")
+    print(f"backing:   {fs['type']} (mounted at {fs['mount_point']})")
+    print(f"driver:    {info['driver'] or '(none yet: chosen at first use)'}")
+    print(f"platform:  {info['platform']} (kernel {info['kernel']})")
+    print(f"content:   {info['content']['blobs']} blobs, {format_size(info['content']['bytes'])}")
+    print(f"images:    {info['images']}")
+
+
+async def _run(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    """Run one command; returns its JSON result and how to print it for people."""
+    config = load_config(Overrides(config=args.config, root=args.root, driver=args.driver,
+                                   socket=args.socket))
+    async with Service.open(config, f"imaged {args.command}") as service:
+        if args.command == "pull":
+            reporter = progress_for(sys.stderr)
+            with reporter:
+                result = await service.pull(args.ref, args.platform, reporter)
+            return ({"id": str(result.id), "config_digest": str(result.config_digest),
+                     "ref": result.ref, "layers": result.layers},
+                    lambda r: print(r["id"]))
+        if args.command == "images":
+            return service.images(), _print_images
+        if args.command == "rmi":
+            return service.rmi(args.image, args.force), lambda r: None
+        if args.command == "info":
+            return service.info(), _print_info
+    raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result, show = trio.run(_run, args)
+    except ImagedError as exc:
+        return _fail(args, exc)
+    except KeyboardInterrupt:
+        print("imaged: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: a bug still gets one clear line
+        if args.debug:
+            traceback.print_exc()
+        return _fail(args, InternalError(f"internal error: {type(exc).__name__}: {exc}"
+                                         + ("" if args.debug else
+                                            " (run with --debug for a traceback)")))
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        show(result)
+    return 0
+
+
+def _fail(args: argparse.Namespace, exc: ImagedError) -> int:
+    print(f"imaged: error: {exc.message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(exc.to_json()))
+    return 1

@@ -1,0 +1,206 @@
+"""The content store: blobs addressed by digest, written atomically, never trusted unverified.
+
+Layout under ``<root>/content``::
+
+    blobs/<alg>/<hex>     verified blobs, read-only, the only files anything else reads
+    ingest/<alg>-<hex>    partial or unverified downloads, kept so a dropped pull can resume
+
+An ingest file is only ever a cache: when it is reopened its bytes are hashed again before a
+single new byte is appended, and it becomes a blob only through ``commit``, which checks size and
+digest, fsyncs, renames and fsyncs the directory (borg's order). A crash at any point leaves
+either a complete verified blob or an ingest file, never a blob that lies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from imaged.digest import Digest, Hasher
+from imaged.errors import ContentError, InvalidError
+
+# An abandoned partial download older than this is removed at open (containerd's ingest expiry).
+INGEST_EXPIRY_SECONDS = 24 * 3600
+_READ_CHUNK = 4 * 1024 * 1024
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Ingest:
+    """One blob being written: appends are hashed as they land, so resume needs no second pass."""
+
+    def __init__(self, path: Path, digest: Digest, size: int) -> None:
+        self.path = path
+        self.digest = digest
+        self.size = size
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._hasher: Hasher = digest.hasher()
+        self.offset = 0
+        try:
+            self._rehash_existing()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _rehash_existing(self) -> None:
+        """Hash what an earlier attempt left; an ingest longer than the blob is garbage."""
+        existing = os.fstat(self._fd).st_size
+        if existing > self.size:
+            self.restart()
+            return
+        while self.offset < existing:
+            chunk = os.pread(self._fd, min(_READ_CHUNK, existing - self.offset), self.offset)
+            if not chunk:
+                break
+            self._hasher.update(chunk)
+            self.offset += len(chunk)
+        os.lseek(self._fd, self.offset, os.SEEK_SET)
+
+    @property
+    def complete(self) -> bool:
+        return self.offset == self.size
+
+    def restart(self) -> None:
+        """Throw away everything written: the server ignored our Range, or the bytes were bad."""
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self._hasher = self.digest.hasher()
+        self.offset = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.offset + len(data) > self.size:
+            raise ContentError(
+                f"blob {self.digest} is larger than the {self.size} bytes its descriptor declares"
+            )
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._hasher.update(data)
+        self.offset += len(data)
+
+    def verify(self) -> None:
+        """Check size and digest; a mismatch deletes the bytes so they are never resumed."""
+        if self.offset != self.size:
+            raise ContentError(
+                f"blob {self.digest} is truncated: got {self.offset} of {self.size} bytes"
+            )
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hex:
+            self.restart()
+            raise ContentError(
+                f"blob {self.digest} failed verification: its bytes hash to "
+                f"{self.digest.algorithm}:{actual}"
+            )
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def fsync(self) -> None:
+        os.fsync(self._fd)
+
+
+class ContentStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.ingest_dir = root / "ingest"
+        for d in (self.blobs / "sha256", self.blobs / "sha512", self.ingest_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path(self, digest: Digest) -> Path:
+        return self.blobs / digest.algorithm / digest.hex
+
+    def has(self, digest: Digest, size: int | None = None) -> bool:
+        try:
+            st = self.path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def _ingest_path(self, digest: Digest) -> Path:
+        return self.ingest_dir / f"{digest.algorithm}-{digest.hex}"
+
+    def open_ingest(self, digest: Digest, size: int) -> Ingest:
+        return Ingest(self._ingest_path(digest), digest, size)
+
+    def commit(self, ingest: Ingest) -> Path:
+        ingest.verify()
+        ingest.fsync()
+        ingest.close()
+        target = self.path(ingest.digest)
+        os.chmod(ingest.path, 0o444)
+        os.rename(ingest.path, target)
+        fsync_dir(target.parent)
+        return target
+
+    def write_bytes(self, digest: Digest, data: bytes) -> Path:
+        """Store a small blob already in memory (manifests, configs) through the same checks."""
+        if self.has(digest, len(data)):
+            return self.path(digest)
+        ingest = self.open_ingest(digest, len(data))
+        try:
+            if ingest.offset:
+                ingest.restart()
+            ingest.write(data)
+            return self.commit(ingest)
+        finally:
+            ingest.close()
+
+    def read_bytes(self, digest: Digest) -> bytes:
+        return self.path(digest).read_bytes()
+
+    def uncommit(self, digest: Digest) -> None:
+        """Take a blob back out of the store into ingest, where it will be re-verified before use.
+
+        A failed pull leaves the store as it was, yet the bytes it fetched need not be fetched
+        again: they wait in ingest like any partial download.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.path(digest), self._ingest_path(digest))
+
+    def remove(self, digest: Digest) -> int:
+        path = self.path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def iter_blobs(self) -> Iterator[tuple[Digest, int]]:
+        for alg_dir in self.blobs.iterdir():
+            for entry in os.scandir(alg_dir):
+                try:
+                    digest = Digest.parse(f"{alg_dir.name}:{entry.name}")
+                except InvalidError:
+                    continue
+                yield digest, entry.stat().st_size
+
+    def expire_ingests(self, now: float | None = None) -> list[Path]:
+        """Remove partial downloads nobody resumed for a day, and anything not named like one."""
+        now = time.time() if now is None else now
+        removed = []
+        for entry in os.scandir(self.ingest_dir):
+            alg, _, hexpart = entry.name.partition("-")
+            try:
+                Digest.parse(f"{alg}:{hexpart}")
+                valid = True
+            except InvalidError:
+                valid = False
+            if not valid or now - entry.stat().st_mtime > INGEST_EXPIRY_SECONDS:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        return removed

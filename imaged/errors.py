@@ -1,0 +1,100 @@
+"""The one exception hierarchy of imaged.
+
+Every error a user can cause or meet carries a stable ``code`` (the socket API's error codes of
+DESIGN §5) and a message written for the person reading it. The three edges translate it once:
+the CLI into ``imaged: error: …`` and an exit status, the API into an HTTP status, FUSE into an
+errno. Anything that is not an ``ImagedError`` is a bug and is reported as ``internal``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ImagedError(Exception):
+    """Base of every error meant for a user; ``str(exc)`` is the message."""
+
+    code: ClassVar[str] = "internal"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class InvalidError(ImagedError):
+    """Input that can never succeed: a malformed reference, size, name, body or layer."""
+
+    code = "invalid"
+    http_status = 400
+
+
+class ForbiddenError(ImagedError):
+    code = "forbidden"
+    http_status = 403
+
+
+class NotFoundError(ImagedError):
+    code = "not_found"
+    http_status = 404
+
+
+class ConflictError(ImagedError):
+    """The request is valid but the store's state forbids it now (in use, exists, locked)."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class QuotaUnsupportedError(ImagedError):
+    code = "quota_unsupported"
+    http_status = 422
+
+
+class RegistryError(ImagedError):
+    """A registry could not be reached, refused us, or served something we will not accept."""
+
+    code = "registry"
+    http_status = 502
+
+
+class ConfigError(InvalidError):
+    """A configuration file or option that cannot be used; names the key and the file."""
+
+
+class RootInUseError(ConflictError):
+    """Another process holds the root's lock."""
+
+
+class ContentError(RegistryError):
+    """Bytes that do not match what was promised: wrong digest, wrong size, wrong media type."""
+
+
+class InternalError(ImagedError):
+    code = "internal"
+    http_status = 500
+
+
+def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to show for a nursery's exception group.
+
+    When every failure in the group is a user-facing error (two layers that both failed to
+    download), the first one speaks for all; anything else (a bug, a KeyboardInterrupt) keeps
+    the whole group so nothing is hidden.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    if leaves and all(isinstance(e, ImagedError) for e in leaves):
+        return leaves[0]
+    return group

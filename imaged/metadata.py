@@ -1,0 +1,258 @@
+"""The metadata database: one SQLite file in WAL mode, versioned by ``PRAGMA user_version``.
+
+Calls are short local transactions, so they run on the trio thread (as s3ql does) rather than
+paying a thread hop each. Every change that spans several rows happens in one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from imaged.digest import Digest
+from imaged.errors import ConflictError
+
+# Each entry upgrades the schema from version i to i+1; never edit one that has shipped.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    -- Store-wide facts, e.g. ('driver', 'overlay'): one root is bound to one driver.
+    CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    -- Every verified blob in content/blobs. A row exists only once its file is committed;
+    -- a file without a row is an orphan of a crash and is taken back to ingest at open.
+    CREATE TABLE blobs (
+        digest     TEXT PRIMARY KEY,      -- 'sha256:<hex>'
+        size       INTEGER NOT NULL,      -- bytes as stored (compressed for layers)
+        media_type TEXT NOT NULL,
+        created    REAL NOT NULL          -- unix time
+    );
+    -- One row per platform manifest pulled. id is the manifest's digest (the image ID).
+    CREATE TABLE images (
+        id            TEXT PRIMARY KEY,
+        media_type    TEXT NOT NULL,
+        config_digest TEXT NOT NULL REFERENCES blobs(digest),
+        platform      TEXT NOT NULL,      -- 'os/arch[/variant]' from the config
+        size          INTEGER NOT NULL,   -- sum of layer blob sizes plus config and manifest
+        created       REAL NOT NULL
+    );
+    -- The ordered layers of an image. chain_id identifies the unpacked layer a driver holds,
+    -- so images sharing a base share rows' chain_ids and the layers on disk.
+    CREATE TABLE image_layers (
+        image_id    TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        position    INTEGER NOT NULL,     -- 0 is the base layer
+        blob_digest TEXT NOT NULL REFERENCES blobs(digest),
+        diff_id     TEXT NOT NULL,        -- sha256 of the uncompressed tar, from the config
+        chain_id    TEXT NOT NULL,
+        media_type  TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        PRIMARY KEY (image_id, position)
+    );
+    CREATE INDEX image_layers_blob ON image_layers(blob_digest);
+    -- Names pointing at images: 'registry/repo:tag' or 'registry/repo@digest'. index_digest is
+    -- the index or manifest list the name resolved through (the repo digest), when there was one.
+    CREATE TABLE refs (
+        name         TEXT PRIMARY KEY,
+        image_id     TEXT NOT NULL REFERENCES images(id),
+        index_digest TEXT REFERENCES blobs(digest),
+        created      REAL NOT NULL
+    );
+    CREATE INDEX refs_image ON refs(image_id);
+    """,
+)
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    position: int
+    blob_digest: Digest
+    diff_id: Digest
+    chain_id: Digest
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: Digest
+    media_type: str
+    config_digest: Digest
+    platform: str
+    size: int
+    created: float
+    refs: tuple[str, ...]
+    layers: tuple[LayerRow, ...]
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """Everything a finished pull records, in one transaction."""
+
+    ref: str
+    id: Digest
+    media_type: str
+    config_digest: Digest
+    platform: str
+    index_digest: Digest | None
+    layers: tuple[LayerRow, ...]
+    blobs: tuple[tuple[Digest, int, str], ...]  # (digest, size, media type) of every blob used
+
+
+class Metadata:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    @property
+    def version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        current = self.version
+        if current > len(MIGRATIONS):
+            raise ConflictError(
+                f"{self.path} has schema version {current}, newer than this imaged "
+                f"understands ({len(MIGRATIONS)}): upgrade imaged"
+            )
+        for version in range(current, len(MIGRATIONS)):
+            with self.transaction():
+                for statement in _split_sql(MIGRATIONS[version]):
+                    self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version={version + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # settings
+
+    def get_setting(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)", (key, value))
+
+    # blobs
+
+    def blob_digests(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT digest FROM blobs")}
+
+    # images
+
+    def record_image(self, new: NewImage) -> None:
+        now = time.time()
+        size = sum(s for d, s, _ in new.blobs if d != new.index_digest)
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO blobs(digest, size, media_type, created) VALUES (?,?,?,?)",
+                [(str(d), s, m, now) for d, s, m in new.blobs],
+            )
+            exists = db.execute("SELECT 1 FROM images WHERE id=?", (str(new.id),)).fetchone()
+            if exists is None:
+                db.execute(
+                    "INSERT INTO images(id, media_type, config_digest, platform, size, created)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (str(new.id), new.media_type, str(new.config_digest), new.platform, size, now),
+                )
+                db.executemany(
+                    "INSERT INTO image_layers(image_id, position, blob_digest, diff_id, chain_id,"
+                    " media_type, size) VALUES (?,?,?,?,?,?,?)",
+                    [
+                        (str(new.id), layer.position, str(layer.blob_digest), str(layer.diff_id),
+                         str(layer.chain_id), layer.media_type, layer.size)
+                        for layer in new.layers
+                    ],
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO refs(name, image_id, index_digest, created)"
+                " VALUES (?,?,?,?)",
+                (new.ref, str(new.id), None if new.index_digest is None else str(new.index_digest),
+                 now),
+            )
+
+    def images(self) -> list[ImageRow]:
+        rows = self.db.execute(
+            "SELECT id, media_type, config_digest, platform, size, created FROM images"
+            " ORDER BY created DESC, id"
+        ).fetchall()
+        return [self._image(row) for row in rows]
+
+    def image(self, image_id: Digest) -> ImageRow | None:
+        row = self.db.execute(
+            "SELECT id, media_type, config_digest, platform, size, created FROM images WHERE id=?",
+            (str(image_id),),
+        ).fetchone()
+        return None if row is None else self._image(row)
+
+    def _image(self, row: tuple[str, str, str, str, int, float]) -> ImageRow:
+        refs = tuple(r[0] for r in self.db.execute(
+            "SELECT name FROM refs WHERE image_id=? ORDER BY name", (row[0],)))
+        layers = tuple(
+            LayerRow(pos, Digest.parse(blob), Digest.parse(diff), Digest.parse(chain), mt, size)
+            for pos, blob, diff, chain, mt, size in self.db.execute(
+                "SELECT position, blob_digest, diff_id, chain_id, media_type, size"
+                " FROM image_layers WHERE image_id=? ORDER BY position",
+                (row[0],),
+            )
+        )
+        return ImageRow(Digest.parse(row[0]), row[1], Digest.parse(row[2]), row[3], row[4],
+                        row[5], refs, layers)
+
+    def ref_target(self, name: str) -> Digest | None:
+        row = self.db.execute("SELECT image_id FROM refs WHERE name=?", (name,)).fetchone()
+        return None if row is None else Digest.parse(row[0])
+
+    def ids_with_prefix(self, hex_prefix: str) -> list[Digest]:
+        pattern = f"sha256:{hex_prefix}%"
+        return [Digest.parse(r[0]) for r in self.db.execute(
+            "SELECT id FROM images WHERE id LIKE ?", (pattern,))]
+
+    def remove_refs(self, names: list[str]) -> list[Digest]:
+        """Drop names; images left with none are deleted. Returns blobs no longer referenced."""
+        with self.transaction() as db:
+            images = {r[0] for name in names for r in db.execute(
+                "SELECT image_id FROM refs WHERE name=?", (name,))}
+            db.executemany("DELETE FROM refs WHERE name=?", [(n,) for n in names])
+            for image_id in images:
+                if db.execute("SELECT 1 FROM refs WHERE image_id=?", (image_id,)).fetchone():
+                    continue
+                db.execute("DELETE FROM images WHERE id=?", (image_id,))
+            orphans = [Digest.parse(r[0]) for r in db.execute(
+                """SELECT digest FROM blobs WHERE
+                     digest NOT IN (SELECT id FROM images)
+                 AND digest NOT IN (SELECT config_digest FROM images)
+                 AND digest NOT IN (SELECT blob_digest FROM image_layers)
+                 AND digest NOT IN (SELECT index_digest FROM refs WHERE index_digest IS NOT NULL)
+                """)]
+            db.executemany("DELETE FROM blobs WHERE digest=?", [(str(d),) for d in orphans])
+        return orphans
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements so each runs inside our transaction.
+
+    ``executescript`` would commit the open transaction first, so a crash mid-migration could
+    leave a half-upgraded schema; our migrations have no semicolons inside statements.
+    """
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -1,0 +1,97 @@
+"""Progress of long work on stderr: live bars on a TTY, one plain line per step otherwise.
+
+Plain lines are for logs and CI, so they are emitted only when a step changes (a layer starts,
+is verified, the pull is done), never for byte counts.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+
+from imaged.pull import PullEvent
+from imaged.sizes import format_size
+
+
+def _short(digest: str | None) -> str:
+    return (digest or "").split(":", 1)[-1][:12]
+
+
+class PlainProgress:
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._started: set[str] = set()
+
+    def __call__(self, event: PullEvent) -> None:
+        line = None
+        if event.status == "resolving":
+            line = f"resolving {event.extra.get('ref')}"
+        elif event.status == "resolved":
+            line = (f"image {_short(event.id)}: {event.extra.get('layers')} layers, "
+                    f"config {_short(event.extra.get('config_digest'))}")
+        elif event.status == "exists":
+            line = f"layer {_short(event.layer)}: already present"
+        elif event.status == "downloading" and event.layer not in self._started:
+            self._started.add(event.layer or "")
+            resumed = f", resuming at {format_size(event.current)}" if event.current else ""
+            line = f"layer {_short(event.layer)}: downloading {format_size(event.total or 0)}" \
+                   f"{resumed}"
+        elif event.status == "verified":
+            line = f"layer {_short(event.layer)}: verified"
+        elif event.status == "done":
+            line = f"pulled {event.id}"
+        if line is not None:
+            print(line, file=self.stream, flush=True)
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class BarProgress:
+    """rich bars, refreshed by our events only (no refresh thread of rich's own)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), console=Console(file=stream), auto_refresh=False,
+            transient=False,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, event: PullEvent) -> None:
+        if event.layer is not None:
+            task = self._tasks.get(event.layer)
+            if task is None:
+                task = self.progress.add_task(_short(event.layer), total=event.total)
+                self._tasks[event.layer] = task
+            self.progress.update(task, completed=event.current or 0,
+                                 description=f"{_short(event.layer)} {event.status}")
+        elif event.status == "done":
+            self.progress.console.print(f"pulled {event.id}")
+        self.progress.refresh()
+
+    def __enter__(self) -> BarProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.progress.stop()
+
+
+def progress_for(stream: TextIO = sys.stderr) -> PlainProgress | BarProgress:
+    return BarProgress(stream) if stream.isatty() else PlainProgress(stream)

@@ -1,0 +1,52 @@
+"""Human sizes, both ways, always in powers of 1024 (DESIGN §4)."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+from imaged.errors import InvalidError
+
+_UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+_SIZE_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``10G``, ``1.5MiB``, ``512k``, ``4096`` into bytes.
+
+    Decimals are allowed so ``1.5G`` works, but the result must be a whole number of bytes: a
+    quota of half a byte is more likely a typo than a wish. ``B`` alone (``100B``) is bytes.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise InvalidError(f"size must not be negative: {text}")
+        return text
+    if not isinstance(text, str):
+        raise InvalidError(f"size must be a string or an integer, not {type(text).__name__}")
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise InvalidError(
+            f"invalid size {text!r}: expected a number with an optional k, M, G or T suffix"
+        )
+    unit = match["unit"].lower()
+    if unit == "" and text.strip().lower().endswith("ib"):
+        raise InvalidError(f"invalid size {text!r}: 'iB' needs a unit before it (KiB, MiB, …)")
+    try:
+        value = Decimal(match["num"]) * (1024 ** _UNITS[unit])
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid decimals
+        raise InvalidError(f"invalid size {text!r}") from exc
+    if value != value.to_integral_value():
+        raise InvalidError(f"invalid size {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """Render bytes for tables: three significant digits, binary units."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{value / 1024:.3g} TiB"

@@ -1,0 +1,475 @@
+"""The registry client: the requests shell around the pure parts of this package.
+
+Shape of the concurrency: every HTTP exchange runs in a worker thread via
+``trio.to_thread.run_sync`` under one ``CapacityLimiter``; decisions (retry or not, how long to
+wait, which mirror next) are made back on the trio side, so waits are ``trio.sleep`` and cancel
+cleanly. A blob download is one thread call per attempt; inside it the thread checks for
+cancellation per chunk and reports progress at most ten times a second.
+
+Every request has connect and read timeouts, because a thread cannot be cancelled while it is
+blocked in the kernel.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import requests
+import trio
+import urllib3.exceptions
+from imaged.registry_client.auth import (
+    Challenge,
+    Credentials,
+    Token,
+    TokenCache,
+    parse_challenges,
+    parse_token_response,
+)
+from imaged.registry_client.credentials import lookup_credentials
+from imaged.registry_client.manifest import ACCEPT, Descriptor
+from imaged.registry_client.reference import DOCKER_HUB, Reference, is_loopback_host
+from imaged.registry_client.retry import (
+    RETRY_STATUSES,
+    RetryPolicy,
+    parse_content_range,
+    parse_retry_after,
+)
+from imaged.registry_client.tls import ssl_context_for
+from requests.adapters import HTTPAdapter
+
+from imaged.config import Config
+from imaged.content import Ingest
+from imaged.digest import Digest
+from imaged.errors import ContentError, ImagedError, NotFoundError, RegistryError
+
+T = TypeVar("T")
+CHUNK = 1024 * 1024
+TIMEOUT = (10.0, 60.0)  # connect, read: a registry silent for a minute is treated as dropped
+PROGRESS_INTERVAL = 0.1
+USER_AGENT = "imaged/0.1"
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way another attempt may not: 429/5xx, a dropped connection."""
+
+    def __init__(self, message: str, retry_after: float | None = None,
+                 progressed: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.progressed = progressed
+
+
+class _TLSAdapter(HTTPAdapter):
+    """Uses the registry's certs.d context; requests' documented way to bring one's own."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__(pool_maxsize=16)
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: Any, cert: Any = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert)
+        if verify is not False:
+            pool_kwargs["ssl_context"] = self._context
+            pool_kwargs.pop("ca_certs", None)
+            pool_kwargs.pop("ca_cert_dir", None)
+        return host_params, pool_kwargs
+
+
+@dataclass
+class Endpoint:
+    """One place to fetch a repository from: a mirror or the registry itself."""
+
+    host: str  # host[:port] for messages, credentials and auth scope
+    base: str  # scheme://host[:port][/prefix], no trailing slash
+    may_downgrade: bool  # https failed at TLS level → try plain http (insecure and loopback)
+    verify: bool
+    mirror: bool
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    content_type: str | None
+    digest: Digest
+
+
+def _describe_connection_error(host: str, exc: BaseException) -> str:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError) or (
+            isinstance(seen, OSError) and seen.errno == errno.ECONNREFUSED
+        ):
+            return f"cannot reach registry {host}: connection refused"
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (f"TLS certificate of registry {host} is not trusted ({seen.verify_message}); "
+                    f"put its CA in /etc/docker/certs.d/{host}/ca.crt")
+        if "Name or service not known" in str(seen) or "nodename nor servname" in str(seen):
+            return f"cannot reach registry {host}: name does not resolve"
+        seen = seen.__cause__ or seen.__context__
+        if seen is None and exc.args and isinstance(exc.args[0], BaseException):
+            seen = exc.args[0]
+    return f"cannot reach registry {host}: {type(exc).__name__}"
+
+
+def _is_definitive(exc: BaseException) -> bool:
+    """Failures another attempt cannot fix: nothing listening, a name that does not resolve, TLS."""
+    text = _describe_connection_error("", exc)
+    return "connection refused" in text or "does not resolve" in text or "TLS" in text
+
+
+class RegistryClient:
+    def __init__(self, config: Config, limiter: trio.CapacityLimiter | None = None,
+                 environ: Mapping[str, str] | None = None,
+                 policy: RetryPolicy | None = None) -> None:
+        self.config = config
+        self.limiter = limiter or trio.CapacityLimiter(config.limits.concurrent_downloads + 2)
+        self.environ = environ
+        self.policy = policy or RetryPolicy()
+        self.tokens = TokenCache()
+        self._challenges: dict[str, Challenge] = {}
+        self._credentials: dict[tuple[str, str], Credentials | None] = {}
+        self._sessions: dict[str, requests.Session] = {}
+        self._endpoints: dict[str, list[Endpoint]] = {}
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+
+    # -- endpoints and sessions ------------------------------------------------------------
+
+    def endpoints(self, domain: str) -> list[Endpoint]:
+        if domain in self._endpoints:
+            return self._endpoints[domain]
+        settings = self.config.registry(domain)
+        insecure = settings.insecure if settings.insecure is not None else is_loopback_host(domain)
+        out: list[Endpoint] = []
+        for url in settings.mirrors:
+            parsed = urllib.parse.urlsplit(url)
+            out.append(Endpoint(parsed.netloc, url, False, not insecure, True))
+        host = "registry-1.docker.io" if domain == DOCKER_HUB else domain
+        out.append(Endpoint(domain, f"https://{host}", insecure, not insecure, False))
+        self._endpoints[domain] = out
+        return out
+
+    def _session(self, endpoint: Endpoint) -> requests.Session:
+        session = self._sessions.get(endpoint.host)
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = USER_AGENT
+            session.trust_env = False  # no proxies or .netrc credentials behind our back
+            context = ssl_context_for(endpoint.host, self.config.certs_dirs)
+            if context is not None:
+                session.mount(f"https://{endpoint.host}/", _TLSAdapter(context))
+            self._sessions[endpoint.host] = session
+        return session
+
+    def _creds(self, host: str, repo: str) -> Credentials | None:
+        key = (host, repo)
+        if key not in self._credentials:
+            self._credentials[key] = lookup_credentials(host, repo, self.environ)
+        return self._credentials[key]
+
+    # -- one HTTP exchange, with auth (runs in a worker thread) ----------------------------
+
+    def _auth_header(self, endpoint: Endpoint, repo: str, challenge: Challenge | None,
+                     session: requests.Session) -> str | None:
+        if challenge is None:
+            return None
+        creds = self._creds(endpoint.host, repo)
+        if challenge.scheme == "basic":
+            if creds is None or creds.identity_token:
+                raise RegistryError(
+                    f"registry {endpoint.host} requires authentication for {repo} and no "
+                    "credentials were found (docker login, or REGISTRY_AUTH_FILE)"
+                )
+            raw = f"{creds.username}:{creds.password}".encode()
+            return "Basic " + base64.b64encode(raw).decode()
+        realm = challenge.params.get("realm")
+        if not realm:
+            raise RegistryError(f"registry {endpoint.host} sent a Bearer challenge without realm")
+        service = challenge.params.get("service", "")
+        scope = f"repository:{repo}:pull"
+        key = (realm, service, scope)
+        token = self.tokens.get(key, time.monotonic())
+        if token is None:
+            token_value = self._fetch_token(endpoint, session, realm, service, scope, creds)
+            self.tokens.put(key, token_value)
+            token = token_value.value
+        return f"Bearer {token}"
+
+    def _fetch_token(self, endpoint: Endpoint, session: requests.Session, realm: str,
+                     service: str, scope: str, creds: Credentials | None) -> Token:
+        realm_host = urllib.parse.urlsplit(realm).netloc or endpoint.host
+        params = {"scope": scope}
+        if service:
+            params["service"] = service
+        try:
+            if creds is not None and creds.identity_token:
+                resp = session.post(realm, data={
+                    "grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                    "client_id": "imaged", **params}, timeout=TIMEOUT)
+                if resp.status_code in (404, 405):
+                    resp = session.get(realm, params=params, timeout=TIMEOUT)
+            else:
+                auth = (creds.username, creds.password) if creds is not None else None
+                resp = session.get(realm, params=params, auth=auth, timeout=TIMEOUT)
+        except requests.RequestException as exc:
+            raise RegistryError(
+                _describe_connection_error(realm_host, exc).replace("registry", "token server")
+            ) from None
+        if resp.status_code in (401, 403):
+            if creds is None:
+                raise RegistryError(
+                    f"registry {endpoint.host} requires authentication and no credentials "
+                    "were found (docker login, or REGISTRY_AUTH_FILE)"
+                )
+            raise RegistryError(f"registry {endpoint.host} rejected the credentials "
+                                f"(token server {realm_host} answered {resp.status_code})")
+        if resp.status_code in RETRY_STATUSES:
+            raise _Retryable(f"token server {realm_host} answered {resp.status_code}",
+                             parse_retry_after(resp.headers.get("Retry-After"), datetime.now(UTC)))
+        if resp.status_code != 200:
+            raise RegistryError(f"token server {realm_host} answered {resp.status_code}")
+        return parse_token_response(resp.content, time.monotonic(), realm_host)
+
+    def _send(self, endpoint: Endpoint, repo: str, path: str, headers: dict[str, str],
+              stream: bool) -> requests.Response:
+        session = self._session(endpoint)
+        for auth_round in range(2):
+            challenge = self._challenges.get(endpoint.host)
+            request_headers = dict(headers)
+            auth = self._auth_header(endpoint, repo, challenge, session)
+            if auth is not None:
+                request_headers["Authorization"] = auth
+            try:
+                resp = session.get(endpoint.base + path, headers=request_headers, stream=stream,
+                                   timeout=TIMEOUT, verify=endpoint.verify)
+            except (requests.exceptions.SSLError, requests.ConnectionError) as exc:
+                if endpoint.may_downgrade and endpoint.base.startswith("https://"):
+                    # Docker's rule for insecure and loopback registries: TLS first, then plain.
+                    endpoint.base = "http://" + endpoint.base[len("https://"):]
+                    endpoint.may_downgrade = False
+                    return self._send(endpoint, repo, path, headers, stream)
+                if _is_definitive(exc):
+                    raise RegistryError(_describe_connection_error(endpoint.host, exc)) from None
+                raise _Retryable(_describe_connection_error(endpoint.host, exc)) from None
+            except requests.RequestException as exc:
+                raise _Retryable(_describe_connection_error(endpoint.host, exc)) from None
+            if resp.status_code != 401:
+                return resp
+            resp.close()
+            challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
+            usable = [c for c in challenges if c.scheme in ("bearer", "basic")]
+            if not usable:
+                raise RegistryError(f"registry {endpoint.host} answered 401 without a usable "
+                                    "authentication challenge")
+            new = next((c for c in usable if c.scheme == "bearer"), usable[0])
+            if new.scheme == "bearer":
+                # A cached token the registry no longer accepts (restarted, key rotated) is
+                # dropped so the second round fetches a fresh one.
+                self.tokens.drop((new.params.get("realm", ""), new.params.get("service", ""),
+                                  f"repository:{repo}:pull"))
+            if auth_round == 1:
+                if self._creds(endpoint.host, repo) is None:
+                    raise RegistryError(
+                        f"registry {endpoint.host} requires authentication for {repo} and no "
+                        "credentials were found (docker login, or REGISTRY_AUTH_FILE)")
+                raise RegistryError(f"registry {endpoint.host} rejected the credentials for "
+                                    f"{repo}")
+            self._challenges[endpoint.host] = new
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _check_status(resp: requests.Response, endpoint: Endpoint, what: str) -> None:
+        status = resp.status_code
+        if status in (200, 206):
+            return
+        resp.close()
+        if status in RETRY_STATUSES:
+            raise _Retryable(
+                f"registry {endpoint.host} answered {status} for {what}",
+                parse_retry_after(resp.headers.get("Retry-After"), datetime.now(UTC)),
+            )
+        if status == 404:
+            raise NotFoundError(f"{what} not found on registry {endpoint.host}")
+        if status == 403:
+            raise RegistryError(f"registry {endpoint.host} denied access to {what}")
+        raise RegistryError(f"registry {endpoint.host} answered {status} for {what}")
+
+    # -- retries, mirrors (trio side) ------------------------------------------------------
+
+    async def _attempts(self, operation: Callable[[], T]) -> T:
+        attempt = 1
+        while True:
+            try:
+                return await trio.to_thread.run_sync(operation, limiter=self.limiter)
+            except _Retryable as exc:
+                if exc.progressed:
+                    attempt = 1
+                elif attempt >= self.policy.attempts:
+                    raise RegistryError(f"{exc.message} (gave up after {attempt} attempts)") \
+                        from None
+                await trio.sleep(self.policy.delay(attempt, exc.retry_after))
+                attempt += 1
+
+    async def _on_endpoints(self, ref: Reference,
+                            operation: Callable[[Endpoint], Callable[[], T]]) -> T:
+        """Try mirrors in order, then the registry; the registry's own error is the one shown."""
+        endpoints = self.endpoints(ref.domain)
+        for endpoint in endpoints[:-1]:
+            with contextlib.suppress(ImagedError):
+                return await self._attempts(operation(endpoint))
+        return await self._attempts(operation(endpoints[-1]))
+
+    # -- public API --------------------------------------------------------------------------
+
+    async def fetch_manifest(self, ref: Reference, obj: str, max_bytes: int) -> Fetched:
+        """GET a manifest or index by tag or digest, capped at ``max_bytes`` and digest-checked."""
+        what = f"manifest {ref.name}:{obj}" if ":" not in obj else f"manifest {ref.name}@{obj}"
+        expected = Digest.parse(obj) if ":" in obj else None
+
+        def operation(endpoint: Endpoint) -> Callable[[], Fetched]:
+            def attempt() -> Fetched:
+                resp = self._send(endpoint, ref.path, f"/v2/{ref.path}/manifests/{obj}",
+                                  {"Accept": ACCEPT}, stream=True)
+                with resp:
+                    self._check_status(resp, endpoint, what)
+                    data = _read_capped(resp, max_bytes, what, endpoint.host)
+                    header_digest = resp.headers.get("Docker-Content-Digest")
+                    content_type = resp.headers.get("Content-Type")
+                algorithm = expected.algorithm if expected is not None else "sha256"
+                digest = Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
+                if expected is not None and digest != expected:
+                    raise ContentError(f"{what}: registry {endpoint.host} served bytes whose "
+                                       f"digest is {digest}")
+                if header_digest:
+                    with contextlib.suppress(ImagedError):
+                        claimed = Digest.parse(header_digest)
+                        if claimed.algorithm == digest.algorithm and claimed != digest:
+                            raise ContentError(
+                                f"{what}: Docker-Content-Digest {claimed} does not match the "
+                                f"served bytes ({digest})")
+                return Fetched(data, content_type, digest)
+
+            return attempt
+
+        return await self._on_endpoints(ref, operation)
+
+    async def fetch_small_blob(self, ref: Reference, desc: Descriptor, max_bytes: int) -> bytes:
+        """A blob read into memory (image configs): size-capped and verified."""
+        if desc.size > max_bytes:
+            raise ContentError(f"blob {desc.digest} of {desc.size} bytes exceeds the "
+                               f"{max_bytes}-byte limit")
+        what = f"blob {desc.digest}"
+
+        def operation(endpoint: Endpoint) -> Callable[[], bytes]:
+            def attempt() -> bytes:
+                resp = self._send(endpoint, ref.path, f"/v2/{ref.path}/blobs/{desc.digest}",
+                                  {}, stream=True)
+                with resp:
+                    self._check_status(resp, endpoint, what)
+                    data = _read_capped(resp, desc.size, what, endpoint.host)
+                if len(data) != desc.size or Digest(desc.digest.algorithm, hashlib.new(
+                        desc.digest.algorithm, data).hexdigest()) != desc.digest:
+                    raise ContentError(f"{what} from registry {endpoint.host} does not match its "
+                                       "digest or size")
+                return data
+
+            return attempt
+
+        return await self._on_endpoints(ref, operation)
+
+    async def fetch_blob(self, ref: Reference, desc: Descriptor, ingest: Ingest,
+                         progress: Callable[[int], None] | None = None) -> None:
+        """Stream a blob into ``ingest``, resuming with Range after drops; the caller verifies."""
+        what = f"blob {desc.digest}"
+
+        def operation(endpoint: Endpoint) -> Callable[[], None]:
+            def attempt() -> None:
+                self._download(endpoint, ref, desc, ingest, what, progress)
+
+            return attempt
+
+        await self._on_endpoints(ref, operation)
+
+    def _download(self, endpoint: Endpoint, ref: Reference, desc: Descriptor, ingest: Ingest,
+                  what: str, progress: Callable[[int], None] | None) -> None:
+        if ingest.complete:
+            return
+        start = ingest.offset
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        resp = self._send(endpoint, ref.path, f"/v2/{ref.path}/blobs/{desc.digest}", headers,
+                          stream=True)
+        with resp:
+            if resp.status_code == 416 and start:
+                ingest.restart()
+                raise _Retryable(f"registry {endpoint.host} refused to resume {what}", 0.0)
+            self._check_status(resp, endpoint, what)
+            if resp.status_code == 206:
+                span = parse_content_range(resp.headers.get("Content-Range"))
+                if span is None or span[0] != start or span[2] not in (None, desc.size):
+                    ingest.restart()
+                    raise _Retryable(f"registry {endpoint.host} sent a bad Content-Range for "
+                                     f"{what}", 0.0)
+            elif start:
+                ingest.restart()  # 200 to a Range request: the whole blob is coming again
+            last_report = 0.0
+            raw = resp.raw
+            try:
+                while True:
+                    trio.from_thread.check_cancelled()
+                    chunk = raw.read(CHUNK, decode_content=False)
+                    if not chunk:
+                        break
+                    ingest.write(chunk)
+                    if progress is not None:
+                        now = time.monotonic()
+                        if now - last_report >= PROGRESS_INTERVAL:
+                            last_report = now
+                            trio.from_thread.run_sync(progress, ingest.offset)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise _Retryable(
+                    f"connection to registry {endpoint.host} dropped during {what} at byte "
+                    f"{ingest.offset} ({type(exc).__name__})",
+                    progressed=ingest.offset > start,
+                ) from None
+        if ingest.offset < desc.size:
+            raise _Retryable(f"registry {endpoint.host} ended {what} early at byte "
+                             f"{ingest.offset} of {desc.size}", progressed=ingest.offset > start)
+        if progress is not None:
+            trio.from_thread.run_sync(progress, ingest.offset)
+
+
+def _read_capped(resp: requests.Response, max_bytes: int, what: str, host: str) -> bytes:
+    length = resp.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise ContentError(f"{what} from registry {host} is {length} bytes, over the "
+                           f"{max_bytes}-byte limit")
+    buf = bytearray()
+    try:
+        while len(buf) <= max_bytes:
+            trio.from_thread.check_cancelled()
+            chunk = resp.raw.read(min(65536, max_bytes + 1 - len(buf)), decode_content=False)
+            if not chunk:
+                break
+            buf += chunk
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        raise _Retryable(f"connection to registry {host} dropped during {what} "
+                         f"({type(exc).__name__})") from None
+    if len(buf) > max_bytes:
+        raise ContentError(f"{what} from registry {host} exceeds the {max_bytes}-byte limit")
+    return bytes(buf)
