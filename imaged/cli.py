@@ -22,7 +22,7 @@ from imaged.config import DRIVER_NAMES, Overrides, load_config
 from imaged.errors import ImagedError, InternalError
 from imaged.progress import progress_for
 from imaged.service import Service
-from imaged.sizes import format_size
+from imaged.sizes import format_size, parse_size
 
 
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="remove every name of an image given by ID")
     sub.add_parser("info", parents=[common], help="describe the root, host and drivers")
+    p = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
+    p.add_argument("benchmark", choices=["fetch"],
+                   help="fetch: one large blob, imaged pull against curl")
+    p.add_argument("--out", type=Path, required=True, help="directory for JSON, markdown, PNG")
+    p.add_argument("--size", type=parse_size, default=parse_size("1G"),
+                   help="blob size for fetch (default 1G)")
+    p.add_argument("--runs", type=int, default=5, help="interleaved runs (default 5)")
     return parser
 
 
@@ -99,6 +106,11 @@ def _print_info(info: dict[str, Any]) -> None:
 
 async def _run(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
     """Run one command; returns its JSON result and how to print it for people."""
+    if args.command == "bench":
+        from imaged.bench import fetch  # noqa: PLC0415 - benchmarks load only when asked for
+
+        paths = await trio.to_thread.run_sync(fetch.run, args.out, args.size, args.runs)
+        return {"reports": [str(p) for p in paths]}, lambda r: print("\n".join(r["reports"]))
     config = load_config(Overrides(config=args.config, root=args.root, driver=args.driver,
                                    socket=args.socket))
     async with Service.open(config, f"imaged {args.command}") as service:

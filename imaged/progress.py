@@ -8,17 +8,7 @@ from __future__ import annotations
 
 import sys
 from types import TracebackType
-from typing import TextIO
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TransferSpeedColumn,
-)
+from typing import Any, TextIO
 
 from imaged.pull import PullEvent
 from imaged.sizes import format_size
@@ -62,15 +52,28 @@ class PlainProgress:
 
 
 class BarProgress:
-    """rich bars, refreshed by our events only (no refresh thread of rich's own)."""
+    """rich bars, refreshed by our events only (no refresh thread of rich's own).
+
+    rich is imported here, not at module level: it costs a tenth of a second at start-up and
+    only a terminal needs it.
+    """
 
     def __init__(self, stream: TextIO) -> None:
+        from rich.console import Console  # noqa: PLC0415 - see the class docstring
+        from rich.progress import (  # noqa: PLC0415
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
             TransferSpeedColumn(), console=Console(file=stream), auto_refresh=False,
             transient=False,
         )
-        self._tasks: dict[str, TaskID] = {}
+        self._tasks: dict[str, Any] = {}
 
     def __call__(self, event: PullEvent) -> None:
         if event.layer is not None:

@@ -49,4 +49,5 @@ def format_size(n: int) -> str:
         value /= 1024
         if value < 1024:
             return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
-    return f"{value / 1024:.3g} TiB"
+    value /= 1024
+    return f"{value:.3g} TiB" if value < 100 else f"{value:.0f} TiB"

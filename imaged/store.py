@@ -66,7 +66,7 @@ class Store:
             if len(found) > 1:
                 raise ConflictError(f"image ID prefix {text!r} is ambiguous: it matches "
                                     f"{len(found)} images; give more digits")
-            if text.startswith("sha256:"):
+            if text.startswith("sha256:") or len(match[1]) == 64:
                 raise NotFoundError(f"no image with ID {text}")
         elif re.fullmatch(r"(?:sha256:)?[0-9a-f]{1,11}", text):
             raise InvalidError(f"image ID prefix {text!r} is too short: give at least "

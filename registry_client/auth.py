@@ -8,6 +8,7 @@ and retry. Tokens are cached per (realm, service, scope) until shortly before th
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from imaged.errors import RegistryError
 
 _TCHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _PARAM_RE = re.compile(rf'\s*({_TCHARS})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|({_TCHARS}))\s*(?:,|$)')
-_SCHEME_RE = re.compile(rf"\s*({_TCHARS})(?:\s+|$)")
+_SCHEME_RE = re.compile(rf"\s*({_TCHARS})(?:\s+|(?=,)|$)")
 # Docker's spec: a token without expires_in lives 60 s; we renew 10 s before the end.
 DEFAULT_TCHARS_LIFETIME = 60.0
 EXPIRY_MARGIN = 10.0
@@ -83,7 +84,8 @@ def parse_token_response(body: bytes, now: float, realm_host: str) -> Token:
     if not isinstance(value, str) or not value:
         raise RegistryError(f"token server {realm_host} returned no token")
     lifetime = doc.get("expires_in", DEFAULT_TCHARS_LIFETIME)
-    if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0:
+    if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) \
+            or not math.isfinite(lifetime) or lifetime <= 0:
         lifetime = DEFAULT_TCHARS_LIFETIME
     lifetime = max(float(lifetime), DEFAULT_TCHARS_LIFETIME)
     return Token(value, now + lifetime - EXPIRY_MARGIN)

@@ -19,9 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from imaged.registry_client.auth import Credentials
-
 from imaged.errors import RegistryError
+from imaged.registry_client.auth import Credentials
 
 DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io",
                    "registry-1.docker.io")

@@ -92,6 +92,8 @@ class Platform:
             variant = None
         if arch == "amd64" and variant == "v1":
             variant = None
+        if arch == "arm" and variant is None:
+            variant = "v7"  # containerd's default: plain "arm" means ARMv7
         return cls(os, arch, variant or None)
 
     @classmethod
@@ -162,8 +164,9 @@ def _descriptor(raw: Any, where: str) -> Descriptor:
         raise _bad(f"{where} has no mediaType")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise _bad(f"{where} has no valid size")
+    raw_digest = raw.get("digest", "")
     try:
-        digest = Digest.parse(raw.get("digest", ""))
+        digest = Digest.parse(raw_digest if isinstance(raw_digest, str) else repr(raw_digest))
     except InvalidError as exc:
         raise _bad(f"{where}: {exc.message}") from None
     plat = None
@@ -292,6 +295,8 @@ def read_cpu_variant(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "CPU architecture":
+            if value.strip().lower() == "aarch64":  # old arm64 kernels print this
+                return "v8"
             digits = "".join(c for c in value if c.isdigit())
             return f"v{digits}" if digits else None
     return None

@@ -22,7 +22,7 @@ _DOMAIN_RE = re.compile(
 )
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _PATH_RE = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
-_TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+_TAG_RE = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _ANCHORED_ID = re.compile(r"[a-f0-9]{64}")
 
 

@@ -16,6 +16,11 @@ from email.utils import parsedate_to_datetime
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts '²', which ``int`` then refuses."""
+    return text.isascii() and text.isdigit()
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6  # total tries, the first included
@@ -39,7 +44,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _digits(value):
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -59,10 +64,10 @@ def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None
         return None
     span, _, total = spec.partition("/")
     start, _, end = span.partition("-")
-    if not (start.isdigit() and end.isdigit()) or int(end) < int(start):
+    if not (_digits(start) and _digits(end)) or int(end) < int(start):
         return None
     if total == "*":
         return int(start), int(end), None
-    if not total.isdigit():
+    if not _digits(total):
         return None
     return int(start), int(end), int(total)

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imaged.bench.images import OCILayout, directory, file, push
-from imaged.bench.registry import LocalRegistry, start_registry
 
 from imaged import cli
+from imaged.bench.images import OCILayout, directory, file, push
+from imaged.bench.registry import LocalRegistry, start_registry
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,0 +1,89 @@
+"""Bench results: medians with min/max, ratios measured in the same run, JSON + markdown + PNG.
+
+The machine is noisy, so a report never stands on one sample and never compares numbers taken
+in different runs: every comparison is a ratio of medians from interleaved samples.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Series:
+    """Samples of one measured thing (seconds, bytes, …)."""
+
+    name: str
+    unit: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def summary(self) -> dict[str, Any]:
+        return {"unit": self.unit, "median": self.median, "min": min(self.samples),
+                "max": max(self.samples), "samples": self.samples}
+
+
+def machine_facts() -> dict[str, Any]:
+    def read(cmd: Sequence[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                  timeout=10).stdout.strip()
+        except OSError:
+            return ""
+
+    return {
+        "kernel": read(["uname", "-r"]),
+        "cpus": read(["nproc"]),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def write_report(out: Path, name: str, title: str, series: list[Series],
+                 facts: dict[str, Any], ratios: dict[str, float], notes: list[str]) -> list[Path]:
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` (medians with min/max bars)."""
+    # matplotlib takes half a second to import: only a bench that writes a report pays it.
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = (out / f"{name}.{ext}" for ext in ("json", "md", "png"))
+    json_path.write_text(json.dumps({
+        "title": title, "facts": facts, "ratios": ratios, "notes": notes,
+        "series": {s.name: s.summary() for s in series},
+    }, indent=2))
+
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(series) + 1.5))
+    medians = [s.median for s in series]
+    lows = [s.median - min(s.samples) for s in series]
+    highs = [max(s.samples) - s.median for s in series]
+    ax.barh([s.name for s in series], medians, xerr=[lows, highs], capsize=4, color="#4c72b0")
+    ax.set_xlabel(series[0].unit if series else "")
+    ax.set_title(title)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+    lines = [f"# {title}", "", f"![{title}]({png_path.name})", "",
+             "| measure | median | min | max | unit | runs |", "|---|---:|---:|---:|---|---:|"]
+    for s in series:
+        lines.append(f"| {s.name} | {s.median:.3f} | {min(s.samples):.3f} | "
+                     f"{max(s.samples):.3f} | {s.unit} | {len(s.samples)} |")
+    if ratios:
+        lines += ["", "| ratio (same run, medians) | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items())]
+    lines += [f"- {note}" for note in notes]
+    md_path.write_text("\n".join(lines) + "\n")
+    return [json_path, md_path, png_path]

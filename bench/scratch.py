@@ -1,0 +1,38 @@
+"""A dedicated loop-mounted ext4 for benchmarks (DESIGN §7).
+
+The root filesystem's timings are ten times noisier than a fresh, otherwise idle ext4, so every
+benchmark writes there. Mounting needs root; without it the caller gets a plain directory and a
+note saying so in the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def scratch_ext4(size: int, parent: Path | None = None) -> Iterator[tuple[Path, str]]:
+    """Yield (mount point, description); unmounted and deleted on exit, even on failure."""
+    with tempfile.TemporaryDirectory(prefix="imaged-bench-", dir=parent) as tmp:
+        base = Path(tmp)
+        if os.geteuid() != 0:
+            yield base, "a directory on the root filesystem (not root: no loop mount)"
+            return
+        image = base / "scratch.img"
+        mount_point = base / "mnt"
+        mount_point.mkdir()
+        with image.open("wb") as fh:
+            fh.truncate(size)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        str(image)], check=True)
+        # mount -o loop lets util-linux pick and, with autoclear, release the loop device.
+        subprocess.run(["mount", "-o", "loop", str(image), str(mount_point)], check=True)
+        try:
+            yield mount_point, f"a dedicated loop-mounted ext4 of {size >> 30} GiB"
+        finally:
+            subprocess.run(["umount", str(mount_point)], check=False)
