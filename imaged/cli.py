@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -66,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="remove every name of an image given by ID")
     sub.add_parser("info", parents=[common], help="describe the root, host and drivers")
+    p = sub.add_parser("mount", parents=[common],
+                       help="create a container on an image if needed, then mount it")
+    p.add_argument("image", metavar="REF|ID")
+    p.add_argument("--name", help="container name (default: c- and 12 hex digits)")
+    p.add_argument("--quota", type=parse_size, metavar="SIZE",
+                   help="disk quota of the writable layer (k, M, G, T: powers of 1024)")
+    p.add_argument("--read-only", action="store_true", help="no writable layer")
+    p.add_argument("--target", type=Path, metavar="DIR", help="mount here instead")
+    p = sub.add_parser("update", parents=[common], help="grow or shrink a container's quota")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--quota", type=parse_size, metavar="SIZE", required=True)
+    p = sub.add_parser("umount", parents=[common], help="unmount a container, keep its data")
+    p.add_argument("name", metavar="NAME")
+    p = sub.add_parser("rm", parents=[common], help="remove a container")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--force", action="store_true", help="unmount it first if mounted")
+    sub.add_parser("ps", parents=[common], help="list containers")
     p = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
     p.add_argument("benchmark", choices=["fetch"],
                    help="fetch: one large blob, imaged pull against curl")
@@ -102,6 +120,17 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"platform:  {info['platform']} (kernel {info['kernel']})")
     print(f"content:   {info['content']['blobs']} blobs, {format_size(info['content']['bytes'])}")
     print(f"images:    {info['images']}")
+    print("drivers:")
+    for d in info["drivers"]:
+        chosen = " (in use)" if d["name"] == info["driver"] else ""
+        print(f"  {d['name']:<10} {'yes' if d['supported'] else 'no ':<4} {d['reason']}{chosen}")
+
+
+def _print_ps(containers: list[dict[str, Any]]) -> None:
+    rows = [[c["name"], (c["image_refs"] or [c["image"]])[0], c["driver"], c["path"] or "-",
+             format_size(c["quota"]) if c["quota"] else "-", c["quota_mode"] or "-",
+             format_size(c["used_bytes"])] for c in containers]
+    print(_table(rows, ["NAME", "IMAGE", "DRIVER", "MOUNTED AT", "QUOTA", "QUOTA MODE", "USED"]))
 
 
 async def _run(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
@@ -127,6 +156,17 @@ async def _run(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
             return service.rmi(args.image, args.force), lambda r: None
         if args.command == "info":
             return service.info(), _print_info
+        if args.command == "mount":
+            return (await service.mount(args.image, args.name, args.quota, args.read_only,
+                                        args.target), lambda r: print(r["path"]))
+        if args.command == "update":
+            return await service.update(args.name, args.quota), lambda r: None
+        if args.command == "umount":
+            return await service.umount(args.name), lambda r: None
+        if args.command == "rm":
+            return await service.rm(args.name, args.force), lambda r: None
+        if args.command == "ps":
+            return service.ps(), _print_ps
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
 
 
@@ -145,10 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, InternalError(f"internal error: {type(exc).__name__}: {exc}"
                                          + ("" if args.debug else
                                             " (run with --debug for a traceback)")))
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    else:
-        show(result)
+    try:
+        if args.json:
+            print(json.dumps(result, indent=2, sort_keys=True))
+        else:
+            show(result)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (imaged ps | head): not an error of ours; silence the
+        # interpreter's own complaint when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

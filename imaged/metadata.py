@@ -64,6 +64,34 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX refs_image ON refs(image_id);
     """,
+    """
+    -- Unpacked layers as the driver holds them, named by ChainID. A row in state 'creating'
+    -- is a layer being applied: if found at open, its directory is half-written and removed.
+    CREATE TABLE layers (
+        chain_id    TEXT PRIMARY KEY,
+        parent      TEXT,                 -- chain_id of the layer below; NULL for a base layer
+        diff_id     TEXT NOT NULL,
+        driver      TEXT NOT NULL,
+        state       TEXT NOT NULL CHECK (state IN ('creating', 'ready')),
+        entries     INTEGER NOT NULL DEFAULT 0,
+        size        INTEGER NOT NULL DEFAULT 0,  -- uncompressed bytes of the layer's tar
+        created     REAL NOT NULL
+    );
+    -- Writable (or read-only) layers on top of an image. 'creating' and 'removing' are intents
+    -- recorded before the driver acts, so recovery knows what to finish or undo.
+    CREATE TABLE containers (
+        name       TEXT PRIMARY KEY,
+        image_id   TEXT NOT NULL REFERENCES images(id),
+        driver     TEXT NOT NULL,
+        quota      INTEGER,               -- bytes; NULL means no quota
+        read_only  INTEGER NOT NULL,      -- 0/1
+        state      TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'removing')),
+        mount_path TEXT,                  -- where it is mounted now; NULL when not mounted
+        target     INTEGER NOT NULL DEFAULT 0,  -- 1 when mount_path was given by the user
+        created    REAL NOT NULL
+    );
+    CREATE INDEX containers_image ON containers(image_id);
+    """,
 )
 
 
@@ -87,6 +115,34 @@ class ImageRow:
     created: float
     refs: tuple[str, ...]
     layers: tuple[LayerRow, ...]
+
+
+@dataclass(frozen=True)
+class ContainerRow:
+    name: str
+    image_id: Digest
+    driver: str
+    quota: int | None
+    read_only: bool
+    state: str
+    mount_path: str | None
+    target: bool
+    created: float
+
+
+_CONTAINER_COLUMNS = ("name, image_id, driver, quota, read_only, state, mount_path, target, "
+                      "created")
+_SELECT_CONTAINERS = "SELECT " + _CONTAINER_COLUMNS + " FROM containers"  # noqa: S608 - constant
+_INSERT_CONTAINER = (
+    f"INSERT INTO containers({_CONTAINER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)")  # noqa: S608
+
+
+def _container(row: tuple[object, ...]) -> ContainerRow:
+    name, image_id, driver, quota, read_only, state, mount_path, target, created = row
+    return ContainerRow(str(name), Digest.parse(str(image_id)), str(driver),
+                        None if quota is None else int(str(quota)), bool(read_only), str(state),
+                        None if mount_path is None else str(mount_path), bool(target),
+                        float(str(created)))
 
 
 @dataclass(frozen=True)
@@ -238,18 +294,104 @@ class Metadata:
                 "SELECT image_id FROM refs WHERE name=?", (name,))}
             db.executemany("DELETE FROM refs WHERE name=?", [(n,) for n in names])
             for image_id in images:
-                if db.execute("SELECT 1 FROM refs WHERE image_id=?", (image_id,)).fetchone():
-                    continue
-                db.execute("DELETE FROM images WHERE id=?", (image_id,))
-            orphans = [Digest.parse(r[0]) for r in db.execute(
-                """SELECT digest FROM blobs WHERE
-                     digest NOT IN (SELECT id FROM images)
-                 AND digest NOT IN (SELECT config_digest FROM images)
-                 AND digest NOT IN (SELECT blob_digest FROM image_layers)
-                 AND digest NOT IN (SELECT index_digest FROM refs WHERE index_digest IS NOT NULL)
-                """)]
-            db.executemany("DELETE FROM blobs WHERE digest=?", [(str(d),) for d in orphans])
+                self._drop_image_if_unused(image_id)
+            return self._orphan_blobs()
+
+    def _drop_image_if_unused(self, image_id: str) -> None:
+        """An image with no name and no container goes (rmi --force leaves such images)."""
+        if self.db.execute("SELECT 1 FROM refs WHERE image_id=? UNION ALL "
+                           "SELECT 1 FROM containers WHERE image_id=?",
+                           (image_id, image_id)).fetchone():
+            return
+        self.db.execute("DELETE FROM images WHERE id=?", (image_id,))
+
+    def _orphan_blobs(self) -> list[Digest]:
+        """Blobs nothing references any more, deleted from the table (the caller deletes files)."""
+        db = self.db
+        orphans = [Digest.parse(r[0]) for r in db.execute(
+            """SELECT digest FROM blobs WHERE
+                 digest NOT IN (SELECT id FROM images)
+             AND digest NOT IN (SELECT config_digest FROM images)
+             AND digest NOT IN (SELECT blob_digest FROM image_layers)
+             AND digest NOT IN (SELECT index_digest FROM refs WHERE index_digest IS NOT NULL)
+            """)]
+        db.executemany("DELETE FROM blobs WHERE digest=?", [(str(d),) for d in orphans])
         return orphans
+
+    # layers
+
+    def layer_state(self, chain_id: Digest) -> str | None:
+        row = self.db.execute("SELECT state FROM layers WHERE chain_id=?",
+                              (str(chain_id),)).fetchone()
+        return None if row is None else str(row[0])
+
+    def begin_layer(self, chain_id: Digest, parent: Digest | None, diff_id: Digest,
+                    driver: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO layers(chain_id, parent, diff_id, driver, state,"
+                       " created) VALUES (?,?,?,?,'creating',?)",
+                       (str(chain_id), None if parent is None else str(parent), str(diff_id),
+                        driver, time.time()))
+
+    def finish_layer(self, chain_id: Digest, entries: int, size: int) -> None:
+        self.db.execute("UPDATE layers SET state='ready', entries=?, size=? WHERE chain_id=?",
+                        (entries, size, str(chain_id)))
+
+    def delete_layer(self, chain_id: str) -> None:
+        self.db.execute("DELETE FROM layers WHERE chain_id=?", (chain_id,))
+
+    def layers_in_state(self, state: str) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT chain_id FROM layers WHERE state=?",
+                                              (state,))]
+
+    def unused_layers(self) -> list[str]:
+        """Ready layers no image references (images pin every layer of their chain)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT chain_id FROM layers WHERE state='ready' AND chain_id NOT IN "
+            "(SELECT chain_id FROM image_layers)")]
+
+    def image_size_unpacked(self, image_id: Digest) -> int:
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(l.size), 0) FROM image_layers il JOIN layers l "
+            "ON l.chain_id = il.chain_id WHERE il.image_id=?", (str(image_id),)).fetchone()
+        return int(row[0])
+
+    # containers
+
+    def containers(self) -> list[ContainerRow]:
+        return [_container(r) for r in self.db.execute(
+            _SELECT_CONTAINERS + " ORDER BY created, name")]
+
+    def container(self, name: str) -> ContainerRow | None:
+        row = self.db.execute(_SELECT_CONTAINERS + " WHERE name=?", (name,)).fetchone()
+        return None if row is None else _container(row)
+
+    def containers_of(self, image_id: Digest) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM containers WHERE image_id=?",
+                                              (str(image_id),))]
+
+    def insert_container(self, row: ContainerRow) -> None:
+        self.db.execute(
+            _INSERT_CONTAINER,
+            (row.name, str(row.image_id), row.driver, row.quota, int(row.read_only), row.state,
+             row.mount_path, int(row.target), row.created))
+
+    def update_container(self, name: str, **fields: object) -> None:
+        allowed = {"state", "mount_path", "target", "quota"}
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"cannot update {sorted(set(fields) - allowed)}")
+        assignments = ", ".join(f"{key}=?" for key in fields)
+        self.db.execute(f"UPDATE containers SET {assignments} WHERE name=?",  # noqa: S608
+                        (*fields.values(), name))
+
+    def delete_container(self, name: str) -> list[Digest]:
+        """Remove a container's row; its image goes too if rmi --force left it nameless."""
+        with self.transaction() as db:
+            row = db.execute("SELECT image_id FROM containers WHERE name=?", (name,)).fetchone()
+            db.execute("DELETE FROM containers WHERE name=?", (name,))
+            if row is not None:
+                self._drop_image_if_unused(row[0])
+            return self._orphan_blobs()
 
 
 def _split_sql(script: str) -> list[str]:

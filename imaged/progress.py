@@ -39,6 +39,9 @@ class PlainProgress:
                    f"{resumed}"
         elif event.status == "verified":
             line = f"layer {_short(event.layer)}: verified"
+        elif event.status == "unpacked":
+            line = (f"layer {_short(event.layer)}: unpacked {event.extra.get('entries')} "
+                    f"entries, {format_size(int(event.extra.get('bytes', 0)))}")
         elif event.status == "done":
             line = f"pulled {event.id}"
         if line is not None:

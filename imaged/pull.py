@@ -8,6 +8,7 @@ next attempt resumes from them (after hashing them again).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,13 +31,14 @@ from imaged.registry_client.manifest import (
 )
 from imaged.registry_client.reference import Reference
 from imaged.store import Store
+from imaged.unpack import UnpackLimits, UnpackStats, unpack_layer
 
 
 @dataclass(frozen=True)
 class PullEvent:
     """One step of a pull, as the CLI shows it and the API streams it (DESIGN §5)."""
 
-    status: str  # resolving, resolved, exists, downloading, verified, done
+    status: str  # resolving, resolved, exists, downloading, verified, unpacking, unpacked, done
     layer: str | None = None
     current: int | None = None
     total: int | None = None
@@ -111,9 +113,20 @@ async def pull(store: Store, client: RegistryClient, ref: Reference, platform: P
 
     ingests = await _fetch_layers(store, client, ref, manifest.layers, report,
                                   limits.concurrent_downloads)
+    try:
+        created = await unpack_layers(store, manifest.layers, config.diff_ids, ingests, report)
+    except BaseException:
+        for ingest in ingests.values():
+            ingest.close()
+        raise
     # Renames, fsyncs and one SQLite transaction: blocking work, so off the trio thread.
-    await trio.to_thread.run_sync(_record, store, ref, manifest, manifest_digest, index_digest,
-                                  small_blobs, config.diff_ids, config.platform, ingests)
+    try:
+        await trio.to_thread.run_sync(_record, store, ref, manifest, manifest_digest,
+                                      index_digest, small_blobs, config.diff_ids,
+                                      config.platform, ingests)
+    except BaseException:
+        await trio.to_thread.run_sync(_remove_layers, store, created)
+        raise
     report(PullEvent("done", id=str(manifest_digest)))
     return PullResult(manifest_digest, manifest.config.digest, str(ref), len(manifest.layers))
 
@@ -160,6 +173,68 @@ async def _fetch_layers(store: Store, client: RegistryClient, ref: Reference,
             raise collapse(exc) from None
         raise
     return ingests
+
+
+async def unpack_layers(store: Store, layers: tuple[Descriptor, ...],
+                        diff_ids: tuple[Digest, ...], ingests: dict[Digest, Ingest],
+                        report: Reporter) -> list[Digest]:
+    """Apply every layer the driver does not hold yet; returns the chain IDs it created.
+
+    Stacked drivers apply layers independently, so all of them run at once (bounded by the
+    cores); snapshot drivers build each layer on its parent, so they go in order. On failure
+    every layer this call created is removed again: a failed pull adds nothing.
+    """
+    driver = store.driver()
+    caps = driver.capabilities()
+    chains = chain_ids(list(diff_ids))
+    limits = UnpackLimits(store.config.limits.max_layer_bytes,
+                          store.config.limits.max_layer_entries)
+    todo = [i for i, chain in enumerate(chains) if store.meta.layer_state(chain) != "ready"]
+    created: list[Digest] = []
+    # Unpacking is CPU-bound (decompression, hashing) and disk-bound: one worker per core.
+    limiter = trio.CapacityLimiter(os.cpu_count() or 2)
+
+    def apply(i: int) -> UnpackStats:
+        desc = layers[i]
+        blob = ingests[desc.digest].path if desc.digest in ingests else \
+            store.content.path(desc.digest)
+        parent = chains[i - 1] if i else None
+        target = driver.prepare_layer(chains[i].hex, None if parent is None else parent.hex)
+        stats = unpack_layer(blob, desc.media_type, diff_ids[i], target, caps.whiteouts, limits)
+        driver.commit_layer(chains[i].hex)
+        return stats
+
+    async def one(i: int) -> None:
+        chain = chains[i]
+        store.meta.begin_layer(chain, chains[i - 1] if i else None, diff_ids[i], driver.name)
+        created.append(chain)
+        report(PullEvent("unpacking", layer=str(layers[i].digest)))
+        stats = await trio.to_thread.run_sync(apply, i, limiter=limiter)
+        store.meta.finish_layer(chain, stats.entries, stats.bytes)
+        report(PullEvent("unpacked", layer=str(layers[i].digest),
+                         extra={"entries": stats.entries, "bytes": stats.bytes}))
+
+    try:
+        if caps.family == "stacked":
+            async with trio.open_nursery() as nursery:
+                for i in todo:
+                    nursery.start_soon(one, i)
+        else:
+            for i in todo:
+                await one(i)
+    except BaseException as exc:
+        await trio.to_thread.run_sync(_remove_layers, store, created)
+        if isinstance(exc, BaseExceptionGroup):
+            raise collapse(exc) from None
+        raise
+    return created
+
+
+def _remove_layers(store: Store, chains: list[Digest]) -> None:
+    driver = store.driver()
+    for chain in chains:
+        driver.remove_layer(chain.hex)
+        store.meta.delete_layer(str(chain))
 
 
 def _record(store: Store, ref: Reference, manifest: Manifest, manifest_digest: Digest,

@@ -7,19 +7,37 @@ print the same facts.
 from __future__ import annotations
 
 import platform as _platform
+import re
+import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
+
+import trio
 
 from imaged import __version__
 from imaged.config import Config
-from imaged.errors import ConflictError
-from imaged.metadata import ImageRow
+from imaged.digest import Digest
+from imaged.drivers import Usage, probe_all
+from imaged.errors import ConflictError, InvalidError, NotFoundError
+from imaged.metadata import ContainerRow, ImageRow
+from imaged.mounts import backing_filesystem
 from imaged.pull import PullResult, Reporter, pull
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.manifest import Platform
 from imaged.registry_client.reference import parse_reference
-from imaged.store import Store, backing_filesystem
+from imaged.store import Store
+
+_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
+
+
+def check_name(name: str) -> None:
+    """Container names (DESIGN §2): they become directory names, so the rule is strict."""
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidError(f"invalid container name {name!r}: use 1-128 of [a-zA-Z0-9_.-], "
+                           "starting with a letter or digit")
 
 
 def image_json(row: ImageRow) -> dict[str, Any]:
@@ -70,29 +88,160 @@ class Service:
         name of an image at once is rarely what was meant.
         """
         image_id, name = self.store.resolve_image(text)
+        users = self.store.meta.containers_of(image_id)
+        if users and not force:
+            raise ConflictError(f"image {image_id.short} is used by container(s) "
+                                f"{', '.join(sorted(users))}; remove them first or use --force "
+                                "(the image's layers then stay until those containers go)")
         if name is None:
             names = list(self.store.image(str(image_id)).refs)
-            if len(names) > 1 and not force:
+            if len(names) > 1 and not force and not users:
                 raise ConflictError(
                     f"image {image_id.short} is referenced by {len(names)} names "
                     f"({', '.join(names)}); remove them by name or use --force")
         else:
             names = [name]
         orphans = self.store.meta.remove_refs(names)
-        freed = sum(self.store.content.remove(digest) for digest in orphans)
+        freed = self._release(orphans)
         deleted = self.store.meta.image(image_id) is None
         return {"ok": True, "id": str(image_id), "untagged": names, "deleted": deleted,
                 "freed_bytes": freed}
 
+    def _release(self, blobs: list[Digest]) -> int:
+        """Delete blob files and driver layers nothing references any more; bytes freed."""
+        freed = sum(self.store.content.remove(digest) for digest in blobs)
+        unused = self.store.meta.unused_layers()
+        if unused:
+            driver = self.store.driver()
+            for chain_id in unused:
+                driver.remove_layer(Digest.parse(chain_id).hex)
+                self.store.meta.delete_layer(chain_id)
+        return freed
+
+    # containers
+
+    def _container_json(self, row: ContainerRow) -> dict[str, Any]:
+        driver = self.store.driver()
+        usage = driver.usage(row.name) if row.state == "ready" else Usage(0, row.quota)
+        caps = driver.capabilities()
+        image = self.store.meta.image(row.image_id)
+        return {
+            "name": row.name,
+            "image": str(row.image_id),
+            "image_refs": list(image.refs) if image else [],
+            "driver": row.driver,
+            "quota": row.quota,
+            "quota_mode": f"{caps.quota_mode}/{caps.quota_semantics}" if row.quota else None,
+            "used_bytes": usage.used,
+            "read_only": row.read_only,
+            "mounted": row.mount_path is not None,
+            "path": row.mount_path,
+        }
+
+    def _get(self, name: str) -> ContainerRow:
+        row = self.store.meta.container(name)
+        if row is None or row.state != "ready":
+            raise NotFoundError(f"no container {name}")
+        return row
+
+    def _layers_of(self, image_id: Digest) -> list[str]:
+        image = self.store.meta.image(image_id)
+        if image is None:  # pragma: no cover - containers keep their image's row
+            raise NotFoundError(f"image {image_id} is gone")
+        return [layer.chain_id.hex for layer in image.layers]
+
+    async def mount(self, image_text: str, name: str | None, quota: int | None,
+                    read_only: bool, target: Path | None) -> dict[str, Any]:
+        """Create container ``name`` on the image if it does not exist, then mount it."""
+        if read_only and quota is not None:
+            raise InvalidError("a read-only container has no writable layer to put a quota on")
+        image_id, _ = self.store.resolve_image(image_text)
+        driver = self.store.driver()
+        name = name or f"c-{secrets.token_hex(6)}"
+        check_name(name)
+        layers = self._layers_of(image_id)
+        row = self.store.meta.container(name)
+        if row is not None and row.state == "ready":
+            if row.image_id != image_id:
+                raise ConflictError(f"container {name} exists on another image "
+                                    f"({row.image_id.short})")
+            if quota is not None and row.quota != quota:
+                raise ConflictError(f"container {name} exists with quota "
+                                    f"{row.quota if row.quota is not None else 'none'}; "
+                                    "change it with imaged update")
+            if row.read_only != read_only:
+                raise ConflictError(f"container {name} exists "
+                                    f"{'read-only' if row.read_only else 'writable'}")
+            if row.mount_path is not None:
+                if target is not None and Path(row.mount_path) != target:
+                    raise ConflictError(f"container {name} is already mounted at "
+                                        f"{row.mount_path}")
+                return {"name": name, "path": row.mount_path, "mounts": []}
+        elif row is not None:
+            raise ConflictError(f"container {name} is being {row.state[:-3]}ed")
+        else:
+            self.store.meta.insert_container(ContainerRow(
+                name, image_id, driver.name, quota, read_only, "creating", None, False,
+                time.time()))
+            try:
+                await trio.to_thread.run_sync(driver.create_container, name, layers, quota,
+                                              read_only)
+            except BaseException:
+                await trio.to_thread.run_sync(driver.remove_container, name)
+                self.store.meta.delete_container(name)
+                raise
+            self.store.meta.update_container(name, state="ready")
+        mounted = await trio.to_thread.run_sync(driver.mount, name, layers, read_only, target)
+        self.store.meta.update_container(name, mount_path=str(mounted.path),
+                                         target=int(target is not None))
+        return {"name": name, "path": str(mounted.path),
+                "mounts": [spec.to_json() for spec in mounted.mounts]}
+
+    async def umount(self, name: str) -> dict[str, Any]:
+        row = self._get(name)
+        if row.mount_path is not None:
+            target = Path(row.mount_path) if row.target else None
+            await trio.to_thread.run_sync(self.store.driver().unmount, name, target)
+            self.store.meta.update_container(name, mount_path=None, target=0)
+        return {"ok": True, "name": name}
+
+    async def rm(self, name: str, force: bool = False) -> dict[str, Any]:
+        row = self._get(name)
+        if row.mount_path is not None:
+            if not force:
+                raise ConflictError(f"container {name} is mounted at {row.mount_path}; "
+                                    "unmount it first or use --force")
+            await self.umount(name)
+        self.store.meta.update_container(name, state="removing")
+        await trio.to_thread.run_sync(self.store.driver().remove_container, name)
+        freed = self._release(self.store.meta.delete_container(name))
+        return {"ok": True, "name": name, "freed_bytes": freed}
+
+    async def update(self, name: str, quota: int) -> dict[str, Any]:
+        row = self._get(name)
+        if row.read_only:
+            raise InvalidError(f"container {name} is read-only: it has no quota")
+        await trio.to_thread.run_sync(self.store.driver().resize_quota, name, quota,
+                                      row.mount_path is not None)
+        self.store.meta.update_container(name, quota=quota)
+        return self._container_json(self._get(name))
+
+    def ps(self) -> list[dict[str, Any]]:
+        return [self._container_json(row) for row in self.store.meta.containers()
+                if row.state == "ready"]
+
+    def container(self, name: str) -> dict[str, Any]:
+        return self._container_json(self._get(name))
+
     def info(self) -> dict[str, Any]:
-        fstype, mount_point = backing_filesystem(self.store.root)
+        backing = backing_filesystem(self.store.root)
         blobs, blob_bytes = self.store.content_usage()
         return {
             "version": __version__,
             "root": str(self.store.root),
-            "backing_filesystem": {"type": fstype, "mount_point": mount_point},
+            "backing_filesystem": {"type": backing.fstype, "mount_point": backing.mount_point},
             "driver": self.store.meta.get_setting("driver"),
-            "drivers": [],
+            "drivers": [probe.to_json() for probe in probe_all(self.store.config)],
             "platform": str(Platform.host()),
             "kernel": _platform.release(),
             "content": {"blobs": blobs, "bytes": blob_bytes},

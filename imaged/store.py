@@ -7,16 +7,17 @@ where they are verified again before anyone uses them; stale partial downloads e
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from imaged.config import Config
 from imaged.content import ContentStore
 from imaged.digest import Digest
+from imaged.drivers import Driver, choose, registry
 from imaged.errors import ConflictError, InvalidError, NotFoundError
 from imaged.lock import RootLock
 from imaged.metadata import ImageRow, Metadata
+from imaged.mounts import backing_filesystem, is_mounted
 from imaged.registry_client.reference import parse_reference
 
 _ID_PREFIX_RE = re.compile(r"(?:sha256:)?([0-9a-f]{12,64})")
@@ -29,6 +30,7 @@ class Store:
         self.root = config.root
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         self.lock = RootLock(self.root / "lock", holder)
+        self._driver: Driver | None = None
         try:
             self.content = ContentStore(self.root / "content")
             self.meta = Metadata(self.root / "metadata.db")
@@ -41,6 +43,23 @@ class Store:
         self.meta.close()
         self.lock.release()
 
+    def driver(self) -> Driver:
+        """The root's driver, chosen and recorded at first use (one root, one driver)."""
+        if self._driver is None:
+            recorded = self.meta.get_setting("driver")
+            name = choose(self.config, backing_filesystem(self.root).fstype, recorded)
+            _, factory = registry()[name]
+            if factory is None:  # pragma: no cover - choose() returns built drivers only
+                raise NotFoundError(f"driver {name} is not built")
+            self._driver = factory(self.config, self.root / "drivers" / name)
+            if recorded is None:
+                self.meta.set_setting("driver", name)
+        return self._driver
+
+    def recorded_driver(self) -> Driver | None:
+        """The driver if one was ever recorded: recovery must not choose one by itself."""
+        return self.driver() if self.meta.get_setting("driver") is not None else None
+
     def recover(self) -> list[str]:
         """Repair what an interrupted process left; returns a line per repair for the logs."""
         notes = []
@@ -51,6 +70,29 @@ class Store:
                 notes.append(f"blob {digest} had no record; moved back to ingest")
         for path in self.content.expire_ingests():
             notes.append(f"removed stale partial download {path.name}")
+        driver = self.recorded_driver()
+        if driver is None:
+            return notes
+        for chain_id in self.meta.layers_in_state("creating"):
+            driver.remove_layer(Digest.parse(chain_id).hex)
+            self.meta.delete_layer(chain_id)
+            notes.append(f"removed half-applied layer {chain_id}")
+        known_layers = {Digest.parse(c).hex for c in self.meta.layers_in_state("ready")}
+        for key in driver.list_layers() - known_layers:
+            driver.remove_layer(key)
+            notes.append(f"removed layer directory {key} with no record")
+        for row in self.meta.containers():
+            if row.state in ("creating", "removing"):
+                driver.remove_container(row.name)
+                self.meta.delete_container(row.name)
+                notes.append(f"finished removing interrupted container {row.name}")
+            elif row.mount_path is not None and not is_mounted(Path(row.mount_path)):
+                self.meta.update_container(row.name, mount_path=None, target=0)
+                notes.append(f"container {row.name} is no longer mounted at {row.mount_path}")
+        known = {row.name for row in self.meta.containers()}
+        for name in driver.list_containers() - known:
+            driver.remove_container(name)
+            notes.append(f"removed container directory {name} with no record")
         return notes
 
     def resolve_image(self, text: str) -> tuple[Digest, str | None]:
@@ -90,26 +132,3 @@ class Store:
             total += size
         return count, total
 
-
-def backing_filesystem(path: Path) -> tuple[str, str]:
-    """(fstype, mount point) of the filesystem holding ``path``, from /proc/self/mountinfo."""
-    target = os.path.realpath(path)
-    best = ("unknown", "/")
-    best_len = -1
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return best
-    for line in lines:
-        fields = line.split()
-        try:
-            sep = fields.index("-")
-        except ValueError:
-            continue
-        mount_point = fields[4].encode().decode("unicode_escape")
-        fstype = fields[sep + 1]
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        # Later lines win on ties: they are mounted on top of earlier ones.
-        if inside and len(mount_point) >= best_len:
-            best, best_len = (fstype, mount_point), len(mount_point)
-    return best

@@ -69,11 +69,12 @@ class _Retryable(Exception):
     """An attempt failed in a way another attempt may not: 429/5xx, a dropped connection."""
 
     def __init__(self, message: str, retry_after: float | None = None,
-                 progressed: bool = False) -> None:
+                 progressed: bool = False, offset: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
         self.progressed = progressed
+        self.offset = offset  # where a download got to: only new ground counts as progress
 
 
 class _TLSAdapter(HTTPAdapter):
@@ -113,9 +114,23 @@ class Fetched:
     digest: Digest
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes and contexts, and exceptions wrapped in ``args`` (requests and urllib3
+    wrap that way), nearest first, each once."""
+    out: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if any(current is known for known in out):
+            continue
+        out.append(current)
+        todo.extend(e for e in (current.__cause__, current.__context__, *current.args)
+                    if isinstance(e, BaseException))
+    return out
+
+
 def _describe_connection_error(host: str, exc: BaseException) -> str:
-    seen: BaseException | None = exc
-    while seen is not None:
+    for seen in _chain(exc):
         if isinstance(seen, ConnectionRefusedError) or (
             isinstance(seen, OSError) and seen.errno == errno.ECONNREFUSED
         ):
@@ -125,9 +140,6 @@ def _describe_connection_error(host: str, exc: BaseException) -> str:
                     f"put its CA in /etc/docker/certs.d/{host}/ca.crt")
         if "Name or service not known" in str(seen) or "nodename nor servname" in str(seen):
             return f"cannot reach registry {host}: name does not resolve"
-        seen = seen.__cause__ or seen.__context__
-        if seen is None and exc.args and isinstance(exc.args[0], BaseException):
-            seen = exc.args[0]
     return f"cannot reach registry {host}: {type(exc).__name__}"
 
 
@@ -261,10 +273,13 @@ class RegistryClient:
             auth = self._auth_header(endpoint, repo, challenge, session)
             if auth is not None:
                 request_headers["Authorization"] = auth
+            base = endpoint.base
             try:
-                resp = session.get(endpoint.base + path, headers=request_headers, stream=stream,
+                resp = session.get(base + path, headers=request_headers, stream=stream,
                                    timeout=TIMEOUT, verify=endpoint.verify)
             except (requests.exceptions.SSLError, requests.ConnectionError) as exc:
+                if endpoint.base != base:  # a concurrent request downgraded it meanwhile
+                    return self._send(endpoint, repo, path, headers, stream)
                 if endpoint.may_downgrade and endpoint.base.startswith("https://"):
                     # Docker's rule for insecure and loopback registries: TLS first, then plain.
                     endpoint.base = "http://" + endpoint.base[len("https://"):]
@@ -323,11 +338,13 @@ class RegistryClient:
 
     async def _attempts(self, operation: Callable[[], Awaitable[T]]) -> T:
         attempt = 1
+        furthest = 0
         while True:
             try:
                 return await operation()
             except _Retryable as exc:
-                if exc.progressed:
+                if exc.progressed and (exc.offset is None or exc.offset > furthest):
+                    furthest = exc.offset if exc.offset is not None else furthest
                     attempt = 0  # a resumed download that moved forward starts a fresh budget
                 elif attempt >= self.policy.attempts:
                     raise RegistryError(f"{exc.message} (gave up after {attempt} attempts)") \
@@ -365,13 +382,14 @@ class RegistryClient:
                 if expected is not None and digest != expected:
                     raise ContentError(f"{what}: registry {endpoint.host} served bytes whose "
                                        f"digest is {digest}")
+                claimed = None
                 if header_digest:
                     with contextlib.suppress(ImagedError):
                         claimed = Digest.parse(header_digest)
-                        if claimed.algorithm == digest.algorithm and claimed != digest:
-                            raise ContentError(
-                                f"{what}: Docker-Content-Digest {claimed} does not match the "
-                                f"served bytes ({digest})")
+                if claimed is not None and claimed.algorithm == digest.algorithm \
+                        and claimed != digest:
+                    raise ContentError(f"{what}: Docker-Content-Digest {claimed} does not match "
+                                       f"the served bytes ({digest})")
                 return Fetched(data, content_type, digest)
 
             return self._threaded(attempt)
@@ -408,7 +426,11 @@ class RegistryClient:
         what = f"blob {desc.digest}"
 
         def operation(endpoint: Endpoint) -> Callable[[], Awaitable[None]]:
-            return functools.partial(self._download, endpoint, ref, desc, ingest, what, progress)
+            async def attempt() -> None:
+                await self._download(endpoint, ref, desc, ingest, what, progress)
+                await trio.to_thread.run_sync(ingest.verify)  # bad bytes: restart, next endpoint
+
+            return attempt
 
         await self._on_endpoints(ref, operation)
 
@@ -423,6 +445,10 @@ class RegistryClient:
                           stream=True)
         if resp.status_code == 416 and start:
             resp.close()
+            whole = (resp.headers.get("Content-Range") or "").rpartition("/")[2]  # bytes */N
+            if whole.isascii() and whole.isdigit() and int(whole) < desc.size:
+                raise ContentError(f"{what} on registry {endpoint.host} is truncated: {whole} "
+                                   f"bytes, its descriptor says {desc.size}")
             ingest.restart()
             raise _Retryable(f"registry {endpoint.host} refused to resume {what}", 0.0)
         self._check_status(resp, endpoint, what)
@@ -435,6 +461,12 @@ class RegistryClient:
                                  f"{what}", 0.0)
         elif start:
             ingest.restart()  # 200 to a Range request: the whole blob is coming again
+        length = resp.headers.get("Content-Length", "") if resp.status_code == 200 else ""
+        if length.isascii() and length.isdigit() and int(length) != desc.size:
+            resp.close()  # the registry's copy is not the blob the manifest describes
+            kind = "truncated" if int(length) < desc.size else "larger than declared"
+            raise ContentError(f"{what} on registry {endpoint.host} is {kind}: {length} bytes, "
+                               f"its descriptor says {desc.size}")
         return resp
 
     async def _download(self, endpoint: Endpoint, ref: Reference, desc: Descriptor,
@@ -452,11 +484,12 @@ class RegistryClient:
             return
         start = ingest.offset
         chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=_PIPELINE_DEPTH)
-        failures: list[BaseException] = []
+        failures: list[BaseException] = []  # the receiver's: chunks before it are still good
+        write_failures: list[BaseException] = []
 
         def receive() -> None:
             try:
-                while not failures:
+                while not write_failures:
                     trio.from_thread.check_cancelled()
                     chunk = resp.raw.read(CHUNK, decode_content=False)
                     if not chunk:
@@ -470,12 +503,12 @@ class RegistryClient:
         def store() -> None:
             last_report = 0.0
             while (chunk := chunks.get()) is not None:
-                if failures:
+                if write_failures:
                     continue  # drain, so the receiver never blocks on a full queue
                 try:
                     ingest.write(chunk)
                 except BaseException as exc:  # noqa: BLE001 - handed to the trio side below
-                    failures.append(exc)
+                    write_failures.append(exc)
                     continue
                 if progress is not None and time.monotonic() - last_report >= PROGRESS_INTERVAL:
                     last_report = time.monotonic()
@@ -488,17 +521,19 @@ class RegistryClient:
                 nursery.start_soon(trio.to_thread.run_sync, store)
         finally:
             resp.close()
-        if failures:
-            exc = failures[0]
+        if write_failures or failures:
+            exc = (write_failures or failures)[0]
             if isinstance(exc, ImagedError):
                 raise exc
             raise _Retryable(
                 f"connection to registry {endpoint.host} dropped during {what} at byte "
                 f"{ingest.offset} ({type(exc).__name__})", progressed=ingest.offset > start,
+                offset=ingest.offset,
             ) from None
         if ingest.offset < desc.size:
             raise _Retryable(f"registry {endpoint.host} ended {what} early at byte "
-                             f"{ingest.offset} of {desc.size}", progressed=ingest.offset > start)
+                             f"{ingest.offset} of {desc.size}", progressed=ingest.offset > start,
+                             offset=ingest.offset)
         if progress is not None:
             progress(ingest.offset)
 

@@ -1,0 +1,209 @@
+"""Storage drivers behind one Protocol (``imaged.drivers``, DESIGN §3).
+
+The service never branches on a driver's name: what differs between drivers is stated as data
+(``Capabilities``: family, whiteout form, quota semantics, rename of lower directories) and
+behind the methods of ``Driver``. Two families exist: *stacked* drivers keep each layer's own
+changes in its own directory and stack them at mount time (overlay, aufs, fuse); *snapshot*
+drivers start each layer as a copy or snapshot of its parent and apply the diff in place (vfs,
+btrfs, zfs, devmapper).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from imaged import loopquota
+from imaged.config import Config
+from imaged.errors import ConflictError, InvalidError
+from imaged.mounts import MountSpec, is_mounted
+from imaged.unpack import WhiteoutMode
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    family: Literal["stacked", "snapshot"]
+    whiteouts: WhiteoutMode
+    quota_mode: str  # the mechanism in use here: "loop", "project", "qgroup", … or "none"
+    quota_semantics: Literal["writable", "total"]
+    rename_lower_dirs: bool  # rename(2) of a lower directory works (else EXDEV: mv copies)
+    xattrs: bool
+    reflink: bool = False
+    max_layers: int = 500
+
+    def to_json(self) -> dict[str, Any]:
+        return {"family": self.family, "whiteouts": self.whiteouts.value,
+                "quota_mode": self.quota_mode, "quota_semantics": self.quota_semantics,
+                "rename_lower_dirs": self.rename_lower_dirs, "xattrs": self.xattrs,
+                "reflink": self.reflink, "max_layers": self.max_layers}
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    supported: bool
+    reason: str
+    capabilities: Capabilities | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "supported": self.supported, "reason": self.reason,
+                "capabilities": None if self.capabilities is None
+                else self.capabilities.to_json()}
+
+
+@dataclass(frozen=True)
+class Mounted:
+    path: Path
+    mounts: tuple[MountSpec, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Usage:
+    used: int  # bytes the quota counts (writable: the container's own; total: image + own)
+    quota: int | None
+
+
+class Driver(Protocol):
+    """What every driver does. Layers are named by ChainID hex; containers by their name.
+
+    ``layers`` arguments are the image's chain, base first; stacked drivers use all of them,
+    snapshot drivers only the last. Methods block (syscalls, subprocesses): the service calls
+    them from worker threads.
+    """
+
+    name: str
+    home: Path
+
+    def capabilities(self) -> Capabilities: ...
+
+    def prepare_layer(self, key: str, parent: str | None) -> Path:
+        """Make the directory a layer's tar is applied into, and return it."""
+
+    def commit_layer(self, key: str) -> None:
+        """Seal a fully applied layer (read-only snapshot, sync)."""
+
+    def remove_layer(self, key: str) -> None:
+        """Remove a layer, committed or half-written; a missing one is not an error."""
+
+    def list_layers(self) -> set[str]: ...
+
+    def create_container(self, name: str, layers: Sequence[str], quota: int | None,
+                         read_only: bool) -> None: ...
+
+    def resize_quota(self, name: str, quota: int, mounted: bool) -> None: ...
+
+    def mount(self, name: str, layers: Sequence[str], read_only: bool,
+              target: Path | None) -> Mounted: ...
+
+    def unmount(self, name: str, target: Path | None) -> None: ...
+
+    def usage(self, name: str) -> Usage: ...
+
+    def remove_container(self, name: str) -> None: ...
+
+    def list_containers(self) -> set[str]: ...
+
+
+ProbeFn = Callable[[Config], Probe]
+Factory = Callable[[Config, Path], Driver]
+
+
+def _not_built(name: str, issue: str) -> ProbeFn:
+    def probe(config: Config) -> Probe:
+        return Probe(name, False, f"not implemented in this version of imaged ({issue})")
+
+    return probe
+
+
+def registry() -> dict[str, tuple[ProbeFn, Factory | None]]:
+    """Every driver of DESIGN §3, in auto-selection order after the root-filesystem rule."""
+    from imaged.drivers import overlay, vfs  # noqa: PLC0415 - the modules import this one
+
+    return {
+        "btrfs": (_not_built("btrfs", "issue 5"), None),
+        "zfs": (_not_built("zfs", "issue 5"), None),
+        "overlay": (overlay.probe, overlay.OverlayDriver),
+        "aufs": (_not_built("aufs", "issue 6"), None),
+        "devmapper": (_not_built("devmapper", "issue 6"), None),
+        "fuse": (_not_built("fuse", "a later issue"), None),
+        "vfs": (vfs.probe, vfs.VfsDriver),
+    }
+
+
+def probe_all(config: Config) -> list[Probe]:
+    return [probe(config) for probe, _ in registry().values()]
+
+
+def disk_usage(path: Path) -> int:
+    """Allocated bytes under ``path`` (what ``du`` reports), hardlinks counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for entry in (*dirnames, *filenames):
+            st = os.lstat(os.path.join(dirpath, entry))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the filesystem holding ``path`` (Python 3.11 has no os.syncfs).
+
+    A committed layer must be on disk before its row says 'ready': after a crash, recovery
+    trusts ready layers.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def loop_usage(fs: loopquota.LoopFS) -> Usage:
+    """Usage of a container's quota filesystem, mounting it for the moment if it is not."""
+    mounted = is_mounted(fs.mount_point)
+    if not mounted:
+        loopquota.mount(fs)
+    try:
+        used, quota = loopquota.usage(fs)
+    finally:
+        if not mounted:
+            loopquota.unmount(fs)
+    return Usage(used, quota)
+
+
+def choose(config: Config, root_fstype: str, recorded: str | None) -> str:
+    """The driver for a root: the recorded one, else the configured one, else DESIGN's order.
+
+    Auto-selection: a btrfs root → btrfs, a ZFS dataset → zfs, else overlay, fuse, vfs; the
+    first that is built and supported here wins.
+    """
+    drivers = registry()
+    if recorded is not None:
+        if config.driver is not None and config.driver != recorded:
+            raise ConflictError(f"root {config.root} uses the {recorded} driver (recorded at "
+                                f"first use); it cannot be used with {config.driver}")
+        return recorded
+    if config.driver is not None:
+        probe, factory = drivers[config.driver]
+        result = probe(config)
+        if factory is None or not result.supported:
+            raise InvalidError(f"driver {config.driver} cannot be used here: {result.reason}")
+        return config.driver
+    order: list[str] = [name for name in ("btrfs", "zfs") if name == root_fstype]
+    order += ["overlay", "fuse", "vfs"]
+    for name in order:
+        probe, factory = drivers[name]
+        if factory is not None and probe(config).supported:
+            return name
+    raise InvalidError("no storage driver is usable on this host (see imaged info)")

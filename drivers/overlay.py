@@ -1,0 +1,270 @@
+"""The overlay driver: one directory per layer, stacked by overlayfs at mount time.
+
+Layout under ``ROOT/drivers/overlay``::
+
+    layers/<chainid>/diff     the layer's own files; whiteouts as 0/0 char devices and
+                              trusted.overlay.opaque=y (containers/storage and Docker's form)
+    layers/<chainid>/link     the layer's short name
+    l/<short>                 symlink to ../layers/<chainid>/diff
+    containers/<name>/        upper/ and work/ (or fs/upper, fs/work on a quota filesystem),
+                              merged/ (the default mount point), quota.img
+
+Mount options, chosen deliberately:
+- ``index=off``: the inode index ties a lower layer to one upper; shared layers would make
+  the second mount fail with EBUSY-like errors, and we never export overlays over NFS.
+- ``redirect_dir=on``: rename(2) of a directory from a lower layer works instead of EXDEV.
+  The cost (a redirect xattr in the upper layer) only matters for tools that diff upper
+  directories, which imaged does not do yet.
+- ``metacopy`` off unless ``drivers.overlay.metacopy``: metacopy makes chown/chmod cheap but
+  makes upper layers unreadable without their lowers.
+- ``volatile`` only if configured: it drops fsync and makes a crash lose the container's
+  writes.
+
+Layers are passed with ``lowerdir+`` (kernel ≥ 6.8, one ``fsconfig`` per layer, no limit on the
+option string). Older kernels get mount(8) run inside ``l/`` with ``lowerdir=AAAAAA:BBBBBB:…``:
+short relative names keep 500 layers within mount(2)'s one-page limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
+from imaged import loopquota
+from imaged.config import Config
+from imaged.drivers import (
+    Capabilities,
+    Mounted,
+    Probe,
+    Usage,
+    disk_usage,
+    loop_usage,
+    syncfs,
+)
+from imaged.errors import InvalidError, QuotaUnsupportedError
+from imaged.mounts import (
+    MountSpec,
+    backing_filesystem,
+    bind_mount,
+    is_mounted,
+    mount_with_command,
+    mount_with_fsconfig,
+    new_mount_api_has,
+    unmount,
+)
+from imaged.unpack import WhiteoutMode
+
+_SHORT_ALPHABET = string.ascii_uppercase + string.digits
+_SHORT_LENGTH = 6
+# Filesystems overlayfs cannot use as upper (no d_type, no trusted xattrs, or overlay itself).
+_BAD_UPPER = {"overlay", "nfs", "nfs4", "tmpfs-noxattr", "fuse", "vfat", "exfat"}
+
+
+def _filesystems() -> set[str]:
+    try:
+        lines = Path("/proc/filesystems").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in lines if line.strip()}
+
+
+def quota_mode(config: Config, root: Path) -> str:
+    """``loop`` everywhere; ``project`` only where the root's filesystem has ``prjquota``."""
+    wanted = config.drivers.get("overlay", {}).get("quota", "auto")
+    backing = backing_filesystem(root)
+    has_project = any(opt in ("prjquota", "pquota") for opt in _mount_options(backing.mount_point))
+    if wanted == "project" and not has_project:
+        return "unavailable"
+    if wanted == "auto" and has_project:
+        return "project"
+    return "loop" if wanted in ("auto", "loop") else wanted
+
+
+def _mount_options(mount_point: str) -> list[str]:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[1] == mount_point:
+            return fields[3].split(",")
+    return []
+
+
+def probe(config: Config) -> Probe:
+    if "overlay" not in _filesystems():
+        return Probe("overlay", False, "overlay is not in /proc/filesystems (modprobe overlay)")
+    backing = backing_filesystem(config.root if config.root.exists() else config.root.parent)
+    if backing.fstype in _BAD_UPPER:
+        return Probe("overlay", False, f"the root is on {backing.fstype}, which overlayfs "
+                     "cannot use for layers")
+    mode = quota_mode(config, config.root if config.root.exists() else Path("/"))
+    api = "lowerdir+ (new mount API)" if new_mount_api_has("overlay", "lowerdir+") \
+        else "mount(2) with short layer names"
+    return Probe("overlay", True, f"overlay available; layers passed with {api}; "
+                 f"quota mode {mode}",
+                 Capabilities("stacked", WhiteoutMode.OVERLAY, mode, "writable",
+                              rename_lower_dirs=True, xattrs=True))
+
+
+class OverlayDriver:
+    name = "overlay"
+
+    def __init__(self, config: Config, home: Path) -> None:
+        self.config = config
+        self.home = home
+        self.options = config.drivers.get("overlay", {})
+        for sub in ("layers", "l", "containers"):
+            (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lowerdir_plus = new_mount_api_has("overlay", "lowerdir+")
+        self._quota_mode = quota_mode(config, home)
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities("stacked", WhiteoutMode.OVERLAY, self._quota_mode, "writable",
+                            rename_lower_dirs=True, xattrs=True)
+
+    # layers
+
+    def _layer(self, key: str) -> Path:
+        return self.home / "layers" / key
+
+    def _short(self, key: str) -> str:
+        return (self._layer(key) / "link").read_text().strip()
+
+    def prepare_layer(self, key: str, parent: str | None) -> Path:
+        layer = self._layer(key)
+        diff = layer / "diff"
+        if layer.exists():
+            self.remove_layer(key)
+        diff.mkdir(parents=True, mode=0o755)
+        while True:
+            short = "".join(secrets.choice(_SHORT_ALPHABET) for _ in range(_SHORT_LENGTH))
+            link = self.home / "l" / short
+            try:
+                os.symlink(f"../layers/{key}/diff", link)
+            except FileExistsError:
+                continue
+            break
+        (layer / "link").write_text(short)
+        return diff
+
+    def commit_layer(self, key: str) -> None:
+        syncfs(self._layer(key) / "diff")
+
+    def remove_layer(self, key: str) -> None:
+        layer = self._layer(key)
+        with contextlib.suppress(OSError):
+            os.unlink(self.home / "l" / self._short(key))
+        shutil.rmtree(layer, ignore_errors=True)
+
+    def list_layers(self) -> set[str]:
+        return {p.name for p in (self.home / "layers").iterdir()}
+
+    # containers
+
+    def _container(self, name: str) -> Path:
+        return self.home / "containers" / name
+
+    def _quota_fs(self, name: str) -> loopquota.LoopFS:
+        home = self._container(name)
+        return loopquota.LoopFS(home / "quota.img", home / "fs")
+
+    def _upper_parent(self, name: str) -> Path:
+        home = self._container(name)
+        return home / "fs" if (home / "quota.img").exists() else home
+
+    def create_container(self, name: str, layers: Sequence[str], quota: int | None,
+                         read_only: bool) -> None:
+        home = self._container(name)
+        home.mkdir(parents=True, mode=0o700)
+        (home / "merged").mkdir()
+        if read_only:
+            return
+        if quota is not None:
+            if self._quota_mode != "loop":
+                raise QuotaUnsupportedError(
+                    "project quotas need a kernel with CONFIG_QUOTA and the root mounted with "
+                    "prjquota; set drivers.overlay.quota = \"loop\" to use per-container "
+                    "loop filesystems")
+            loopquota.create(home / "quota.img", home / "fs", quota)
+        parent = self._upper_parent(name)
+        (parent / "upper").mkdir(mode=0o755)
+        (parent / "work").mkdir(mode=0o700)
+
+    def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
+        if not (self._container(name) / "quota.img").exists():
+            raise QuotaUnsupportedError(f"container {name} was created without a quota; "
+                                        "its quota cannot be set afterwards")
+        loopquota.resize(self._quota_fs(name), quota, mounted)
+
+    def mount_spec(self, name: str, layers: Sequence[str], read_only: bool) -> MountSpec:
+        """The overlay to mount, as a runtime could replay it (pure given the layer links)."""
+        lowers = [str(self.home / "l" / self._short(key)) for key in reversed(layers)]
+        options = [f"lowerdir+={lower}" for lower in lowers]
+        if not read_only:
+            parent = self._upper_parent(name)
+            options += [f"upperdir={parent / 'upper'}", f"workdir={parent / 'work'}"]
+        options += ["index=off", "redirect_dir=on" if not read_only else "redirect_dir=follow"]
+        if self.options.get("metacopy"):
+            options.append("metacopy=on")
+        if self.options.get("volatile") and not read_only:
+            options.append("volatile")
+        return MountSpec("overlay", "overlay", tuple(options))
+
+    def mount(self, name: str, layers: Sequence[str], read_only: bool,
+              target: Path | None) -> Mounted:
+        if not layers:
+            raise InvalidError("an image without layers cannot be mounted")
+        path = target or self._container(name) / "merged"
+        path.mkdir(parents=True, exist_ok=True)
+        if is_mounted(path):
+            return Mounted(path)
+        if read_only and len(layers) == 1:
+            # overlay needs two lower layers when there is no upper: bind the one layer.
+            source = self._layer(layers[0]) / "diff"
+            bind_mount(source, path, read_only=True)
+            return Mounted(path, (MountSpec("bind", str(source), ("bind", "ro")),))
+        if (self._container(name) / "quota.img").exists():
+            loopquota.mount(self._quota_fs(name))
+        spec = self.mount_spec(name, layers, read_only)
+        try:
+            if self._lowerdir_plus:
+                mount_with_fsconfig(spec, path, read_only=read_only)
+            else:
+                shorts = [self._short(key) for key in reversed(layers)]
+                legacy = tuple(o for o in spec.options if not o.startswith("lowerdir+="))
+                mount_with_command(MountSpec("overlay", "overlay",
+                                             (f"lowerdir={':'.join(shorts)}", *legacy)),
+                                   path, cwd=self.home / "l", read_only=read_only)
+        except BaseException:
+            if (self._container(name) / "quota.img").exists():
+                loopquota.unmount(self._quota_fs(name))
+            raise
+        return Mounted(path, (spec,))
+
+    def unmount(self, name: str, target: Path | None) -> None:
+        unmount(target or self._container(name) / "merged")
+        if (self._container(name) / "quota.img").exists():
+            loopquota.unmount(self._quota_fs(name))
+
+    def usage(self, name: str) -> Usage:
+        home = self._container(name)
+        if (home / "quota.img").exists():
+            return loop_usage(self._quota_fs(name))
+        upper = home / "upper"
+        return Usage(disk_usage(upper) if upper.exists() else 0, None)
+
+    def remove_container(self, name: str) -> None:
+        home = self._container(name)
+        if not home.exists():
+            return
+        self.unmount(name, None)
+        if (home / "quota.img").exists():
+            loopquota.remove(self._quota_fs(name))
+        shutil.rmtree(home)
+
+    def list_containers(self) -> set[str]:
+        return {p.name for p in (self.home / "containers").iterdir()}
+

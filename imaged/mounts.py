@@ -1,0 +1,208 @@
+"""Mounting: the new mount API (fsopen/fsconfig/fsmount/move_mount) with a mount(8) fallback.
+
+Why the new API first: overlay's ``lowerdir+`` (kernel ≥ 6.8) takes one layer per
+``fsconfig`` call, so a 500-layer stack mounts with no limit on the option string, where
+mount(2) must fit every layer into one 4096-byte page. The fallback runs ``mount`` in the
+directory holding the short layer links, so relative names keep 128 layers within a page.
+
+What is mounted is described by ``MountSpec`` (DESIGN §3), the same description a runtime
+could replay; the functions here turn one into a mount.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imaged.errors import ConflictError, ImagedError, InternalError
+
+_SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432  # x86_64
+_FSOPEN_CLOEXEC = 0x1
+_FSCONFIG_SET_FLAG = 0
+_FSCONFIG_SET_STRING = 1
+_FSCONFIG_CMD_CREATE = 6
+_FSMOUNT_CLOEXEC = 0x1
+_MOUNT_ATTR_RDONLY = 0x1
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_AT_FDCWD = -100
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_COMMAND_TIMEOUT = 60
+
+
+class MountError(ImagedError):
+    code = "internal"
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """``{type, source, options}``: options in order, ``lowerdir+`` repeated per layer."""
+
+    type: str
+    source: str
+    options: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "source": self.source, "options": list(self.options)}
+
+
+def _syscall(number: int, *args: Any) -> int:
+    result = int(_libc.syscall(number, *args))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def _context_log(fs_fd: int) -> str:
+    """The messages the kernel attached to a filesystem context (why fsconfig refused)."""
+    lines = []
+    while True:
+        try:
+            chunk = os.read(fs_fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        lines.append(chunk.decode(errors="replace").strip())
+    return "; ".join(lines)
+
+
+def new_mount_api_has(fstype: str, key: str) -> bool:
+    """Whether this kernel's ``fstype`` accepts the string parameter ``key`` (e.g. lowerdir+)."""
+    try:
+        fs_fd = _syscall(_SYS_FSOPEN, fstype.encode(), _FSOPEN_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key.encode(), b"/", 0)
+    except OSError as exc:
+        # EINVAL: unknown key. Any other error (the path is not usable) means the key exists.
+        return exc.errno != errno.EINVAL
+    finally:
+        os.close(fs_fd)
+    return True
+
+
+def _split_option(option: str) -> tuple[str, str | None]:
+    key, sep, value = option.partition("=")
+    return key, (value if sep else None)
+
+
+def mount_with_fsconfig(spec: MountSpec, target: Path, read_only: bool = False) -> None:
+    """Mount ``spec`` at ``target`` through fsopen/fsconfig/fsmount/move_mount."""
+    try:
+        fs_fd = _syscall(_SYS_FSOPEN, spec.type.encode(), _FSOPEN_CLOEXEC)
+    except OSError as exc:
+        raise MountError(f"cannot open a {spec.type} filesystem context: {exc}") from None
+    try:
+        _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source", spec.source.encode(), 0)
+        for option in spec.options:
+            key, value = _split_option(option)
+            if value is None:
+                _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
+            else:
+                _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key.encode(),
+                         value.encode(), 0)
+        _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
+        attrs = _MOUNT_ATTR_RDONLY if read_only else 0
+        mnt_fd = _syscall(_SYS_FSMOUNT, fs_fd, _FSMOUNT_CLOEXEC, attrs)
+    except OSError as exc:
+        raise MountError(f"mounting {spec.type} at {target} failed: {exc.strerror}"
+                         f" ({_context_log(fs_fd) or 'no kernel message'})") from None
+    finally:
+        os.close(fs_fd)
+    try:
+        _syscall(_SYS_MOVE_MOUNT, mnt_fd, b"", _AT_FDCWD, str(target).encode(),
+                 _MOVE_MOUNT_F_EMPTY_PATH)
+    except OSError as exc:
+        raise MountError(f"attaching the {spec.type} mount at {target} failed: "
+                         f"{exc.strerror}") from None
+    finally:
+        os.close(mnt_fd)
+
+
+def mount_with_command(spec: MountSpec, target: Path, cwd: Path | None = None,
+                       read_only: bool = False) -> None:
+    """mount(8), run in ``cwd`` so options may name short relative paths (the fallback)."""
+    options = ",".join(spec.options + (("ro",) if read_only else ()))
+    if len(options) > 4095:
+        raise MountError(f"mount options for {target} are {len(options)} bytes, over the "
+                         "kernel's one-page limit of mount(2); this kernel lacks lowerdir+")
+    cmd = ["mount", "-t", spec.type, "-o", options, spec.source, str(target)]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                          timeout=_COMMAND_TIMEOUT, check=False)
+    if proc.returncode != 0:
+        raise MountError(f"mount of {spec.type} at {target} failed: {proc.stderr.strip()}")
+
+
+def bind_mount(source: Path, target: Path, read_only: bool = False) -> None:
+    cmd = ["mount", "--bind", str(source), str(target)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT,
+                          check=False)
+    if proc.returncode == 0 and read_only:
+        proc = subprocess.run(["mount", "-o", "remount,bind,ro", str(target)],
+                              capture_output=True, text=True, timeout=_COMMAND_TIMEOUT,
+                              check=False)
+        if proc.returncode != 0:
+            unmount(target)
+    if proc.returncode != 0:
+        raise MountError(f"bind mount of {source} at {target} failed: {proc.stderr.strip()}")
+
+
+def unmount(target: Path, lazy: bool = False) -> None:
+    """umount2; EINVAL (not a mount point) counts as done, EBUSY is a conflict to report."""
+    if _libc.umount2(str(target).encode(), _MNT_DETACH if lazy else 0) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return
+    if err == errno.EBUSY:
+        raise ConflictError(f"{target} is busy: a process still uses it")
+    raise InternalError(f"umount {target}: {os.strerror(err)}")
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mount_point: str
+    fstype: str
+    source: str
+
+
+def mountinfo() -> list[MountInfo]:
+    """This namespace's mounts in mount order, from /proc/self/mountinfo (escapes decoded)."""
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        out.append(MountInfo(_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
+    return out
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    return any(m.mount_point == target for m in mountinfo())
+
+
+def backing_filesystem(path: Path) -> MountInfo:
+    """The mount holding ``path``: the longest mount point that contains it, last one wins."""
+    target = os.path.realpath(path)
+    best = MountInfo("/", "unknown", "")
+    for mount in mountinfo():
+        point = mount.mount_point
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and \
+                len(point) >= len(best.mount_point):
+            best = mount
+    return best

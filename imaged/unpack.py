@@ -1,0 +1,701 @@
+"""The shared layer unpacker: one tar stream into one directory, for every storage driver.
+
+Layers are hostile input (DESIGN §6). Nothing here follows a symlink or trusts a path string:
+every member's parent is reached from the target's directory fd one component at a time with
+``O_NOFOLLOW|O_DIRECTORY``, so a symlink anywhere in the chain, whether this layer made it or a
+lower layer did (DELETE mode unpacks into the parent's tree), stops the unpack. ``tarfile``'s
+extraction (and its filters) is not used at all; the headers are parsed by ``imaged.layerplan``,
+which also holds every rule as pure functions.
+
+Two threads share the work, because neither half alone keeps the disk busy: a feeder thread
+reads the blob, decompresses it and hashes the decompressed stream (the DiffID) while this
+thread writes files. Both spend most of their time outside the GIL (syscalls, zlib, SHA-256).
+
+On error the target is left half-written; the caller removes it (it owns the directory).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import shutil
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Final, cast
+
+import zstandard
+from isal import igzip, isal_zlib
+
+from imaged.digest import Digest, Hasher
+from imaged.errors import InvalidError
+from imaged.layerplan import (
+    BLOCK_SIZE,
+    BLOCKDEV,
+    CHARDEV,
+    DIRECTORY,
+    EXTENSION_TYPES,
+    FIFO,
+    HARDLINK,
+    MAX_EXTENSION_BYTES,
+    REGULAR,
+    SYMLINK,
+    ZERO_BLOCK,
+    Action,
+    Assembler,
+    Member,
+    Refused,
+    WhiteoutMode,
+    check_symlink_target,
+    classify,
+    hardlink_source,
+    member_path,
+    opaque_purge,
+    opaque_xattr,
+    parse_header,
+    show,
+    within,
+)
+from imaged.registry_client.manifest import LAYER_TYPES
+
+__all__ = ["LayerError", "UnpackLimits", "UnpackStats", "WhiteoutMode", "unpack_layer"]
+
+# Reads of the decompressed stream; file data is written straight from these buffers.
+_CHUNK: Final = 4 << 20
+_QUEUE_DEPTH: Final = 4
+# Open directory fds kept for the next member; tar order is depth-first, so few are reused.
+_DIR_CACHE: Final = 128
+_O_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_NEW_FILE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAGIC: Final = {
+    "gzip": (b"\x1f\x8b\x08",),  # deflate, the only method gzip defines
+    # A zstd frame, or a skippable frame (zstd:chunked layers start with one).
+    "zstd": (b"\x28\xb5\x2f\xfd", *(bytes([n, 0x2A, 0x4D, 0x18]) for n in range(0x50, 0x60))),
+    "bzip2": tuple(b"BZh%d1AY&SY" % level for level in range(1, 10)),
+    "xz": (b"\xfd7zXZ\x00",),
+}
+# isal's stub declares its error as an instance; it is the exception class.
+_DECOMPRESSION_ERRORS: Final = (EOFError, igzip.BadGzipFile, cast(type[Exception], isal_zlib.error),
+                                zstandard.ZstdError)
+_NODE_TYPES: Final = {CHARDEV: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+
+
+class LayerError(InvalidError):
+    """A layer that cannot be unpacked; the message names the layer and, when one is at
+    fault, the member (``member`` holds it as shown)."""
+
+    def __init__(self, message: str, member: str | None = None) -> None:
+        super().__init__(message)
+        self.member = member
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """Caps against tar bombs, from ``limits.max_layer_bytes`` and ``limits.max_layer_entries``.
+
+    ``max_bytes`` counts the decompressed stream (what the DiffID covers), ``max_entries`` the
+    tar members that are not extension headers.
+    """
+
+    max_bytes: int
+    max_entries: int
+
+
+@dataclass(frozen=True)
+class UnpackStats:
+    """What was unpacked. ``xattrs_skipped`` counts xattrs the target filesystem does not
+    support (EOPNOTSUPP), which are skipped as containerd skips them, so a driver on such a
+    filesystem can say so instead of failing every image that carries a capability."""
+
+    entries: int
+    bytes: int
+    diff_id: Digest
+    xattrs_skipped: int = 0
+
+
+def unpack_layer(blob: Path, media_type: str, diff_id: Digest, target: Path,
+                 whiteouts: WhiteoutMode, limits: UnpackLimits,
+                 userxattr: bool = False) -> UnpackStats:
+    """Unpack the layer ``blob`` into the existing directory ``target``; verify its DiffID.
+
+    ``userxattr`` makes OVERLAY mode mark opaque directories with ``user.overlay.opaque``
+    (overlayfs mounted with ``userxattr``). Raises ``LayerError`` for anything the layer
+    itself gets wrong; ``OSError`` from the target filesystem (ENOSPC, EDQUOT) propagates with
+    a note naming the member.
+    """
+    label = f"{diff_id.algorithm}:{diff_id.hex[:12]}…"
+    if media_type not in LAYER_TYPES:
+        raise LayerError(f"layer {label}: unsupported media type {media_type!r}")
+    compression = LAYER_TYPES[media_type]
+    blob_fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check_magic(os.pread(blob_fd, 10, 0), compression, media_type, label)
+        os.posix_fadvise(blob_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        raw = open(blob_fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 - the feed owns it
+    except BaseException:
+        os.close(blob_fd)
+        raise
+    feed = _Feed(raw, blob_fd, compression, diff_id.hasher(), limits.max_bytes)
+    try:
+        root_fd = os.open(target, _O_DIR)
+        try:
+            unpacker = _Unpacker(feed, root_fd, diff_id, label, whiteouts, limits, userxattr)
+            try:
+                unpacker.run()
+            finally:
+                unpacker.close()
+        finally:
+            os.close(root_fd)
+    finally:
+        feed.close()
+    return UnpackStats(unpacker.entries, feed.total, diff_id, unpacker.xattrs_skipped)
+
+
+def _check_magic(head: bytes, compression: str | None, media_type: str, label: str) -> None:
+    """The media type and the blob's first bytes must agree: a mismatch is a broken image."""
+    found = next((kind for kind, magics in _MAGIC.items() if head.startswith(magics)), None)
+    if found != compression:
+        said = compression or "uncompressed"
+        raise LayerError(f"layer {label}: media type {media_type} says {said}, but the blob is "
+                         f"{found or 'not compressed'}")
+
+
+class _Oversize(Exception):
+    """The decompressed stream passed ``max_bytes``; the unpacker names the member."""
+
+
+class _Corrupt(Exception):
+    """The compressed stream cannot be decompressed."""
+
+
+@dataclass(frozen=True)
+class _End:
+    error: BaseException | None
+
+
+class _Feed:
+    """Reads, decompresses and hashes the blob on its own thread, a few chunks ahead.
+
+    Everything read is hashed, including what follows the end-of-archive blocks, since the
+    DiffID covers the whole stream. The unpacker drains to the end for the same reason.
+    """
+
+    def __init__(self, raw: IO[bytes], fd: int, compression: str | None, hasher: Hasher,
+                 max_bytes: int) -> None:
+        self._raw = raw
+        self._fd = fd
+        self._compression = compression
+        self._hasher = hasher
+        self._max_bytes = max_bytes
+        self._queue: queue.Queue[bytes | _End] = queue.Queue(_QUEUE_DEPTH)
+        self._stop = False
+        self._ended = False
+        self.total = 0
+        self._thread = threading.Thread(target=self._run, name="imaged-unpack-feed",
+                                        daemon=True)
+        self._thread.start()
+
+    def _reader(self) -> IO[bytes]:
+        if self._compression == "gzip":
+            # isal's igzip.py is not annotated; IGzipFile is a gzip.GzipFile.
+            return cast(IO[bytes], igzip.IGzipFile(  # type: ignore[no-untyped-call]
+                fileobj=self._raw, mode="rb"))
+        if self._compression == "zstd":
+            # zstandard does not notice a stream cut at a frame's middle; the DiffID does.
+            return zstandard.ZstdDecompressor().stream_reader(
+                self._raw, read_size=1 << 20, read_across_frames=True, closefd=False)
+        return self._raw
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            with self._reader() as reader:
+                while not self._stop:
+                    chunk = reader.read(_CHUNK)
+                    if not chunk:
+                        break
+                    self.total += len(chunk)
+                    if self.total > self._max_bytes:
+                        raise _Oversize
+                    self._hasher.update(chunk)
+                    self._queue.put(chunk)
+        except _DECOMPRESSION_ERRORS as exc:
+            error = _Corrupt(str(exc))
+        except BaseException as exc:  # noqa: BLE001 - handed to the unpacker's thread
+            error = exc
+        self._queue.put(_End(error))
+
+    def next(self) -> bytes:
+        """The next chunk, ``b""`` at the end; re-raises what went wrong on the feed thread."""
+        if self._ended:
+            return b""
+        item = self._queue.get()
+        if isinstance(item, bytes):
+            return item
+        self._ended = True
+        if item.error is not None:
+            raise item.error
+        return b""
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
+
+    def close(self) -> None:
+        """Stop the thread (draining so a blocked ``put`` returns) and close the blob."""
+        self._stop = True
+        while not self._ended:
+            if isinstance(self._queue.get(), _End):
+                self._ended = True
+        self._thread.join()
+        self._raw.close()
+        os.close(self._fd)
+
+
+class _Truncated(Exception):
+    """The stream ended inside a header or a member's data."""
+
+
+class _Stream:
+    """The decompressed stream as the unpacker consumes it: blocks, data written to fds.
+
+    File data goes from the feed's chunks to ``os.write`` through memoryview slices, so each
+    byte is copied once in user space (by the read that produced it), as in GNU tar.
+    """
+
+    def __init__(self, feed: _Feed) -> None:
+        self._feed = feed
+        self._buf = b""
+        self._view = memoryview(self._buf)
+        self._pos = 0
+        self._base = 0  # stream offset of self._buf[0]
+
+    @property
+    def offset(self) -> int:
+        return self._base + self._pos
+
+    def _fill(self) -> bool:
+        self._base += len(self._buf)
+        self._buf = self._feed.next()
+        self._view = memoryview(self._buf)
+        self._pos = 0
+        return bool(self._buf)
+
+    def read_block(self) -> bytes | None:
+        """The next 512-byte block, or ``None`` when the stream ends exactly here."""
+        pos = self._pos
+        end = pos + BLOCK_SIZE
+        if end <= len(self._buf):
+            self._pos = end
+            return self._buf[pos:end]
+        if pos == len(self._buf) and not self._fill():
+            return None
+        return self.read(BLOCK_SIZE)
+
+    def read(self, n: int) -> bytes:
+        parts = []
+        while n:
+            if self._pos == len(self._buf) and not self._fill():
+                raise _Truncated
+            piece = self._buf[self._pos:self._pos + n]
+            self._pos += len(piece)
+            n -= len(piece)
+            parts.append(piece)
+        return b"".join(parts)
+
+    def write_to(self, fd: int, n: int) -> None:
+        while n:
+            pos = self._pos
+            avail = len(self._buf) - pos
+            if not avail:
+                if not self._fill():
+                    raise _Truncated
+                continue
+            written = os.write(fd, self._view[pos:pos + (n if n < avail else avail)])
+            self._pos = pos + written
+            n -= written
+
+    def skip(self, n: int) -> None:
+        while n:
+            avail = len(self._buf) - self._pos
+            if not avail:
+                if not self._fill():
+                    raise _Truncated
+                continue
+            step = n if n < avail else avail
+            self._pos += step
+            n -= step
+
+    def drain(self) -> None:
+        while self._fill():
+            pass
+
+
+def _padding(size: int) -> int:
+    return -size % BLOCK_SIZE
+
+
+class _Unpacker:
+    """Applies members one by one; holds the directory-fd cache and this layer's bookkeeping.
+
+    ``_touched`` is every path this layer wrote or walked through (DELETE-mode opaque
+    directories keep exactly those), ``_files`` the regular files it wrote (the only valid
+    hardlink targets), ``_deferred`` directory metadata to apply once their contents exist.
+    """
+
+    def __init__(self, feed: _Feed, root_fd: int, diff_id: Digest, label: str,
+                 mode: WhiteoutMode, limits: UnpackLimits, userxattr: bool) -> None:
+        self._feed = feed
+        self._stream = _Stream(feed)
+        self._root = root_fd
+        self._diff_id = diff_id
+        self._label = label
+        self._mode = mode
+        self._limits = limits
+        self._userxattr = userxattr
+        self._cache: dict[bytes, int] = {}
+        self._touched: set[bytes] = set()
+        self._files: set[bytes] = set()
+        self._deferred: dict[bytes, tuple[int, int, int, int]] = {}
+        self._name = b""  # the member being unpacked, for messages
+        self.entries = 0
+        self.xattrs_skipped = 0
+
+    # -- the member loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Every member, then the rest of the stream, the DiffID, and directory metadata."""
+        try:
+            self._members()
+            self._stream.drain()
+            actual = self._feed.hexdigest()
+            if actual != self._diff_id.hex:
+                raise LayerError(f"layer {self._label}: its content hashes to "
+                                 f"{self._diff_id.algorithm}:{actual}, not to the DiffID the "
+                                 "image declares")
+            self._finish()
+        except Refused as exc:
+            raise self._error(exc.reason) from None
+        except _Truncated:
+            raise self._error("is truncated: the stream ends inside it") from None
+        except _Oversize:
+            raise self._error(f"takes the layer past the limit of {self._limits.max_bytes} "
+                              "uncompressed bytes (limits.max_layer_bytes)") from None
+        except _Corrupt as exc:
+            raise LayerError(f"layer {self._label}: cannot be decompressed ({exc})") from None
+        except OSError as exc:
+            exc.add_note(f"while unpacking member {show(self._name)} of layer {self._label}")
+            raise
+
+    def _error(self, reason: str) -> LayerError:
+        shown = show(self._name)
+        return LayerError(f"layer {self._label}: member {shown} {reason}", shown)
+
+    def _members(self) -> None:
+        stream = self._stream
+        assembler = Assembler()
+        max_entries = self._limits.max_entries
+        max_bytes = self._limits.max_bytes
+        while True:
+            block = stream.read_block()
+            if block is None:
+                break
+            header = parse_header(block)
+            if header is None:
+                # Go's archive/tar: two zero blocks end the archive, one then data is corrupt.
+                following = stream.read_block()
+                if following is not None and following != ZERO_BLOCK:
+                    raise Refused("is followed by a lone zero block inside the archive")
+                break
+            self._name = header.name
+            if header.type in EXTENSION_TYPES:
+                if header.size > MAX_EXTENSION_BYTES:
+                    raise Refused(f"has an extension header over {MAX_EXTENSION_BYTES} bytes")
+                data = stream.read(header.size)
+                stream.skip(_padding(header.size))
+                assembler.extension(header, data)
+                continue
+            member = assembler.member(header)
+            self._name = member.name
+            self.entries += 1
+            if self.entries > max_entries:
+                raise Refused(f"is one more than the limit of {max_entries} entries "
+                              "(limits.max_layer_entries)")
+            size = member.size if member.type == REGULAR else 0
+            if stream.offset + size > max_bytes:
+                raise _Oversize
+            written = self._apply(member)
+            stream.skip(size - written + _padding(size))
+        if assembler.pending:
+            raise Refused("is an extension header without a member: the archive is truncated")
+
+    def _apply(self, member: Member) -> int:
+        """Perform one member; returns how many bytes of its data were consumed."""
+        path = member_path(member.name)
+        action, where = classify(path, self._mode)
+        if action is Action.CREATE:
+            if not path:
+                if member.type != DIRECTORY:
+                    raise Refused("would replace the layer root")
+                return 0  # the root belongs to the driver, as in containerd
+            return self._create(member, path)
+        if action is Action.WHITEOUT:
+            self._whiteout(member, where)
+        elif action is Action.OPAQUE:
+            self._opaque(where)
+        return 0
+
+    # -- directories ----------------------------------------------------------------------
+
+    def _dir_fd(self, path: bytes, create: bool = True) -> int:
+        """An fd for directory ``path``, walked from the root without following symlinks.
+
+        Missing directories are made (0755, root-owned, as containerd does for parents a tar
+        omits) when ``create``; otherwise a missing one raises FileNotFoundError. The fd
+        belongs to the cache: do not close it, and do not hold it across another call.
+        """
+        fd = self._cache.get(path)
+        if fd is None:
+            fd = self._walk(path, create)
+        if create and path and path not in self._touched:
+            self._claim(path)
+        return fd
+
+    def _walk(self, path: bytes, create: bool) -> int:
+        if not path:
+            return self._root
+        missing = [path]
+        head = path
+        while True:
+            head = head.rpartition(b"/")[0]
+            fd = self._cache.get(head) if head else self._root
+            if fd is not None:
+                break
+            missing.append(head)
+        for step in reversed(missing):
+            fd = self._open_dir(fd, step, create)
+            self._cache[step] = fd
+            if len(self._cache) > _DIR_CACHE:
+                # Oldest first; never the one just opened, the only one still needed.
+                os.close(self._cache.pop(next(iter(self._cache))))
+        return fd
+
+    def _open_dir(self, parent_fd: int, path: bytes, create: bool) -> int:
+        name = path.rpartition(b"/")[2]
+        try:
+            return os.open(name, _O_DIR, dir_fd=parent_fd)
+        except FileNotFoundError:
+            if not create:
+                raise
+        except NotADirectoryError:
+            raise Refused(f"has a parent {show(path)} that is not a directory") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Refused(f"escapes the layer through symlink {show(path)}") from None
+            raise
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+        fd = os.open(name, _O_DIR, dir_fd=parent_fd)
+        os.fchmod(fd, 0o755)  # mkdir's mode went through the umask
+        return fd
+
+    def _claim(self, path: bytes) -> None:
+        """Record ``path`` and its parents as written by this layer."""
+        while path and path not in self._touched:
+            self._touched.add(path)
+            path = path.rpartition(b"/")[0]
+
+    def _parent(self, path: bytes, create: bool = True) -> tuple[int, bytes]:
+        parent, _, base = path.rpartition(b"/")
+        return self._dir_fd(parent, create), base
+
+    def _remove(self, dir_fd: int, name: bytes, path: bytes) -> None:
+        """Remove whatever is at ``path`` (a whole tree for a directory), fd-relative."""
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        except IsADirectoryError:
+            shutil.rmtree(name, dir_fd=dir_fd)
+            self._forget(path)
+        self._files.discard(path)
+
+    def _forget(self, path: bytes) -> None:
+        """Drop cached fds and pending metadata for a removed directory tree."""
+        for key in [k for k in self._cache if within(k, path)]:
+            os.close(self._cache.pop(key))
+        if path in self._touched:  # else this layer has written nothing below it
+            for key in [k for k in self._deferred if within(k, path)]:
+                del self._deferred[key]
+
+    # -- entries --------------------------------------------------------------------------
+
+    def _create(self, member: Member, path: bytes) -> int:
+        kind = member.type
+        if kind == HARDLINK:
+            self._hardlink(member, path)
+            return 0
+        dir_fd, name = self._parent(path)
+        if kind == REGULAR:
+            self._file(member, dir_fd, name, path)
+            return member.size
+        if kind == DIRECTORY:
+            self._directory(member, dir_fd, name, path)
+        elif kind == SYMLINK:
+            check_symlink_target(member.linkname)
+            self._exclusive(dir_fd, name, path, lambda: os.symlink(member.linkname, name,
+                                                                   dir_fd=dir_fd))
+            self._finish_special(member, dir_fd, name, chmod=False)
+        else:
+            node = _NODE_TYPES[kind] | member.mode
+            device = os.makedev(member.devmajor, member.devminor)
+            self._exclusive(dir_fd, name, path, lambda: os.mknod(name, node, device,
+                                                                 dir_fd=dir_fd))
+            self._finish_special(member, dir_fd, name, chmod=True)
+        self._touched.add(path)
+        self._files.discard(path)
+        return 0
+
+    def _exclusive(self, dir_fd: int, name: bytes, path: bytes, make: Callable[[], object]) -> None:
+        """Create with ``make``; if the name exists, remove it first (later members win)."""
+        try:
+            make()
+        except FileExistsError:
+            self._remove(dir_fd, name, path)
+            make()
+
+    def _file(self, member: Member, dir_fd: int, name: bytes, path: bytes) -> None:
+        try:
+            fd = os.open(name, _O_NEW_FILE, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            self._remove(dir_fd, name, path)
+            fd = os.open(name, _O_NEW_FILE, 0o600, dir_fd=dir_fd)
+        try:
+            if member.size:
+                self._stream.write_to(fd, member.size)
+            # chown clears setuid/setgid and security.capability, so it comes first.
+            os.fchown(fd, member.uid, member.gid)
+            os.fchmod(fd, member.mode)
+            if member.xattrs:
+                self._set_xattrs(fd, member)
+            os.utime(fd, ns=(member.mtime_ns, member.mtime_ns))
+        finally:
+            os.close(fd)
+        self._touched.add(path)
+        self._files.add(path)
+
+    def _directory(self, member: Member, dir_fd: int, name: bytes, path: bytes) -> None:
+        """Make or keep the directory; its mode, owner and mtime wait for ``finish``."""
+        try:
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                self._remove(dir_fd, name, path)
+                os.mkdir(name, 0o755, dir_fd=dir_fd)
+        self._deferred[path] = (member.uid, member.gid, member.mode, member.mtime_ns)
+        if member.xattrs:
+            self._set_xattrs(self._dir_fd(path), member)
+
+    def _finish_special(self, member: Member, dir_fd: int, name: bytes, chmod: bool) -> None:
+        """Owner, mode, xattrs and mtime of a symlink or device node, never through it."""
+        os.chown(name, member.uid, member.gid, dir_fd=dir_fd, follow_symlinks=False)
+        if chmod:
+            os.chmod(name, member.mode, dir_fd=dir_fd, follow_symlinks=False)
+        if member.xattrs:
+            # No fd-relative setxattr in Python: an O_PATH fd's /proc link names this inode
+            # itself (magic links do not follow the symlink they point at).
+            path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                self._set_xattrs(f"/proc/self/fd/{path_fd}", member)
+            finally:
+                os.close(path_fd)
+        os.utime(name, ns=(member.mtime_ns, member.mtime_ns), dir_fd=dir_fd,
+                 follow_symlinks=False)
+
+    def _set_xattrs(self, where: int | str, member: Member) -> None:
+        for key, value in member.xattrs.items():
+            try:
+                os.setxattr(where, key, value)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                self.xattrs_skipped += 1
+
+    def _hardlink(self, member: Member, path: bytes) -> None:
+        source = hardlink_source(member.linkname)
+        if source not in self._files:
+            raise Refused(f"is a hardlink to {show(member.linkname)}, which is not a regular "
+                          "file unpacked earlier from this layer")
+        # The source's directory fd is duplicated: resolving the link's own parent may evict
+        # it from the cache.
+        try:
+            src_fd, src_name = self._parent(source, create=False)
+        except FileNotFoundError:
+            raise Refused(f"is a hardlink to {show(member.linkname)}, which no longer "
+                          "exists") from None
+        src_fd = os.dup(src_fd)
+        try:
+            dir_fd, name = self._parent(path)
+            self._exclusive(dir_fd, name, path, lambda: os.link(
+                src_name, name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False))
+        except FileNotFoundError:
+            raise Refused(f"is a hardlink to {show(member.linkname)}, which no longer "
+                          "exists") from None
+        finally:
+            os.close(src_fd)
+        self._touched.add(path)
+        self._files.add(path)
+
+    # -- whiteouts ------------------------------------------------------------------------
+
+    def _whiteout(self, member: Member, path: bytes) -> None:
+        if self._mode is WhiteoutMode.OVERLAY:
+            dir_fd, name = self._parent(path)
+            self._exclusive(dir_fd, name, path, lambda: os.mknod(
+                name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd))
+            os.chown(name, member.uid, member.gid, dir_fd=dir_fd, follow_symlinks=False)
+            self._touched.add(path)
+            self._files.discard(path)
+            return
+        try:
+            dir_fd, name = self._parent(path, create=False)
+        except FileNotFoundError:
+            return  # nothing below here to delete
+        self._remove(dir_fd, name, path)
+
+    def _opaque(self, path: bytes) -> None:
+        if self._mode is WhiteoutMode.OVERLAY:
+            key, value = opaque_xattr(self._userxattr)
+            os.setxattr(self._dir_fd(path), key, value)
+            return
+        pending = [path]
+        self._dir_fd(path)  # the directory is this layer's now, made if need be
+        while pending:
+            directory = pending.pop()
+            dir_fd = self._dir_fd(directory, create=False)
+            with os.scandir(dir_fd) as listing:
+                entries = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False))
+                           for e in listing]
+            remove, descend = opaque_purge(directory, entries, self._touched)
+            prefix = directory + b"/" if directory else b""
+            for name in remove:
+                self._remove(dir_fd, name, prefix + name)
+            pending.extend(descend)
+
+    # -- the end --------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """Apply directory metadata, descendants before ancestors (reverse path order)."""
+        for path in sorted(self._deferred, reverse=True):
+            self._name = path
+            uid, gid, mode, mtime_ns = self._deferred[path]
+            fd = self._dir_fd(path, create=False)
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+    def close(self) -> None:
+        for fd in self._cache.values():
+            os.close(fd)
+        self._cache.clear()

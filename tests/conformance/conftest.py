@@ -1,0 +1,82 @@
+"""The conformance battery's fixtures: every test runs once per driver this host supports.
+
+Like trio's ``check_two_way_stream``, the battery is the bar every driver is held to; a driver
+that cannot do something says so in its capabilities, and the test follows what it says.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imaged.bench.images import Entry, OCILayout, push
+from imaged.bench.registry import LocalRegistry
+from imaged.config import Config
+from imaged.drivers import registry as driver_registry
+from imaged.mounts import mountinfo, unmount
+from tests.conftest import Result
+
+DRIVERS = [name for name, (_, factory) in driver_registry().items() if factory is not None]
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    name: str = request.param
+    if os.geteuid() != 0:
+        pytest.skip("drivers mount filesystems: needs root")
+    probe, _ = driver_registry()[name]
+    result = probe(Config(root=tmp_path / "root"))
+    if not result.supported:
+        pytest.skip(f"{name} not supported here: {result.reason}")
+    return name
+
+
+@dataclass
+class Bed:
+    """One driver, one root, one registry: build an image, pull it, run CLI commands."""
+
+    driver: str
+    root: Path
+    registry: LocalRegistry
+    layout: OCILayout
+    run_cli: Any
+    counter: int = 0
+
+    def __call__(self, *args: str) -> Result:
+        result: Result = self.run_cli("--driver", self.driver, *args)
+        return result
+
+    def ok(self, *args: str) -> Result:
+        result = self(*args)
+        assert result.code == 0, f"imaged {' '.join(args)}: {result.err}"
+        return result
+
+    def image(self, *layers: list[Entry], compression: str | None = "gzip") -> str:
+        """Build, push and pull an image of these layers; returns its reference."""
+        self.counter += 1
+        name = f"conf-{self.driver}-{os.getpid()}-{id(self)}-{self.counter}"
+        built = [self.layout.add_layer(entries, compression) for entries in layers]
+        manifest = self.layout.add_image(built)
+        self.layout.tag(manifest, name)
+        ref = f"{self.registry.host}/conformance/{name}:v1"
+        push(self.layout, name, ref)
+        self.ok("pull", ref)
+        return ref
+
+    def mount(self, ref: str, *extra: str) -> Path:
+        return Path(self.ok("mount", ref, *extra).out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def bed(driver: str, root: Path, registry: LocalRegistry, layout: OCILayout,
+        imaged: Any) -> Iterator[Bed]:
+    yield Bed(driver, root, registry, layout, imaged)
+    # Whatever a test left mounted under its root goes, even when the test failed.
+    for mount in reversed(mountinfo()):
+        if mount.mount_point.startswith(str(root) + "/"):
+            unmount(Path(mount.mount_point), lazy=True)
