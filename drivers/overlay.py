@@ -201,8 +201,10 @@ class OverlayDriver:
 
     def mount_spec(self, name: str, layers: Sequence[str], read_only: bool) -> MountSpec:
         """The overlay to mount, as a runtime could replay it (pure given the layer links)."""
-        lowers = [str(self.home / "l" / self._short(key)) for key in reversed(layers)]
-        options = [f"lowerdir+={lower}" for lower in lowers]
+        # lowerdir+ takes one path per call, so full paths cost nothing; the short links are
+        # only for the mount(2) fallback, whose option string must fit one page.
+        layer_root = self.home / "layers"
+        options = [f"lowerdir+={layer_root}/{key}/diff" for key in reversed(layers)]
         if not read_only:
             parent = self._upper_parent(name)
             options += [f"upperdir={parent / 'upper'}", f"workdir={parent / 'work'}"]

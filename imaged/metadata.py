@@ -278,6 +278,16 @@ class Metadata:
         return ImageRow(Digest.parse(row[0]), row[1], Digest.parse(row[2]), row[3], row[4],
                         row[5], refs, layers)
 
+    def chain_keys(self, image_id: Digest) -> list[str]:
+        """An image's layer keys (ChainID hex), base first: what drivers are handed at mount.
+
+        Read raw on purpose: this is on every mount's path, and 500 parsed digests cost more
+        than the mount syscalls themselves.
+        """
+        return [r[0].split(":", 1)[1] for r in self.db.execute(
+            "SELECT chain_id FROM image_layers WHERE image_id=? ORDER BY position",
+            (str(image_id),))]
+
     def ref_target(self, name: str) -> Digest | None:
         row = self.db.execute("SELECT image_id FROM refs WHERE name=?", (name,)).fetchone()
         return None if row is None else Digest.parse(row[0])

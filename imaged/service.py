@@ -145,10 +145,7 @@ class Service:
         return row
 
     def _layers_of(self, image_id: Digest) -> list[str]:
-        image = self.store.meta.image(image_id)
-        if image is None:  # pragma: no cover - containers keep their image's row
-            raise NotFoundError(f"image {image_id} is gone")
-        return [layer.chain_id.hex for layer in image.layers]
+        return self.store.meta.chain_keys(image_id)
 
     async def mount(self, image_text: str, name: str | None, quota: int | None,
                     read_only: bool, target: Path | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import Entry, OCILayout, push
+from imaged.bench.images import Entry, OCILayout, file, push
 from imaged.bench.registry import LocalRegistry
 from imaged.config import Config
 from imaged.drivers import registry as driver_registry
@@ -68,8 +68,29 @@ class Bed:
         self.ok("pull", ref)
         return ref
 
+    def pull(self, ref: str) -> str:
+        self.ok("pull", ref)
+        return ref
+
     def mount(self, ref: str, *extra: str) -> Path:
         return Path(self.ok("mount", ref, *extra).out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def deep_images(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory
+                ) -> dict[int, str]:
+    """128- and 500-layer images, pushed once for every driver (a push costs ~25 s)."""
+    layout = OCILayout(tmp_path_factory.mktemp("deep"))
+    refs = {}
+    for count in (128, 500):
+        layers = [layout.add_layer([file(f"layer-{i:03d}", f"{i}\n".encode()),
+                                    file("top", f"{i}\n".encode())], None)
+                  for i in range(count)]
+        manifest = layout.add_image(layers)
+        layout.tag(manifest, f"deep{count}")
+        refs[count] = f"{registry.host}/conformance/deep:{count}"
+        push(layout, f"deep{count}", refs[count])
+    return refs
 
 
 @pytest.fixture

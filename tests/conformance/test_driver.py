@@ -129,10 +129,8 @@ def test_name_conflicts(bed: Bed) -> None:
 
 
 @pytest.mark.parametrize("count", [128, 500])
-def test_many_layers(bed: Bed, count: int) -> None:
-    layers = [[file(f"layer-{i:03d}", f"{i}\n".encode()), file("top", f"{i}\n".encode())]
-              for i in range(count)]
-    ref = bed.image(*layers, compression=None)
+def test_many_layers(bed: Bed, deep_images: dict[int, str], count: int) -> None:
+    ref = bed.pull(deep_images[count])
     merged = bed.mount(ref, "--name", f"deep{count}")
     assert (merged / "top").read_text() == f"{count - 1}\n"
     assert (merged / "layer-000").read_text() == "0\n"
