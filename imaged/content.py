@@ -14,7 +14,6 @@ either a complete verified blob or an ingest file, never a blob that lies.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import time
 from collections.abc import Iterator
@@ -26,20 +25,6 @@ from imaged.errors import ContentError, InvalidError
 # An abandoned partial download older than this is removed at open (containerd's ingest expiry).
 INGEST_EXPIRY_SECONDS = 24 * 3600
 _READ_CHUNK = 4 * 1024 * 1024
-# Start writeback every this many bytes, so the fsync at commit finds little left to flush.
-_WRITEBACK_STEP = 8 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to begin writing a range to disk now, without waiting for it.
-
-    A large blob otherwise sits dirty in the page cache until the commit's fsync, which then
-    stalls for the whole flush; started early, the disk works while the network does.
-    """
-    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_dir(path: Path) -> None:
@@ -60,7 +45,6 @@ class Ingest:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._hasher: Hasher = digest.hasher()
         self.offset = 0
-        self._writeback_from = 0
         try:
             self._rehash_existing()
         except BaseException:
@@ -79,7 +63,6 @@ class Ingest:
                 break
             self._hasher.update(chunk)
             self.offset += len(chunk)
-        self._writeback_from = self.offset
         os.lseek(self._fd, self.offset, os.SEEK_SET)
 
     @property
@@ -92,7 +75,6 @@ class Ingest:
         os.lseek(self._fd, 0, os.SEEK_SET)
         self._hasher = self.digest.hasher()
         self.offset = 0
-        self._writeback_from = 0
 
     def write(self, data: bytes | memoryview) -> None:
         if self.offset + len(data) > self.size:
@@ -105,9 +87,6 @@ class Ingest:
             view = view[written:]
         self._hasher.update(data)
         self.offset += len(data)
-        if self.offset - self._writeback_from >= _WRITEBACK_STEP:
-            start_writeback(self._fd, self._writeback_from, self.offset - self._writeback_from)
-            self._writeback_from = self.offset
 
     def verify(self) -> None:
         """Check size and digest; a mismatch deletes the bytes so they are never resumed."""

@@ -7,15 +7,18 @@ lower layer did (DELETE mode unpacks into the parent's tree), stops the unpack. 
 extraction (and its filters) is not used at all; the headers are parsed by ``imaged.layerplan``,
 which also holds every rule as pure functions.
 
-Two threads share the work, because neither half alone keeps the disk busy: a feeder thread
-reads the blob, decompresses it and hashes the decompressed stream (the DiffID) while this
-thread writes files. Both spend most of their time outside the GIL (syscalls, zlib, SHA-256).
+Two threads share the work: a feeder thread reads the blob, decompresses it and hashes the
+decompressed stream (the DiffID) while the calling thread creates files, so SHA-256 (0.16 s per
+200 MB here) and inflating overlap with filesystem work. Both spend most of their time outside
+the GIL (syscalls, zlib, SHA-256). Nothing is fsynced: the driver syncs the finished layer once
+(syncfs), far cheaper than an fsync per file.
 
 On error the target is left half-written; the caller removes it (it owns the directory).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -64,8 +67,8 @@ from imaged.registry_client.manifest import LAYER_TYPES
 __all__ = ["LayerError", "UnpackLimits", "UnpackStats", "WhiteoutMode", "unpack_layer"]
 
 # Reads of the decompressed stream; file data is written straight from these buffers.
-_CHUNK: Final = 4 << 20
-_QUEUE_DEPTH: Final = 4
+_CHUNK: Final = 1 << 20
+_QUEUE_DEPTH: Final = 8
 # Open directory fds kept for the next member; tar order is depth-first, so few are reused.
 _DIR_CACHE: Final = 128
 _O_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -130,28 +133,19 @@ def unpack_layer(blob: Path, media_type: str, diff_id: Digest, target: Path,
     if media_type not in LAYER_TYPES:
         raise LayerError(f"layer {label}: unsupported media type {media_type!r}")
     compression = LAYER_TYPES[media_type]
-    blob_fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
-    try:
+    with contextlib.ExitStack() as stack:
+        blob_fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+        stack.callback(os.close, blob_fd)
         _check_magic(os.pread(blob_fd, 10, 0), compression, media_type, label)
         os.posix_fadvise(blob_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        raw = open(blob_fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 - the feed owns it
-    except BaseException:
-        os.close(blob_fd)
-        raise
-    feed = _Feed(raw, blob_fd, compression, diff_id.hasher(), limits.max_bytes)
-    try:
         root_fd = os.open(target, _O_DIR)
-        try:
-            unpacker = _Unpacker(feed, root_fd, diff_id, label, whiteouts, limits, userxattr)
-            try:
-                unpacker.run()
-            finally:
-                unpacker.close()
-        finally:
-            os.close(root_fd)
-    finally:
-        feed.close()
-    return UnpackStats(unpacker.entries, feed.total, diff_id, unpacker.xattrs_skipped)
+        stack.callback(os.close, root_fd)
+        feed = _Feed(blob_fd, compression, diff_id.hasher(), limits.max_bytes)
+        stack.callback(feed.close)
+        unpacker = _Unpacker(feed, root_fd, diff_id, label, whiteouts, limits, userxattr)
+        stack.callback(unpacker.close)
+        unpacker.run()
+        return UnpackStats(unpacker.entries, feed.total, diff_id, unpacker.xattrs_skipped)
 
 
 def _check_magic(head: bytes, compression: str | None, media_type: str, label: str) -> None:
@@ -183,9 +177,7 @@ class _Feed:
     DiffID covers the whole stream. The unpacker drains to the end for the same reason.
     """
 
-    def __init__(self, raw: IO[bytes], fd: int, compression: str | None, hasher: Hasher,
-                 max_bytes: int) -> None:
-        self._raw = raw
+    def __init__(self, fd: int, compression: str | None, hasher: Hasher, max_bytes: int) -> None:
         self._fd = fd
         self._compression = compression
         self._hasher = hasher
@@ -198,30 +190,38 @@ class _Feed:
                                         daemon=True)
         self._thread.start()
 
-    def _reader(self) -> IO[bytes]:
+    def _reader(self, raw: IO[bytes]) -> IO[bytes]:
         if self._compression == "gzip":
             # isal's igzip.py is not annotated; IGzipFile is a gzip.GzipFile.
             return cast(IO[bytes], igzip.IGzipFile(  # type: ignore[no-untyped-call]
-                fileobj=self._raw, mode="rb"))
+                fileobj=raw, mode="rb"))
         if self._compression == "zstd":
             # zstandard does not notice a stream cut at a frame's middle; the DiffID does.
             return zstandard.ZstdDecompressor().stream_reader(
-                self._raw, read_size=1 << 20, read_across_frames=True, closefd=False)
-        return self._raw
+                raw, read_size=1 << 20, read_across_frames=True, closefd=False)
+        return raw
 
     def _run(self) -> None:
         error: BaseException | None = None
         try:
-            with self._reader() as reader:
+            with open(self._fd, "rb", buffering=0, closefd=False) as raw, \
+                    self._reader(raw) as reader:
                 while not self._stop:
-                    chunk = reader.read(_CHUNK)
+                    # One byte past the limit is enough to know it is passed: a bomb is never
+                    # decompressed further than that.
+                    room = self._max_bytes - self.total
+                    chunk = reader.read(min(_CHUNK, room + 1))
                     if not chunk:
                         break
+                    over = len(chunk) > room
+                    if over:
+                        chunk = chunk[:room]  # the unpacker reaches the limit, and names the member
                     self.total += len(chunk)
-                    if self.total > self._max_bytes:
-                        raise _Oversize
                     self._hasher.update(chunk)
-                    self._queue.put(chunk)
+                    if chunk:
+                        self._queue.put(chunk)
+                    if over:
+                        raise _Oversize
         except _DECOMPRESSION_ERRORS as exc:
             error = _Corrupt(str(exc))
         except BaseException as exc:  # noqa: BLE001 - handed to the unpacker's thread
@@ -244,14 +244,12 @@ class _Feed:
         return self._hasher.hexdigest()
 
     def close(self) -> None:
-        """Stop the thread (draining so a blocked ``put`` returns) and close the blob."""
+        """Stop the thread, draining the queue so that a blocked ``put`` returns."""
         self._stop = True
         while not self._ended:
             if isinstance(self._queue.get(), _End):
                 self._ended = True
         self._thread.join()
-        self._raw.close()
-        os.close(self._fd)
 
 
 class _Truncated(Exception):
@@ -402,7 +400,11 @@ class _Unpacker:
             block = stream.read_block()
             if block is None:
                 break
-            header = parse_header(block)
+            try:
+                header = parse_header(block)
+            except Refused:
+                self._name = block[:100].partition(b"\0")[0]  # the bad header's own name
+                raise
             if header is None:
                 # Go's archive/tar: two zero blocks end the archive, one then data is corrupt.
                 following = stream.read_block()
@@ -489,12 +491,13 @@ class _Unpacker:
         except FileNotFoundError:
             if not create:
                 raise
-        except NotADirectoryError:
-            raise Refused(f"has a parent {show(path)} that is not a directory") from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            # Linux says ENOTDIR for a symlink opened O_DIRECTORY|O_NOFOLLOW: look closer.
+            if stat.S_ISLNK(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
                 raise Refused(f"escapes the layer through symlink {show(path)}") from None
-            raise
+            raise Refused(f"has a parent {show(path)} that is not a directory") from None
         os.mkdir(name, 0o755, dir_fd=parent_fd)
         fd = os.open(name, _O_DIR, dir_fd=parent_fd)
         os.fchmod(fd, 0o755)  # mkdir's mode went through the umask

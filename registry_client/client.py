@@ -61,7 +61,7 @@ urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 CHUNK = 1024 * 1024
 TIMEOUT = (10.0, 60.0)  # connect, read: a registry silent for a minute is treated as dropped
 PROGRESS_INTERVAL = 0.1
-_PIPELINE_DEPTH = 8
+_PIPELINE_DEPTH = 16
 USER_AGENT = "imaged/0.1"
 
 
