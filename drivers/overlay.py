@@ -42,10 +42,9 @@ from imaged.drivers import (
     Mounted,
     Probe,
     Usage,
-    disk_usage,
-    loop_usage,
     syncfs,
 )
+from imaged.drivers.containers import DriverHome
 from imaged.errors import InvalidError, QuotaUnsupportedError
 from imaged.mounts import (
     MountSpec,
@@ -55,7 +54,6 @@ from imaged.mounts import (
     mount_with_command,
     mount_with_fsconfig,
     new_mount_api_has,
-    unmount,
 )
 from imaged.unpack import WhiteoutMode
 
@@ -109,15 +107,15 @@ def probe(config: Config) -> Probe:
                               rename_lower_dirs=True, xattrs=True))
 
 
-class OverlayDriver:
+class OverlayDriver(DriverHome):
     name = "overlay"
 
     def __init__(self, config: Config, home: Path) -> None:
         self.config = config
         self.home = home
         self.options = config.drivers.get("overlay", {})
-        for sub in ("layers", "l", "containers"):
-            (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._make_dirs()
+        (home / "l").mkdir(exist_ok=True, mode=0o700)
         self._lowerdir_plus = new_mount_api_has("overlay", "lowerdir+")
         self._quota_mode = quota_mode(config, home)
 
@@ -126,9 +124,6 @@ class OverlayDriver:
                             rename_lower_dirs=True, xattrs=True)
 
     # layers
-
-    def _layer(self, key: str) -> Path:
-        return self.home / "layers" / key
 
     def _short(self, key: str) -> str:
         return (self._layer(key) / "link").read_text().strip()
@@ -159,45 +154,19 @@ class OverlayDriver:
             os.unlink(self.home / "l" / self._short(key))
         shutil.rmtree(layer, ignore_errors=True)
 
-    def list_layers(self) -> set[str]:
-        return {p.name for p in (self.home / "layers").iterdir()}
-
-    # containers
-
-    def _container(self, name: str) -> Path:
-        return self.home / "containers" / name
-
-    def _quota_fs(self, name: str) -> loopquota.LoopFS:
-        home = self._container(name)
-        return loopquota.LoopFS(home / "quota.img", home / "fs")
-
-    def _upper_parent(self, name: str) -> Path:
-        home = self._container(name)
-        return home / "fs" if (home / "quota.img").exists() else home
-
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:
-        home = self._container(name)
-        home.mkdir(parents=True, mode=0o700)
-        (home / "merged").mkdir()
+        if quota is not None and self._quota_mode != "loop":
+            raise QuotaUnsupportedError(
+                "project quotas need a kernel with CONFIG_QUOTA and the root mounted with "
+                "prjquota; set drivers.overlay.quota = \"loop\" to use per-container "
+                "loop filesystems")
+        self._new_container(name, quota)
         if read_only:
             return
-        if quota is not None:
-            if self._quota_mode != "loop":
-                raise QuotaUnsupportedError(
-                    "project quotas need a kernel with CONFIG_QUOTA and the root mounted with "
-                    "prjquota; set drivers.overlay.quota = \"loop\" to use per-container "
-                    "loop filesystems")
-            loopquota.create(home / "quota.img", home / "fs", quota)
-        parent = self._upper_parent(name)
-        (parent / "upper").mkdir(mode=0o755)
-        (parent / "work").mkdir(mode=0o700)
-
-    def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
-        if not (self._container(name) / "quota.img").exists():
-            raise QuotaUnsupportedError(f"container {name} was created without a quota; "
-                                        "its quota cannot be set afterwards")
-        loopquota.resize(self._quota_fs(name), quota, mounted)
+        data = self._data_dir(name)
+        (data / "upper").mkdir(mode=0o755)
+        (data / "work").mkdir(mode=0o700)
 
     def mount_spec(self, name: str, layers: Sequence[str], read_only: bool) -> MountSpec:
         """The overlay to mount, as a runtime could replay it (pure given the layer links)."""
@@ -206,7 +175,7 @@ class OverlayDriver:
         layer_root = self.home / "layers"
         options = [f"lowerdir+={layer_root}/{key}/diff" for key in reversed(layers)]
         if not read_only:
-            parent = self._upper_parent(name)
+            parent = self._data_dir(name)
             options += [f"upperdir={parent / 'upper'}", f"workdir={parent / 'work'}"]
         options += ["index=off", "redirect_dir=on" if not read_only else "redirect_dir=follow"]
         if self.options.get("metacopy"):
@@ -228,8 +197,7 @@ class OverlayDriver:
             source = self._layer(layers[0]) / "diff"
             bind_mount(source, path, read_only=True)
             return Mounted(path, (MountSpec("bind", str(source), ("bind", "ro")),))
-        if (self._container(name) / "quota.img").exists():
-            loopquota.mount(self._quota_fs(name))
+        self._mount_quota_fs(name)
         spec = self.mount_spec(name, layers, read_only)
         try:
             if self._lowerdir_plus:
@@ -241,32 +209,10 @@ class OverlayDriver:
                                              (f"lowerdir={':'.join(shorts)}", *legacy)),
                                    path, cwd=self.home / "l", read_only=read_only)
         except BaseException:
-            if (self._container(name) / "quota.img").exists():
+            if self._has_quota(name):
                 loopquota.unmount(self._quota_fs(name))
             raise
         return Mounted(path, (spec,))
 
-    def unmount(self, name: str, target: Path | None) -> None:
-        unmount(target or self._container(name) / "merged")
-        if (self._container(name) / "quota.img").exists():
-            loopquota.unmount(self._quota_fs(name))
-
     def usage(self, name: str) -> Usage:
-        home = self._container(name)
-        if (home / "quota.img").exists():
-            return loop_usage(self._quota_fs(name))
-        upper = home / "upper"
-        return Usage(disk_usage(upper) if upper.exists() else 0, None)
-
-    def remove_container(self, name: str) -> None:
-        home = self._container(name)
-        if not home.exists():
-            return
-        self.unmount(name, None)
-        if (home / "quota.img").exists():
-            loopquota.remove(self._quota_fs(name))
-        shutil.rmtree(home)
-
-    def list_containers(self) -> set[str]:
-        return {p.name for p in (self.home / "containers").iterdir()}
-
+        return self._data_usage(name, self._data_dir(name) / "upper")

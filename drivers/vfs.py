@@ -10,7 +10,6 @@ as the container's writes (``total`` semantics, DESIGN §3).
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -24,12 +23,11 @@ from imaged.drivers import (
     Mounted,
     Probe,
     Usage,
-    disk_usage,
-    loop_usage,
     syncfs,
 )
+from imaged.drivers.containers import DriverHome
 from imaged.errors import InternalError, QuotaUnsupportedError
-from imaged.mounts import MountSpec, bind_mount, is_mounted, unmount
+from imaged.mounts import MountSpec, bind_mount, is_mounted
 from imaged.unpack import WhiteoutMode
 
 _COPY_TIMEOUT = 3600
@@ -70,22 +68,18 @@ def copy_tree(source: Path, target: Path) -> None:
         raise InternalError(f"copying {source} to {target} failed: {proc.stderr.strip()}")
 
 
-class VfsDriver:
+class VfsDriver(DriverHome):
     name = "vfs"
 
     def __init__(self, config: Config, home: Path) -> None:
         self.config = config
         self.home = home
-        for sub in ("layers", "containers"):
-            (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._make_dirs()
         self._reflink = reflink_supported(home)
 
     def capabilities(self) -> Capabilities:
         return Capabilities("snapshot", WhiteoutMode.DELETE, "loop", "total",
                             rename_lower_dirs=True, xattrs=True, reflink=self._reflink)
-
-    def _layer(self, key: str) -> Path:
-        return self.home / "layers" / key
 
     def prepare_layer(self, key: str, parent: str | None) -> Path:
         layer = self._layer(key)
@@ -103,29 +97,14 @@ class VfsDriver:
     def remove_layer(self, key: str) -> None:
         shutil.rmtree(self._layer(key), ignore_errors=True)
 
-    def list_layers(self) -> set[str]:
-        return {p.name for p in (self.home / "layers").iterdir()}
-
-    def _container(self, name: str) -> Path:
-        return self.home / "containers" / name
-
-    def _quota_fs(self, name: str) -> loopquota.LoopFS:
-        home = self._container(name)
-        return loopquota.LoopFS(home / "quota.img", home / "fs")
-
     def _rootfs(self, name: str) -> Path:
-        home = self._container(name)
-        return (home / "fs" if (home / "quota.img").exists() else home) / "rootfs"
+        return self._data_dir(name) / "rootfs"
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:
-        home = self._container(name)
-        home.mkdir(parents=True, mode=0o700)
-        (home / "merged").mkdir()
+        self._new_container(name, quota)
         if read_only:
             return
-        if quota is not None:
-            loopquota.create(home / "quota.img", home / "fs", quota)
         try:
             if layers:
                 copy_tree(self._layer(layers[-1]), self._rootfs(name))
@@ -134,12 +113,6 @@ class VfsDriver:
         finally:
             if quota is not None:
                 loopquota.unmount(self._quota_fs(name))
-
-    def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
-        if not (self._container(name) / "quota.img").exists():
-            raise QuotaUnsupportedError(f"container {name} was created without a quota; "
-                                        "its quota cannot be set afterwards")
-        loopquota.resize(self._quota_fs(name), quota, mounted)
 
     def mount(self, name: str, layers: Sequence[str], read_only: bool,
               target: Path | None) -> Mounted:
@@ -150,33 +123,11 @@ class VfsDriver:
         if read_only:
             source = self._layer(layers[-1])
         else:
-            if (self._container(name) / "quota.img").exists():
-                loopquota.mount(self._quota_fs(name))
+            self._mount_quota_fs(name)
             source = self._rootfs(name)
         bind_mount(source, path, read_only=read_only)
         return Mounted(path, (MountSpec("bind", str(source),
                                         ("bind", "ro" if read_only else "rw")),))
 
-    def unmount(self, name: str, target: Path | None) -> None:
-        unmount(target or self._container(name) / "merged")
-        if (self._container(name) / "quota.img").exists():
-            loopquota.unmount(self._quota_fs(name))
-
     def usage(self, name: str) -> Usage:
-        if (self._container(name) / "quota.img").exists():
-            return loop_usage(self._quota_fs(name))
-        rootfs = self._rootfs(name)
-        return Usage(disk_usage(rootfs) if rootfs.exists() else 0, None)
-
-    def remove_container(self, name: str) -> None:
-        home = self._container(name)
-        if not home.exists():
-            return
-        self.unmount(name, None)
-        if (home / "quota.img").exists():
-            loopquota.remove(self._quota_fs(name))
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(home)
-
-    def list_containers(self) -> set[str]:
-        return {p.name for p in (self.home / "containers").iterdir()}
+        return self._data_usage(name, self._rootfs(name))

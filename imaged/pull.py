@@ -17,7 +17,7 @@ import trio
 
 from imaged.content import Ingest
 from imaged.digest import Digest, chain_ids
-from imaged.errors import ContentError, collapse
+from imaged.errors import ContentError, InternalError, collapse
 from imaged.metadata import LayerRow, NewImage
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.manifest import (
@@ -200,7 +200,15 @@ async def unpack_layers(store: Store, layers: tuple[Descriptor, ...],
             store.content.path(desc.digest)
         parent = chains[i - 1] if i else None
         target = driver.prepare_layer(chains[i].hex, None if parent is None else parent.hex)
-        stats = unpack_layer(blob, desc.media_type, diff_ids[i], target, caps.whiteouts, limits)
+        try:
+            stats = unpack_layer(blob, desc.media_type, diff_ids[i], target, caps.whiteouts,
+                                 limits)
+        except OSError as exc:
+            # The target filesystem failed us (full, read-only, I/O error): say where.
+            notes = "; ".join(getattr(exc, "__notes__", []))
+            raise InternalError(f"unpacking layer {desc.digest} into {target} failed: "
+                                f"{exc.strerror or exc}{f' ({notes})' if notes else ''}") \
+                from None
         driver.commit_layer(chains[i].hex)
         return stats
 

@@ -87,8 +87,11 @@ _NODE_TYPES: Final = {CHARDEV: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK, FIFO: stat.
 
 
 class LayerError(InvalidError):
-    """A layer that cannot be unpacked; the message names the layer and, when one is at
-    fault, the member (``member`` holds it as shown)."""
+    """A layer that cannot be unpacked.
+
+    The message names the layer and, when one is at fault, the member; ``member`` holds that
+    name as the message shows it, for callers and tests that want it alone.
+    """
 
     def __init__(self, message: str, member: str | None = None) -> None:
         super().__init__(message)
@@ -109,9 +112,12 @@ class UnpackLimits:
 
 @dataclass(frozen=True)
 class UnpackStats:
-    """What was unpacked. ``xattrs_skipped`` counts xattrs the target filesystem does not
-    support (EOPNOTSUPP), which are skipped as containerd skips them, so a driver on such a
-    filesystem can say so instead of failing every image that carries a capability."""
+    """What was unpacked: members, decompressed bytes (the DiffID's input), the DiffID.
+
+    ``xattrs_skipped`` counts xattrs the target filesystem does not support (EOPNOTSUPP).
+    They are skipped, as containerd skips them, rather than failing every image that carries
+    a capability on such a filesystem (zfs-fuse); the caller can warn about a non-zero count.
+    """
 
     entries: int
     bytes: int
@@ -331,6 +337,29 @@ class _Stream:
             pass
 
 
+def _umask() -> int:
+    """The process umask, read without setting it (``os.umask`` would race other threads)."""
+    with open("/proc/self/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"Umask:"):
+                return int(line.split()[1], 8)
+    return 0o777  # a kernel before 4.7 does not say: treat every mode bit as unknown
+
+
+def _empty_plain_dir(fd: int) -> bool:
+    """The target is empty, not setgid, and has no default ACL for what is made inside it."""
+    if os.fstat(fd).st_mode & stat.S_ISGID:
+        return False
+    try:
+        if "system.posix_acl_default" in os.listxattr(fd):
+            return False
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:  # without xattrs there are no ACLs either
+            raise
+    with os.scandir(fd) as entries:
+        return next(entries, None) is None
+
+
 def _padding(size: int) -> int:
     return -size % BLOCK_SIZE
 
@@ -358,6 +387,13 @@ class _Unpacker:
         self._files: set[bytes] = set()
         self._deferred: dict[bytes, tuple[int, int, int, int]] = {}
         self._name = b""  # the member being unpacked, for messages
+        # Two syscalls per file that ext4 journals (measured: 80% -> 94% of GNU tar's speed)
+        # can be left out when the kernel already gives a new file the owner and mode the tar
+        # wants. That holds only below an empty, plain target: every directory is then ours,
+        # made 0755 (modes are applied at the end), so none is setgid or has a default ACL.
+        self._fresh = _empty_plain_dir(root_fd)
+        self._uid, self._gid = os.geteuid(), os.getegid()
+        self._inexact_bits = 0o7000 | _umask()  # mode bits a creating open cannot set
         self.entries = 0
         self.xattrs_skipped = 0
 
@@ -569,17 +605,22 @@ class _Unpacker:
             make()
 
     def _file(self, member: Member, dir_fd: int, name: bytes, path: bytes) -> None:
+        mode = member.mode
+        exact = self._fresh and not mode & self._inexact_bits
+        created = mode if exact else 0o600
         try:
-            fd = os.open(name, _O_NEW_FILE, 0o600, dir_fd=dir_fd)
+            fd = os.open(name, _O_NEW_FILE, created, dir_fd=dir_fd)
         except FileExistsError:
             self._remove(dir_fd, name, path)
-            fd = os.open(name, _O_NEW_FILE, 0o600, dir_fd=dir_fd)
+            fd = os.open(name, _O_NEW_FILE, created, dir_fd=dir_fd)
         try:
             if member.size:
                 self._stream.write_to(fd, member.size)
             # chown clears setuid/setgid and security.capability, so it comes first.
-            os.fchown(fd, member.uid, member.gid)
-            os.fchmod(fd, member.mode)
+            if not self._owned(member):
+                os.fchown(fd, member.uid, member.gid)
+            if not exact:
+                os.fchmod(fd, mode)
             if member.xattrs:
                 self._set_xattrs(fd, member)
             os.utime(fd, ns=(member.mtime_ns, member.mtime_ns))
@@ -602,7 +643,8 @@ class _Unpacker:
 
     def _finish_special(self, member: Member, dir_fd: int, name: bytes, chmod: bool) -> None:
         """Owner, mode, xattrs and mtime of a symlink or device node, never through it."""
-        os.chown(name, member.uid, member.gid, dir_fd=dir_fd, follow_symlinks=False)
+        if chmod or not self._owned(member):
+            os.chown(name, member.uid, member.gid, dir_fd=dir_fd, follow_symlinks=False)
         if chmod:
             os.chmod(name, member.mode, dir_fd=dir_fd, follow_symlinks=False)
         if member.xattrs:
@@ -616,8 +658,14 @@ class _Unpacker:
         os.utime(name, ns=(member.mtime_ns, member.mtime_ns), dir_fd=dir_fd,
                  follow_symlinks=False)
 
+    def _owned(self, member: Member) -> bool:
+        """A new entry already has the member's owner (see ``_fresh``)."""
+        return self._fresh and member.uid == self._uid and member.gid == self._gid
+
     def _set_xattrs(self, where: int | str, member: Member) -> None:
         for key, value in member.xattrs.items():
+            if key == b"system.posix_acl_default":
+                self._fresh = False  # entries made below this directory now get its ACL
             try:
                 os.setxattr(where, key, value)
             except OSError as exc:
@@ -657,7 +705,8 @@ class _Unpacker:
             dir_fd, name = self._parent(path)
             self._exclusive(dir_fd, name, path, lambda: os.mknod(
                 name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd))
-            os.chown(name, member.uid, member.gid, dir_fd=dir_fd, follow_symlinks=False)
+            if not self._owned(member):
+                os.chown(name, member.uid, member.gid, dir_fd=dir_fd, follow_symlinks=False)
             self._touched.add(path)
             self._files.discard(path)
             return
