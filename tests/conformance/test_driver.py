@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imaged.bench.images import Entry, directory, file, symlink
+from imaged.bench.images import Entry, directory, file, push, symlink
 from tests.conformance.conftest import Bed
 
 
@@ -193,3 +193,26 @@ def _has_cap_sys_resource() -> bool:
         if line.startswith("CapEff:"):
             return bool(int(line.split()[1], 16) >> 24 & 1)
     return False
+
+
+def test_malicious_layer_is_refused_and_store_unchanged(bed: Bed, tmp_path: Path) -> None:
+    good = bed.image([file("ok", b"fine")])
+    before = sorted(p.name for p in (bed.root / "drivers" / bed.driver / "layers").iterdir())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = [symlink("link", str(outside)), file("link/planted", b"pwned"),
+            file("../escaped", b"pwned")]
+    name = f"evil-{bed.driver}"
+    built = bed.layout.add_layer(evil)
+    manifest = bed.layout.add_image([built])
+    bed.layout.tag(manifest, name)
+    ref = f"{bed.registry.host}/conformance/{name}:v1"
+    push(bed.layout, name, ref)
+    result = bed("--json", "pull", ref)
+    assert result.code == 1 and result.json()["error"]["code"] == "invalid"
+    assert "link/planted" in result.json()["error"]["message"]
+    assert not any(outside.iterdir())
+    assert not (bed.root / "drivers" / bed.driver / "escaped").exists()
+    after = sorted(p.name for p in (bed.root / "drivers" / bed.driver / "layers").iterdir())
+    assert after == before
+    assert [i["refs"] for i in bed.ok("--json", "images").json()] == [[good]]
