@@ -85,13 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="unmount it first if mounted")
     sub.add_parser("ps", parents=[common], help="list containers")
     p = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
-    p.add_argument("benchmark", choices=["fetch", "mount"],
+    p.add_argument("benchmark", choices=["fetch", "mount", "pull"],
                    help="fetch: one large blob, imaged pull against curl; mount: mount "
-                   "latency for 1-500 layers and container cycles per driver")
+                   "latency for 1-500 layers and container cycles per driver; pull: pull + "
+                   "unpack by imaged and by the peers installed here")
     p.add_argument("--out", type=Path, required=True, help="directory for JSON, markdown, PNG")
     p.add_argument("--size", type=parse_size, default=parse_size("1G"),
                    help="blob size for fetch (default 1G)")
     p.add_argument("--runs", type=int, default=5, help="interleaved runs (default 5)")
+    p.add_argument("--shapes", nargs="+", choices=["debian", "layers128", "big"],
+                   default=["debian", "layers128", "big"],
+                   help="images for pull (default: all three)")
     return parser
 
 
@@ -137,10 +141,12 @@ def _print_ps(containers: list[dict[str, Any]]) -> None:
 async def _run(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
     """Run one command; returns its JSON result and how to print it for people."""
     if args.command == "bench":
-        from imaged.bench import fetch, mount  # noqa: PLC0415 - loaded only when asked for
+        from imaged.bench import fetch, mount, pull  # noqa: PLC0415 - loaded only when asked for
 
         if args.benchmark == "fetch":
             paths = await trio.to_thread.run_sync(fetch.run, args.out, args.size, args.runs)
+        elif args.benchmark == "pull":
+            paths = await trio.to_thread.run_sync(pull.run, args.out, args.runs, args.shapes)
         else:
             paths = await trio.to_thread.run_sync(mount.run, args.out, args.runs)
         return {"reports": [str(p) for p in paths]}, lambda r: print("\n".join(r["reports"]))
