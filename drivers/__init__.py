@@ -84,7 +84,8 @@ class Driver(Protocol):
         """Make the directory a layer's tar is applied into, and return it."""
 
     def commit_layer(self, key: str) -> None:
-        """Seal a fully applied layer (read-only snapshot, sync)."""
+        """Seal a fully applied layer (e.g. make a snapshot read-only). Durability is not the
+        driver's job here: the pull flushes the driver's filesystem once for all its layers."""
 
     def remove_layer(self, key: str) -> None:
         """Remove a layer, committed or half-written; a missing one is not an error."""

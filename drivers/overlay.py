@@ -42,7 +42,6 @@ from imaged.drivers import (
     Mounted,
     Probe,
     Usage,
-    syncfs,
 )
 from imaged.drivers.containers import DriverHome
 from imaged.errors import InvalidError, QuotaUnsupportedError
@@ -146,7 +145,7 @@ class OverlayDriver(DriverHome):
         return diff
 
     def commit_layer(self, key: str) -> None:
-        syncfs(self._layer(key) / "diff")
+        """Nothing to seal: the layer directory is final once applied (the pull flushes)."""
 
     def remove_layer(self, key: str) -> None:
         layer = self._layer(key)

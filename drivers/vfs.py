@@ -23,7 +23,6 @@ from imaged.drivers import (
     Mounted,
     Probe,
     Usage,
-    syncfs,
 )
 from imaged.drivers.containers import DriverHome
 from imaged.errors import InternalError, QuotaUnsupportedError
@@ -92,7 +91,7 @@ class VfsDriver(DriverHome):
         return layer
 
     def commit_layer(self, key: str) -> None:
-        syncfs(self._layer(key))
+        """Nothing to seal: the layer directory is final once applied (the pull flushes)."""
 
     def remove_layer(self, key: str) -> None:
         shutil.rmtree(self._layer(key), ignore_errors=True)

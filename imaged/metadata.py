@@ -343,9 +343,11 @@ class Metadata:
                        (str(chain_id), None if parent is None else str(parent), str(diff_id),
                         driver, time.time()))
 
-    def finish_layer(self, chain_id: Digest, entries: int, size: int) -> None:
-        self.db.execute("UPDATE layers SET state='ready', entries=?, size=? WHERE chain_id=?",
-                        (entries, size, str(chain_id)))
+    def finish_layers(self, stats: dict[Digest, tuple[int, int]]) -> None:
+        """Mark applied (and flushed) layers ready, with their (entries, bytes)."""
+        with self.transaction() as db:
+            db.executemany("UPDATE layers SET state='ready', entries=?, size=? WHERE chain_id=?",
+                           [(e, b, str(c)) for c, (e, b) in stats.items()])
 
     def delete_layer(self, chain_id: str) -> None:
         self.db.execute("DELETE FROM layers WHERE chain_id=?", (chain_id,))

@@ -17,6 +17,7 @@ import trio
 
 from imaged.content import Ingest
 from imaged.digest import Digest, chain_ids
+from imaged.drivers import syncfs
 from imaged.errors import ContentError, InternalError, collapse
 from imaged.metadata import LayerRow, NewImage
 from imaged.registry_client.client import RegistryClient
@@ -191,6 +192,7 @@ async def unpack_layers(store: Store, layers: tuple[Descriptor, ...],
                           store.config.limits.max_layer_entries)
     todo = [i for i, chain in enumerate(chains) if store.meta.layer_state(chain) != "ready"]
     created: list[Digest] = []
+    applied: dict[Digest, UnpackStats] = {}
     # Unpacking is CPU-bound (decompression, hashing) and disk-bound: one worker per core.
     limiter = trio.CapacityLimiter(os.cpu_count() or 2)
 
@@ -218,7 +220,7 @@ async def unpack_layers(store: Store, layers: tuple[Descriptor, ...],
         created.append(chain)
         report(PullEvent("unpacking", layer=str(layers[i].digest)))
         stats = await trio.to_thread.run_sync(apply, i, limiter=limiter)
-        store.meta.finish_layer(chain, stats.entries, stats.bytes)
+        applied[chain] = stats
         report(PullEvent("unpacked", layer=str(layers[i].digest),
                          extra={"entries": stats.entries, "bytes": stats.bytes}))
 
@@ -230,6 +232,12 @@ async def unpack_layers(store: Store, layers: tuple[Descriptor, ...],
         else:
             for i in todo:
                 await one(i)
+        if applied:
+            # One flush for every layer of this pull, before any is marked ready: recovery
+            # trusts ready layers, and a syncfs per layer cost more than the layers (128 small
+            # layers spent longer in syncfs than in unpacking).
+            await trio.to_thread.run_sync(syncfs, driver.home)
+            store.meta.finish_layers({chain: (s.entries, s.bytes) for chain, s in applied.items()})
     except BaseException as exc:
         await trio.to_thread.run_sync(_remove_layers, store, created)
         if isinstance(exc, BaseExceptionGroup):

@@ -62,6 +62,7 @@ CHUNK = 1024 * 1024
 TIMEOUT = (10.0, 60.0)  # connect, read: a registry silent for a minute is treated as dropped
 PROGRESS_INTERVAL = 0.1
 _PIPELINE_DEPTH = 16
+_INLINE_BYTES = 4 * 1024 * 1024  # below this a blob is fetched in one thread call
 USER_AGENT = "imaged/0.1"
 
 
@@ -472,55 +473,83 @@ class RegistryClient:
     async def _download(self, endpoint: Endpoint, ref: Reference, desc: Descriptor,
                         ingest: Ingest, what: str,
                         progress: Callable[[int], None] | None) -> None:
-        """One attempt, as a two-stage pipeline: one thread receives, another hashes and writes.
+        """One attempt. Large blobs go through a two-stage pipeline: one thread receives,
+        another hashes and writes. Receiving and hashing each take about a core-second per GiB
+        here; overlapping them is what brings a pull close to curl's throughput. At most
+        ``_PIPELINE_DEPTH`` chunks are in flight, so memory stays bounded whatever the size.
 
-        Receiving and hashing each take about a core-second per GiB here; overlapping them is
-        what brings a pull close to curl's throughput. At most ``_PIPELINE_DEPTH`` chunks are in
-        flight, so memory stays bounded whatever the blob's size.
+        Small blobs (most layers of most images) are fetched and written in one thread call:
+        for them the pipeline's thread hops cost more than the overlap gains.
         """
-        resp = await trio.to_thread.run_sync(self._open_blob, endpoint, ref, desc, ingest, what,
-                                             limiter=self.limiter)
-        if resp is None:
-            return
-        start = ingest.offset
-        chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=_PIPELINE_DEPTH)
         failures: list[BaseException] = []  # the receiver's: chunks before it are still good
         write_failures: list[BaseException] = []
+        last_report = 0.0
 
-        def receive() -> None:
+        def receive(resp: requests.Response, sink: Callable[[bytes], None]) -> None:
             try:
                 while not write_failures:
                     trio.from_thread.check_cancelled()
                     chunk = resp.raw.read(CHUNK, decode_content=False)
                     if not chunk:
                         break
-                    chunks.put(chunk)
+                    sink(chunk)
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 failures.append(exc)
-            finally:
-                chunks.put(None)
 
-        def store() -> None:
-            last_report = 0.0
-            while (chunk := chunks.get()) is not None:
-                if write_failures:
-                    continue  # drain, so the receiver never blocks on a full queue
+        def write(chunk: bytes) -> None:
+            nonlocal last_report
+            if write_failures:
+                return  # drain, so the receiver never blocks on a full queue
+            try:
+                ingest.write(chunk)
+            except BaseException as exc:  # noqa: BLE001 - handed to the trio side below
+                write_failures.append(exc)
+                return
+            if progress is not None and time.monotonic() - last_report >= PROGRESS_INTERVAL:
+                last_report = time.monotonic()
+                trio.from_thread.run_sync(progress, ingest.offset)
+
+        start = ingest.offset
+        if desc.size - ingest.offset <= _INLINE_BYTES:
+            def inline() -> int | None:
+                resp = self._open_blob(endpoint, ref, desc, ingest, what)
+                if resp is None:
+                    return None
+                begun = ingest.offset
+                with resp:
+                    receive(resp, write)
+                return begun
+
+            begun = await trio.to_thread.run_sync(inline, limiter=self.limiter)
+            if begun is None:
+                return
+            start = begun
+        else:
+            opened = await trio.to_thread.run_sync(self._open_blob, endpoint, ref, desc, ingest,
+                                                   what, limiter=self.limiter)
+            if opened is None:
+                return
+            resp = opened
+            start = ingest.offset
+            chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=_PIPELINE_DEPTH)
+
+            def produce() -> None:
                 try:
-                    ingest.write(chunk)
-                except BaseException as exc:  # noqa: BLE001 - handed to the trio side below
-                    write_failures.append(exc)
-                    continue
-                if progress is not None and time.monotonic() - last_report >= PROGRESS_INTERVAL:
-                    last_report = time.monotonic()
-                    trio.from_thread.run_sync(progress, ingest.offset)
+                    receive(resp, chunks.put)
+                finally:
+                    chunks.put(None)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(functools.partial(trio.to_thread.run_sync, receive,
-                                                     limiter=self.limiter))
-                nursery.start_soon(trio.to_thread.run_sync, store)
-        finally:
-            resp.close()
+            def consume() -> None:
+                while (chunk := chunks.get()) is not None:
+                    write(chunk)
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(functools.partial(trio.to_thread.run_sync, produce,
+                                                         limiter=self.limiter))
+                    nursery.start_soon(trio.to_thread.run_sync, consume)
+            finally:
+                resp.close()
         if write_failures or failures:
             exc = (write_failures or failures)[0]
             if isinstance(exc, ImagedError):
