@@ -10,7 +10,6 @@ btrfs, zfs, devmapper).
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -150,24 +149,6 @@ def disk_usage(path: Path) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_blocks * 512
     return total
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def syncfs(path: Path) -> None:
-    """Flush the filesystem holding ``path`` (Python 3.11 has no os.syncfs).
-
-    A committed layer must be on disk before its row says 'ready': after a crash, recovery
-    trusts ready layers.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
 
 
 def loop_usage(fs: loopquota.LoopFS) -> Usage:

@@ -21,18 +21,11 @@ from pathlib import Path
 
 from imaged.digest import Digest, Hasher
 from imaged.errors import ContentError, InvalidError
+from imaged.fsutil import fsync_dir, syncfs
 
 # An abandoned partial download older than this is removed at open (containerd's ingest expiry).
 INGEST_EXPIRY_SECONDS = 24 * 3600
 _READ_CHUNK = 4 * 1024 * 1024
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Ingest:
@@ -136,27 +129,46 @@ class ContentStore:
         return Ingest(self._ingest_path(digest), digest, size)
 
     def commit(self, ingest: Ingest) -> Path:
-        ingest.verify()
-        ingest.fsync()
-        ingest.close()
-        target = self.path(ingest.digest)
-        os.chmod(ingest.path, 0o444)
-        os.rename(ingest.path, target)
-        fsync_dir(target.parent)
-        return target
+        return self.commit_all([ingest])[0]
 
-    def write_bytes(self, digest: Digest, data: bytes) -> Path:
-        """Store a small blob already in memory (manifests, configs) through the same checks."""
-        if self.has(digest, len(data)):
-            return self.path(digest)
+    def commit_all(self, ingests: list[Ingest]) -> list[Path]:
+        """Verify, flush once, rename each into the store, make the renames durable.
+
+        A whole pull's blobs are committed together: one syncfs and one directory fsync per
+        algorithm instead of two fsyncs per blob. Nothing is renamed unless every blob verifies.
+        """
+        for ingest in ingests:
+            ingest.verify()
+        if ingests:
+            syncfs(self.ingest_dir)
+        targets = []
+        for ingest in ingests:
+            ingest.close()
+            target = self.path(ingest.digest)
+            os.chmod(ingest.path, 0o444)
+            os.rename(ingest.path, target)
+            targets.append(target)
+        for parent in {t.parent for t in targets}:
+            fsync_dir(parent)
+        return targets
+
+    def ingest_bytes(self, digest: Digest, data: bytes) -> Ingest:
+        """A small blob already in memory (manifest, config) as an ingest, to commit with others."""
         ingest = self.open_ingest(digest, len(data))
         try:
             if ingest.offset:
                 ingest.restart()
             ingest.write(data)
-            return self.commit(ingest)
-        finally:
+        except BaseException:
             ingest.close()
+            raise
+        return ingest
+
+    def write_bytes(self, digest: Digest, data: bytes) -> Path:
+        """Store a small blob already in memory through the same checks."""
+        if self.has(digest, len(data)):
+            return self.path(digest)
+        return self.commit(self.ingest_bytes(digest, data))
 
     def read_bytes(self, digest: Digest) -> bytes:
         return self.path(digest).read_bytes()

@@ -17,8 +17,8 @@ import trio
 
 from imaged.content import Ingest
 from imaged.digest import Digest, chain_ids
-from imaged.drivers import syncfs
 from imaged.errors import ContentError, InternalError, collapse
+from imaged.fsutil import syncfs
 from imaged.metadata import LayerRow, NewImage
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.manifest import (
@@ -259,14 +259,13 @@ def _record(store: Store, ref: Reference, manifest: Manifest, manifest_digest: D
             ingests: dict[Digest, Ingest]) -> None:
     """Commit the fetched blobs and record the image; on failure take the new blobs back out."""
     committed: list[Digest] = []
+    pending = dict(ingests)
     try:
-        for digest, ingest in ingests.items():
-            store.content.commit(ingest)
-            committed.append(digest)
         for digest, data, _ in small_blobs:
-            if not store.content.has(digest, len(data)):
-                store.content.write_bytes(digest, data)
-                committed.append(digest)
+            if digest not in pending and not store.content.has(digest, len(data)):
+                pending[digest] = store.content.ingest_bytes(digest, data)
+        committed = list(pending)  # uncommit of a blob not yet renamed is a no-op
+        store.content.commit_all(list(pending.values()))
         chains = chain_ids(list(diff_ids))
         layer_rows = tuple(
             LayerRow(i, layer.digest, diff_ids[i], chains[i], layer.media_type, layer.size)
@@ -285,6 +284,6 @@ def _record(store: Store, ref: Reference, manifest: Manifest, manifest_digest: D
             store.content.uncommit(digest)
         raise
     finally:
-        for ingest in ingests.values():
+        for ingest in pending.values():
             ingest.close()
 
