@@ -67,7 +67,6 @@ import ctypes
 import errno
 import math
 import os
-import re
 import struct
 import subprocess
 import tempfile
@@ -83,6 +82,7 @@ from imaged.errors import (
     NotFoundError,
     QuotaUnsupportedError,
 )
+from imaged.mounts import mountinfo
 from imaged.sizes import format_size
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -430,37 +430,6 @@ def read_superblock(image: Path) -> Superblock:
 # -- mounts and capabilities ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    mount_id: int
-    major: int
-    minor: int
-    mount_point: str
-    fstype: str
-    source: str
-
-
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    """/proc/self/mountinfo: ``id parent major:minor root point options [tags] - type src sb``."""
-    entries = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        if len(fields) < 10 or "-" not in fields[6:]:
-            continue
-        sep = fields.index("-", 6)
-        major, minor = fields[2].split(":")
-        entries.append(MountEntry(int(fields[0]), int(major), int(minor), _unescape(fields[4]),
-                                  fields[sep + 1], _unescape(fields[sep + 2])))
-    return entries
-
-
 def has_capability(status_text: str, cap: int) -> bool:
     """Whether /proc/<pid>/status text shows ``cap`` in the effective set."""
     for line in status_text.splitlines():
@@ -509,10 +478,6 @@ def _sys_umount(target: str) -> None:
         raise InternalError(f"umount {target} failed: {os.strerror(err)}")
 
 
-def _mountinfo() -> list[MountEntry]:
-    return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
-
-
 def devices(fs: LoopFS) -> list[loopdev.LoopDevice]:
     """Loop devices bound to this image (one when mounted; more only after a crash)."""
     return loopdev.find_by_backing_file(fs.image)
@@ -525,7 +490,7 @@ def mounts(fs: LoopFS) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             dev = device.dev_t()
             numbers.add((os.major(dev), os.minor(dev)))
-    return [e.mount_point for e in _mountinfo() if (e.major, e.minor) in numbers]
+    return [e.mount_point for e in mountinfo() if (e.major, e.minor) in numbers]
 
 
 def _mounted_at(fs: LoopFS) -> str | None:
@@ -702,7 +667,7 @@ def _grow_online(fs: LoopFS, quota: int, where: str) -> None:
         raise ConflictError(
             "growing a mounted container's quota needs CAP_SYS_RESOURCE (ext4's online resize "
             "requires it) and this process lacks it: unmount the container to grow it offline")
-    entry = next(e for e in _mountinfo() if e.mount_point == where)
+    entry = next(e for e in mountinfo() if e.mount_point == where)
     device = next(d for d in devices(fs) if d.dev_t() == os.makedev(entry.major, entry.minor))
     resv = Path(f"/sys/fs/ext4/{device.path.name}/reserved_clusters")
     geometry = _geometry(read_superblock(device.path))
@@ -799,7 +764,7 @@ def mount(fs: LoopFS) -> None:
                             f"{fs.mount_point}: unmount it first")
     fs.mount_point.mkdir(parents=True, exist_ok=True)
     here = os.path.realpath(fs.mount_point)
-    other = [e for e in _mountinfo() if e.mount_point == here]
+    other = [e for e in mountinfo() if e.mount_point == here]
     if other:
         raise ConflictError(f"{fs.mount_point} already has {other[-1].source} "
                             f"({other[-1].fstype}) mounted on it")

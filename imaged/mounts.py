@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,25 +171,39 @@ def unmount(target: Path, lazy: bool = False) -> None:
 
 
 @dataclass(frozen=True)
-class MountInfo:
+class MountEntry:
+    mount_id: int
+    major: int
+    minor: int
     mount_point: str
     fstype: str
     source: str
 
 
-def mountinfo() -> list[MountInfo]:
-    """This namespace's mounts in mount order, from /proc/self/mountinfo (escapes decoded)."""
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        sep = fields.index("-")
-        out.append(MountInfo(_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
-    return out
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
-    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """/proc/self/mountinfo: ``id parent major:minor root point options [tags] - type src sb``."""
+    entries = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 10 or "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        major, minor = fields[2].split(":")
+        entries.append(MountEntry(int(fields[0]), int(major), int(minor), _unescape(fields[4]),
+                                  fields[sep + 1], _unescape(fields[sep + 2])))
+    return entries
+
+
+def mountinfo() -> list[MountEntry]:
+    """This namespace's mounts in mount order."""
+    return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
 
 
 def is_mounted(path: Path) -> bool:
@@ -196,10 +211,10 @@ def is_mounted(path: Path) -> bool:
     return any(m.mount_point == target for m in mountinfo())
 
 
-def backing_filesystem(path: Path) -> MountInfo:
+def backing_filesystem(path: Path) -> MountEntry:
     """The mount holding ``path``: the longest mount point that contains it, last one wins."""
     target = os.path.realpath(path)
-    best = MountInfo("/", "unknown", "")
+    best = MountEntry(0, 0, 0, "/", "unknown", "")
     for mount in mountinfo():
         point = mount.mount_point
         if (target == point or target.startswith(point.rstrip("/") + "/")) and \

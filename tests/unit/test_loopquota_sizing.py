@@ -13,6 +13,7 @@ import pytest
 from imaged import loopdev
 from imaged import loopquota as lq
 from imaged.errors import InvalidError
+from imaged.mounts import MountEntry, parse_mountinfo
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 
@@ -250,8 +251,8 @@ def test_parse_mountinfo() -> None:
         "43 27 0:51 / /merged rw - overlay overlay rw,lowerdir=/a:/b\n"
         "garbage line\n"
     )
-    entries = lq.parse_mountinfo(text)
-    assert entries[0] == lq.MountEntry(42, 7, 3, "/var/lib/imaged/drivers/overlay/c d/mnt",
+    entries = parse_mountinfo(text)
+    assert entries[0] == MountEntry(42, 7, 3, "/var/lib/imaged/drivers/overlay/c d/mnt",
                                        "ext4", "/dev/loop3")
     assert (entries[1].fstype, entries[1].major, entries[1].minor) == ("overlay", 0, 51)
     assert len(entries) == 2
