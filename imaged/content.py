@@ -100,8 +100,6 @@ class Ingest:
             os.close(self._fd)
             self._fd = -1
 
-    def fsync(self) -> None:
-        os.fsync(self._fd)
 
 
 class ContentStore:

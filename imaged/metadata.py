@@ -264,9 +264,12 @@ class Metadata:
         ).fetchone()
         return None if row is None else self._image(row)
 
+    def refs_of(self, image_id: str) -> tuple[str, ...]:
+        return tuple(r[0] for r in self.db.execute(
+            "SELECT name FROM refs WHERE image_id=? ORDER BY name", (image_id,)))
+
     def _image(self, row: tuple[str, str, str, str, int, float]) -> ImageRow:
-        refs = tuple(r[0] for r in self.db.execute(
-            "SELECT name FROM refs WHERE image_id=? ORDER BY name", (row[0],)))
+        refs = self.refs_of(row[0])
         layers = tuple(
             LayerRow(pos, Digest.parse(blob), Digest.parse(diff), Digest.parse(chain), mt, size)
             for pos, blob, diff, chain, mt, size in self.db.execute(
@@ -361,12 +364,6 @@ class Metadata:
         return [r[0] for r in self.db.execute(
             "SELECT chain_id FROM layers WHERE state='ready' AND chain_id NOT IN "
             "(SELECT chain_id FROM image_layers)")]
-
-    def image_size_unpacked(self, image_id: Digest) -> int:
-        row = self.db.execute(
-            "SELECT COALESCE(SUM(l.size), 0) FROM image_layers il JOIN layers l "
-            "ON l.chain_id = il.chain_id WHERE il.image_id=?", (str(image_id),)).fetchone()
-        return int(row[0])
 
     # containers
 

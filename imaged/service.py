@@ -124,11 +124,10 @@ class Service:
         driver = self.store.driver()
         usage = driver.usage(row.name) if row.state == "ready" else Usage(0, row.quota)
         caps = driver.capabilities()
-        image = self.store.meta.image(row.image_id)
         return {
             "name": row.name,
             "image": str(row.image_id),
-            "image_refs": list(image.refs) if image else [],
+            "image_refs": list(self.store.meta.refs_of(str(row.image_id))),
             "driver": row.driver,
             "quota": row.quota,
             "quota_mode": f"{caps.quota_mode}/{caps.quota_semantics}" if row.quota else None,
@@ -226,9 +225,6 @@ class Service:
     def ps(self) -> list[dict[str, Any]]:
         return [self._container_json(row) for row in self.store.meta.containers()
                 if row.state == "ready"]
-
-    def container(self, name: str) -> dict[str, Any]:
-        return self._container_json(self._get(name))
 
     def info(self) -> dict[str, Any]:
         backing = backing_filesystem(self.store.root)
