@@ -27,7 +27,7 @@ import trio
 from imaged.bench.images import Entry, OCILayout, push
 from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
-from imaged.bench.scratch import scratch_ext4
+from imaged.bench.scratch import scratch_ext4, settle
 from imaged.config import Overrides, load_config
 from imaged.pull import PullEvent
 from imaged.service import Service
@@ -114,7 +114,7 @@ def run(out: Path, size: int, runs: int) -> list[Path]:
             print(f"run {i + 1}/{runs}", file=sys.stderr)
             order = ("curl", "durable", "imaged")
             for who in order[i % 3:] + order[:i % 3]:
-                os.sync()
+                settle()
                 target = scratch / "curl.out"
                 if who == "curl":
                     curl.samples.append(_timed(["curl", "-sS", "-o", str(target),

@@ -30,7 +30,7 @@ from typing import IO, cast
 from imaged.bench.images import Entry, Layer, OCILayout, directory, file, push
 from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
-from imaged.bench.scratch import scratch_ext4
+from imaged.bench.scratch import scratch_ext4, settle
 
 SHAPES = ("debian", "layers128", "big")
 TOOLS = ("imaged", "podman", "containerd", "skopeo+umoci")
@@ -291,7 +291,7 @@ def _pull_once(tool: str, ref: str, scratch: Path) -> float:
     work.mkdir()
     env = {**os.environ, "HOME": str(work)}
     try:
-        os.sync()
+        settle()
         if tool == "imaged":
             (scratch / "imaged.toml").write_text("")
             return _timed([[sys.executable, "-m", "imaged", "--root", str(work / "root"),
@@ -402,7 +402,8 @@ def run(out: Path, runs: int, shapes: list[str]) -> list[Path]:
         "timed) and stopped by PID after it; its snapshotter is overlayfs; podman uses the "
         "overlay driver, imaged its auto-chosen driver",
         "ratio below 1: imaged faster than the fastest peer",
-        "the registry's blobs are in the page cache; os.sync() runs before every sample; "
+        "the registry's blobs are in the page cache; sync runs twice before every sample "
+        "(loop fs, then its backing file); "
         "the tools do not all fsync alike",
     ]
     return write_report(out, "pull", "Pull + unpack from a loopback registry, imaged and peers",

@@ -36,3 +36,13 @@ def scratch_ext4(size: int, parent: Path | None = None) -> Iterator[tuple[Path, 
             yield mount_point, f"a dedicated loop-mounted ext4 of {size >> 30} GiB"
         finally:
             subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def settle() -> None:
+    """Let the previous sample's writes finish before the next is timed. One sync flushes the
+    loop-mounted ext4 into its backing file, whose own dirty pages (and the discards of removed
+    stores) a second sync then pushes to the disk under it; without both, one tool's writeback
+    lands inside the next tool's timing.
+    """
+    os.sync()
+    os.sync()

@@ -38,6 +38,7 @@ class Ingest:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._hasher: Hasher = digest.hasher()
         self.offset = 0
+        self._hashed = 0
         try:
             self._rehash_existing()
         except BaseException:
@@ -54,7 +55,7 @@ class Ingest:
             chunk = os.pread(self._fd, min(_READ_CHUNK, existing - self.offset), self.offset)
             if not chunk:
                 break
-            self._hasher.update(chunk)
+            self.absorb(chunk)
             self.offset += len(chunk)
         os.lseek(self._fd, self.offset, os.SEEK_SET)
 
@@ -68,8 +69,16 @@ class Ingest:
         os.lseek(self._fd, 0, os.SEEK_SET)
         self._hasher = self.digest.hasher()
         self.offset = 0
+        self._hashed = 0
 
     def write(self, data: bytes | memoryview) -> None:
+        self.append(data)
+        self.absorb(data)
+
+    def append(self, data: bytes | memoryview) -> None:
+        """Write without hashing, for a pipeline that hashes on another thread through
+        ``absorb``; each of the two must see the bytes in order, and ``verify`` waits for both.
+        """
         if self.offset + len(data) > self.size:
             raise ContentError(
                 f"blob {self.digest} is larger than the {self.size} bytes its descriptor declares"
@@ -78,8 +87,11 @@ class Ingest:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self._hasher.update(data)
         self.offset += len(data)
+
+    def absorb(self, data: bytes | memoryview) -> None:
+        self._hasher.update(data)
+        self._hashed += len(data)
 
     def verify(self) -> None:
         """Check size and digest; a mismatch deletes the bytes so they are never resumed."""
@@ -87,6 +99,8 @@ class Ingest:
             raise ContentError(
                 f"blob {self.digest} is truncated: got {self.offset} of {self.size} bytes"
             )
+        if self._hashed != self.offset:
+            raise RuntimeError(f"blob {self.digest} verified before all its bytes were hashed")
         actual = self._hasher.hexdigest()
         if actual != self.digest.hex:
             self.restart()

@@ -130,6 +130,25 @@ def test_write_accepts_memoryview(ingest: Ingest) -> None:
     ingest.verify()
 
 
+def test_append_and_absorb_split_writing_from_hashing(ingest: Ingest) -> None:
+    """The download pipeline writes on one thread and hashes on another: verify must not pass
+    until the hasher has caught up, and then must judge every byte."""
+    ingest.append(DATA[:6000])
+    ingest.append(DATA[6000:])
+    ingest.absorb(DATA[:6000])
+    with pytest.raises(RuntimeError, match="before all its bytes were hashed"):
+        ingest.verify()
+    ingest.absorb(DATA[6000:])
+    ingest.verify()
+
+
+def test_absorbed_bytes_decide_the_digest(ingest: Ingest) -> None:
+    ingest.append(DATA)
+    ingest.absorb(bytes(len(DATA)))
+    with pytest.raises(ContentError, match="failed verification"):
+        ingest.verify()
+
+
 @pytest.mark.parametrize("written", [0, 1, len(DATA) - 1])
 def test_verify_truncated(ingest: Ingest, written: int) -> None:
     ingest.write(DATA[:written])
