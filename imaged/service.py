@@ -22,6 +22,7 @@ from imaged.config import Config
 from imaged.digest import Digest
 from imaged.drivers import Usage, probe_all
 from imaged.errors import ConflictError, InvalidError, NotFoundError
+from imaged.leases import Leases
 from imaged.metadata import ContainerRow, ImageRow
 from imaged.mounts import backing_filesystem
 from imaged.pull import PullResult, Reporter, pull
@@ -56,6 +57,7 @@ class Service:
     def __init__(self, store: Store, client: RegistryClient) -> None:
         self.store = store
         self.client = client
+        self.leases = Leases()
 
     @classmethod
     @asynccontextmanager
