@@ -29,7 +29,7 @@ from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
 from imaged.bench.scratch import scratch_ext4, settle
 from imaged.config import Overrides, load_config
-from imaged.pull import PullEvent
+from imaged.events import PullEvent
 from imaged.service import Service
 
 

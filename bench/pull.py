@@ -5,7 +5,9 @@ interleaved in one run.
 Every tool gets a fresh store of its own on the same dedicated loop-mounted ext4, removed after
 each sample, so each sample is a cold pull (registry blobs in the page cache, the store empty).
 containerd runs as a daemon: the bench starts one per sample on a temporary config and store
-(start-up is not timed) and stops it by PID.
+(start-up is not timed) and stops it by PID. imaged is measured both ways: embedded (the CLI
+process does the pull) and ``imaged-daemon`` (an ``imaged serve`` started per sample the same
+way, the CLI a thin client of its socket), which is the like-for-like comparison with ctr.
 
 Three image shapes: ``debian`` (a debootstrap minbase split into five gzip layers, the last two
 with whiteouts, an opaque directory and new content), ``layers128`` (128 small layers) and
@@ -27,13 +29,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, cast
 
+from imaged.bench.daemon import imaged_daemon
 from imaged.bench.images import Entry, Layer, OCILayout, directory, file, push
 from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
 from imaged.bench.scratch import scratch_ext4, settle
 
 SHAPES = ("debian", "layers128", "big")
-TOOLS = ("imaged", "podman", "containerd", "skopeo+umoci")
+TOOLS = ("imaged", "imaged-daemon", "podman", "containerd", "skopeo+umoci")
 CACHE = Path("/var/cache/imaged-bench")
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 BIG_FILE = 512 << 20
@@ -292,10 +295,15 @@ def _pull_once(tool: str, ref: str, scratch: Path) -> float:
     env = {**os.environ, "HOME": str(work)}
     try:
         settle()
-        if tool == "imaged":
+        if tool in ("imaged", "imaged-daemon"):
             (scratch / "imaged.toml").write_text("")
-            return _timed([[sys.executable, "-m", "imaged", "--root", str(work / "root"),
-                            "pull", ref]], {**env, "IMAGED_CONFIG": str(scratch / "imaged.toml")})
+            env["IMAGED_CONFIG"] = str(scratch / "imaged.toml")
+            command = [sys.executable, "-m", "imaged", "--root", str(work / "root"), "pull", ref]
+            if tool == "imaged":
+                return _timed([command], env)
+            with imaged_daemon(work / "root", env) as daemon:  # like containerd: up beforehand
+                return _timed([[*command[:3], "--socket", str(daemon.socket), *command[3:]]],
+                              env)
         if tool == "podman":
             return _timed([["podman", "--root", str(work / "root"), "--runroot",
                             str(work / "run"), "--storage-driver", "overlay",
@@ -319,7 +327,7 @@ def _pull_once(tool: str, ref: str, scratch: Path) -> float:
 def _available(notes: list[str]) -> list[str]:
     need = {"podman": ["podman"], "containerd": ["containerd", "ctr"],
             "skopeo+umoci": ["skopeo", "umoci"]}
-    tools = ["imaged"]
+    tools = ["imaged", "imaged-daemon"]
     for tool, binaries in need.items():
         missing = [b for b in binaries if shutil.which(b) is None]
         if missing:
@@ -385,20 +393,25 @@ def run(out: Path, runs: int, shapes: list[str]) -> list[Path]:
                         failed.add((shape, tool))
                         notes.append(f"{shape}: {tool} failed, not reported: {e}"[:600])
         series = [s for key, s in by_key.items() if key not in failed]
+        ours = ("imaged", "imaged-daemon")
         for shape in shapes:
-            peers = [by_key[shape, t] for t in tools if t != "imaged" and (shape, t) not in failed]
-            if peers and (shape, "imaged") not in failed:
-                fastest = min(peers, key=lambda s: s.median)
-                ratios[f"{shape}: imaged / fastest peer ({fastest.name.split(': ')[1]})"] = \
-                    by_key[shape, "imaged"].median / fastest.median
+            peers = [by_key[shape, t] for t in tools if t not in ours and (shape, t) not in failed]
+            if not peers:
+                continue
+            fastest = min(peers, key=lambda s: s.median)
+            for mine in ours:
+                if (shape, mine) not in failed:
+                    ratios[f"{shape}: {mine} / fastest peer ({fastest.name.split(': ')[1]})"] = \
+                        by_key[shape, mine].median / fastest.median
         facts = {**machine_facts(), **_versions(tools)}
     notes += [
         f"{runs} runs; in each run the order of the tools rotates; every sample is a cold pull "
         f"into a fresh store of the tool's own on {where}, removed after the sample",
         "times are wall time around the whole command, process start included (imaged: "
-        "python -m imaged pull; podman pull; ctr image pull with containerd already running; "
+        "python -m imaged pull, embedded; imaged-daemon: the same command answered by an imaged "
+        "serve already running, as ctr's containerd is; podman pull; ctr image pull; "
         "skopeo copy to an OCI layout then umoci unpack, the two one after the other)",
-        "containerd is started per sample on a temporary config and root (its start-up is not "
+        "containerd and imaged serve are started per sample on a temporary root (start-up not "
         "timed) and stopped by PID after it; its snapshotter is overlayfs; podman uses the "
         "overlay driver, imaged its auto-chosen driver",
         "ratio below 1: imaged faster than the fastest peer",

@@ -10,7 +10,6 @@ btrfs, zfs, devmapper).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Literal, Protocol
 from imaged import loopquota
 from imaged.config import Config
 from imaged.errors import ConflictError, InvalidError
+from imaged.fsutil import walk_lstat
 from imaged.mounts import MountSpec, is_mounted
 from imaged.unpack import WhiteoutMode
 
@@ -91,6 +91,10 @@ class Driver(Protocol):
 
     def list_layers(self) -> set[str]: ...
 
+    def layer_paths(self, key: str) -> list[Path]:
+        """Everything on disk that ``remove_layer`` deletes, so garbage collection can report
+        the bytes a removal frees as ``du`` sees them."""
+
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None: ...
 
@@ -139,15 +143,14 @@ def probe_all(config: Config) -> list[Probe]:
 
 
 def disk_usage(path: Path) -> int:
-    """Allocated bytes under ``path`` (what ``du`` reports), hardlinks counted once."""
+    """Allocated bytes of ``path`` and everything under it (what ``du -s`` reports), hardlinks
+    counted once."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for entry in (*dirnames, *filenames):
-            st = os.lstat(os.path.join(dirpath, entry))
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
+    for st in walk_lstat(path):
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
     return total
 
 

@@ -31,6 +31,9 @@ class DriverHome:
     def list_layers(self) -> set[str]:
         return {p.name for p in (self.home / "layers").iterdir()}
 
+    def layer_paths(self, key: str) -> list[Path]:
+        return [self._layer(key)]
+
     def _container(self, name: str) -> Path:
         return self.home / "containers" / name
 

@@ -147,6 +147,12 @@ class OverlayDriver(DriverHome):
     def commit_layer(self, key: str) -> None:
         """Nothing to seal: the layer directory is final once applied (the pull flushes)."""
 
+    def layer_paths(self, key: str) -> list[Path]:
+        try:
+            return [self._layer(key), self.home / "l" / self._short(key)]
+        except OSError:
+            return [self._layer(key)]
+
     def remove_layer(self, key: str) -> None:
         layer = self._layer(key)
         with contextlib.suppress(OSError):

@@ -8,6 +8,7 @@ anything else is a bug, shown with a traceback only under ``--debug``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,13 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from imaged import __version__
-from imaged.config import DRIVER_NAMES, Overrides, load_config
-from imaged.errors import ImagedError, InternalError
-from imaged.progress import progress_for
-from imaged.service import Service
+from imaged.client import DaemonClient, daemon_for, segment
+from imaged.config import DRIVER_NAMES, Config, Overrides, load_config
+from imaged.errors import ImagedError, InternalError, InvalidError, error_from_json
 from imaged.sizes import format_size, parse_size
 
 
@@ -84,11 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--force", action="store_true", help="unmount it first if mounted")
     sub.add_parser("ps", parents=[common], help="list containers")
+    sub.add_parser("gc", parents=[common], help="remove blobs and layers nothing references")
+    sub.add_parser("serve", parents=[common],
+                   help="run the daemon: the socket API for runtimes and the CLI")
     p = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
-    p.add_argument("benchmark", choices=["fetch", "mount", "pull"],
+    p.add_argument("benchmark", choices=["api", "fetch", "mount", "pull"],
                    help="fetch: one large blob, imaged pull against curl; mount: mount "
                    "latency for 1-500 layers and container cycles per driver; pull: pull + "
-                   "unpack by imaged and by the peers installed here")
+                   "unpack by imaged and by the peers installed here; api: the daemon's "
+                   "requests/s, container cycles/s and memory through its socket")
     p.add_argument("--out", type=Path, required=True, help="directory for JSON, markdown, PNG")
     p.add_argument("--size", type=parse_size, default=parse_size("1G"),
                    help="blob size for fetch (default 1G)")
@@ -138,52 +140,160 @@ def _print_ps(containers: list[dict[str, Any]]) -> None:
     print(_table(rows, ["NAME", "IMAGE", "DRIVER", "MOUNTED AT", "QUOTA", "QUOTA MODE", "USED"]))
 
 
-async def _run(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
-    """Run one command; returns its JSON result and how to print it for people."""
-    if args.command == "bench":
-        from imaged.bench import fetch, mount, pull  # noqa: PLC0415 - loaded only when asked for
+def _print_nothing(result: Any) -> None:
+    """Commands without output print nothing for people; ``--json`` shows their result."""
 
-        if args.benchmark == "fetch":
+
+_SHOW: dict[str, Callable[[Any], None]] = {
+    "pull": lambda r: print(r["id"]),
+    "images": _print_images,
+    "info": _print_info,
+    "mount": lambda r: print(r["path"]),
+    "ps": _print_ps,
+    "gc": lambda r: print(r["freed_bytes"]),
+    "bench": lambda r: print("\n".join(r["reports"])),
+}
+
+
+def _pull_result(done: dict[str, Any]) -> dict[str, Any]:
+    return {key: done[key] for key in ("id", "config_digest", "ref", "layers")}
+
+
+async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
+    """Run one command in this process, on the store itself."""
+    import trio  # noqa: PLC0415 - embedded mode only: a daemon client never pays for it
+
+    from imaged.progress import progress_for  # noqa: PLC0415
+    from imaged.service import Service  # noqa: PLC0415
+
+    if args.command == "bench":
+        from imaged.bench import api, fetch, mount, pull  # noqa: PLC0415 - loaded when asked
+
+        if args.benchmark == "api":
+            paths = await trio.to_thread.run_sync(api.run, args.out, args.runs)
+        elif args.benchmark == "fetch":
             paths = await trio.to_thread.run_sync(fetch.run, args.out, args.size, args.runs)
         elif args.benchmark == "pull":
             paths = await trio.to_thread.run_sync(pull.run, args.out, args.runs, args.shapes)
         else:
             paths = await trio.to_thread.run_sync(mount.run, args.out, args.runs)
-        return {"reports": [str(p) for p in paths]}, lambda r: print("\n".join(r["reports"]))
-    config = load_config(Overrides(config=args.config, root=args.root, driver=args.driver,
-                                   socket=args.socket))
+        return {"reports": [str(p) for p in paths]}
+    assert config is not None  # noqa: S101 - every command but bench loads it
     async with Service.open(config, f"imaged {args.command}") as service:
         if args.command == "pull":
-            reporter = progress_for(sys.stderr)
-            with reporter:
+            with progress_for(sys.stderr) as reporter:
                 result = await service.pull(args.ref, args.platform, reporter)
-            return ({"id": str(result.id), "config_digest": str(result.config_digest),
-                     "ref": result.ref, "layers": result.layers},
-                    lambda r: print(r["id"]))
+            return {"id": str(result.id), "config_digest": str(result.config_digest),
+                    "ref": result.ref, "layers": result.layers}
         if args.command == "images":
-            return service.images(), _print_images
+            return service.images()
         if args.command == "rmi":
-            return service.rmi(args.image, args.force), lambda r: None
+            return service.rmi(args.image, args.force)
         if args.command == "info":
-            return service.info(), _print_info
+            return service.info()
         if args.command == "mount":
-            return (await service.mount(args.image, args.name, args.quota, args.read_only,
-                                        args.target), lambda r: print(r["path"]))
+            return await service.mount(args.image, args.name, args.quota, args.read_only,
+                                       args.target)
         if args.command == "update":
-            return await service.update(args.name, args.quota), lambda r: None
+            return await service.update(args.name, args.quota)
         if args.command == "umount":
-            return await service.umount(args.name), lambda r: None
+            return await service.umount(args.name)
         if args.command == "rm":
-            return await service.rm(args.name, args.force), lambda r: None
+            return await service.rm(args.name, args.force)
         if args.command == "ps":
-            return service.ps(), _print_ps
+            return service.ps()
+        if args.command == "gc":
+            return service.gc()
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+
+
+def _run_remote(args: argparse.Namespace, client: DaemonClient) -> Any:
+    """The same command through the daemon's socket: same results, same errors."""
+    force = "?force=true" if getattr(args, "force", False) else ""
+    if args.command == "pull":
+        from imaged.events import PullEvent  # noqa: PLC0415
+        from imaged.progress import progress_for  # noqa: PLC0415
+
+        body = {"ref": args.ref, **({"platform": args.platform} if args.platform else {})}
+        with progress_for(sys.stderr) as reporter:
+            for event in client.stream("POST", "/v1/images/pull", body):
+                if event["status"] == "done":
+                    reporter(PullEvent("done", id=event["id"]))  # as the embedded pull ends
+                    return _pull_result(event)
+                if event["status"] == "error":
+                    raise error_from_json(event)
+                reporter(PullEvent.from_json(event))
+        raise InternalError(f"the daemon on {client.path} ended the pull without a result")
+    if args.command == "images":
+        return client.call("GET", "/v1/images")
+    if args.command == "rmi":
+        return client.call("DELETE", f"/v1/images/{segment(args.image)}{force}")
+    if args.command == "info":
+        return client.call("GET", "/v1/info")
+    if args.command == "mount":
+        options: dict[str, Any] = {"image": args.image}
+        if args.quota is not None:
+            options["quota"] = args.quota
+        if args.read_only:
+            options["read_only"] = True
+        target = {"target": str(args.target.absolute())} if args.target else {}
+        if args.name is None:
+            created = client.call("POST", "/v1/containers", options)
+            return client.call("POST", f"/v1/containers/{segment(created['name'])}/mount",
+                               target)
+        return client.call("POST", f"/v1/containers/{segment(args.name)}/mount",
+                           {**options, **target})
+    if args.command == "update":
+        return client.call("PATCH", f"/v1/containers/{segment(args.name)}",
+                           {"quota": args.quota})
+    if args.command == "umount":
+        return client.call("POST", f"/v1/containers/{segment(args.name)}/unmount")
+    if args.command == "rm":
+        return client.call("DELETE", f"/v1/containers/{segment(args.name)}{force}")
+    if args.command == "ps":
+        return client.call("GET", "/v1/containers")
+    if args.command == "gc":
+        return client.call("POST", "/v1/gc")
+    raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+
+
+def _serve(config: Config, debug: bool) -> None:
+    import logging  # noqa: PLC0415
+
+    import trio  # noqa: PLC0415
+
+    from imaged.daemon import serve  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="imaged: %(levelname)s: %(message)s")
+    trio.run(serve, config)
+
+
+def _run(args: argparse.Namespace) -> Any:
+    if args.command == "bench":
+        import trio  # noqa: PLC0415
+
+        return trio.run(_run_embedded, args, None)
+    config = load_config(Overrides(config=args.config, root=args.root, driver=args.driver,
+                                   socket=args.socket))
+    if args.command == "serve":
+        if args.json:
+            raise InvalidError("serve does not take --json: it logs to stderr")
+        _serve(config, args.debug)
+        return None
+    client = daemon_for(config.socket, config.root)
+    if client is None:
+        import trio  # noqa: PLC0415
+
+        return trio.run(_run_embedded, args, config)
+    with contextlib.closing(client):
+        return _run_remote(args, client)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result, show = trio.run(_run, args)
+        result = _run(args)
     except ImagedError as exc:
         return _fail(args, exc)
     except KeyboardInterrupt:
@@ -196,10 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          + ("" if args.debug else
                                             " (run with --debug for a traceback)")))
     try:
-        if args.json:
+        if args.command == "serve":
+            pass
+        elif args.json:
             print(json.dumps(result, indent=2, sort_keys=True))
         else:
-            show(result)
+            _SHOW.get(args.command, _print_nothing)(result)
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (imaged ps | head): not an error of ours; silence the

@@ -153,16 +153,36 @@ class ContentStore:
             ingest.verify()
         if ingests:
             syncfs(self.ingest_dir)
-        targets = []
-        for ingest in ingests:
-            ingest.close()
-            target = self.path(ingest.digest)
-            os.chmod(ingest.path, 0o444)
-            os.rename(ingest.path, target)
-            targets.append(target)
+        targets = [self._rename(ingest) for ingest in ingests]
         for parent in {t.parent for t in targets}:
             fsync_dir(parent)
         return targets
+
+    def place(self, ingest: Ingest) -> Path:
+        """Verify a blob and rename it into the store without flushing it; ``flush`` later.
+
+        Concurrent pulls share one download per blob, so the blob must sit at its one final path
+        as soon as it is verified: were it left in ingest until each pull's commit, one pull's
+        commit would move it away under another still reading it. Until ``flush``, a crash can
+        leave a blob file with no row, exactly what recovery at open already moves back to
+        ingest to be verified again, so no row may name a placed blob before ``flush``.
+        """
+        ingest.verify()
+        return self._rename(ingest)
+
+    def flush(self) -> None:
+        """Make every placed blob durable: one syncfs and one fsync per algorithm directory,
+        however many blobs a pull placed."""
+        syncfs(self.blobs)
+        for alg_dir in self.blobs.iterdir():
+            fsync_dir(alg_dir)
+
+    def _rename(self, ingest: Ingest) -> Path:
+        ingest.close()
+        target = self.path(ingest.digest)
+        os.chmod(ingest.path, 0o444)
+        os.rename(ingest.path, target)
+        return target
 
     def ingest_bytes(self, digest: Digest, data: bytes) -> Ingest:
         """A small blob already in memory (manifest, config) as an ingest, to commit with others."""

@@ -98,3 +98,17 @@ def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     if leaves and all(isinstance(e, ImagedError) for e in leaves):
         return leaves[0]
     return group
+
+
+def error_from_json(body: object) -> ImagedError:
+    """The error a daemon answered with, as the class the embedded service would have raised,
+    so the CLI reports it alike in both modes."""
+    inner = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(inner, dict):
+        return InternalError(f"the daemon answered with an unexpected error body: {body!r:.200}")
+    code, message = inner.get("code"), str(inner.get("message", ""))
+    for cls in (InvalidError, ForbiddenError, NotFoundError, ConflictError,
+                QuotaUnsupportedError, RegistryError):
+        if cls.code == code:
+            return cls(message)
+    return InternalError(message)

@@ -1,9 +1,13 @@
-"""Durability primitives: flushing a directory entry, a whole filesystem."""
+"""Filesystem primitives: flushing a directory entry or a whole filesystem, and measuring
+trees the way ``du`` does."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import stat
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -31,3 +35,39 @@ def syncfs(path: Path) -> None:
             raise OSError(err, os.strerror(err), str(path))
     finally:
         os.close(fd)
+
+
+def walk_lstat(path: Path) -> Iterator[os.stat_result]:
+    """``lstat`` of ``path`` and of everything under it, symlinks not followed, as ``du`` walks.
+
+    A tree that vanishes while it is walked yields what was there; a missing ``path`` nothing.
+    """
+    try:
+        yield os.lstat(path)
+    except FileNotFoundError:
+        return
+    for dirpath, dirnames, filenames in os.walk(path):
+        for entry in (*dirnames, *filenames):
+            try:
+                yield os.lstat(os.path.join(dirpath, entry))
+            except FileNotFoundError:
+                continue
+
+
+def freed_by_removing(paths: Iterable[Path]) -> int:
+    """Bytes ``du`` stops seeing once these trees are removed: allocated blocks
+    (``st_blocks * 512``, not apparent sizes, since blocks are what the disk gets back),
+    each inode once, and a hardlinked file only when all of its links are among the removed.
+
+    A file with a link outside the trees survives the removal, so counting it would report
+    bytes that the disk never gets back.
+    """
+    links: Counter[tuple[int, int]] = Counter()
+    stats: dict[tuple[int, int], os.stat_result] = {}
+    for path in paths:
+        for st in walk_lstat(path):
+            key = (st.st_dev, st.st_ino)
+            links[key] += 1
+            stats[key] = st
+    return sum(st.st_blocks * 512 for key, st in stats.items()
+               if stat.S_ISDIR(st.st_mode) or links[key] >= st.st_nlink)

@@ -29,6 +29,14 @@ class Lease:
                 self.keys.add(key)
                 self._table._held[key] += 1
 
+    def discard(self, key: str) -> None:
+        """Stop relying on one key before the lease ends. A failing pull lets go of each key as
+        it decides to keep or remove it, so that of several holders failing at once exactly the
+        last one to decide sees nobody else holding it, and removes it."""
+        if key in self.keys:
+            self.keys.remove(key)
+            self._table._release(key)
+
 
 class Leases:
     def __init__(self) -> None:
@@ -42,9 +50,12 @@ class Leases:
             yield lease
         finally:
             for key in lease.keys:
-                self._held[key] -= 1
-                if not self._held[key]:
-                    del self._held[key]
+                self._release(key)
+
+    def _release(self, key: str) -> None:
+        self._held[key] -= 1
+        if not self._held[key]:
+            del self._held[key]
 
     def held(self, key: str) -> bool:
         return key in self._held

@@ -217,6 +217,11 @@ class Metadata:
     def blob_digests(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT digest FROM blobs")}
 
+    def has_blob(self, digest: Digest) -> bool:
+        """Whether the blob is recorded (its file flushed); a file alone may be a pull's work."""
+        return self.db.execute("SELECT 1 FROM blobs WHERE digest=?",
+                               (str(digest),)).fetchone() is not None
+
     # images
 
     def record_image(self, new: NewImage) -> None:
@@ -365,6 +370,11 @@ class Metadata:
             "SELECT chain_id FROM layers WHERE state='ready' AND chain_id NOT IN "
             "(SELECT chain_id FROM image_layers)")]
 
+    def layer_referenced(self, chain_id: Digest) -> bool:
+        """Whether a recorded image has this layer in its chain."""
+        return self.db.execute("SELECT 1 FROM image_layers WHERE chain_id=? LIMIT 1",
+                               (str(chain_id),)).fetchone() is not None
+
     # containers
 
     def containers(self) -> list[ContainerRow]:
@@ -400,6 +410,20 @@ class Metadata:
             db.execute("DELETE FROM containers WHERE name=?", (name,))
             if row is not None:
                 self._drop_image_if_unused(row[0])
+            return self._orphan_blobs()
+
+    # garbage collection
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob an image or a name still needs: manifests, configs, layers, indexes."""
+        return {r[0] for r in self.db.execute(
+            """SELECT id FROM images UNION SELECT config_digest FROM images
+             UNION SELECT blob_digest FROM image_layers
+             UNION SELECT index_digest FROM refs WHERE index_digest IS NOT NULL""")}
+
+    def drop_orphan_blobs(self) -> list[Digest]:
+        """Delete the rows of blobs nothing references; returns them (the caller deletes files)."""
+        with self.transaction():
             return self._orphan_blobs()
 
 

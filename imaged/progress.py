@@ -10,7 +10,7 @@ import sys
 from types import TracebackType
 from typing import Any, TextIO
 
-from imaged.pull import PullEvent
+from imaged.events import PullEvent
 from imaged.sizes import format_size
 
 
@@ -37,6 +37,8 @@ class PlainProgress:
             resumed = f", resuming at {format_size(event.current)}" if event.current else ""
             line = f"layer {_short(event.layer)}: downloading {format_size(event.total or 0)}" \
                    f"{resumed}"
+        elif event.status == "waiting":
+            line = f"layer {_short(event.layer)}: shared with another pull in progress"
         elif event.status == "verified":
             line = f"layer {_short(event.layer)}: verified"
         elif event.status == "unpacked":

@@ -22,10 +22,13 @@ from imaged.config import Config
 from imaged.digest import Digest
 from imaged.drivers import Usage, probe_all
 from imaged.errors import ConflictError, InvalidError, NotFoundError
+from imaged.events import Reporter
+from imaged.faults import pause_point
+from imaged.gc import collect, release
 from imaged.leases import Leases
 from imaged.metadata import ContainerRow, ImageRow
 from imaged.mounts import backing_filesystem
-from imaged.pull import PullResult, Reporter, pull
+from imaged.pull import Puller, PullResult
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.manifest import Platform
 from imaged.registry_client.reference import parse_reference
@@ -54,10 +57,13 @@ def image_json(row: ImageRow) -> dict[str, Any]:
 
 
 class Service:
-    def __init__(self, store: Store, client: RegistryClient) -> None:
+    def __init__(self, store: Store, client: RegistryClient, nursery: trio.Nursery) -> None:
+        """``nursery`` runs work shared by concurrent pulls (``imaged.flights``): it must outlive
+        every call into this service, since that work outlives the pull that started it."""
         self.store = store
         self.client = client
         self.leases = Leases()
+        self._puller = Puller(store, client, self.leases, nursery)
 
     @classmethod
     @asynccontextmanager
@@ -65,7 +71,17 @@ class Service:
         store = Store(config, holder)
         client = RegistryClient(config)
         try:
-            yield cls(store, client)
+            async with trio.open_nursery() as nursery:
+                try:
+                    yield cls(store, client, nursery)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery wraps even the caller's own error; give it back as it was raised.
+            if len(group.exceptions) != 1:
+                raise
+            error = group.exceptions[0]
+            raise error from error.__cause__
         finally:
             client.close()
             store.close()
@@ -74,8 +90,8 @@ class Service:
                    report: Reporter) -> PullResult:
         ref = parse_reference(ref_text)
         platform = Platform.parse(platform_text) if platform_text else Platform.host()
-        return await pull(self.store, self.client, ref, platform, report,
-                          platform_explicit=platform_text is not None)
+        return await self._puller.pull(ref, platform, report,
+                                       platform_explicit=platform_text is not None)
 
     def images(self) -> list[dict[str, Any]]:
         return [image_json(row) for row in self.store.meta.images()]
@@ -110,15 +126,16 @@ class Service:
                 "freed_bytes": freed}
 
     def _release(self, blobs: list[Digest]) -> int:
-        """Delete blob files and driver layers nothing references any more; bytes freed."""
-        freed = sum(self.store.content.remove(digest) for digest in blobs)
-        unused = self.store.meta.unused_layers()
-        if unused:
-            driver = self.store.driver()
-            for chain_id in unused:
-                driver.remove_layer(Digest.parse(chain_id).hex)
-                self.store.meta.delete_layer(chain_id)
-        return freed
+        """Remove what an rmi or rm just orphaned, through garbage collection's own removal so
+        leases are respected here too; bytes freed as ``du`` counts them."""
+        return release(self.store, self.leases, blobs, self.store.meta.unused_layers()).freed_bytes
+
+    def gc(self) -> dict[str, Any]:
+        """Remove every blob and layer nothing references or leases (``imaged.gc``).
+
+        Synchronous on purpose: no checkpoint may come between a lease check and a removal.
+        """
+        return collect(self.store, self.leases).to_json()
 
     # containers
 
@@ -148,52 +165,85 @@ class Service:
     def _layers_of(self, image_id: Digest) -> list[str]:
         return self.store.meta.chain_keys(image_id)
 
-    async def mount(self, image_text: str, name: str | None, quota: int | None,
+    async def create(self, image_text: str, name: str | None, quota: int | None,
+                     read_only: bool) -> dict[str, Any]:
+        """A new container on the image, not mounted (the API's POST /v1/containers)."""
+        image_id, _ = self.store.resolve_image(image_text)
+        name = name or f"c-{secrets.token_hex(6)}"
+        check_name(name)
+        if read_only and quota is not None:
+            raise InvalidError("a read-only container has no writable layer to put a quota on")
+        row = self.store.meta.container(name)
+        if row is not None:
+            raise ConflictError(f"container {name} already exists"
+                                + ("" if row.state == "ready" else f" (being {row.state})"))
+        await self._create(image_id, name, quota, read_only)
+        return self._container_json(self._get(name))
+
+    async def _create(self, image_id: Digest, name: str, quota: int | None,
+                      read_only: bool) -> None:
+        driver = self.store.driver()
+        self.store.meta.insert_container(ContainerRow(
+            name, image_id, driver.name, quota, read_only, "creating", None, False, time.time()))
+        try:
+            await trio.to_thread.run_sync(driver.create_container, name,
+                                          self._layers_of(image_id), quota, read_only)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(driver.remove_container, name)
+            self.store.meta.delete_container(name)
+            raise
+        self.store.meta.update_container(name, state="ready")
+
+    async def mount(self, image_text: str | None, name: str | None, quota: int | None,
                     read_only: bool, target: Path | None) -> dict[str, Any]:
-        """Create container ``name`` on the image if it does not exist, then mount it."""
+        """Mount container ``name``; given an image, create it first if it does not exist (the
+        CLI's ``mount``), refusing an existing one that differs from what was asked."""
+        if image_text is None:
+            if name is None:
+                raise InvalidError("mount needs a container name or an image")
+            row = self._get(name)
+        else:
+            row = await self._ensure(image_text, name, quota, read_only)
+        pause_point("created-not-mounted")
+        if row.mount_path is not None:
+            if target is not None and Path(row.mount_path) != target:
+                raise ConflictError(f"container {row.name} is already mounted at "
+                                    f"{row.mount_path}")
+            return {"name": row.name, "path": row.mount_path, "mounts": []}
+        driver = self.store.driver()
+        mounted = await trio.to_thread.run_sync(driver.mount, row.name,
+                                                self._layers_of(row.image_id), row.read_only,
+                                                target)
+        self.store.meta.update_container(row.name, mount_path=str(mounted.path),
+                                         target=int(target is not None))
+        return {"name": row.name, "path": str(mounted.path),
+                "mounts": [spec.to_json() for spec in mounted.mounts]}
+
+    async def _ensure(self, image_text: str, name: str | None, quota: int | None,
+                      read_only: bool) -> ContainerRow:
         if read_only and quota is not None:
             raise InvalidError("a read-only container has no writable layer to put a quota on")
         image_id, _ = self.store.resolve_image(image_text)
-        driver = self.store.driver()
         name = name or f"c-{secrets.token_hex(6)}"
         check_name(name)
-        layers = self._layers_of(image_id)
         row = self.store.meta.container(name)
-        if row is not None and row.state == "ready":
-            if row.image_id != image_id:
-                raise ConflictError(f"container {name} exists on another image "
-                                    f"({row.image_id.short})")
-            if quota is not None and row.quota != quota:
-                raise ConflictError(f"container {name} exists with quota "
-                                    f"{row.quota if row.quota is not None else 'none'}; "
-                                    "change it with imaged update")
-            if row.read_only != read_only:
-                raise ConflictError(f"container {name} exists "
-                                    f"{'read-only' if row.read_only else 'writable'}")
-            if row.mount_path is not None:
-                if target is not None and Path(row.mount_path) != target:
-                    raise ConflictError(f"container {name} is already mounted at "
-                                        f"{row.mount_path}")
-                return {"name": name, "path": row.mount_path, "mounts": []}
-        elif row is not None:
+        if row is None:
+            await self._create(image_id, name, quota, read_only)
+            return self._get(name)
+        if row.state != "ready":
             raise ConflictError(f"container {name} is being {row.state[:-3]}ed")
-        else:
-            self.store.meta.insert_container(ContainerRow(
-                name, image_id, driver.name, quota, read_only, "creating", None, False,
-                time.time()))
-            try:
-                await trio.to_thread.run_sync(driver.create_container, name, layers, quota,
-                                              read_only)
-            except BaseException:
-                await trio.to_thread.run_sync(driver.remove_container, name)
-                self.store.meta.delete_container(name)
-                raise
-            self.store.meta.update_container(name, state="ready")
-        mounted = await trio.to_thread.run_sync(driver.mount, name, layers, read_only, target)
-        self.store.meta.update_container(name, mount_path=str(mounted.path),
-                                         target=int(target is not None))
-        return {"name": name, "path": str(mounted.path),
-                "mounts": [spec.to_json() for spec in mounted.mounts]}
+        if row.image_id != image_id:
+            raise ConflictError(f"container {name} exists on another image "
+                                f"({row.image_id.short})")
+        if quota is not None and row.quota != quota:
+            raise ConflictError(f"container {name} exists with quota "
+                                f"{row.quota if row.quota is not None else 'none'}; "
+                                "change it with imaged update")
+        if row.read_only != read_only:
+            raise ConflictError(f"container {name} exists "
+                                f"{'read-only' if row.read_only else 'writable'}")
+        return row
 
     async def umount(self, name: str) -> dict[str, Any]:
         row = self._get(name)
@@ -211,6 +261,7 @@ class Service:
                                     "unmount it first or use --force")
             await self.umount(name)
         self.store.meta.update_container(name, state="removing")
+        pause_point("mid-removal")
         await trio.to_thread.run_sync(self.store.driver().remove_container, name)
         freed = self._release(self.store.meta.delete_container(name))
         return {"ok": True, "name": name, "freed_bytes": freed}
@@ -222,6 +273,9 @@ class Service:
         await trio.to_thread.run_sync(self.store.driver().resize_quota, name, quota,
                                       row.mount_path is not None)
         self.store.meta.update_container(name, quota=quota)
+        return self._container_json(self._get(name))
+
+    def container(self, name: str) -> dict[str, Any]:
         return self._container_json(self._get(name))
 
     def ps(self) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ from imaged.config import Config
 from imaged.content import Ingest
 from imaged.digest import Digest
 from imaged.errors import ContentError, ImagedError, NotFoundError, RegistryError
+from imaged.faults import pause_point
 from imaged.registry_client.auth import (
     Challenge,
     Credentials,
@@ -513,6 +514,7 @@ class RegistryClient:
             except BaseException as exc:  # noqa: BLE001 - handed to the trio side below
                 write_failures.append(exc)
                 return False
+            pause_point("mid-download")
             if progress is not None and time.monotonic() - last_report >= PROGRESS_INTERVAL:
                 last_report = time.monotonic()
                 trio.from_thread.run_sync(progress, ingest.offset)

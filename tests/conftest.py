@@ -8,8 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,16 @@ import pytest
 from imaged import cli
 from imaged.bench.images import OCILayout, directory, file, push
 from imaged.bench.registry import LocalRegistry, start_registry
+from imaged.mounts import mountinfo, unmount
+from tests.integration.faulty import FaultyRegistry, serve
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``cli_modes`` run twice: CLI in-process, and CLI through a daemon."""
+    if "cli_mode" in metafunc.fixturenames:
+        modes = ["embedded", "daemon"] if metafunc.definition.get_closest_marker("cli_modes") \
+            else ["embedded"]
+        metafunc.parametrize("cli_mode", modes)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -76,6 +90,18 @@ def push_simple(layout: OCILayout, registry: LocalRegistry, repo: str, tag: str 
     return Pushed(ref, manifest.digest, layout)
 
 
+def upstream_gets(registry: LocalRegistry, repo: str) -> list[str]:
+    """The registry's access-log lines for GETs under ``repo``: what pulls really fetched."""
+    return [line for line in registry.log().splitlines() if f'"GET /v2/{repo}/' in line]
+
+
+@pytest.fixture
+def faulty() -> Iterator[FaultyRegistry]:
+    """A registry that misbehaves on demand (tests/integration/faulty.py), stopped at teardown."""
+    with serve() as registry:
+        yield registry
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path / "root"
@@ -90,11 +116,14 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, s
     if not config.exists():
         config.write_text(f'certs_dirs = ["{tmp_path / "certs.d"}"]\n')
     for var in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "IMAGED_ROOT",
-                "IMAGED_DRIVER", "IMAGED_SOCKET"):
+                "IMAGED_DRIVER", "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS"):
         monkeypatch.delenv(var, raising=False)
+    # Never a host daemon's socket: a test talks to the daemon it started, or to none.
+    monkeypatch.setenv("IMAGED_SOCKET", str(tmp_path / "no-daemon.sock"))
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("IMAGED_CONFIG", str(config))
-    return {"HOME": str(home), "IMAGED_CONFIG": str(config)}
+    return {"HOME": str(home), "IMAGED_CONFIG": str(config),
+            "IMAGED_SOCKET": str(tmp_path / "no-daemon.sock")}
 
 
 @dataclass
@@ -107,12 +136,101 @@ class Result:
         return json.loads(self.out)
 
 
+class Daemon:
+    """``imaged serve`` as a real process on a short socket path (AF_UNIX allows 107 bytes)."""
+
+    def __init__(self, root: Path, env: dict[str, str], driver: str | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.dir = Path(tempfile.mkdtemp(prefix="imd-", dir="/tmp"))
+        self.socket = self.dir / "imaged.sock"
+        self.log = self.dir / "daemon.log"
+        self.env = {**os.environ, **env, "IMAGED_SOCKET": str(self.socket), **(extra_env or {})}
+        args = ["--driver", driver] if driver else []
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "imaged", "--root", str(root), *args, "serve"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.output()}")
+            if self.socket.is_socket():
+                with socket.socket(socket.AF_UNIX) as probe:
+                    try:
+                        probe.connect(str(self.socket))
+                        return
+                    except OSError:
+                        pass
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready after {timeout} s: {self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 @pytest.fixture
-def imaged(root: Path, isolated_env: dict[str, str],
-           capsys: pytest.CaptureFixture[str]) -> Any:
-    """Run the CLI in this process (fast): ``imaged("pull", ref)`` → Result."""
+def start_daemon(root: Path, isolated_env: dict[str, str]) -> Iterator[Any]:
+    """Start daemons on ``root`` (or another); every one is stopped, by PID, at teardown."""
+    started: list[Daemon] = []
+
+    def start(driver: str | None = None, on: Path | None = None,
+              env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(on or root, isolated_env, driver, env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()
+    # Mounts outlive a daemon (by design): whatever one left under its root goes now.
+    for daemon in started:
+        for mount in reversed(mountinfo()):
+            if mount.mount_point.startswith(str(daemon.root) + "/"):
+                unmount(Path(mount.mount_point), lazy=True)
+
+
+@pytest.fixture
+def cli_mode() -> str:
+    return "embedded"  # parametrized by pytest_generate_tests for tests marked cli_modes
+
+
+@pytest.fixture
+def imaged(root: Path, isolated_env: dict[str, str], capsys: pytest.CaptureFixture[str],
+           cli_mode: str, start_daemon: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run the CLI in this process (fast): ``imaged("pull", ref)`` → Result.
+
+    In daemon mode a daemon is started on the root at the first command (with that command's
+    ``--driver``), and every command goes through its socket.
+    """
+    daemon: list[Daemon] = []
 
     def run(*args: str) -> Result:
+        if cli_mode == "daemon" and not daemon:
+            driver = args[args.index("--driver") + 1] if "--driver" in args else None
+            daemon.append(start_daemon(driver))
+            monkeypatch.setenv("IMAGED_SOCKET", str(daemon[0].socket))
         capsys.readouterr()
         code = cli.main(["--root", str(root), *args])
         captured = capsys.readouterr()

@@ -10,6 +10,8 @@ routes, records every request it parses, and follows a per-route script of fault
 - ``Hangup()``: close the connection without any response;
 - ``Endless(chunked)``: a body that never ends (chunked, or close-delimited without a length);
 - ``Oversized(length)``: a huge Content-Length, and bytes until the client gives up;
+- ``Gate(after, release)``: ``after`` bytes of the body, then the rest once the test sets
+  ``release``: a download held mid-way for exactly as long as a test needs;
 - ``Serve()``: the route's bytes, honouring ``Range: bytes=N-`` with 206 unless the route says
   ``honour_range=False`` (then 200 with everything, as some CDNs do).
 
@@ -73,6 +75,12 @@ class Hangup:
 
 
 @dataclass(frozen=True)
+class Gate:
+    after: int  # body bytes sent before waiting
+    release: threading.Event
+
+
+@dataclass(frozen=True)
 class Endless:
     chunked: bool
 
@@ -82,7 +90,7 @@ class Oversized:
     length: int
 
 
-Action = Serve | Drop | Fail | Hangup | Endless | Oversized
+Action = Serve | Drop | Gate | Fail | Hangup | Endless | Oversized
 
 
 @dataclass
@@ -336,7 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
                                      "Content-Length": str(len(body)), **(extra or {})})
         self.wfile.write(body)
 
-    def _body(self, record: Recorded, route: Route, action: Serve | Drop) -> None:
+    def _body(self, record: Recorded, route: Route, action: Serve | Drop | Gate) -> None:
         data = route.data
         status, body = 200, data
         headers = {"Content-Type": route.content_type, **route.headers}
@@ -359,6 +367,14 @@ class _Handler(BaseHTTPRequestHandler):
             # A clean FIN (not an RST: the request was read whole) after a short body.
             self.connection.shutdown(socket.SHUT_WR)
             return
+        if isinstance(action, Gate):
+            self.wfile.write(body[:action.after])
+            self.wfile.flush()
+            stopping = self.server.registry.stopping
+            while not action.release.wait(0.05):
+                if stopping.is_set():
+                    return
+            body = body[action.after:]
         self.wfile.write(body)
 
     def _stream(self, record: Recorded, route: Route, action: Endless | Oversized) -> None:

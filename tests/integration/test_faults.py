@@ -17,7 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,12 @@ from imaged.bench.images import OCILayout
 from imaged.bench.registry import LocalRegistry, free_port
 from imaged.config import Overrides, load_config
 from imaged.errors import ImagedError
-from imaged.pull import PullEvent
+from imaged.events import PullEvent
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.retry import RetryPolicy
 from imaged.service import Service
 from imaged.store import Store
-from tests.conftest import Result, push_simple
+from tests.conftest import Result, push_simple, upstream_gets
 from tests.integration.faulty import (
     Blob,
     Drop,
@@ -48,19 +48,12 @@ from tests.integration.faulty import (
     make_image,
     make_layer,
     manifest_path,
-    serve,
     sha256,
 )
 
 Imaged = Callable[..., Result]
 BIG = 512 * 1024  # bytes of incompressible file content in the "big" layer
 DROP_AT = 100_000  # bytes of that layer sent before a dropped connection
-
-
-@pytest.fixture
-def faulty() -> Iterator[FaultyRegistry]:
-    with serve() as registry:
-        yield registry
 
 
 def noise(seed: int) -> bytes:
@@ -138,9 +131,11 @@ def pull_with_policy(root: Path, ref: str, policy: RetryPolicy,
         client = RegistryClient(config, policy=policy)
         try:
             with trio.fail_after(timeout):
-                await Service(store, client).pull(ref, None, events.append)
-        except ImagedError as exc:
-            return exc
+                async with trio.open_nursery() as nursery:  # the Service's, for shared work
+                    try:
+                        await Service(store, client, nursery).pull(ref, None, events.append)
+                    except ImagedError as exc:
+                        return exc
         finally:
             client.close()
             store.close()
@@ -451,10 +446,6 @@ def test_failed_pull_leaves_sharing_image_intact(faulty: FaultyRegistry, imaged:
 
 
 # -- 9. mirrors ------------------------------------------------------------------------------
-
-
-def upstream_gets(registry: LocalRegistry, repo: str) -> list[str]:
-    return [line for line in registry.log().splitlines() if f'"GET /v2/{repo}/' in line]
 
 
 def image_from_layout(layout: OCILayout, manifest_digest: str) -> Image:

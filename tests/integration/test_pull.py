@@ -27,6 +27,7 @@ def blob_names(root: Path) -> set[str]:
     return {p.name for p in (root / "content" / "blobs" / "sha256").iterdir()}
 
 
+@pytest.mark.cli_modes
 def test_pull_records_image_and_prints_id(registry: LocalRegistry, layout: OCILayout,
                                           imaged: Any, root: Path) -> None:
     pushed = push_simple(layout, registry, "pull/basic")
@@ -44,6 +45,7 @@ def test_pull_records_image_and_prints_id(registry: LocalRegistry, layout: OCILa
         assert blob.stat().st_mode & 0o222 == 0
 
 
+@pytest.mark.cli_modes
 @pytest.mark.parametrize("compression", ["gzip", "zstd", None])
 def test_every_layer_compression(registry: LocalRegistry, layout: OCILayout, imaged: Any,
                                  compression: str | None) -> None:
@@ -87,6 +89,7 @@ def _multi_platform(layout: OCILayout, registry: LocalRegistry, repo: str) -> di
     return digests
 
 
+@pytest.mark.cli_modes
 def test_multi_platform_index(registry: LocalRegistry, layout: OCILayout, imaged: Any,
                               root: Path) -> None:
     digests = _multi_platform(layout, registry, "pull/multi")
@@ -106,6 +109,7 @@ def test_multi_platform_index(registry: LocalRegistry, layout: OCILayout, imaged
     assert digests["index"].split(":")[1] in blob_names(root)
 
 
+@pytest.mark.cli_modes
 def test_pull_by_digest_and_shared_layers(registry: LocalRegistry, layout: OCILayout,
                                           imaged: Any) -> None:
     first = push_simple(layout, registry, "pull/shared-a")
@@ -120,6 +124,7 @@ def test_pull_by_digest_and_shared_layers(registry: LocalRegistry, layout: OCILa
     assert refs == {first.ref, by_digest}
 
 
+@pytest.mark.cli_modes
 def test_pull_by_wrong_digest_is_not_found(registry: LocalRegistry, layout: OCILayout,
                                            imaged: Any) -> None:
     pushed = push_simple(layout, registry, "pull/wrong-digest")
@@ -142,6 +147,7 @@ def test_repeated_layer_blob_is_fetched_once(registry: LocalRegistry, layout: OC
     assert imaged("--json", "images").json()[0]["layers"] == 3
 
 
+@pytest.mark.cli_modes
 def test_rmi_by_name_and_id(registry: LocalRegistry, layout: OCILayout, imaged: Any,
                             root: Path) -> None:
     a = push_simple(layout, registry, "rmi/a")
@@ -173,6 +179,7 @@ def test_rmi_by_name_and_id(registry: LocalRegistry, layout: OCILayout, imaged: 
     assert imaged("rmi", a.ref).code == 1
 
 
+@pytest.mark.cli_modes
 def test_id_prefix_rules(registry: LocalRegistry, layout: OCILayout, imaged: Any) -> None:
     pushed = push_simple(layout, registry, "rmi/prefix")
     assert imaged("pull", pushed.ref).code == 0
@@ -182,6 +189,7 @@ def test_id_prefix_rules(registry: LocalRegistry, layout: OCILayout, imaged: Any
     assert imaged("rmi", "sha256:" + pushed.manifest_digest.split(":")[1][:12]).code == 0
 
 
+@pytest.mark.cli_modes
 def test_info_reports_root_and_content(registry: LocalRegistry, layout: OCILayout,
                                        imaged: Any, root: Path) -> None:
     pushed = push_simple(layout, registry, "info/one")
@@ -195,6 +203,7 @@ def test_info_reports_root_and_content(registry: LocalRegistry, layout: OCILayou
     assert str(root) in text.out
 
 
+@pytest.mark.cli_modes
 @pytest.mark.parametrize(
     ("ref", "words"),
     [

@@ -1,0 +1,186 @@
+"""``imaged serve``: the store behind a Unix socket, for runtimes and for the CLI.
+
+The daemon is the embedded service plus three things: a socket (made 0660, group ``imaged``
+when that group exists, or handed over by systemd's socket activation), a check of every peer's
+credentials before its first request is read, and a shutdown that lets requests in flight finish
+(for a grace period, then cancels them: a cancelled pull rolls back like a failed one). Mounts
+stay in place when the daemon stops, as containerd's do; the next start reconciles them
+(``Store.recover``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import trio
+
+from imaged.api import Api
+from imaged.config import Config
+from imaged.errors import ConflictError, InvalidError
+from imaged.httpserver import Connection, Limits, Request, Response, StreamResponse, error_body
+from imaged.peercred import ADMIN_GROUP, Peer, admin_gid, peer_of
+from imaged.service import Service
+
+log = logging.getLogger("imaged.daemon")
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+MAX_CONNECTIONS = 512
+_SD_LISTEN_FDS_START = 3
+
+
+def _activated_socket() -> socket.socket | None:
+    """The listening socket systemd passed us (sd_listen_fds(3)), if it did."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or not os.environ.get("LISTEN_FDS"):
+        return None
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)  # not for our children
+    sock = socket.socket(fileno=_SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise InvalidError("the socket systemd passed is not a Unix stream socket")
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def _bind(path: Path) -> socket.socket:
+    """Bind ``path`` as a 0660 socket; a stale one is replaced, a live one is someone else's."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if path.is_socket():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody answers: left by a daemon that died
+        else:
+            raise ConflictError(f"socket {path} is served by another running daemon")
+        finally:
+            probe.close()
+    elif path.exists() or path.is_symlink():
+        raise ConflictError(f"{path} exists and is not a socket; refusing to replace it")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)  # no window in which the socket is more open than 0660
+    try:
+        sock.bind(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    gid = admin_gid()
+    os.chown(path, 0, gid if gid is not None else 0)
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP)
+    sock.listen(128)
+    return sock
+
+
+def _notify_ready() -> None:
+    """sd_notify(READY=1) for Type=notify units: clients may connect from now on."""
+    where = os.environ.pop("NOTIFY_SOCKET", None)
+    if not where:
+        return
+    address = "\0" + where[1:] if where.startswith("@") else where
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, \
+            contextlib.suppress(OSError):
+        sock.sendto(b"READY=1", address)
+
+
+class Server:
+    def __init__(self, service: Service, listener: socket.socket, limits: Limits) -> None:
+        self.service = service
+        self.api = Api(service)
+        self.listener = trio.socket.from_stdlib_socket(listener)
+        self.limits = limits
+        self.admin_gid = admin_gid()
+        self.connections: dict[Connection, trio.CancelScope] = {}
+        self.draining = False
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._accept, nursery)
+            _notify_ready()
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("%s: finishing requests in flight, then stopping",
+                             signal.Signals(signum).name)
+                    break
+            self.drain()
+            nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_SECONDS + 1
+
+    def drain(self) -> None:
+        """Stop accepting; close idle connections now and busy ones after their request."""
+        self.draining = True
+        self.listener.close()
+        for conn, scope in self.connections.items():
+            if conn.busy:
+                scope.deadline = trio.current_time() + SHUTDOWN_GRACE_SECONDS
+            else:
+                scope.cancel()
+
+    async def _accept(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, _ = await self.listener.accept()
+            except (trio.ClosedResourceError, OSError):
+                if self.draining:  # drain() closed the listener under us
+                    return
+                raise
+            if len(self.connections) >= MAX_CONNECTIONS:
+                log.warning("refusing a connection: %d already open", MAX_CONNECTIONS)
+                sock.close()
+                continue
+            nursery.start_soon(self._serve, trio.SocketStream(sock))
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = peer_of(stream.socket)
+        except OSError:
+            await stream.aclose()
+            return
+        allowed = peer.allowed(self.admin_gid)
+        conn = Connection(stream, self.api.handle if allowed else self._forbid(peer),
+                          self.limits, draining=lambda: self.draining)
+        with trio.CancelScope() as scope:
+            self.connections[conn] = scope
+            try:
+                await conn.serve()
+            finally:
+                del self.connections[conn]
+
+    def _forbid(self, peer: Peer) -> Callable[[Request], Awaitable[Response | StreamResponse]]:
+        async def forbidden(request: Request) -> Response:
+            log.warning("refused %s %s from %s: not root, not in group %s", request.method,
+                        request.path, peer.describe(), ADMIN_GROUP)
+            return Response(403, error_body(
+                "forbidden", f"{peer.describe()} may not use this daemon: root or members of "
+                f"group {ADMIN_GROUP!r} only"))
+
+        return forbidden
+
+
+@contextlib.contextmanager
+def _listening(config: Config) -> Iterator[socket.socket]:
+    activated = _activated_socket()
+    sock = activated or _bind(config.socket)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        if activated is None:
+            with contextlib.suppress(FileNotFoundError):
+                config.socket.unlink()
+
+
+async def serve(config: Config, limits: Limits | None = None) -> None:
+    async with Service.open(config, "imaged serve") as service:
+        for note in service.store.recovered:
+            log.info("recovery: %s", note)
+        with _listening(config) as sock:
+            log.info("serving root %s on %s", config.root, sock.getsockname())
+            await Server(service, sock, limits or Limits()).run()
+    log.info("stopped")
