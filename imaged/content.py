@@ -6,9 +6,10 @@ Layout under ``<root>/content``::
     ingest/<alg>-<hex>    partial or unverified downloads, kept so a dropped pull can resume
 
 An ingest file is only ever a cache: when it is reopened its bytes are hashed again before a
-single new byte is appended, and it becomes a blob only through ``commit``, which checks size and
-digest, fsyncs, renames and fsyncs the directory (borg's order). A crash at any point leaves
-either a complete verified blob or an ingest file, never a blob that lies.
+single new byte is appended, and it becomes a blob only through ``place``, which checks size and
+digest and renames it in; ``flush`` then makes a pull's blobs durable (syncfs, then fsync of the
+directories) before any metadata row names them. A crash at any point leaves either a verified
+blob or an ingest file, never a blob that lies; a blob with no row goes back to ingest at open.
 """
 
 from __future__ import annotations
@@ -140,24 +141,6 @@ class ContentStore:
     def open_ingest(self, digest: Digest, size: int) -> Ingest:
         return Ingest(self._ingest_path(digest), digest, size)
 
-    def commit(self, ingest: Ingest) -> Path:
-        return self.commit_all([ingest])[0]
-
-    def commit_all(self, ingests: list[Ingest]) -> list[Path]:
-        """Verify, flush once, rename each into the store, make the renames durable.
-
-        A whole pull's blobs are committed together: one syncfs and one directory fsync per
-        algorithm instead of two fsyncs per blob. Nothing is renamed unless every blob verifies.
-        """
-        for ingest in ingests:
-            ingest.verify()
-        if ingests:
-            syncfs(self.ingest_dir)
-        targets = [self._rename(ingest) for ingest in ingests]
-        for parent in {t.parent for t in targets}:
-            fsync_dir(parent)
-        return targets
-
     def place(self, ingest: Ingest) -> Path:
         """Verify a blob and rename it into the store without flushing it; ``flush`` later.
 
@@ -168,7 +151,11 @@ class ContentStore:
         ingest to be verified again, so no row may name a placed blob before ``flush``.
         """
         ingest.verify()
-        return self._rename(ingest)
+        ingest.close()
+        target = self.path(ingest.digest)
+        os.chmod(ingest.path, 0o444)
+        os.rename(ingest.path, target)
+        return target
 
     def flush(self) -> None:
         """Make every placed blob durable: one syncfs and one fsync per algorithm directory,
@@ -177,15 +164,8 @@ class ContentStore:
         for alg_dir in self.blobs.iterdir():
             fsync_dir(alg_dir)
 
-    def _rename(self, ingest: Ingest) -> Path:
-        ingest.close()
-        target = self.path(ingest.digest)
-        os.chmod(ingest.path, 0o444)
-        os.rename(ingest.path, target)
-        return target
-
     def ingest_bytes(self, digest: Digest, data: bytes) -> Ingest:
-        """A small blob already in memory (manifest, config) as an ingest, to commit with others."""
+        """A small blob already in memory (manifest, config) as an ingest."""
         ingest = self.open_ingest(digest, len(data))
         try:
             if ingest.offset:
@@ -197,10 +177,15 @@ class ContentStore:
         return ingest
 
     def write_bytes(self, digest: Digest, data: bytes) -> Path:
-        """Store a small blob already in memory through the same checks."""
+        """Place a small blob already in memory through the same checks (durable at the next
+        ``flush``, like any placed blob)."""
         if self.has(digest, len(data)):
             return self.path(digest)
-        return self.commit(self.ingest_bytes(digest, data))
+        ingest = self.ingest_bytes(digest, data)
+        try:
+            return self.place(ingest)
+        finally:
+            ingest.close()
 
     def read_bytes(self, digest: Digest) -> bytes:
         return self.path(digest).read_bytes()

@@ -368,8 +368,10 @@ class _Held:
     chains: list[Digest] = field(default_factory=list)
 
     def add_blobs(self, digests: list[Digest]) -> None:
+        known = set(self.blobs)  # a list keeps the order; 128 layers made `in` on it quadratic
         for digest in digests:
-            if digest not in self.blobs:
+            if digest not in known:
+                known.add(digest)
                 self.blobs.append(digest)
         self.lease.add(str(d) for d in digests)
 

@@ -24,6 +24,8 @@ import pytest
 from imaged import cli
 from imaged.bench.images import OCILayout, directory, file, push
 from imaged.bench.registry import LocalRegistry, start_registry
+from imaged.config import Config
+from imaged.drivers import registry as driver_registry
 from imaged.mounts import mountinfo, unmount
 from tests.integration.faulty import FaultyRegistry, serve
 
@@ -60,6 +62,21 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry
         yield reg
     finally:
         reg.stop()
+
+
+DRIVERS = [name for name, (_, factory) in driver_registry().items() if factory is not None]
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    name: str = request.param
+    if os.geteuid() != 0:
+        pytest.skip("drivers mount filesystems: needs root")
+    probe, _ = driver_registry()[name]
+    result = probe(Config(root=tmp_path / "root"))
+    if not result.supported:
+        pytest.skip(f"{name} not supported here: {result.reason}")
+    return name
 
 
 @pytest.fixture

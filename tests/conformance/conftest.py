@@ -16,24 +16,8 @@ import pytest
 
 from imaged.bench.images import Entry, OCILayout, file, push
 from imaged.bench.registry import LocalRegistry
-from imaged.config import Config
-from imaged.drivers import registry as driver_registry
 from imaged.mounts import mountinfo, unmount
 from tests.conftest import Result
-
-DRIVERS = [name for name, (_, factory) in driver_registry().items() if factory is not None]
-
-
-@pytest.fixture(params=DRIVERS)
-def driver(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    name: str = request.param
-    if os.geteuid() != 0:
-        pytest.skip("drivers mount filesystems: needs root")
-    probe, _ = driver_registry()[name]
-    result = probe(Config(root=tmp_path / "root"))
-    if not result.supported:
-        pytest.skip(f"{name} not supported here: {result.reason}")
-    return name
 
 
 @dataclass

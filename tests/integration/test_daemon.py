@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ from imaged.digest import Digest
 from imaged.errors import ConflictError, InvalidError, NotFoundError
 from imaged.mounts import is_mounted
 from tests.conftest import Daemon, need_tools, push_simple, upstream_gets
+from tests.integration.faulty import FaultyRegistry, Gate, blob_path
+from tests.integration.test_faults import big_image, top_layer
 
 
 @pytest.fixture
@@ -360,3 +363,29 @@ def _layer_rows(root: Path, where: str) -> set[str]:
         return {c for (c,) in db.execute(f"SELECT chain_id FROM layers WHERE {where}")}  # noqa: S608
     finally:
         db.close()
+
+
+def test_sigterm_lets_a_pull_in_flight_finish(daemon: Daemon, faulty: FaultyRegistry) -> None:
+    image = big_image(7)
+    faulty.add_image("daemon/drain", "v1", image)
+    path = blob_path("daemon/drain", top_layer(image).digest)
+    release = threading.Event()
+    faulty.routes[path].script = [Gate(1000, release)]  # the download waits for us
+    curl = subprocess.Popen(["curl", "-sS", "-N", "--unix-socket", str(daemon.socket), "-d",
+                             json.dumps({"ref": f"{faulty.host}/daemon/drain:v1"}),
+                             "http://imaged/v1/images/pull"], stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not faulty.requests_for(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        daemon.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "finishing requests in flight" not in daemon.output() and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert daemon.proc.poll() is None  # draining, not gone
+    finally:
+        release.set()
+    rest = curl.communicate(timeout=60)[0]
+    assert json.loads(rest.splitlines()[-1])["status"] == "done", rest[-500:]
+    assert daemon.proc.wait(30) == 0

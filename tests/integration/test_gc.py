@@ -20,28 +20,13 @@ import trio
 
 from imaged.bench.images import OCILayout
 from imaged.bench.registry import LocalRegistry
-from imaged.config import Config, Overrides, load_config
+from imaged.config import Overrides, load_config
 from imaged.digest import Digest
 from imaged.service import Service
-from tests.conformance.conftest import DRIVERS
 from tests.conftest import Result, push_simple
 
 T = TypeVar("T")
 NOTHING = {"freed_bytes": 0, "removed": {"blobs": 0, "layers": 0}}
-
-
-@pytest.fixture(params=DRIVERS)
-def gc_driver(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    from imaged.drivers import registry as driver_registry
-
-    name: str = request.param
-    if os.geteuid() != 0:
-        pytest.skip("drivers mount filesystems: needs root")
-    probe, _ = driver_registry()[name]
-    result = probe(Config(root=tmp_path / "root"))
-    if not result.supported:
-        pytest.skip(f"{name} not supported here: {result.reason}")
-    return name
 
 
 @dataclass
@@ -125,9 +110,9 @@ def hexes(digests: Iterable[str]) -> set[str]:
 
 
 @pytest.fixture
-def bed(gc_driver: str, root: Path, registry: LocalRegistry, layout: OCILayout,
+def bed(driver: str, root: Path, registry: LocalRegistry, layout: OCILayout,
         imaged: Any) -> Bed:
-    return Bed(gc_driver, root, registry, layout, imaged)
+    return Bed(driver, root, registry, layout, imaged)
 
 
 def test_gc_on_an_empty_store(root: Path, isolated_env: dict[str, str]) -> None:

@@ -183,9 +183,9 @@ def test_restart_forgets_everything(ingest: Ingest) -> None:
     assert ingest.path.read_bytes() == DATA
 
 
-def test_commit_makes_a_read_only_blob(content: ContentStore, ingest: Ingest) -> None:
+def test_place_makes_a_read_only_blob(content: ContentStore, ingest: Ingest) -> None:
     ingest.write(DATA)
-    path = content.commit(ingest)
+    path = content.place(ingest)
     assert path == content.path(DATA_DIGEST)
     assert path.read_bytes() == DATA
     assert stat.S_IMODE(path.stat().st_mode) == 0o444
@@ -197,10 +197,10 @@ def test_commit_makes_a_read_only_blob(content: ContentStore, ingest: Ingest) ->
     assert list(content.iter_blobs()) == [(DATA_DIGEST, len(DATA))]
 
 
-def test_commit_refuses_bad_bytes(content: ContentStore, ingest: Ingest) -> None:
+def test_place_refuses_bad_bytes(content: ContentStore, ingest: Ingest) -> None:
     ingest.write(DATA[:100])
     with pytest.raises(ContentError, match="truncated"):
-        content.commit(ingest)
+        content.place(ingest)
     assert not content.has(DATA_DIGEST)
     assert ingest.path.exists()
 
@@ -231,7 +231,7 @@ def test_uncommit_moves_the_blob_back_to_ingest(content: ContentStore) -> None:
     try:
         assert reopened.complete
         reopened.verify()
-        content.commit(reopened)
+        content.place(reopened)
     finally:
         reopened.close()
     assert content.has(DATA_DIGEST, len(DATA))
