@@ -228,3 +228,21 @@ def test_rmi_keeps_what_a_pull_has_leased(bed: Bed) -> None:
         assert result["freed_bytes"] == before - bed.du()
 
     bed.with_service(rmi_then_collect)
+
+
+@pytest.mark.cli_modes
+def test_gc_command(imaged: Any, registry: LocalRegistry, layout: OCILayout, root: Path) -> None:
+    """``imaged gc`` prints the bytes freed; ``--json`` gives the API's shape, in both modes."""
+    pushed = push_simple(layout, registry, "gc/cli")
+    assert imaged("pull", pushed.ref).code == 0
+    assert imaged("mount", pushed.ref, "--name", "user").code == 0
+    assert imaged("rmi", "--force", pushed.ref).code == 0  # the container keeps the layers
+
+    kept = imaged("gc")
+    assert kept.code == 0, kept.err
+    assert kept.out.strip() == "0"
+    assert imaged("rm", "--force", "user").code == 0
+    assert (root / "content" / "blobs" / "sha256").exists()
+    result = imaged("--json", "gc")
+    assert result.code == 0, result.err
+    assert result.json() == NOTHING  # rm released the image, its blobs and layers already
