@@ -22,7 +22,7 @@ import trio
 
 from imaged.errors import ImagedError, InternalError, InvalidError, NotFoundError
 from imaged.events import PullEvent
-from imaged.httpserver import Request, Response, StreamResponse, error_body
+from imaged.httpserver import Emit, Request, Response, StreamResponse, error_body
 from imaged.registry_client.manifest import Platform
 from imaged.registry_client.reference import parse_reference
 from imaged.service import Service, check_name
@@ -176,7 +176,7 @@ class Api:
             Platform.parse(body["platform"])
         service = self.service
 
-        async def produce(emit: Callable[[Any], Awaitable[None]]) -> None:
+        async def produce(emit: Emit) -> None:
             send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
 
             def report(event: PullEvent) -> None:
@@ -203,7 +203,13 @@ class Api:
                 nursery.start_soon(run)
                 async with receive:
                     async for obj in receive:
-                        await emit(obj)
+                        batch = [obj]  # and whatever else is queued: one write for them all
+                        while True:
+                            try:
+                                batch.append(receive.receive_nowait())
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
+                        await emit(*batch)
 
         return StreamResponse(200, produce)
 

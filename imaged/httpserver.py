@@ -15,7 +15,7 @@ import json
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 import trio
@@ -52,7 +52,10 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
-Emit = Callable[[Any], Awaitable[None]]
+class Emit(Protocol):
+    """Send objects as NDJSON lines, together in one chunk (one write, however many)."""
+
+    async def __call__(self, *objs: Any) -> None: ...
 
 
 @dataclass
@@ -195,8 +198,9 @@ class Connection:
         await self._send(h11.Response(status_code=result.status, headers=self._headers(
             [("Content-Type", "application/x-ndjson")])))
 
-        async def emit(obj: Any) -> None:
-            await self._send(h11.Data(data=json.dumps(obj).encode() + b"\n"))
+        async def emit(*objs: Any) -> None:
+            await self._send(h11.Data(data=b"".join(json.dumps(o).encode() + b"\n"
+                                                    for o in objs)))
 
         hung_up = False
 

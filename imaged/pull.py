@@ -37,6 +37,10 @@ from imaged.registry_client.reference import Reference
 from imaged.store import Store
 from imaged.unpack import UnpackLimits, UnpackStats, unpack_layer
 
+# Layer blobs up to this size are fetched whole into memory: no resume (nothing worth resuming),
+# no progress between start and end (a fraction of a second on any link worth pulling over).
+SMALL_BLOB_BYTES = 256 * 1024
+
 
 @dataclass(frozen=True)
 class PullResult:
@@ -198,6 +202,15 @@ class Puller:
         layer = str(desc.digest)
         if content.has(desc.digest, desc.size):
             emit(PullEvent("exists", layer=layer, current=desc.size, total=desc.size))
+            return
+        if desc.size <= SMALL_BLOB_BYTES:
+            # Most layers of most images: one request read into memory, then one thread call
+            # to write and place it. Four thread hops fewer a blob than streaming through an
+            # ingest, which on 128 tiny layers was a tenth of the pull.
+            emit(PullEvent("downloading", layer=layer, current=0, total=desc.size))
+            data = await self.client.fetch_small_blob(ref, desc, desc.size)
+            await trio.to_thread.run_sync(content.write_bytes, desc.digest, data)
+            emit(PullEvent("verified", layer=layer, current=desc.size, total=desc.size))
             return
         ingest = await trio.to_thread.run_sync(content.open_ingest, desc.digest, desc.size)
         try:
