@@ -125,10 +125,10 @@ def _not_built(name: str, issue: str) -> ProbeFn:
 
 def registry() -> dict[str, tuple[ProbeFn, Factory | None]]:
     """Every driver of DESIGN §3, in auto-selection order after the root-filesystem rule."""
-    from imaged.drivers import overlay, vfs  # noqa: PLC0415 - the modules import this one
+    from imaged.drivers import btrfs, overlay, vfs  # noqa: PLC0415 - they import this module
 
     return {
-        "btrfs": (_not_built("btrfs", "issue 5"), None),
+        "btrfs": (btrfs.probe, btrfs.BtrfsDriver),
         "zfs": (_not_built("zfs", "issue 5"), None),
         "overlay": (overlay.probe, overlay.OverlayDriver),
         "aufs": (_not_built("aufs", "issue 6"), None),

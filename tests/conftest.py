@@ -5,6 +5,7 @@ Every fixture that starts something stops it by PID in its finalizer, failing te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,11 +22,12 @@ from typing import Any
 
 import pytest
 
-from imaged import cli
+from imaged import cli, loopdev
 from imaged.bench.images import OCILayout, directory, file, push
 from imaged.bench.registry import LocalRegistry, start_registry
 from imaged.config import Config
 from imaged.drivers import registry as driver_registry
+from imaged.errors import ConflictError
 from imaged.mounts import mountinfo, unmount
 from tests.integration.faulty import FaultyRegistry, serve
 
@@ -65,18 +67,60 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry
 
 
 DRIVERS = [name for name, (_, factory) in driver_registry().items() if factory is not None]
+# Drivers whose root must be on a filesystem of their own: the mkfs that makes it.
+ROOT_MKFS = {"btrfs": ["mkfs.btrfs", "--quiet"]}
+ROOT_FS_SIZE = 4 << 30  # sparse: the host pays only for what a test writes
+
+
+def unmount_below(path: Path) -> None:
+    """Lazily unmount whatever is mounted under ``path`` (not ``path`` itself), deepest first."""
+    for mount in reversed(mountinfo()):
+        if mount.mount_point.startswith(str(path) + "/"):
+            unmount(Path(mount.mount_point), lazy=True)
+
+
+@contextlib.contextmanager
+def loop_filesystem(mkfs: list[str], image: Path, mount_point: Path) -> Iterator[Path]:
+    """A fresh filesystem in a sparse file, mounted at ``mount_point`` through an autoclear loop
+    device (imaged.loopdev): unmounting releases the device, so the finalizer's unmount leaves
+    no device bound, failing test or not."""
+    need_tools(mkfs[0])
+    with image.open("wb") as f:
+        f.truncate(ROOT_FS_SIZE)
+    subprocess.run([*mkfs, str(image)], check=True, capture_output=True, timeout=120)
+    mount_point.mkdir(parents=True, exist_ok=True)
+    with loopdev.attach(image) as attachment:  # held open until the mount holds the device
+        subprocess.run(["mount", str(attachment.device.path), str(mount_point)], check=True,
+                       capture_output=True, timeout=60)
+    try:
+        yield mount_point
+    finally:
+        unmount_below(mount_point)
+        try:
+            unmount(mount_point)
+        except ConflictError:  # a process still has a file open: detach, freed when it exits
+            unmount(mount_point, lazy=True)
+        image.unlink()
+        assert loopdev.wait_unbound(attachment.device, image), \
+            f"{attachment.device.path} still bound to {image}"
 
 
 @pytest.fixture(params=DRIVERS)
-def driver(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each built driver in turn; for a driver that needs its own filesystem (ROOT_MKFS), the
+    ``root`` fixture's directory is a fresh one, mounted for the test and gone after it."""
     name: str = request.param
     if os.geteuid() != 0:
         pytest.skip("drivers mount filesystems: needs root")
-    probe, _ = driver_registry()[name]
-    result = probe(Config(root=tmp_path / "root"))
-    if not result.supported:
-        pytest.skip(f"{name} not supported here: {result.reason}")
-    return name
+    with contextlib.ExitStack() as stack:
+        if name in ROOT_MKFS:
+            stack.enter_context(loop_filesystem(ROOT_MKFS[name], tmp_path / f"{name}.img",
+                                                tmp_path / "root"))
+        probe, _ = driver_registry()[name]
+        result = probe(Config(root=tmp_path / "root"))
+        if not result.supported:
+            pytest.skip(f"{name} not supported here: {result.reason}")
+        yield name
 
 
 @pytest.fixture
@@ -121,6 +165,7 @@ def faulty() -> Iterator[FaultyRegistry]:
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
+    """The store's root; with the ``driver`` fixture, a filesystem that driver needs (btrfs)."""
     return tmp_path / "root"
 
 
@@ -223,9 +268,7 @@ def start_daemon(root: Path, isolated_env: dict[str, str]) -> Iterator[Any]:
         daemon.close()
     # Mounts outlive a daemon (by design): whatever one left under its root goes now.
     for daemon in started:
-        for mount in reversed(mountinfo()):
-            if mount.mount_point.startswith(str(daemon.root) + "/"):
-                unmount(Path(mount.mount_point), lazy=True)
+        unmount_below(daemon.root)
 
 
 @pytest.fixture

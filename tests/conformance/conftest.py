@@ -16,8 +16,7 @@ import pytest
 
 from imaged.bench.images import Entry, OCILayout, file, push
 from imaged.bench.registry import LocalRegistry
-from imaged.mounts import mountinfo, unmount
-from tests.conftest import Result
+from tests.conftest import Result, unmount_below
 
 
 @dataclass
@@ -82,6 +81,4 @@ def bed(driver: str, root: Path, registry: LocalRegistry, layout: OCILayout,
         imaged: Any) -> Iterator[Bed]:
     yield Bed(driver, root, registry, layout, imaged)
     # Whatever a test left mounted under its root goes, even when the test failed.
-    for mount in reversed(mountinfo()):
-        if mount.mount_point.startswith(str(root) + "/"):
-            unmount(Path(mount.mount_point), lazy=True)
+    unmount_below(root)
