@@ -151,14 +151,10 @@ class Api:
                     "invalid", f"{request.method} is not allowed on {request.path}; use "
                     f"{' or '.join(allowed)}"), [("Allow", ", ".join(allowed))])
             raise NotFoundError(f"no such endpoint: {request.method} {request.path}")
-        unknown = set(request.query) - self._query_names(request.method, key)
+        unknown = set(request.query) - ({"force"} if request.method == "DELETE" else set())
         if unknown:
             raise InvalidError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
         return await handler(request, *args)
-
-    @staticmethod
-    def _query_names(method: str, key: str) -> set[str]:
-        return {"force"} if method == "DELETE" else set()
 
     # -- endpoints ---------------------------------------------------------------------------
 

@@ -306,9 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          + ("" if args.debug else
                                             " (run with --debug for a traceback)")))
     try:
-        if args.command == "serve":
-            pass
-        elif args.json:
+        if args.json:
             print(json.dumps(result, indent=2, sort_keys=True))
         else:
             _SHOW.get(args.command, _print_nothing)(result)

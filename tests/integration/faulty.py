@@ -184,6 +184,25 @@ def make_image(layers: list[Layer], extra: dict[str, Any] | None = None) -> Imag
     return Image(manifest, config, tuple(layers))
 
 
+BIG = 512 * 1024  # bytes of incompressible file content in the "big" layer
+
+
+def noise(seed: int) -> bytes:
+    """``BIG`` bytes that gzip cannot shrink, the same for the same seed."""
+    return hashlib.shake_256(seed.to_bytes(4, "big")).digest(BIG)
+
+
+def big_image(seed: int = 1) -> Image:
+    """Two layers: a small base and a top layer of ``BIG`` random bytes (gzip cannot shrink it)."""
+    base = make_layer({"etc/os-release": b"ID=faulty\n"})
+    top = make_layer({"big.bin": noise(seed)})
+    return make_image([base, top])
+
+
+def top_layer(image: Image) -> Blob:
+    return image.layers[-1].blob
+
+
 def manifest_path(repo: str, reference: str) -> str:
     return f"/v2/{repo}/manifests/{reference}"
 

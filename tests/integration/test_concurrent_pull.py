@@ -30,17 +30,19 @@ from imaged.service import Service
 from imaged.unpack import unpack_layer
 from tests.conftest import upstream_gets
 from tests.integration.faulty import (
+    BIG,
     FaultyRegistry,
     Gate,
     Image,
     Layer,
+    big_image,
     blob_path,
     make_image,
     make_layer,
+    noise,
     sha256,
 )
 
-BIG = 512 * 1024  # incompressible bytes in a layer the faulty registry holds mid-way
 GATE_AT = BIG // 4
 
 
@@ -135,10 +137,6 @@ def gated(faulty: FaultyRegistry, repo: str, blob_digest: str) -> threading.Even
     return release
 
 
-def noise(seed: int) -> bytes:
-    return hashlib.shake_256(seed.to_bytes(4, "big")).digest(BIG)
-
-
 # -- shared downloads and unpacks, on the real registry ---------------------------------------
 
 
@@ -191,9 +189,8 @@ async def test_concurrent_pulls_fetch_and_unpack_shared_content_once(
 # -- cancellation ------------------------------------------------------------------------------
 
 
-def big_image(repo: str, faulty: FaultyRegistry) -> Image:
-    image = make_image([make_layer({"etc/os-release": b"ID=concurrent\n"}),
-                        make_layer({"big.bin": noise(len(repo))})])
+def serve_big(repo: str, faulty: FaultyRegistry) -> Image:
+    image = big_image(len(repo))
     faulty.add_image(repo, "v1", image)
     return image
 
@@ -202,7 +199,7 @@ async def test_cancelled_pull_leaves_shared_download_to_the_other(
         faulty: FaultyRegistry, root: Path, isolated_env: dict[str, str],
         unpacked: Counter[str]) -> None:
     repo = "concurrent/cancel-one"
-    image = big_image(repo, faulty)
+    image = serve_big(repo, faulty)
     top = image.layers[-1].blob
     release = gated(faulty, repo, top.digest)
 
@@ -231,7 +228,7 @@ async def test_cancelled_pull_leaves_shared_download_to_the_other(
 async def test_cancelling_the_only_pull_leaves_nothing(
         faulty: FaultyRegistry, root: Path, isolated_env: dict[str, str], during: str) -> None:
     repo = f"concurrent/cancel-only-{during}"
-    image = big_image(repo, faulty)
+    image = serve_big(repo, faulty)
     top = image.layers[-1].blob
     release = gated(faulty, repo, top.digest) if during == "download" else None
 
@@ -261,7 +258,7 @@ async def test_cancelling_the_only_pull_leaves_nothing(
 async def test_leases_cover_a_pull_until_it_ends(
         faulty: FaultyRegistry, root: Path, isolated_env: dict[str, str], outcome: str) -> None:
     repo = f"concurrent/leases-{outcome}"
-    image = big_image(repo, faulty)
+    image = serve_big(repo, faulty)
     top = image.layers[-1].blob
     if outcome == "failure":
         faulty.routes[blob_path(repo, top.digest)].data = bytes(top.size)
@@ -286,7 +283,7 @@ async def test_leases_cover_a_pull_until_it_ends(
 async def test_waiters_on_a_failed_download_all_get_its_error(
         faulty: FaultyRegistry, root: Path, isolated_env: dict[str, str]) -> None:
     repo = "concurrent/fail-together"
-    image = big_image(repo, faulty)
+    image = serve_big(repo, faulty)
     top = image.layers[-1].blob
     faulty.routes[blob_path(repo, top.digest)].data = bytes(top.size)
     release = gated(faulty, repo, top.digest)

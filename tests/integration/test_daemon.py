@@ -30,8 +30,7 @@ from imaged.digest import Digest
 from imaged.errors import ConflictError, InvalidError, NotFoundError
 from imaged.mounts import is_mounted
 from tests.conftest import Daemon, need_tools, push_simple, upstream_gets
-from tests.integration.faulty import FaultyRegistry, Gate, blob_path
-from tests.integration.test_faults import big_image, top_layer
+from tests.integration.faulty import FaultyRegistry, Gate, big_image, blob_path, top_layer
 
 
 @pytest.fixture

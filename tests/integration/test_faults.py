@@ -44,32 +44,18 @@ from tests.integration.faulty import (
     Image,
     Layer,
     Oversized,
+    big_image,
     blob_path,
     make_image,
     make_layer,
     manifest_path,
+    noise,
     sha256,
+    top_layer,
 )
 
 Imaged = Callable[..., Result]
-BIG = 512 * 1024  # bytes of incompressible file content in the "big" layer
 DROP_AT = 100_000  # bytes of that layer sent before a dropped connection
-
-
-def noise(seed: int) -> bytes:
-    """``BIG`` bytes that gzip cannot shrink, the same for the same seed."""
-    return hashlib.shake_256(seed.to_bytes(4, "big")).digest(BIG)
-
-
-def big_image(seed: int = 1) -> Image:
-    """Two layers: a small base and a top layer of ``BIG`` random bytes (gzip cannot shrink it)."""
-    base = make_layer({"etc/os-release": b"ID=faulty\n"})
-    top = make_layer({"big.bin": noise(seed)})
-    return make_image([base, top])
-
-
-def top_layer(image: Image) -> Blob:
-    return image.layers[-1].blob
 
 
 def blob_file(root: Path, digest: str) -> Path:

@@ -11,7 +11,6 @@ import os
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,26 +22,17 @@ from imaged.bench.registry import LocalRegistry
 from imaged.config import Overrides, load_config
 from imaged.digest import Digest
 from imaged.service import Service
-from tests.conftest import Result, push_simple
+from tests.conformance.conftest import Bed
+from tests.conftest import push_simple
 
 T = TypeVar("T")
 NOTHING = {"freed_bytes": 0, "removed": {"blobs": 0, "layers": 0}}
 
 
-@dataclass
-class Bed:
-    driver: str
-    root: Path
-    registry: LocalRegistry
-    layout: OCILayout
-    run_cli: Any
+class GcBed(Bed):
+    """The conformance bed (driver, root, registry, CLI) with what gc tests look at."""
 
-    def ok(self, *args: str) -> Result:
-        result: Result = self.run_cli("--driver", self.driver, *args)
-        assert result.code == 0, f"imaged {' '.join(args)}: {result.err}"
-        return result
-
-    def pull(self, repo: str) -> str:
+    def push_pull(self, repo: str) -> str:
         """Push and pull a two-layer image; every image of a test shares the same base layer."""
         pushed = push_simple(self.layout, self.registry, repo,
                              files={"data.bin": os.urandom(256 * 1024)})
@@ -113,8 +103,8 @@ def hexes(digests: Iterable[str]) -> set[str]:
 
 @pytest.fixture
 def bed(driver: str, root: Path, registry: LocalRegistry, layout: OCILayout,
-        imaged: Any) -> Bed:
-    return Bed(driver, root, registry, layout, imaged)
+        imaged: Any) -> GcBed:
+    return GcBed(driver, root, registry, layout, imaged)
 
 
 def test_gc_on_an_empty_store(root: Path, isolated_env: dict[str, str]) -> None:
@@ -127,9 +117,9 @@ def test_gc_on_an_empty_store(root: Path, isolated_env: dict[str, str]) -> None:
     assert driver is None  # gc did not choose (and so bind) a driver for the root
 
 
-def test_orphans_go_and_freed_bytes_match_du(bed: Bed) -> None:
-    kept = bed.pull(f"gc/{bed.driver}/kept")
-    orphan = bed.pull(f"gc/{bed.driver}/orphan")
+def test_orphans_go_and_freed_bytes_match_du(bed: GcBed) -> None:
+    kept = bed.push_pull(f"gc/{bed.driver}/kept")
+    orphan = bed.push_pull(f"gc/{bed.driver}/orphan")
     blobs, chains = bed.forget(orphan)
     stray = Digest.of(b"a layer directory nobody recorded")
     loose = os.urandom(300 * 1024)
@@ -161,9 +151,9 @@ def test_orphans_go_and_freed_bytes_match_du(bed: Bed) -> None:
     bed.ok("rm", "--force", "after-gc")
 
 
-def test_leased_blobs_and_layers_are_kept(bed: Bed) -> None:
-    bed.pull(f"gc/{bed.driver}/base")
-    orphan = bed.pull(f"gc/{bed.driver}/leased")
+def test_leased_blobs_and_layers_are_kept(bed: GcBed) -> None:
+    bed.push_pull(f"gc/{bed.driver}/base")
+    orphan = bed.push_pull(f"gc/{bed.driver}/leased")
     blobs, chains = bed.forget(orphan)
     applying = Digest.of(b"a layer a pull is still applying")
 
@@ -190,8 +180,8 @@ def test_leased_blobs_and_layers_are_kept(bed: Bed) -> None:
     bed.with_service(collect_around_leases)
 
 
-def test_containers_keep_their_layers_until_they_go(bed: Bed) -> None:
-    ref = bed.pull(f"gc/{bed.driver}/used")
+def test_containers_keep_their_layers_until_they_go(bed: GcBed) -> None:
+    ref = bed.push_pull(f"gc/{bed.driver}/used")
     blobs, chains = bed.parts(ref)
     bed.ok("mount", ref, "--name", "user")
     bed.ok("umount", "user")
@@ -215,8 +205,8 @@ def test_containers_keep_their_layers_until_they_go(bed: Bed) -> None:
     assert bed.gc() == NOTHING
 
 
-def test_rmi_keeps_what_a_pull_has_leased(bed: Bed) -> None:
-    ref = bed.pull(f"gc/{bed.driver}/rmi-lease")
+def test_rmi_keeps_what_a_pull_has_leased(bed: GcBed) -> None:
+    ref = bed.push_pull(f"gc/{bed.driver}/rmi-lease")
     blobs, chains = bed.parts(ref)
 
     def rmi_then_collect(service: Service) -> None:
