@@ -107,6 +107,10 @@ class Driver(Protocol):
 
     def usage(self, name: str) -> Usage: ...
 
+    def usages(self, names: Sequence[str]) -> dict[str, Usage]:
+        """``usage`` of many containers at once: a driver whose numbers come from one command
+        for the whole filesystem (qgroups, ZFS properties) answers ``ps`` with one call."""
+
     def remove_container(self, name: str) -> None: ...
 
     def list_containers(self) -> set[str]: ...

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from abc import abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 from imaged import loopquota
@@ -63,6 +65,12 @@ class DriverHome:
         if self._has_quota(name):
             return loop_usage(self._quota_fs(name))
         return Usage(disk_usage(data) if data.exists() else 0, None)
+
+    @abstractmethod
+    def usage(self, name: str) -> Usage: ...
+
+    def usages(self, names: Sequence[str]) -> dict[str, Usage]:
+        return {name: self.usage(name) for name in names}
 
     def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
         if not self._has_quota(name):

@@ -226,10 +226,10 @@ class Api:
                                                        body.get("read_only", False)))
 
     async def _containers(self, request: Request) -> Response:
-        return Response(200, self.service.ps())
+        return Response(200, await self.service.ps())
 
     async def _container(self, request: Request, name: str) -> Response:
-        return Response(200, self.service.container(name))
+        return Response(200, await self.service.container(name))
 
     async def _update(self, request: Request, name: str) -> Response:
         body = parse_body(request, {"quota": Field(int, required=True)})

@@ -201,7 +201,7 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
         if args.command == "rm":
             return await service.rm(args.name, args.force)
         if args.command == "ps":
-            return service.ps()
+            return await service.ps()
         if args.command == "gc":
             return service.gc()
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover

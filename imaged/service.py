@@ -20,7 +20,7 @@ import trio
 from imaged import __version__
 from imaged.config import Config
 from imaged.digest import Digest
-from imaged.drivers import Usage, probe_all
+from imaged.drivers import probe_all
 from imaged.errors import ConflictError, InvalidError, NotFoundError
 from imaged.events import Reporter
 from imaged.faults import pause_point
@@ -139,22 +139,28 @@ class Service:
 
     # containers
 
-    def _container_json(self, row: ContainerRow) -> dict[str, Any]:
+    async def _describe(self, rows: list[ContainerRow]) -> list[dict[str, Any]]:
+        """Containers as the API shows them; the driver reads all their usage in one batch (one
+        ``zfs list`` or ``qgroup show`` for a whole ``ps``), off the event loop."""
         driver = self.store.driver()
-        usage = driver.usage(row.name) if row.state == "ready" else Usage(0, row.quota)
+        usages = await trio.to_thread.run_sync(
+            driver.usages, [row.name for row in rows if row.state == "ready"])
         caps = driver.capabilities()
-        return {
+        return [{
             "name": row.name,
             "image": str(row.image_id),
             "image_refs": list(self.store.meta.refs_of(str(row.image_id))),
             "driver": row.driver,
             "quota": row.quota,
             "quota_mode": f"{caps.quota_mode}/{caps.quota_semantics}" if row.quota else None,
-            "used_bytes": usage.used,
+            "used_bytes": usages[row.name].used if row.name in usages else 0,
             "read_only": row.read_only,
             "mounted": row.mount_path is not None,
             "path": row.mount_path,
-        }
+        } for row in rows]
+
+    async def _container_json(self, row: ContainerRow) -> dict[str, Any]:
+        return (await self._describe([row]))[0]
 
     def _get(self, name: str) -> ContainerRow:
         row = self.store.meta.container(name)
@@ -178,7 +184,7 @@ class Service:
             raise ConflictError(f"container {name} already exists"
                                 + ("" if row.state == "ready" else f" (being {row.state})"))
         await self._create(image_id, name, quota, read_only)
-        return self._container_json(self._get(name))
+        return await self._container_json(self._get(name))
 
     async def _create(self, image_id: Digest, name: str, quota: int | None,
                       read_only: bool) -> None:
@@ -273,14 +279,14 @@ class Service:
         await trio.to_thread.run_sync(self.store.driver().resize_quota, name, quota,
                                       row.mount_path is not None)
         self.store.meta.update_container(name, quota=quota)
-        return self._container_json(self._get(name))
+        return await self._container_json(self._get(name))
 
-    def container(self, name: str) -> dict[str, Any]:
-        return self._container_json(self._get(name))
+    async def container(self, name: str) -> dict[str, Any]:
+        return await self._container_json(self._get(name))
 
-    def ps(self) -> list[dict[str, Any]]:
-        return [self._container_json(row) for row in self.store.meta.containers()
-                if row.state == "ready"]
+    async def ps(self) -> list[dict[str, Any]]:
+        return await self._describe([row for row in self.store.meta.containers()
+                                     if row.state == "ready"])
 
     def info(self) -> dict[str, Any]:
         backing = backing_filesystem(self.store.root)
