@@ -22,7 +22,7 @@ from imaged.bench.daemon import imaged_daemon
 from imaged.bench.images import OCILayout, directory, file, push
 from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
-from imaged.bench.scratch import scratch_ext4
+from imaged.bench.scratch import scratch_fs
 
 INFO_CLIENTS = 16
 INFO_SECONDS = 3.0
@@ -154,7 +154,7 @@ def run(out: Path, runs: int) -> list[Path]:
         "rss1": Series(f"daemon RSS after {MEMORY_CYCLES} more cycles", "MiB"),
         "rss2": Series(f"daemon RSS after {2 * MEMORY_CYCLES} more cycles", "MiB"),
     }
-    with scratch_ext4(4 << 30) as (scratch, where), \
+    with scratch_fs(4 << 30) as (scratch, where), \
             local_registry(scratch / "registry") as reg:
         layout = OCILayout(scratch / "layout")
         base = layout.add_layer([directory("etc"), file("etc/os-release", b"ID=bench\n")])

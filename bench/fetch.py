@@ -27,7 +27,7 @@ import trio
 from imaged.bench.images import Entry, OCILayout, push
 from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
-from imaged.bench.scratch import scratch_ext4, settle
+from imaged.bench.scratch import scratch_fs, settle
 from imaged.config import Overrides, load_config
 from imaged.events import PullEvent
 from imaged.service import Service
@@ -89,7 +89,7 @@ def run(out: Path, size: int, runs: int) -> list[Path]:
     for tool in ("curl", "skopeo", "docker-registry"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} not installed: run scripts/setup")
-    with scratch_ext4(4 * size + (2 << 30)) as (scratch, where), \
+    with scratch_fs(4 * size + (2 << 30)) as (scratch, where), \
             local_registry(scratch / "registry") as registry:
         layout = OCILayout(scratch / "layout")
         print(f"building a {size >> 20} MiB single-layer image", file=sys.stderr)

@@ -53,6 +53,25 @@ def symlink(name: str, target: str) -> Entry:
     return Entry(name, type=tarfile.SYMTYPE, mode=0o777, target=target)
 
 
+class _Filler:
+    """A file-like source of ``size`` bytes, random or zeros, read in chunks: multi-GiB layers
+    are built without holding their files in memory."""
+
+    def __init__(self, size: int, random: bool) -> None:
+        self.left = size
+        self.random = random
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return os.urandom(n) if self.random else bytes(n)
+
+
+def streamed(name: str, size: int, random: bool) -> Entry:
+    """A file of ``size`` random (incompressible) or zero bytes, streamed into the tar."""
+    return Entry(name, size=size, source=cast(IO[bytes], _Filler(size, random)))
+
+
 def write_tar(out: IO[bytes], entries: Iterable[Entry]) -> None:
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         # Streamed multi-GiB files: 16 KiB copies would dominate. The attribute exists since

@@ -27,13 +27,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, cast
 
 from imaged.bench.daemon import imaged_daemon
-from imaged.bench.images import Entry, Layer, OCILayout, directory, file, push
+from imaged.bench.images import Entry, Layer, OCILayout, directory, file, push, streamed
 from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
-from imaged.bench.scratch import scratch_ext4, settle
+from imaged.bench.scratch import scratch_fs, settle
+from imaged.bench.stores import DriverStore, driver_store, unmount_under
 
 SHAPES = ("debian", "layers128", "big")
 TOOLS = ("imaged", "imaged-daemon", "podman", "containerd", "skopeo+umoci")
@@ -46,19 +46,6 @@ COMMAND_TIMEOUT = 900.0
 
 
 # ----------------------------------------------------------------------------- image building
-
-class _Source:
-    """A file-like source of ``size`` bytes, random or zeros, read in chunks."""
-
-    def __init__(self, size: int, random: bool) -> None:
-        self.left = size
-        self.random = random
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        self.left -= n
-        return os.urandom(n) if self.random else bytes(n)
-
 
 def _debian_base(notes: list[str]) -> Path:
     """A debootstrap minbase of bookworm, cached under /var/cache/imaged-bench."""
@@ -181,8 +168,7 @@ def _build_layers128(layout: OCILayout) -> list[Layer]:
 def _build_big(layout: OCILayout) -> list[Layer]:
     layers = []
     for half in range(2):
-        entries = [Entry(f"big/{kind}-{half}.bin", size=BIG_FILE,
-                         source=cast(IO[bytes], _Source(BIG_FILE, kind == "random")))
+        entries = [streamed(f"big/{kind}-{half}.bin", BIG_FILE, kind == "random")
                    for kind in ("random", "zeros")]
         layers.append(layout.add_layer([directory("big"), *entries]))
     return layers
@@ -198,22 +184,9 @@ def _build(shape: str, layout: OCILayout, notes: list[str]) -> list[Layer]:
 
 # ----------------------------------------------------------------------------- the tools
 
-def _unmount_under(path: Path) -> None:
-    """Unmount everything mounted at or below ``path``, deepest first."""
-    prefix = str(path.resolve())
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].encode().decode("unicode_escape")
-        if point == prefix or point.startswith(prefix + "/"):
-            points.append(point)
-    for point in sorted(points, key=len, reverse=True):
-        if subprocess.run(["umount", point], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-
-
 def _remove(path: Path) -> None:
     if path.exists():
-        _unmount_under(path)
+        unmount_under(path)
         shutil.rmtree(path)
 
 
@@ -284,10 +257,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        _unmount_under(work)
+        unmount_under(work)
 
 
-def _pull_once(tool: str, ref: str, scratch: Path) -> float:
+def _pull_once(tool: str, ref: str, scratch: Path, stores: dict[str, DriverStore]) -> float:
     """One cold pull + unpack by ``tool`` into a fresh store; the store is removed after."""
     work = scratch / f"store-{tool.replace('+', '-')}"
     _remove(work)
@@ -295,15 +268,8 @@ def _pull_once(tool: str, ref: str, scratch: Path) -> float:
     env = {**os.environ, "HOME": str(work)}
     try:
         settle()
-        if tool in ("imaged", "imaged-daemon"):
-            (scratch / "imaged.toml").write_text("")
-            env["IMAGED_CONFIG"] = str(scratch / "imaged.toml")
-            command = [sys.executable, "-m", "imaged", "--root", str(work / "root"), "pull", ref]
-            if tool == "imaged":
-                return _timed([command], env)
-            with imaged_daemon(work / "root", env) as daemon:  # like containerd: up beforehand
-                return _timed([[*command[:3], "--socket", str(daemon.socket), *command[3:]]],
-                              env)
+        if tool.startswith("imaged"):
+            return _imaged_pull(tool, ref, work, env, stores)
         if tool == "podman":
             return _timed([["podman", "--root", str(work / "root"), "--runroot",
                             str(work / "run"), "--storage-driver", "overlay",
@@ -324,6 +290,28 @@ def _pull_once(tool: str, ref: str, scratch: Path) -> float:
         _remove(work)
 
 
+def _imaged_pull(tool: str, ref: str, work: Path, env: dict[str, str],
+                 stores: dict[str, DriverStore]) -> float:
+    """``imaged``/``imaged-daemon`` pull with the auto-chosen driver into ``work``;
+    ``imaged-<driver>`` embedded into a root on that driver's own store, wiped after."""
+    (work / "imaged.toml").write_text("")
+    env["IMAGED_CONFIG"] = str(work / "imaged.toml")
+    root = work / "root"
+    store = stores.get(tool.removeprefix("imaged-"))
+    if store is not None:
+        root = store.base / "bench-root"
+        (work / "imaged.toml").write_text(store.config_toml())
+    command = [sys.executable, "-m", "imaged", "--root", str(root), "pull", ref]
+    try:
+        if tool != "imaged-daemon":
+            return _timed([command], env)
+        with imaged_daemon(root, env) as daemon:  # like containerd: up beforehand
+            return _timed([[*command[:3], "--socket", str(daemon.socket), *command[3:]]], env)
+    finally:
+        if store is not None:
+            store.wipe(root)
+
+
 def _available(notes: list[str]) -> list[str]:
     need = {"podman": ["podman"], "containerd": ["containerd", "ctr"],
             "skopeo+umoci": ["skopeo", "umoci"]}
@@ -336,6 +324,15 @@ def _available(notes: list[str]) -> list[str]:
         else:
             tools.append(tool)
     return tools
+
+
+def _snapshot_drivers(notes: list[str]) -> list[str]:
+    """The snapshot drivers measured beside the auto-chosen one, each on a store of its own."""
+    need = {"btrfs": "mkfs.btrfs", "zfs": "zfs-fuse"}
+    missing = [d for d, tool in need.items() if shutil.which(tool) is None]
+    notes += [f"imaged-{d}: not measured ({need[d]} not installed: run scripts/setup)"
+              for d in missing]
+    return [d for d in need if d not in missing]
 
 
 def _versions(tools: list[str]) -> dict[str, str]:
@@ -360,8 +357,11 @@ def run(out: Path, runs: int, shapes: list[str]) -> list[Path]:
     tools = _available(notes)
     series: list[Series] = []
     ratios: dict[str, float] = {}
-    with scratch_ext4(24 << 30) as (scratch, where), \
-            local_registry(scratch / "registry") as reg:
+    with scratch_fs(24 << 30) as (scratch, where), \
+            local_registry(scratch / "registry") as reg, contextlib.ExitStack() as stack:
+        stores = {driver: stack.enter_context(driver_store(driver, scratch, where))
+                  for driver in _snapshot_drivers(notes)}
+        tools += [f"imaged-{driver}" for driver in stores]
         refs = {}
         for shape in shapes:
             print(f"building and pushing the {shape} image", file=sys.stderr)
@@ -387,13 +387,13 @@ def run(out: Path, runs: int, shapes: list[str]) -> list[Path]:
                         continue
                     try:
                         by_key[shape, tool].samples.append(
-                            _pull_once(tool, refs[shape], scratch))
+                            _pull_once(tool, refs[shape], scratch, stores))
                     except RuntimeError as e:
                         # One tool failing on one shape should not cost the whole report.
                         failed.add((shape, tool))
                         notes.append(f"{shape}: {tool} failed, not reported: {e}"[:600])
         series = [s for key, s in by_key.items() if key not in failed]
-        ours = ("imaged", "imaged-daemon")
+        ours = [t for t in tools if t.startswith("imaged")]
         for shape in shapes:
             peers = [by_key[shape, t] for t in tools if t not in ours and (shape, t) not in failed]
             if not peers:
@@ -413,7 +413,9 @@ def run(out: Path, runs: int, shapes: list[str]) -> list[Path]:
         "skopeo copy to an OCI layout then umoci unpack, the two one after the other)",
         "containerd and imaged serve are started per sample on a temporary root (start-up not "
         "timed) and stopped by PID after it; its snapshotter is overlayfs; podman uses the "
-        "overlay driver, imaged its auto-chosen driver",
+        "overlay driver, imaged and imaged-daemon their auto-chosen driver (overlay); "
+        "imaged-btrfs and imaged-zfs are embedded pulls into a root on a loop-mounted btrfs "
+        "and on a zfs-fuse pool (a sparse file on the same ext4), wiped after each sample",
         "ratio below 1: imaged faster than the fastest peer",
         "the registry's blobs are in the page cache; sync runs twice before every sample "
         "(loop fs, then its backing file); "

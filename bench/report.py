@@ -63,14 +63,22 @@ def write_report(out: Path, name: str, title: str, series: list[Series],
         "series": {s.name: s.summary() for s in series},
     }, indent=2))
 
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(series) + 1.5))
-    medians = [s.median for s in series]
-    lows = [s.median - min(s.samples) for s in series]
-    highs = [max(s.samples) - s.median for s in series]
-    ax.barh([s.name for s in series], medians, xerr=[lows, highs], capsize=4, color="#4c72b0")
-    ax.set_xlabel(series[0].unit if series else "")
-    ax.set_title(title)
-    ax.invert_yaxis()
+    # One panel per unit: milliseconds, cycles/s and megabytes on one axis would hide all but
+    # the largest.
+    units = list(dict.fromkeys(s.unit for s in series))
+    heights = [0.45 * sum(s.unit == unit for s in series) + 0.9 for unit in units]
+    fig, axes = plt.subplots(len(units) or 1, 1, figsize=(7, sum(heights) + 0.6),
+                             gridspec_kw={"height_ratios": heights or [1]}, squeeze=False)
+    for ax, unit in zip(axes[:, 0], units or [""], strict=True):
+        shown = [s for s in series if s.unit == unit]
+        medians = [s.median for s in shown]
+        lows = [s.median - min(s.samples) for s in shown]
+        highs = [max(s.samples) - s.median for s in shown]
+        ax.barh([s.name for s in shown], medians, xerr=[lows, highs], capsize=4,
+                color="#4c72b0")
+        ax.set_xlabel(unit)
+        ax.invert_yaxis()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""A dedicated loop-mounted ext4 for benchmarks (DESIGN §7).
+"""Dedicated loop-mounted filesystems for benchmarks (DESIGN §7).
 
 The root filesystem's timings are ten times noisier than a fresh, otherwise idle ext4, so every
 benchmark writes there. Mounting needs root; without it the caller gets a plain directory and a
@@ -14,10 +14,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+_MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"],
+    "btrfs": ["mkfs.btrfs", "--quiet", "--force"],
+}
+
 
 @contextlib.contextmanager
-def scratch_ext4(size: int, parent: Path | None = None) -> Iterator[tuple[Path, str]]:
-    """Yield (mount point, description); unmounted and deleted on exit, even on failure."""
+def scratch_fs(size: int, kind: str = "ext4",
+               parent: Path | None = None) -> Iterator[tuple[Path, str]]:
+    """Yield (mount point, description) of a fresh ``kind`` filesystem; unmounted and deleted on
+    exit, even on failure. Lazy inode-table and journal initialisation are off for ext4: their
+    background writes would land inside the first samples."""
     with tempfile.TemporaryDirectory(prefix="imaged-bench-", dir=parent) as tmp:
         base = Path(tmp)
         if os.geteuid() != 0:
@@ -28,12 +36,11 @@ def scratch_ext4(size: int, parent: Path | None = None) -> Iterator[tuple[Path, 
         mount_point.mkdir()
         with image.open("wb") as fh:
             fh.truncate(size)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                        str(image)], check=True)
+        subprocess.run([*_MKFS[kind], str(image)], check=True, capture_output=True)
         # mount -o loop lets util-linux pick and, with autoclear, release the loop device.
         subprocess.run(["mount", "-o", "loop", str(image), str(mount_point)], check=True)
         try:
-            yield mount_point, f"a dedicated loop-mounted ext4 of {size >> 30} GiB"
+            yield mount_point, f"a dedicated loop-mounted {kind} of {size >> 30} GiB"
         finally:
             subprocess.run(["umount", str(mount_point)], check=False)
 

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
     p.add_argument("benchmark", choices=["api", "fetch", "mount", "pull"],
                    help="fetch: one large blob, imaged pull against curl; mount: mount "
-                   "latency for 1-500 layers and container cycles per driver; pull: pull + "
+                   "latency for 1-500 layers, container cycles and the space of 10 containers per "
+                   "driver; pull: pull + "
                    "unpack by imaged and by the peers installed here; api: the daemon's "
                    "requests/s, container cycles/s and memory through its socket")
     p.add_argument("--out", type=Path, required=True, help="directory for JSON, markdown, PNG")
