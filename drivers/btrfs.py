@@ -8,23 +8,40 @@ Layout under ``ROOT/drivers/btrfs``::
                                 parent layer's; made read-only once committed
     containers/<name>/rootfs    a writable snapshot of the image's top layer
     containers/<name>/merged/   the default mount point: a bind mount of ``rootfs``
+    dropped-qgroups             ids of deleted subvolumes whose qgroups may still exist
 
 A read-only container has no ``rootfs``: its mount is a read-only bind of the top layer itself,
 which is read-only already, so it costs nothing and can never diverge from the image.
 
-Subvolume work goes through ``btrfsutil`` (libbtrfsutil's ioctls). btrfsutil has no qgroup API,
-so quotas go through the ``btrfs`` CLI (``quota enable``, ``qgroup limit -e``, ``qgroup show
---raw``): its text output is stable and btrfs-progs is installed wherever btrfs is used, while
-the qgroup ioctls would mean hand-packed structures for three calls. The limit is on the
-container subvolume's *exclusive* bytes (``writable`` semantics: what the container wrote, not
-the image it shares). Quotas are enabled on the filesystem when a quota is first asked for.
+Subvolume work goes through ``btrfsutil`` (libbtrfsutil's ioctls), which has no qgroup API.
+Quota *control* goes through the qgroup ioctls themselves (``BTRFS_IOC_QUOTA_CTL``,
+``QGROUP_LIMIT``, ``QGROUP_CREATE``): each is a fixed 16-48 byte structure, the errno comes
+straight back (so a read-only or full filesystem becomes an error naming the fix), and Debian's
+btrfs-progs 6.2 cannot enable simple quotas at all. Quota *reading* goes through ``btrfs qgroup
+show --raw``: listing qgroups by ioctl means walking the quota tree with ``TREE_SEARCH``, and
+the CLI's raw output is stable text that one call produces for every container at once.
+
+The limit is on the container subvolume's *exclusive* bytes (``writable`` semantics: what the
+container wrote, not the image it shares). Quotas are enabled on the filesystem when a quota is
+first asked for, in the mode ``drivers.btrfs.quota`` names: ``qgroup`` (full qgroups: every
+extent's sharing is recomputed at each transaction commit, and enabling scans the filesystem)
+or ``simple`` (simple quotas, Linux >= 6.7: an extent counts against the subvolume that
+allocated it, for its whole life, which is exactly a container's own writes, and nothing is
+ever rescanned). A filesystem already in the other mode is an error, never a silent switch:
+the mode is the filesystem's, and changing it drops every limit on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
+import struct
 import subprocess
-from collections.abc import Sequence
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import btrfsutil
@@ -32,7 +49,7 @@ import btrfsutil
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, Usage, disk_usage
 from imaged.drivers.containers import DriverHome
-from imaged.errors import InternalError, InvalidError, QuotaUnsupportedError
+from imaged.errors import ConflictError, InternalError, InvalidError, QuotaUnsupportedError
 from imaged.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted
 from imaged.sizes import format_size
 from imaged.unpack import WhiteoutMode
@@ -40,8 +57,62 @@ from imaged.unpack import WhiteoutMode
 _BTRFS_TIMEOUT = 120.0
 
 
-def capabilities() -> Capabilities:
-    return Capabilities("snapshot", WhiteoutMode.DELETE, "qgroup", "writable",
+def _ioc(direction: int, number: int, size: int) -> int:
+    """``_IOC`` of linux/ioctl.h for the btrfs magic 0x94 (direction 1 write, 2 read)."""
+    return direction << 30 | size << 16 | 0x94 << 8 | number
+
+
+# linux/btrfs.h (uapi); ENABLE_SIMPLE_QUOTA is newer than the header Debian ships.
+_IOC_FS_INFO = _ioc(2, 31, 1024)
+_IOC_QUOTA_CTL = _ioc(3, 40, 16)  # struct btrfs_ioctl_quota_ctl_args {u64 cmd, status}
+_IOC_QGROUP_CREATE = _ioc(1, 42, 16)  # {u64 create, qgroupid}: create 0 destroys
+_IOC_QGROUP_LIMIT = _ioc(2, 43, 48)  # {u64 qgroupid; struct btrfs_qgroup_limit (5 x u64)}
+_IOC_QUOTA_RESCAN_WAIT = _ioc(0, 46, 0)
+_QUOTA_CTL_ENABLE = 1
+_QUOTA_CTL_ENABLE_SIMPLE_QUOTA = 4
+_QGROUP_LIMIT_MAX_EXCL = 1 << 1
+
+# drivers.btrfs.quota → the name /sys/fs/btrfs/<fsid>/qgroups/mode gives that mode.
+_KERNEL_MODE = {"qgroup": "qgroup", "simple": "squota"}
+
+# Errors a user can fix, with the fix; every other errno from btrfs is a bug and stays one.
+_FIXES = {
+    errno.EROFS: "the filesystem is mounted read-only: remount it read-write",
+    errno.ENOSPC: "the btrfs filesystem is full: free space on it or grow it "
+                  "(btrfs filesystem resize)",
+    errno.EDQUOT: "a qgroup limit on a subvolume holding the root is reached: raise it "
+                  "(btrfs qgroup limit) or free space under it",
+}
+
+
+@contextlib.contextmanager
+def _user_errors(doing: str) -> Iterator[None]:
+    """Turn an OSError the operator can fix (``btrfsutil.BtrfsUtilError`` is one) into a
+    ConflictError naming the fix, instead of an internal error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _FIXES:
+            raise
+        raise ConflictError(f"{doing}: {os.strerror(exc.errno)}; {_FIXES[exc.errno]}") \
+            from exc
+
+
+def _ioctl(path: Path, request: int, args: bytes = b"") -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if not args:
+            fcntl.ioctl(fd, request, 0)
+            return b""
+        buffer = bytearray(args)
+        fcntl.ioctl(fd, request, buffer)
+        return bytes(buffer)
+    finally:
+        os.close(fd)
+
+
+def capabilities(quota_mode: str = "qgroup") -> Capabilities:
+    return Capabilities("snapshot", WhiteoutMode.DELETE, quota_mode, "writable",
                         rename_lower_dirs=True, xattrs=True, reflink=True)
 
 
@@ -50,26 +121,30 @@ def probe(config: Config) -> Probe:
     if backing.fstype != "btrfs":
         return Probe("btrfs", False, f"the root {config.root} is on {backing.fstype}, not "
                      "btrfs: put the root on a btrfs filesystem")
-    return Probe("btrfs", True, f"the root is on btrfs ({backing.mount_point}): layers and "
-                  "containers are subvolume snapshots; quota mode qgroup (exclusive limit)",
-                  capabilities())
+    mode = config.drivers.get("btrfs", {}).get("quota", "qgroup")
+    reason = (f"the root is on btrfs ({backing.mount_point}): layers and containers are "
+              f"subvolume snapshots; quota mode {mode} (exclusive limit)")
+    if mode == "simple" and not Path("/sys/fs/btrfs/features/simple_quota").exists():
+        reason += "; this kernel has no simple quotas (Linux >= 6.7): quotas will be refused"
+    return Probe("btrfs", True, reason, capabilities(mode))
 
 
-def parse_exclusive(show: str, subvolume_id: int) -> tuple[int, int | None]:
-    """(exclusive bytes, exclusive limit or None) of qgroup ``0/<id>`` in the output of
-    ``btrfs qgroup show --raw -e``: ``qgroupid rfer excl max_excl [path]`` per row."""
-    wanted = f"0/{subvolume_id}"
+def parse_qgroups(show: str) -> dict[int, tuple[int, int | None]]:
+    """Subvolume id → (exclusive bytes, exclusive limit or None) for every level-0 qgroup in
+    the output of ``btrfs qgroup show --raw -e``: ``qgroupid rfer excl max_excl [path]``."""
+    qgroups: dict[int, tuple[int, int | None]] = {}
     for line in show.splitlines():
         fields = line.split()
-        if len(fields) >= 4 and fields[0] == wanted:
+        if len(fields) >= 4 and fields[0].startswith("0/") and fields[2].isdigit():
             limit = None if fields[3] == "none" else int(fields[3])
-            return int(fields[2]), limit
-    raise InternalError(f"btrfs qgroup show lists no qgroup {wanted}")
+            qgroups[int(fields[0][2:])] = (int(fields[2]), limit)
+    return qgroups
 
 
-def _run_btrfs(*args: str) -> subprocess.CompletedProcess[str]:
+def _btrfs(*args: str) -> str:
+    """Run the ``btrfs`` CLI (C locale: its output is parsed) and return its stdout."""
     try:
-        return subprocess.run(["btrfs", *args], capture_output=True, text=True,
+        proc = subprocess.run(["btrfs", *args], capture_output=True, text=True,
                               timeout=_BTRFS_TIMEOUT, env={**os.environ, "LC_ALL": "C"},
                               check=False)
     except FileNotFoundError:
@@ -78,30 +153,41 @@ def _run_btrfs(*args: str) -> subprocess.CompletedProcess[str]:
     except subprocess.TimeoutExpired:
         raise InternalError(f"btrfs {' '.join(args)} did not finish within "
                             f"{_BTRFS_TIMEOUT:.0f} s") from None
-
-
-def _btrfs(*args: str, quota_error: str | None = None) -> str:
-    """Run the ``btrfs`` CLI; a failure is a QuotaUnsupportedError when ``quota_error`` says
-    what the operator must change, else internal."""
-    proc = _run_btrfs(*args)
     if proc.returncode != 0:
-        command = f"btrfs {' '.join(args)}"
         detail = (proc.stderr.strip() or proc.stdout.strip()).replace("\n", "; ")
-        if quota_error is not None:
-            raise QuotaUnsupportedError(f"{quota_error} ({command}: {detail})")
-        raise InternalError(f"{command} failed (exit {proc.returncode}): {detail}")
+        raise InternalError(f"btrfs {' '.join(args)} failed (exit {proc.returncode}): {detail}")
     return proc.stdout
 
 
-def qgroup_of(subvolume: Path) -> tuple[int, int | None] | None:
-    """(exclusive bytes, exclusive limit or None) of a subvolume's qgroup, or None when quotas
-    are off on its filesystem. Numbers move at transaction commit: sync first to be exact."""
-    proc = _run_btrfs("qgroup", "show", "--raw", "-e", "-f", str(subvolume))
-    if proc.returncode != 0 and "quotas not enabled" in proc.stderr:
+def filesystem_id(path: Path) -> uuid.UUID:
+    """The filesystem's UUID (``BTRFS_IOC_FS_INFO``): its directory under /sys/fs/btrfs."""
+    return uuid.UUID(bytes=_ioctl(path, _IOC_FS_INFO, bytes(1024))[16:32])
+
+
+def kernel_quota_mode(path: Path) -> str | None:
+    """The quota mode of the filesystem holding ``path`` as sysfs names it (``qgroup`` or
+    ``squota``), or None when quotas are off. Kernels before simple quotas (6.7) have no
+    ``mode`` file: any quota there is full qgroups."""
+    qgroups = Path("/sys/fs/btrfs") / str(filesystem_id(path)) / "qgroups"
+    if not qgroups.is_dir():
         return None
-    if proc.returncode != 0:
-        raise InternalError(f"btrfs qgroup show {subvolume} failed: {proc.stderr.strip()}")
-    return parse_exclusive(proc.stdout, btrfsutil.subvolume_id(subvolume))
+    mode = qgroups / "mode"
+    return mode.read_text().strip() if mode.exists() else "qgroup"
+
+
+def destroy_qgroup(path: Path, subvolume_id: int) -> bool:
+    """Destroy qgroup ``0/<id>`` on the filesystem of ``path``; False while the kernel still
+    needs it (EBUSY: a simple quota whose extents another subvolume still shares, or a
+    subvolume not yet fully dropped). A qgroup already gone counts as destroyed."""
+    try:
+        _ioctl(path, _IOC_QGROUP_CREATE, struct.pack("=QQ", 0, subvolume_id))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return True
+        if exc.errno == errno.EBUSY:
+            return False
+        raise
+    return True
 
 
 def delete_subvolume(path: Path) -> None:
@@ -120,29 +206,87 @@ class BtrfsDriver(DriverHome):
     def __init__(self, config: Config, home: Path) -> None:
         self.config = config
         self.home = home
-        self.options = config.drivers.get("btrfs", {})
+        self.quota_mode: str = config.drivers.get("btrfs", {}).get("quota", "qgroup")
+        self._dropped_lock = threading.Lock()  # the service calls drivers from worker threads
         self._make_dirs()
 
     def capabilities(self) -> Capabilities:
-        return capabilities()
+        return capabilities(self.quota_mode)
+
+    # subvolumes and their qgroups
+
+    def _delete_subvolume(self, path: Path) -> None:
+        """``delete_subvolume``, remembering (with quotas on) the ids of the subvolumes it
+        deletes, so their qgroups go once the kernel has dropped them."""
+        if path.exists() and kernel_quota_mode(self.home) is not None:
+            ids = {btrfsutil.subvolume_id(path)}
+            ids.update(nested_id for _, nested_id in btrfsutil.SubvolumeIterator(path))
+            with self._dropped_lock:
+                self._write_dropped(self._read_dropped() | ids)
+        delete_subvolume(path)
+
+    def _read_dropped(self) -> set[int]:
+        try:
+            return {int(line) for line in (self.home / "dropped-qgroups").read_text().split()}
+        except FileNotFoundError:
+            return set()
+
+    def _write_dropped(self, ids: set[int]) -> None:
+        path = self.home / "dropped-qgroups"
+        if not ids:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{i}\n" for i in sorted(ids)))
+        tmp.replace(path)
+
+    def _destroy_dropped_qgroups(self) -> None:
+        """Destroy the qgroups of subvolumes this driver deleted, once the kernel has finished
+        dropping them (they are no longer in ``deleted_subvolumes``).
+
+        Linux >= 6.10 removes a dropped subvolume's qgroup itself, except when it is busy: a
+        simple quota still counts extents a snapshot shares (a parent layer deleted before its
+        child), and the kernel never retries, so without this those qgroups pile up. Only ids
+        this driver deleted are touched, never ``btrfs qgroup clear-stale``: the filesystem may
+        hold other people's qgroups. btrfs never reuses a subvolume id, and refuses to destroy
+        a live subvolume's qgroup, so a remembered id cannot take a new container's quota.
+        Runs before every create and removal, so garbage collection (which removes layers)
+        and recovery run it too.
+        """
+        with self._dropped_lock:
+            pending = self._read_dropped()
+            if not pending:
+                return
+            if kernel_quota_mode(self.home) is None:  # quotas off: every qgroup went with them
+                self._write_dropped(set())
+                return
+            dropping = set(btrfsutil.deleted_subvolumes(self.home))
+            self._write_dropped({subvolume_id for subvolume_id in pending
+                                 if subvolume_id in dropping
+                                 or not destroy_qgroup(self.home, subvolume_id)})
 
     # layers
 
     def prepare_layer(self, key: str, parent: str | None) -> Path:
         layer = self._layer(key)
-        delete_subvolume(layer)
-        if parent is None:
-            btrfsutil.create_subvolume(layer)
-        else:
-            btrfsutil.create_snapshot(self._layer(parent), layer, read_only=False)
+        with _user_errors(f"preparing layer {key[:12]}"):
+            self._destroy_dropped_qgroups()
+            self._delete_subvolume(layer)
+            if parent is None:
+                btrfsutil.create_subvolume(layer)
+            else:
+                btrfsutil.create_snapshot(self._layer(parent), layer, read_only=False)
         return layer
 
     def commit_layer(self, key: str) -> None:
         """Read-only from now on: children and containers snapshot it, nothing writes it."""
-        btrfsutil.set_subvolume_read_only(self._layer(key), True)
+        with _user_errors(f"committing layer {key[:12]}"):
+            btrfsutil.set_subvolume_read_only(self._layer(key), True)
 
     def remove_layer(self, key: str) -> None:
-        delete_subvolume(self._layer(key))
+        with _user_errors(f"removing layer {key[:12]}"):
+            self._destroy_dropped_qgroups()
+            self._delete_subvolume(self._layer(key))
 
     # containers
 
@@ -151,54 +295,80 @@ class BtrfsDriver(DriverHome):
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:
-        if quota is not None and self.options.get("quota", "qgroup") != "qgroup":
-            raise QuotaUnsupportedError(
-                f"drivers.btrfs.quota = {self.options['quota']!r} is not built yet; "
-                "use \"qgroup\" (the default)")
-        self._new_container(name, None)
-        if read_only:
-            return
-        if quota is not None:
-            self._enable_quotas()
-        rootfs = self._rootfs(name)
-        if layers:
-            btrfsutil.create_snapshot(self._layer(layers[-1]), rootfs, read_only=False)
-        else:
-            btrfsutil.create_subvolume(rootfs)
-        if quota is not None:
-            self._limit(rootfs, quota)
+        with _user_errors(f"creating container {name}"):
+            if quota is not None:
+                self._enable_quotas()  # first: a refusal leaves nothing behind
+            self._destroy_dropped_qgroups()
+            self._new_container(name, None)
+            if read_only:
+                return
+            rootfs = self._rootfs(name)
+            if layers:
+                btrfsutil.create_snapshot(self._layer(layers[-1]), rootfs, read_only=False)
+            else:
+                btrfsutil.create_subvolume(rootfs)
+            if quota is not None:
+                self._limit(rootfs, quota)
 
     def _enable_quotas(self) -> None:
-        """Enable qgroups on the filesystem (a no-op when they are) and wait for the rescan
-        that enabling starts, so the first container's numbers are right."""
-        _btrfs("quota", "enable", str(self.home),
-               quota_error=f"this btrfs filesystem refused to enable quotas; enable them "
-                           f"with `btrfs quota enable {self.home}` or create the container "
-                           "without --quota")
-        _btrfs("quota", "rescan", "-W", str(self.home))
+        """Enable quotas in the configured mode unless the filesystem has them already, and
+        refuse a filesystem already in the other mode (the kernel would keep its mode and say
+        nothing). Full qgroups start a rescan when enabled: wait for it, so the first
+        container's numbers are right."""
+        mode = kernel_quota_mode(self.home)
+        if mode is None:
+            simple = self.quota_mode == "simple"
+            try:
+                _ioctl(self.home, _IOC_QUOTA_CTL, struct.pack(
+                    "=QQ", _QUOTA_CTL_ENABLE_SIMPLE_QUOTA if simple else _QUOTA_CTL_ENABLE, 0))
+                if not simple:
+                    _ioctl(self.home, _IOC_QUOTA_RESCAN_WAIT)
+            except OSError as exc:
+                raise QuotaUnsupportedError(self._refused(exc)) from exc
+            mode = kernel_quota_mode(self.home)
+        if mode != _KERNEL_MODE[self.quota_mode]:
+            raise QuotaUnsupportedError(self._wrong_mode(mode))
+
+    def _refused(self, exc: OSError) -> str:
+        mount_point = backing_filesystem(self.home).mount_point
+        code = exc.errno or 0
+        if self.quota_mode == "simple" and code == errno.EINVAL:
+            fix = ("this kernel has no simple quotas (Linux >= 6.7): set drivers.btrfs.quota "
+                   "= \"qgroup\"")
+        elif code in _FIXES:
+            fix = _FIXES[code]
+        else:
+            simple = "--simple " if self.quota_mode == "simple" else ""
+            fix = f"enable them yourself with `btrfs quota enable {simple}{mount_point}`"
+        return (f"the btrfs filesystem at {mount_point} refused to enable {self.quota_mode} "
+                f"quotas ({os.strerror(code)}): {fix}; or create the container without "
+                "--quota")
+
+    def _wrong_mode(self, mode: str | None) -> str:
+        mount_point = backing_filesystem(self.home).mount_point
+        other = "simple" if self.quota_mode == "qgroup" else "qgroup"
+        return (f"the btrfs filesystem at {mount_point} has {other} quotas enabled (sysfs mode "
+                f"{mode}), not the {self.quota_mode} quotas drivers.btrfs.quota asks for: set "
+                f"drivers.btrfs.quota = \"{other}\", or run `btrfs quota disable {mount_point}` "
+                "to let imaged enable its mode (that drops every qgroup limit on the "
+                "filesystem, existing containers' quotas included)")
 
     def _limit(self, rootfs: Path, quota: int) -> None:
-        _btrfs("qgroup", "limit", "-e", str(quota), str(rootfs),
-               quota_error=f"setting an exclusive qgroup limit on {rootfs} failed; check "
-                           f"`btrfs qgroup show {self.home}`")
-
-    def _qgroup(self, name: str) -> tuple[int, int | None] | None:
-        """The container's qgroup numbers, exact as of now; None without quotas or rootfs."""
-        rootfs = self._rootfs(name)
-        if not rootfs.exists():
-            return None
-        btrfsutil.sync(rootfs)
-        return qgroup_of(rootfs)
+        """Set the exclusive limit on the subvolume's own qgroup (qgroupid 0: the one of the
+        subvolume the call is made on)."""
+        _ioctl(rootfs, _IOC_QGROUP_LIMIT,
+               struct.pack("=6Q", 0, _QGROUP_LIMIT_MAX_EXCL, 0, quota, 0, 0))
 
     def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
-        qgroup = self._qgroup(name)
-        if qgroup is None or qgroup[1] is None:
+        used = self.usage(name)
+        if used.quota is None:
             raise QuotaUnsupportedError(f"container {name} was created without a quota; "
                                         "its quota cannot be set afterwards")
-        if quota < qgroup[0]:
-            raise InvalidError(f"container {name} uses {format_size(qgroup[0])}, more than "
+        if quota < used.used:
+            raise InvalidError(f"container {name} uses {format_size(used.used)}, more than "
                                f"the new quota of {format_size(quota)}: delete files first")
-        self._limit(self._rootfs(name), quota)
+        with _user_errors(f"setting the quota of container {name}"):
+            self._limit(self._rootfs(name), quota)
 
     def mount(self, name: str, layers: Sequence[str], read_only: bool,
               target: Path | None) -> Mounted:
@@ -214,16 +384,34 @@ class BtrfsDriver(DriverHome):
                                         ("bind", "ro" if read_only else "rw")),))
 
     def usage(self, name: str) -> Usage:
-        """The container's own (exclusive) bytes from its qgroup; where quotas are off on the
-        filesystem, ``du`` of its rootfs, which counts the image too."""
-        qgroup = self._qgroup(name)
-        if qgroup is not None:
-            return Usage(*qgroup)
-        rootfs = self._rootfs(name)
-        return Usage(disk_usage(rootfs) if rootfs.exists() else 0, None)
+        return self.usages([name])[name]
+
+    def usages(self, names: Sequence[str]) -> dict[str, Usage]:
+        """Each container's own (exclusive) bytes and limit from its qgroup: one sync (the
+        numbers move at transaction commit) and one ``qgroup show`` for all of them. Where
+        quotas are off on the filesystem, ``du`` of each rootfs, which counts the image too.
+        A read-only container has no rootfs and uses nothing."""
+        rootfs = {name: self._rootfs(name) for name in names}
+        usages = {name: Usage(0, None) for name, path in rootfs.items() if not path.exists()}
+        live = {name: path for name, path in rootfs.items() if name not in usages}
+        if not live:
+            return usages
+        if kernel_quota_mode(self.home) is None:
+            return usages | {name: Usage(disk_usage(path), None) for name, path in live.items()}
+        btrfsutil.sync(self.home)
+        qgroups = parse_qgroups(_btrfs("qgroup", "show", "--raw", "-e", str(self.home)))
+        for name, path in live.items():
+            subvolume_id = btrfsutil.subvolume_id(path)
+            if subvolume_id not in qgroups:
+                raise InternalError(f"btrfs qgroup show lists no qgroup 0/{subvolume_id} "
+                                    f"for container {name}")
+            usages[name] = Usage(*qgroups[subvolume_id])
+        return usages
 
     def remove_container(self, name: str) -> None:
-        if self._rootfs(name).exists():
-            self.unmount(name, None)
-            delete_subvolume(self._rootfs(name))
-        super().remove_container(name)
+        with _user_errors(f"removing container {name}"):
+            self._destroy_dropped_qgroups()
+            if self._rootfs(name).exists():
+                self.unmount(name, None)
+                self._delete_subvolume(self._rootfs(name))
+            super().remove_container(name)

@@ -86,12 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", parents=[common],
                    help="run the daemon: the socket API for runtimes and the CLI")
     p = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
-    p.add_argument("benchmark", choices=["api", "fetch", "mount", "pull"],
+    p.add_argument("benchmark", choices=["api", "btrfs-quota", "fetch", "mount", "pull"],
                    help="fetch: one large blob, imaged pull against curl; mount: mount "
                    "latency for 1-500 layers, container cycles and the space of 10 containers per "
                    "driver; pull: pull + "
                    "unpack by imaged and by the peers installed here; api: the daemon's "
-                   "requests/s, container cycles/s and memory through its socket")
+                   "requests/s, container cycles/s and memory through its socket; btrfs-quota: "
+                   "containers under no quota, full qgroups and simple quotas")
     p.add_argument("--out", type=Path, required=True, help="directory for JSON, markdown, PNG")
     p.add_argument("--size", type=parse_size, default=parse_size("1G"),
                    help="blob size for fetch (default 1G)")
@@ -168,10 +169,12 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
     from imaged.service import Service  # noqa: PLC0415
 
     if args.command == "bench":
-        from imaged.bench import api, fetch, mount, pull  # noqa: PLC0415 - loaded when asked
+        from imaged.bench import api, btrfsquota, fetch, mount, pull  # noqa: PLC0415
 
         if args.benchmark == "api":
             paths = await trio.to_thread.run_sync(api.run, args.out, args.runs)
+        elif args.benchmark == "btrfs-quota":
+            paths = await trio.to_thread.run_sync(btrfsquota.run, args.out, args.runs)
         elif args.benchmark == "fetch":
             paths = await trio.to_thread.run_sync(fetch.run, args.out, args.size, args.runs)
         elif args.benchmark == "pull":

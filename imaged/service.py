@@ -90,6 +90,7 @@ class Service:
                    report: Reporter) -> PullResult:
         ref = parse_reference(ref_text)
         platform = Platform.parse(platform_text) if platform_text else Platform.host()
+        await trio.to_thread.run_sync(self.store.check_driver)
         return await self._puller.pull(ref, platform, report,
                                        platform_explicit=platform_text is not None)
 

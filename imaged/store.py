@@ -56,6 +56,13 @@ class Store:
                 self.meta.set_setting("driver", name)
         return self._driver
 
+    def check_driver(self) -> None:
+        """Refuse now what ``driver()`` would refuse, recording and creating nothing: a pull
+        must not download an image for a driver that cannot take it."""
+        if self._driver is None:
+            choose(self.config, backing_filesystem(self.root).fstype,
+                   self.meta.get_setting("driver"))
+
     def recorded_driver(self) -> Driver | None:
         """The driver if one was ever recorded: recovery must not choose one by itself."""
         return self.driver() if self.meta.get_setting("driver") is not None else None
