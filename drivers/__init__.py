@@ -129,13 +129,13 @@ def _not_built(name: str, issue: str) -> ProbeFn:
 
 def registry() -> dict[str, tuple[ProbeFn, Factory | None]]:
     """Every driver of DESIGN §3, in auto-selection order after the root-filesystem rule."""
-    from imaged.drivers import btrfs, overlay, vfs  # noqa: PLC0415 - they import this module
+    from imaged.drivers import aufs, btrfs, overlay, vfs  # noqa: PLC0415 - they import this
 
     return {
         "btrfs": (btrfs.probe, btrfs.BtrfsDriver),
         "zfs": (_not_built("zfs", "issue 5"), None),
         "overlay": (overlay.probe, overlay.OverlayDriver),
-        "aufs": (_not_built("aufs", "issue 6"), None),
+        "aufs": (aufs.probe, aufs.AufsDriver),
         "devmapper": (_not_built("devmapper", "issue 6"), None),
         "fuse": (_not_built("fuse", "a later issue"), None),
         "vfs": (vfs.probe, vfs.VfsDriver),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from imaged import loopquota
@@ -60,6 +60,18 @@ class DriverHome:
     def _mount_quota_fs(self, name: str) -> None:
         if self._has_quota(name):
             loopquota.mount(self._quota_fs(name))
+
+    @contextlib.contextmanager
+    def _quota_fs_for_mount(self, name: str) -> Iterator[None]:
+        """The container's quota filesystem mounted for the mount made inside the block, and
+        unmounted again if that mount fails, so a failed mount leaves nothing mounted."""
+        self._mount_quota_fs(name)
+        try:
+            yield
+        except BaseException:
+            if self._has_quota(name):
+                loopquota.unmount(self._quota_fs(name))
+            raise
 
     def _data_usage(self, name: str, data: Path) -> Usage:
         if self._has_quota(name):

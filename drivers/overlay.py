@@ -35,7 +35,6 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from imaged import loopquota
 from imaged.config import Config
 from imaged.drivers import (
     Capabilities,
@@ -50,6 +49,7 @@ from imaged.mounts import (
     backing_filesystem,
     bind_mount,
     is_mounted,
+    kernel_filesystems,
     mount_with_command,
     mount_with_fsconfig,
     new_mount_api_has,
@@ -60,14 +60,6 @@ _SHORT_ALPHABET = string.ascii_uppercase + string.digits
 _SHORT_LENGTH = 6
 # Filesystems overlayfs cannot use as upper (no d_type, no trusted xattrs, or overlay itself).
 _BAD_UPPER = {"overlay", "nfs", "nfs4", "tmpfs-noxattr", "fuse", "vfat", "exfat"}
-
-
-def _filesystems() -> set[str]:
-    try:
-        lines = Path("/proc/filesystems").read_text().splitlines()
-    except OSError:
-        return set()
-    return {line.split()[-1] for line in lines if line.strip()}
 
 
 def quota_mode(config: Config, root: Path) -> str:
@@ -91,7 +83,7 @@ def _mount_options(mount_point: str) -> list[str]:
 
 
 def probe(config: Config) -> Probe:
-    if "overlay" not in _filesystems():
+    if "overlay" not in kernel_filesystems():
         return Probe("overlay", False, "overlay is not in /proc/filesystems (modprobe overlay)")
     backing = backing_filesystem(config.root if config.root.exists() else config.root.parent)
     if backing.fstype in _BAD_UPPER:
@@ -202,9 +194,8 @@ class OverlayDriver(DriverHome):
             source = self._layer(layers[0]) / "diff"
             bind_mount(source, path, read_only=True)
             return Mounted(path, (MountSpec("bind", str(source), ("bind", "ro")),))
-        self._mount_quota_fs(name)
         spec = self.mount_spec(name, layers, read_only)
-        try:
+        with self._quota_fs_for_mount(name):
             if self._lowerdir_plus:
                 mount_with_fsconfig(spec, path, read_only=read_only)
             else:
@@ -213,10 +204,6 @@ class OverlayDriver(DriverHome):
                 mount_with_command(MountSpec("overlay", "overlay",
                                              (f"lowerdir={':'.join(shorts)}", *legacy)),
                                    path, cwd=self.home / "l", read_only=read_only)
-        except BaseException:
-            if self._has_quota(name):
-                loopquota.unmount(self._quota_fs(name))
-            raise
         return Mounted(path, (spec,))
 
     def usage(self, name: str) -> Usage:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imaged.errors import ConflictError, ImagedError, InternalError
+from imaged.fsutil import syscall
 
 _SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432  # x86_64
 _FSOPEN_CLOEXEC = 0x1
@@ -33,7 +34,6 @@ _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _AT_FDCWD = -100
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _COMMAND_TIMEOUT = 60
 
@@ -54,14 +54,6 @@ class MountSpec:
         return {"type": self.type, "source": self.source, "options": list(self.options)}
 
 
-def _syscall(number: int, *args: Any) -> int:
-    result = int(_libc.syscall(number, *args))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
-
-
 def _context_log(fs_fd: int) -> str:
     """The messages the kernel attached to a filesystem context (why fsconfig refused)."""
     lines = []
@@ -79,17 +71,26 @@ def _context_log(fs_fd: int) -> str:
 def new_mount_api_has(fstype: str, key: str) -> bool:
     """Whether this kernel's ``fstype`` accepts the string parameter ``key`` (e.g. lowerdir+)."""
     try:
-        fs_fd = _syscall(_SYS_FSOPEN, fstype.encode(), _FSOPEN_CLOEXEC)
+        fs_fd = syscall(_SYS_FSOPEN, fstype.encode(), _FSOPEN_CLOEXEC)
     except OSError:
         return False
     try:
-        _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key.encode(), b"/", 0)
+        syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key.encode(), b"/", 0)
     except OSError as exc:
         # EINVAL: unknown key. Any other error (the path is not usable) means the key exists.
         return exc.errno != errno.EINVAL
     finally:
         os.close(fs_fd)
     return True
+
+
+def kernel_filesystems() -> set[str]:
+    """The filesystem types this kernel can mount (``/proc/filesystems``); empty if unreadable."""
+    try:
+        lines = Path("/proc/filesystems").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in lines if line.strip()}
 
 
 def _split_option(option: str) -> tuple[str, str | None]:
@@ -100,28 +101,28 @@ def _split_option(option: str) -> tuple[str, str | None]:
 def mount_with_fsconfig(spec: MountSpec, target: Path, read_only: bool = False) -> None:
     """Mount ``spec`` at ``target`` through fsopen/fsconfig/fsmount/move_mount."""
     try:
-        fs_fd = _syscall(_SYS_FSOPEN, spec.type.encode(), _FSOPEN_CLOEXEC)
+        fs_fd = syscall(_SYS_FSOPEN, spec.type.encode(), _FSOPEN_CLOEXEC)
     except OSError as exc:
         raise MountError(f"cannot open a {spec.type} filesystem context: {exc}") from None
     try:
-        _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source", spec.source.encode(), 0)
+        syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, b"source", spec.source.encode(), 0)
         for option in spec.options:
             key, value = _split_option(option)
             if value is None:
-                _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
+                syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
             else:
-                _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key.encode(),
+                syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key.encode(),
                          value.encode(), 0)
-        _syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
+        syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
         attrs = _MOUNT_ATTR_RDONLY if read_only else 0
-        mnt_fd = _syscall(_SYS_FSMOUNT, fs_fd, _FSMOUNT_CLOEXEC, attrs)
+        mnt_fd = syscall(_SYS_FSMOUNT, fs_fd, _FSMOUNT_CLOEXEC, attrs)
     except OSError as exc:
         raise MountError(f"mounting {spec.type} at {target} failed: {exc.strerror}"
                          f" ({_context_log(fs_fd) or 'no kernel message'})") from None
     finally:
         os.close(fs_fd)
     try:
-        _syscall(_SYS_MOVE_MOUNT, mnt_fd, b"", _AT_FDCWD, str(target).encode(),
+        syscall(_SYS_MOVE_MOUNT, mnt_fd, b"", _AT_FDCWD, str(target).encode(),
                  _MOVE_MOUNT_F_EMPTY_PATH)
     except OSError as exc:
         raise MountError(f"attaching the {spec.type} mount at {target} failed: "
