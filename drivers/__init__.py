@@ -129,11 +129,17 @@ def _not_built(name: str, issue: str) -> ProbeFn:
 
 def registry() -> dict[str, tuple[ProbeFn, Factory | None]]:
     """Every driver of DESIGN §3, in auto-selection order after the root-filesystem rule."""
-    from imaged.drivers import aufs, btrfs, overlay, vfs  # noqa: PLC0415 - they import this
+    from imaged.drivers import (  # noqa: PLC0415 - they import this module
+        aufs,
+        btrfs,
+        overlay,
+        vfs,
+        zfs,
+    )
 
     return {
         "btrfs": (btrfs.probe, btrfs.BtrfsDriver),
-        "zfs": (_not_built("zfs", "issue 5"), None),
+        "zfs": (zfs.probe, zfs.ZfsDriver),
         "overlay": (overlay.probe, overlay.OverlayDriver),
         "aufs": (aufs.probe, aufs.AufsDriver),
         "devmapper": (_not_built("devmapper", "issue 6"), None),
@@ -171,6 +177,10 @@ def loop_usage(fs: loopquota.LoopFS) -> Usage:
     return Usage(used, quota)
 
 
+# The root's filesystem type (as /proc/self/mountinfo names it) that picks a driver by itself.
+_ROOT_FSTYPES = {"btrfs": ("btrfs",), "zfs": ("zfs", "fuse.zfs")}  # fuse.zfs: zfs-fuse
+
+
 def choose(config: Config, root_fstype: str, recorded: str | None) -> str:
     """The driver for a root: the recorded one, else the configured one, else DESIGN's order.
 
@@ -189,7 +199,7 @@ def choose(config: Config, root_fstype: str, recorded: str | None) -> str:
         if factory is None or not result.supported:
             raise InvalidError(f"driver {config.driver} cannot be used here: {result.reason}")
         return config.driver
-    order: list[str] = [name for name in ("btrfs", "zfs") if name == root_fstype]
+    order = [name for name, fstypes in _ROOT_FSTYPES.items() if root_fstype in fstypes]
     order += ["overlay", "fuse", "vfs"]
     for name in order:
         probe, factory = drivers[name]

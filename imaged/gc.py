@@ -82,12 +82,14 @@ def collect(store: Store, leases: Leases) -> Removed:
     referenced = store.meta.referenced_blobs()
     blobs.update(digest for digest, _ in store.content.iter_blobs()
                  if str(digest) not in referenced)
-    layers = store.meta.unused_layers()
+    # Children before parents: layers with no row (a crash between a row and its removal)
+    # sit on top of recorded ones, and layers being created on top of ready ones.
     creating = store.meta.layers_in_state("creating")
-    layers += creating
+    layers = []
     driver = store.recorded_driver()
     if driver is not None:
         recorded = {chain.split(":", 1)[1] for chain in
                     (*store.meta.layers_in_state("ready"), *creating)}
         layers += [f"sha256:{key}" for key in sorted(driver.list_layers() - recorded)]
+    layers += creating + store.meta.unused_layers()
     return release(store, leases, sorted(blobs), layers)

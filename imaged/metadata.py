@@ -360,15 +360,19 @@ class Metadata:
     def delete_layer(self, chain_id: str) -> None:
         self.db.execute("DELETE FROM layers WHERE chain_id=?", (chain_id,))
 
+    # Lists of layers come newest row first, so children come before their parents (a layer's
+    # row is always inserted after its parent's): removed in this order, no layer is ever
+    # removed under one cloned from it, which zfs refuses.
+
     def layers_in_state(self, state: str) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT chain_id FROM layers WHERE state=?",
-                                              (state,))]
+        return [r[0] for r in self.db.execute(
+            "SELECT chain_id FROM layers WHERE state=? ORDER BY rowid DESC", (state,))]
 
     def unused_layers(self) -> list[str]:
         """Ready layers no image references (images pin every layer of their chain)."""
         return [r[0] for r in self.db.execute(
             "SELECT chain_id FROM layers WHERE state='ready' AND chain_id NOT IN "
-            "(SELECT chain_id FROM image_layers)")]
+            "(SELECT chain_id FROM image_layers) ORDER BY rowid DESC")]
 
     def layer_referenced(self, chain_id: Digest) -> bool:
         """Whether a recorded image has this layer in its chain."""

@@ -18,6 +18,16 @@ def _short(digest: str | None) -> str:
     return (digest or "").split(":", 1)[-1][:12]
 
 
+def ignored_xattrs(event: PullEvent) -> str:
+    """The warning for xattrs the driver's filesystem could not store (Docker's "ignored
+    xattrs in archive"): the layer is applied without them."""
+    skipped = int(event.extra.get("xattrs_skipped", 0))
+    if not skipped:
+        return ""
+    return (f"; warning: ignored {skipped} xattr{'s' if skipped > 1 else ''}: the storage "
+            "driver's filesystem does not support them")
+
+
 class PlainProgress:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -43,7 +53,8 @@ class PlainProgress:
             line = f"layer {_short(event.layer)}: verified"
         elif event.status == "unpacked":
             line = (f"layer {_short(event.layer)}: unpacked {event.extra.get('entries')} "
-                    f"entries, {format_size(int(event.extra.get('bytes', 0)))}")
+                    f"entries, {format_size(int(event.extra.get('bytes', 0)))}"
+                    f"{ignored_xattrs(event)}")
         elif event.status == "done":
             line = f"pulled {event.id}"
         if line is not None:
@@ -88,6 +99,8 @@ class BarProgress:
                 self._tasks[event.layer] = task
             self.progress.update(task, completed=event.current or 0,
                                  description=f"{_short(event.layer)} {event.status}")
+        if event.status == "unpacked" and ignored_xattrs(event):
+            self.progress.console.print(f"layer {_short(event.layer)}{ignored_xattrs(event)}")
         elif event.status == "done":
             self.progress.console.print(f"pulled {event.id}")
         self.progress.refresh()

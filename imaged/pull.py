@@ -290,7 +290,8 @@ class Puller:
                 raise
         self._applied[chain] = stats
         emit(PullEvent("unpacked", layer=str(desc.digest),
-                       extra={"entries": stats.entries, "bytes": stats.bytes}))
+                       extra={"entries": stats.entries, "bytes": stats.bytes,
+                              "xattrs_skipped": stats.xattrs_skipped}))
         return stats
 
     def _unpack(self, desc: Descriptor, diff_id: Digest, chain: Digest,

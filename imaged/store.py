@@ -80,14 +80,8 @@ class Store:
         driver = self.recorded_driver()
         if driver is None:
             return notes
-        for chain_id in self.meta.layers_in_state("creating"):
-            driver.remove_layer(Digest.parse(chain_id).hex)
-            self.meta.delete_layer(chain_id)
-            notes.append(f"removed half-applied layer {chain_id}")
-        known_layers = {Digest.parse(c).hex for c in self.meta.layers_in_state("ready")}
-        for key in driver.list_layers() - known_layers:
-            driver.remove_layer(key)
-            notes.append(f"removed layer directory {key} with no record")
+        # Containers before layers, children before parents: a snapshot driver's layer cannot
+        # go while something is cloned from it (zfs).
         for row in self.meta.containers():
             if row.state in ("creating", "removing"):
                 driver.remove_container(row.name)
@@ -100,6 +94,14 @@ class Store:
         for name in driver.list_containers() - known:
             driver.remove_container(name)
             notes.append(f"removed container directory {name} with no record")
+        for chain_id in self.meta.layers_in_state("creating"):
+            driver.remove_layer(Digest.parse(chain_id).hex)
+            self.meta.delete_layer(chain_id)
+            notes.append(f"removed half-applied layer {chain_id}")
+        known_layers = {Digest.parse(c).hex for c in self.meta.layers_in_state("ready")}
+        for key in driver.list_layers() - known_layers:
+            driver.remove_layer(key)
+            notes.append(f"removed layer directory {key} with no record")
         return notes
 
     def resolve_image(self, text: str) -> tuple[Digest, str | None]:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from imaged import cli, loopdev
+from imaged.bench import zfsfuse
 from imaged.bench.images import OCILayout, directory, file, push
 from imaged.bench.registry import LocalRegistry, start_registry
 from imaged.config import Config
@@ -80,7 +81,8 @@ def unmount_below(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def loop_filesystem(mkfs: list[str], image: Path, mount_point: Path) -> Iterator[Path]:
+def loop_filesystem(mkfs: list[str], image: Path, mount_point: Path,
+                    options: str = "") -> Iterator[Path]:
     """A fresh filesystem in a sparse file, mounted at ``mount_point`` through an autoclear loop
     device (imaged.loopdev): unmounting releases the device, so the finalizer's unmount leaves
     no device bound, failing test or not."""
@@ -90,7 +92,8 @@ def loop_filesystem(mkfs: list[str], image: Path, mount_point: Path) -> Iterator
     subprocess.run([*mkfs, str(image)], check=True, capture_output=True, timeout=120)
     mount_point.mkdir(parents=True, exist_ok=True)
     with loopdev.attach(image) as attachment:  # held open until the mount holds the device
-        subprocess.run(["mount", str(attachment.device.path), str(mount_point)], check=True,
+        subprocess.run(["mount", *(["-o", options] if options else []),
+                        str(attachment.device.path), str(mount_point)], check=True,
                        capture_output=True, timeout=60)
     try:
         yield mount_point
@@ -105,10 +108,36 @@ def loop_filesystem(mkfs: list[str], image: Path, mount_point: Path) -> Iterator
             f"{attachment.device.path} still bound to {image}"
 
 
+@pytest.fixture(scope="session")
+def zfs_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zfsfuse.Daemon]:
+    """One zfs-fuse daemon for the session (each test gets a pool of its own in it)."""
+    need_tools("zfs-fuse", "zfs", "zpool")
+    with zfsfuse.running(tmp_path_factory.mktemp("zfs-fuse")) as daemon:
+        yield daemon
+
+
+def add_config(tmp_path: Path, text: str) -> None:
+    """Append a table to the test's config file (``isolated_env`` puts its keys first)."""
+    with (tmp_path / "imaged.toml").open("a") as config:
+        config.write(text)
+
+
+def zfs_dataset(request: pytest.FixtureRequest, tmp_path: Path,
+                stack: contextlib.ExitStack) -> dict[str, dict[str, str]]:
+    """A fresh pool for the test, its dataset configured for the CLI and daemons it runs; the
+    root's mounts go before the pool does."""
+    request.getfixturevalue("zfs_daemon")
+    pool = stack.enter_context(zfsfuse.pool(tmp_path / "zfs"))
+    stack.callback(unmount_below, tmp_path / "root")
+    add_config(tmp_path, f'[drivers.zfs]\ndataset = "{pool.dataset}"\n')
+    return {"zfs": {"dataset": pool.dataset}}
+
+
 @pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Each built driver in turn; for a driver that needs its own filesystem (ROOT_MKFS), the
-    ``root`` fixture's directory is a fresh one, mounted for the test and gone after it."""
+    ``root`` fixture's directory is a fresh one, mounted for the test and gone after it; zfs
+    gets a pool of its own, configured in the test's config file."""
     name: str = request.param
     if os.geteuid() != 0:
         pytest.skip("drivers mount filesystems: needs root")
@@ -116,8 +145,9 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         if name in ROOT_MKFS:
             stack.enter_context(loop_filesystem(ROOT_MKFS[name], tmp_path / f"{name}.img",
                                                 tmp_path / "root"))
+        options = zfs_dataset(request, tmp_path, stack) if name == "zfs" else {}
         probe, _ = driver_registry()[name]
-        result = probe(Config(root=tmp_path / "root"))
+        result = probe(Config(root=tmp_path / "root", drivers=options))
         if not result.supported:
             pytest.skip(f"{name} not supported here: {result.reason}")
         yield name
@@ -175,8 +205,9 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, s
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     config = tmp_path / "imaged.toml"
-    if not config.exists():
-        config.write_text(f'certs_dirs = ["{tmp_path / "certs.d"}"]\n')
+    tables = config.read_text() if config.exists() else ""  # the driver fixture's, if any
+    if "certs_dirs" not in tables:
+        config.write_text(f'certs_dirs = ["{tmp_path / "certs.d"}"]\n{tables}')
     for var in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "IMAGED_ROOT",
                 "IMAGED_DRIVER", "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS"):
         monkeypatch.delenv(var, raising=False)
