@@ -1,9 +1,17 @@
 """What the built drivers share: a directory per layer and per container, and a container's
-writable data on its own loop-backed quota filesystem when it has a quota.
+writable data under one of two quota mechanisms (DESIGN §3).
+
+- ``project``, where the root's filesystem enforces project quotas (xfs or ext4 mounted with
+  ``prjquota`` on a kernel with quota support): the container's data lives in ``data/``, whose
+  project id (inherited by everything created below it) every container gets, with or without a
+  limit, so usage is the kernel's counter, read in O(1), and a quota can be set later.
+- ``loop`` anywhere else: with a quota, the data lives on a per-container loop-backed
+  filesystem (``quota.img`` mounted on ``fs/``) whose size is the quota; without one, in the
+  container's directory itself, measured like ``du``.
 
 Layout under a driver's home: ``layers/<chainid>``, ``containers/<name>/`` with ``merged/``
-(the default mount point), ``quota.img`` and ``fs/`` (the quota filesystem) when there is a
-quota. Only what the drivers put *in* a layer or *on* the quota filesystem differs.
+(the default mount point) and ``data/`` or ``quota.img`` + ``fs/``. Only what the drivers put
+*in* a layer or a container's data directory differs.
 """
 
 from __future__ import annotations
@@ -14,14 +22,41 @@ from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from imaged import loopquota
+from imaged import loopquota, projquota
+from imaged.config import Config
 from imaged.drivers import Usage, disk_usage, loop_usage
-from imaged.errors import QuotaUnsupportedError
+from imaged.errors import InvalidError, QuotaUnsupportedError
 from imaged.mounts import unmount
+from imaged.sizes import format_size
+
+
+def nearest_directory(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor: a root not made yet is probed where it will
+    be."""
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def quota_mode(config: Config, driver: str, home: Path) -> tuple[str, str]:
+    """(mode, why) for a driver that keeps container data in directories: ``project`` where the
+    filesystem enforces project quotas, else ``loop``; ``unavailable`` when the configuration
+    asks for project quotas (``drivers.<name>.quota``) and the filesystem cannot do them."""
+    wanted = config.drivers.get(driver, {}).get("quota", "auto")
+    if wanted == "loop":
+        return "loop", "configured"
+    missing = projquota.unavailable(home)
+    if missing is None:
+        return "project", "the root's filesystem enforces project quotas"
+    if wanted == "project":
+        return "unavailable", missing
+    return "loop", missing
 
 
 class DriverHome:
+    name: str
     home: Path
+    _quota_mode = "loop"  # set by drivers that can use project quotas (quota_mode())
 
     def _make_dirs(self) -> None:
         for sub in ("layers", "containers"):
@@ -44,18 +79,43 @@ class DriverHome:
         return loopquota.LoopFS(home / "quota.img", home / "fs")
 
     def _has_quota(self, name: str) -> bool:
+        """The container's data is on a loop quota filesystem (to mount before use)."""
         return (self._container(name) / "quota.img").exists()
 
+    def _project_dir(self, name: str) -> Path | None:
+        data = self._container(name) / "data"
+        return data if data.is_dir() else None
+
     def _data_dir(self, name: str) -> Path:
-        """Where the container's writable data lives: its quota filesystem, if it has one."""
-        return self._container(name) / "fs" if self._has_quota(name) else self._container(name)
+        """Where the container's writable data lives: its quota filesystem or project
+        directory, if it has one."""
+        if self._has_quota(name):
+            return self._container(name) / "fs"
+        return self._project_dir(name) or self._container(name)
 
     def _new_container(self, name: str, quota: int | None) -> None:
         home = self._container(name)
+        if quota is not None and self._quota_mode == "unavailable":
+            raise QuotaUnsupportedError(
+                f"drivers.{self.name}.quota is \"project\" but "
+                f"{projquota.unavailable(self.home)}: mount the root's filesystem with "
+                "prjquota on a kernel with quota support, or set the option to \"auto\"")
         home.mkdir(parents=True, mode=0o700)
         (home / "merged").mkdir()
-        if quota is not None:
+        if self._quota_mode == "project":
+            self._new_project(home / "data", quota)
+        elif quota is not None:
             loopquota.create(home / "quota.img", home / "fs", quota)
+
+    def _new_project(self, data: Path, quota: int | None) -> None:
+        """``data`` with a project id of its own (ids persist in the directories themselves)
+        and the quota as its limit; no quota clears whatever limit a former holder left."""
+        taken = [projquota.project_of(other) for other in
+                 (self.home / "containers").glob("*/data") if other != data]
+        project = projquota.allocate(taken)
+        data.mkdir(mode=0o755)
+        projquota.set_project(data, project)
+        projquota.set_limit(data, project, quota)
 
     def _mount_quota_fs(self, name: str) -> None:
         if self._has_quota(name):
@@ -76,6 +136,9 @@ class DriverHome:
     def _data_usage(self, name: str, data: Path) -> Usage:
         if self._has_quota(name):
             return loop_usage(self._quota_fs(name))
+        project = self._project_dir(name)
+        if project is not None:
+            return Usage(*projquota.usage(project, projquota.project_of(project)))
         return Usage(disk_usage(data) if data.exists() else 0, None)
 
     @abstractmethod
@@ -85,6 +148,14 @@ class DriverHome:
         return {name: self.usage(name) for name in names}
 
     def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
+        project = self._project_dir(name)
+        if project is not None:
+            used, _ = projquota.usage(project, projquota.project_of(project))
+            if quota < used:
+                raise InvalidError(f"container {name} uses {format_size(used)}, more than the "
+                                   f"new quota of {format_size(quota)}: delete files first")
+            projquota.set_limit(project, projquota.project_of(project), quota)
+            return
         if not self._has_quota(name):
             raise QuotaUnsupportedError(f"container {name} was created without a quota; "
                                         "its quota cannot be set afterwards")
@@ -102,6 +173,9 @@ class DriverHome:
         self.unmount(name, None)
         if self._has_quota(name):
             loopquota.remove(self._quota_fs(name))
+        project = self._project_dir(name)
+        if project is not None:  # the id may be reused: it must not carry this limit along
+            projquota.set_limit(project, projquota.project_of(project), None)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(home)
 

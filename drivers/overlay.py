@@ -42,8 +42,8 @@ from imaged.drivers import (
     Probe,
     Usage,
 )
-from imaged.drivers.containers import DriverHome
-from imaged.errors import InvalidError, QuotaUnsupportedError
+from imaged.drivers.containers import DriverHome, nearest_directory, quota_mode
+from imaged.errors import InvalidError
 from imaged.mounts import (
     MountSpec,
     backing_filesystem,
@@ -62,26 +62,6 @@ _SHORT_LENGTH = 6
 _BAD_UPPER = {"overlay", "nfs", "nfs4", "tmpfs-noxattr", "fuse", "vfat", "exfat"}
 
 
-def quota_mode(config: Config, root: Path) -> str:
-    """``loop`` everywhere; ``project`` only where the root's filesystem has ``prjquota``."""
-    wanted = config.drivers.get("overlay", {}).get("quota", "auto")
-    backing = backing_filesystem(root)
-    has_project = any(opt in ("prjquota", "pquota") for opt in _mount_options(backing.mount_point))
-    if wanted == "project" and not has_project:
-        return "unavailable"
-    if wanted == "auto" and has_project:
-        return "project"
-    return "loop" if wanted in ("auto", "loop") else wanted
-
-
-def _mount_options(mount_point: str) -> list[str]:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 3 and fields[1] == mount_point:
-            return fields[3].split(",")
-    return []
-
-
 def probe(config: Config) -> Probe:
     if "overlay" not in kernel_filesystems():
         return Probe("overlay", False, "overlay is not in /proc/filesystems (modprobe overlay)")
@@ -89,11 +69,11 @@ def probe(config: Config) -> Probe:
     if backing.fstype in _BAD_UPPER:
         return Probe("overlay", False, f"the root is on {backing.fstype}, which overlayfs "
                      "cannot use for layers")
-    mode = quota_mode(config, config.root if config.root.exists() else Path("/"))
+    mode, why = quota_mode(config, "overlay", nearest_directory(config.root))
     api = "lowerdir+ (new mount API)" if new_mount_api_has("overlay", "lowerdir+") \
         else "mount(2) with short layer names"
     return Probe("overlay", True, f"overlay available; layers passed with {api}; "
-                 f"quota mode {mode}",
+                 f"quota mode {mode} ({why})",
                  Capabilities("stacked", WhiteoutMode.OVERLAY, mode, "writable",
                               rename_lower_dirs=True, xattrs=True))
 
@@ -108,7 +88,7 @@ class OverlayDriver(DriverHome):
         self._make_dirs()
         (home / "l").mkdir(exist_ok=True, mode=0o700)
         self._lowerdir_plus = new_mount_api_has("overlay", "lowerdir+")
-        self._quota_mode = quota_mode(config, home)
+        self._quota_mode, _ = quota_mode(config, "overlay", home)
 
     def capabilities(self) -> Capabilities:
         return Capabilities("stacked", WhiteoutMode.OVERLAY, self._quota_mode, "writable",
@@ -153,11 +133,6 @@ class OverlayDriver(DriverHome):
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:
-        if quota is not None and self._quota_mode != "loop":
-            raise QuotaUnsupportedError(
-                "project quotas need a kernel with CONFIG_QUOTA and the root mounted with "
-                "prjquota; set drivers.overlay.quota = \"loop\" to use per-container "
-                "loop filesystems")
         self._new_container(name, quota)
         if read_only:
             return

@@ -4,8 +4,8 @@ Docker's vfs.
 
 Copies are made by ``cp -a --reflink=auto``: coreutils keeps owners, modes, xattrs, devices and
 hardlinks, and clones extents on xfs and btrfs so a copy costs metadata only. A container's
-rootfs lives on its quota filesystem when it has one, so the quota counts the image as well
-as the container's writes (``total`` semantics, DESIGN §3).
+rootfs lives on its quota filesystem or in its project directory, so the quota counts the image
+as well as the container's writes (``total`` semantics, DESIGN §3).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from imaged.drivers import (
     Probe,
     Usage,
 )
-from imaged.drivers.containers import DriverHome
+from imaged.drivers.containers import DriverHome, nearest_directory, quota_mode
 from imaged.errors import InternalError, QuotaUnsupportedError
 from imaged.mounts import MountSpec, bind_mount, is_mounted
 from imaged.unpack import WhiteoutMode
@@ -50,11 +50,12 @@ def reflink_supported(directory: Path) -> bool:
 
 
 def probe(config: Config) -> Probe:
-    where = config.root if config.root.exists() else Path(tempfile.gettempdir())
-    reflink = reflink_supported(where / "drivers" / "vfs") if config.root.exists() else False
+    reflink = reflink_supported(config.root / "drivers" / "vfs") if config.root.exists() \
+        else False
+    mode, why = quota_mode(config, "vfs", nearest_directory(config.root))
     return Probe("vfs", True, "always available (full copies"
-                 f"{', reflinked' if reflink else ''})",
-                 Capabilities("snapshot", WhiteoutMode.DELETE, "loop", "total",
+                 f"{', reflinked' if reflink else ''}); quota mode {mode} ({why})",
+                 Capabilities("snapshot", WhiteoutMode.DELETE, mode, "total",
                               rename_lower_dirs=True, xattrs=True, reflink=reflink))
 
 
@@ -80,12 +81,13 @@ class VfsDriver(DriverHome):
         self.home = home
         self._make_dirs()
         self._reflink: bool | None = None
+        self._quota_mode, _ = quota_mode(config, "vfs", home)
 
     def capabilities(self) -> Capabilities:
         # Tested on first use only: every command opens the driver, and the test runs cp.
         if self._reflink is None:
             self._reflink = reflink_supported(self.home)
-        return Capabilities("snapshot", WhiteoutMode.DELETE, "loop", "total",
+        return Capabilities("snapshot", WhiteoutMode.DELETE, self._quota_mode, "total",
                             rename_lower_dirs=True, xattrs=True, reflink=self._reflink)
 
     def prepare_layer(self, key: str, parent: str | None) -> Path:
@@ -118,7 +120,7 @@ class VfsDriver(DriverHome):
             else:
                 self._rootfs(name).mkdir()
         finally:
-            if quota is not None:
+            if self._has_quota(name):
                 loopquota.unmount(self._quota_fs(name))
 
     def mount(self, name: str, layers: Sequence[str], read_only: bool,

@@ -129,7 +129,7 @@ _DRIVER_KEYS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     },
     "aufs": {},
     "fuse": {},
-    "vfs": {},
+    "vfs": {"quota": _choice("auto", "project", "loop")},
 }
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from imaged.errors import QuotaUnsupportedError
 from imaged.fsutil import syscall
+from imaged.mounts import backing_filesystem
 
 FIRST_ID = 1_000_000
 LAST_ID = 1_999_999
@@ -109,7 +110,21 @@ def unavailable(path: Path) -> str | None:
         if e.errno in (errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP):
             return "this filesystem does not support project quotas"
         return f"project quota query failed: {e.strerror}"
+    if not enforced(path):
+        return "project quotas are counted but not enforced here (mount with prjquota)"
     return None
+
+
+def enforced(path: Path) -> bool:
+    """The filesystem holding ``path`` is mounted to enforce project limits (``prjquota``;
+    xfs also says ``pquota``): ext4's quota feature alone only counts."""
+    mount_point = backing_filesystem(path).mount_point
+    options: list[str] = []  # the last mount at that point is the one in use
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[1].encode().decode("unicode_escape") == mount_point:
+            options = fields[3].split(",")
+    return any(option in ("prjquota", "pquota") for option in options)
 
 
 def set_project(directory: Path, project_id: int) -> None:
