@@ -78,7 +78,7 @@ class LocalRegistry:
 
 
 def _config(workdir: Path, port: int, htpasswd: Path | None, token: TokenAuth | None,
-            tls: TLS | None) -> dict[str, Any]:
+            tls: TLS | None, storage: Path | None) -> dict[str, Any]:
     http: dict[str, Any] = {"addr": f"127.0.0.1:{port}", "secret": "imaged-local-registry"}
     if tls is not None:
         http["tls"] = {"certificate": str(tls.certificate), "key": str(tls.key)}
@@ -86,7 +86,7 @@ def _config(workdir: Path, port: int, htpasswd: Path | None, token: TokenAuth | 
         "version": "0.1",
         "log": {"level": "info", "accesslog": {"disabled": False},
                 "formatter": "text"},
-        "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")},
+        "storage": {"filesystem": {"rootdirectory": str(storage or workdir / "storage")},
                     "delete": {"enabled": True}, "maintenance": {
                         "uploadpurging": {"enabled": False}}},
         "http": http,
@@ -101,14 +101,18 @@ def _config(workdir: Path, port: int, htpasswd: Path | None, token: TokenAuth | 
 
 
 def start_registry(workdir: Path, htpasswd: Path | None = None, token: TokenAuth | None = None,
-                   tls: TLS | None = None, port: int | None = None) -> LocalRegistry:
+                   tls: TLS | None = None, port: int | None = None,
+                   storage: Path | None = None) -> LocalRegistry:
+    """A registry serving ``storage`` (default ``workdir/storage``); config and log in
+    ``workdir``."""
     if shutil.which(REGISTRY_BINARY) is None:
         raise FileNotFoundError(f"{REGISTRY_BINARY} not found: run scripts/setup "
                                 "(Debian package docker-registry)")
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     config_path = workdir / "config.yml"
-    config_path.write_text(json.dumps(_config(workdir, port, htpasswd, token, tls), indent=1))
+    config_path.write_text(json.dumps(_config(workdir, port, htpasswd, token, tls, storage),
+                                      indent=1))
     log = (workdir / "registry.log").open("ab")
     process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config_path)], stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

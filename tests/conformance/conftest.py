@@ -6,7 +6,11 @@ that cannot do something says so in its capabilities, and the test follows what 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +19,8 @@ from typing import Any
 import pytest
 
 from imaged.bench.images import Entry, OCILayout, file, push
-from imaged.bench.registry import LocalRegistry
+from imaged.bench.registry import LocalRegistry, local_registry, start_registry
+from tests.cache import user_cache
 from tests.conftest import Result, unmount_below
 
 
@@ -59,21 +64,58 @@ class Bed:
         return Path(self.ok("mount", ref, *extra).out.strip().splitlines()[-1])
 
 
+DEEP_COUNTS = (128, 500)
+
+
 @pytest.fixture(scope="session")
-def deep_images(registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory
-                ) -> dict[int, str]:
-    """128- and 500-layer images, pushed once for every driver (a push costs ~25 s)."""
-    layout = OCILayout(tmp_path_factory.mktemp("deep"))
-    refs = {}
-    for count in (128, 500):
+def deep_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, str]]:
+    """128- and 500-layer images in a registry of their own, for every driver."""
+    storage = deep_storage(tmp_path_factory.mktemp("deep"))
+    registry = start_registry(tmp_path_factory.mktemp("deep-registry"), storage=storage)
+    try:
+        yield {count: f"{registry.host}/conformance/deep:{count}" for count in DEEP_COUNTS}
+    finally:
+        registry.stop()
+
+
+def deep_storage(workdir: Path) -> Path:
+    """Registry storage holding the deep images, filled (using ``workdir``) if not cached yet.
+
+    Pushing their 628 blobs costs ~40 s on the host and ~4 min in the guest kernel, so the
+    storage is kept in the user's cache under the images' digests (they are built the same way
+    every time). The guest sees the host's cache read-only: the host fills it before booting."""
+    layout = OCILayout(workdir / "layout")
+    digests = []
+    for count in DEEP_COUNTS:
         layers = [layout.add_layer([file(f"layer-{i:03d}", f"{i}\n".encode()),
                                     file("top", f"{i}\n".encode())], None)
                   for i in range(count)]
         manifest = layout.add_image(layers)
         layout.tag(manifest, f"deep{count}")
-        refs[count] = f"{registry.host}/conformance/deep:{count}"
-        push(layout, f"deep{count}", refs[count])
-    return refs
+        digests.append(manifest.digest)
+    key = hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
+    storage = user_cache() / "deep-registry" / key
+    if not storage.is_dir():
+        _fill_deep_storage(layout, storage, workdir / "registry")
+    return storage
+
+
+def _fill_deep_storage(layout: OCILayout, storage: Path, workdir: Path) -> None:
+    """Push the deep images into a fresh storage directory, then move it to ``storage`` whole
+    (a concurrent run that got there first wins) and drop storages of older images."""
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=".filling-", dir=storage.parent))
+    try:
+        with local_registry(workdir, storage=fresh) as registry:
+            for count in DEEP_COUNTS:
+                push(layout, f"deep{count}", f"{registry.host}/conformance/deep:{count}")
+        with contextlib.suppress(OSError):
+            fresh.rename(storage)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    for old in storage.parent.iterdir():
+        if old != storage and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @pytest.fixture

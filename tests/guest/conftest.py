@@ -1,0 +1,212 @@
+"""The ``guest`` tier: tests marked ``guest`` run inside a user-mode-linux kernel (uml.py).
+
+On the host, the first guest test to run boots one guest for every guest test selected in this
+session; in it, this checkout's pytest runs exactly those tests and appends each test report to
+a file in the share as it is made. Back on the host, each test is reported as it went in the
+guest (passed, failed with the guest's traceback and captured output, skipped), through pytest's
+own report serialization (the one pytest-xdist uses), so ``-x``, ``-ra``, ``--junitxml`` and
+``--durations`` see ordinary results. A test the guest gave no result for (a hang, a crash, a
+harness failure) is an error naming why, with the tail of the guest's output and console.
+
+In the guest (IMAGED_GUEST=1, set by init.sh) guest tests are plain tests: fixtures and bodies
+run there only. The plugin lives in this directory's conftest, so guest tests live here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import pytest
+from pytest import TestReport
+
+from tests.cache import user_cache
+from tests.conformance.conftest import bed, deep_images, deep_storage  # noqa: F401 - batteries
+from tests.conftest import loop_filesystem
+from tests.guest import uml
+
+IN_GUEST = os.environ.get("IMAGED_GUEST") == "1"
+REPORTS_ENV = "IMAGED_GUEST_REPORTS"  # where the guest's pytest appends its reports
+# Booting takes about 2 s and starting pytest over hostfs a few more; a test gets a minute.
+BOOT_SECONDS = 60.0
+TEST_SECONDS = 60.0
+MEMORY = "1G"  # the guest's tmpfs /tmp (half of it) holds the tests' sparse disk images
+TAIL_LINES = 40
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not IN_GUEST:
+        config.pluginmanager.register(GuestRunner(config), "imaged-guest-runner")
+    elif REPORTS_ENV in os.environ:
+        config.pluginmanager.register(ReportWriter(config, Path(os.environ[REPORTS_ENV])),
+                                      "imaged-guest-reports")
+
+
+class ReportWriter:
+    """In the guest: every test report, serialized, one JSON line each. hostfs writes through to
+    the host file at each write, so the results of tests that finished survive a guest killed
+    later."""
+
+    def __init__(self, config: pytest.Config, path: Path) -> None:
+        self.config = config
+        self.file: IO[str] = path.open("a")
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        self.file.write(json.dumps(data) + "\n")
+        self.file.flush()
+
+    def pytest_unconfigure(self) -> None:
+        self.file.close()
+
+
+def _tail(text: str) -> str:
+    return "\n".join(text.splitlines()[-TAIL_LINES:])
+
+
+class GuestRunner:
+    """On the host: runs the session's guest tests in one guest, then reports their results."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.items: list[pytest.Item] = []
+        self.reports: dict[str, list[TestReport]] | None = None  # by node ID, once run
+        self.missing = ""  # why a test has no (complete) result from the guest
+        self.summary = ""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Guest tests last: they are never set up here, so a host test after them would find
+        pytest's setup stack still holding the directories of the last host test before them."""
+        items[:] = ([item for item in items if item.get_closest_marker("guest") is None]
+                    + [item for item in items if item.get_closest_marker("guest") is not None])
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.items = [item for item in session.items if item.get_closest_marker("guest")]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item,
+                                nextitem: pytest.Item | None) -> bool | None:
+        """Report a guest test from the guest's run (booting it for the first such test) instead
+        of setting it up and calling it here."""
+        if item.get_closest_marker("guest") is None:
+            return None  # pytest's own protocol runs it
+        if self.reports is None:
+            self.reports = self._run()
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        for report in self._reports_for(item):
+            item.ihook.pytest_runtest_logreport(report=report)
+        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def _run(self) -> dict[str, list[TestReport]]:
+        """Boot the guest once for every selected guest test and read back their reports."""
+        try:
+            kernel = uml.fetch_kernel()
+        except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+            self.missing = f"no guest kernel: {exc}"
+            return {}
+        nodeids = [item.nodeid for item in self.items]
+        with tempfile.TemporaryDirectory(prefix="imaged-guest-") as tmp:
+            share = Path(tmp)
+            if any("deep_images" in getattr(item, "fixturenames", ()) for item in self.items):
+                deep_storage(share / "deep")  # pushed here in seconds, not in the guest
+            reports = share / "reports.jsonl"
+            # Plugins are named, not autoloaded: importing schemathesis' and anyio's takes
+            # seconds over hostfs. pytest-trio is needed for the project's trio_mode setting.
+            pytest_args = [sys.executable, "-m", "pytest", "-p", "trio", "-p", "no:cacheprovider",
+                           "-q", *nodeids]
+            script = (f"cd {shlex.quote(str(self.config.rootpath))}\n"
+                      f"export {REPORTS_ENV}={shlex.quote(str(reports))}"
+                      f" XDG_CACHE_HOME={shlex.quote(str(user_cache().parent))}"
+                      " PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 PYTHONDONTWRITEBYTECODE=1\n"
+                      f"exec {shlex.join(pytest_args)}\n")
+            timeout = BOOT_SECONDS + TEST_SECONDS * len(nodeids)
+            try:
+                run = uml.boot(kernel, share, script, timeout=timeout, memory=MEMORY)
+            except (OSError, ValueError, RuntimeError) as exc:
+                self.missing = f"the guest did not boot: {exc}"
+                return {}
+            lines = reports.read_text().splitlines() if reports.exists() else []
+        by_node: dict[str, list[TestReport]] = {}
+        for line in lines:
+            report = self._report_from_json(json.loads(line))
+            by_node.setdefault(report.nodeid, []).append(report)
+        ending = "timed out" if run.timed_out else f"pytest exit status {run.status}"
+        self.summary = (f"guest: user-mode-linux {kernel.version}, {len(nodeids)} test(s), "
+                        f"{run.seconds:.1f} s with boot, {ending}")
+        if run.timed_out:
+            why = f"the guest timed out after {timeout:.0f} s"
+        elif run.status is None:
+            why = "the guest stopped without an exit status"
+        else:
+            why = f"the guest's pytest exited {run.status} without reporting this test"
+        self.missing = (f"{why}\n--- guest output (last {TAIL_LINES} lines) ---\n"
+                        f"{_tail(run.output)}\n--- guest console (last {TAIL_LINES} lines) ---\n"
+                        f"{_tail(run.console)}")
+        return by_node
+
+    def _report_from_json(self, data: dict[str, Any]) -> TestReport:
+        # JSON has no tuples; pytest's terminal reporter insists on them for these two.
+        data["location"] = tuple(data["location"])
+        if isinstance(data["longrepr"], list):  # a skip: (path, line, reason)
+            data["longrepr"] = tuple(data["longrepr"])
+        report: TestReport = self.config.hook.pytest_report_from_serializable(
+            config=self.config, data=data)
+        return report
+
+    def _reports_for(self, item: pytest.Item) -> list[TestReport]:
+        """The guest's reports for ``item``, completed up to teardown with an error for the
+        phase the guest never reported."""
+        assert self.reports is not None
+        reports = list(self.reports.get(item.nodeid, []))
+        if reports and reports[-1].when == "teardown":
+            return reports
+
+        def fail() -> None:
+            pytest.fail(f"no result from the guest: {self.missing}", pytrace=False)
+
+        def ok() -> None:
+            pass
+
+        phases: list[tuple[Literal["setup", "call", "teardown"], Callable[[], None]]]
+        if not reports:
+            phases = [("setup", fail), ("teardown", ok)]
+        elif reports[-1].when == "setup" and reports[-1].passed:
+            phases = [("call", fail), ("teardown", ok)]
+        elif reports[-1].when == "setup":  # setup failed or skipped: nothing was called
+            phases = [("teardown", ok)]
+        else:
+            phases = [("teardown", fail)]
+        for when, func in phases:
+            call = pytest.CallInfo.from_call(func, when=when)
+            reports.append(item.ihook.pytest_runtest_makereport(item=item, call=call))
+        return reports
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.summary:
+            terminalreporter.write_line(self.summary)
+
+
+# Filesystems that enforce project quotas once mounted with ``prjquota`` (the guest's kernel has
+# quota support; the host's has none). ext4 needs the project feature and a project quota inode.
+PRJQUOTA_MKFS = {
+    "xfs": ["mkfs.xfs", "-q", "-f"],
+    "ext4": ["mkfs.ext4", "-q", "-F", "-O", "quota,project", "-E", "quotatype=prjquota"],
+}
+
+
+@contextlib.contextmanager
+def prjquota_root(fstype: str, tmp_path: Path) -> Iterator[Path]:
+    """The ``root`` fixture's directory on a fresh ``fstype`` mounted with ``prjquota``."""
+    with loop_filesystem(PRJQUOTA_MKFS[fstype], tmp_path / f"{fstype}.img", tmp_path / "root",
+                         "prjquota") as root:
+        yield root

@@ -1,0 +1,39 @@
+"""The guest harness itself, run on the host (integration tier): a script's exit status, output
+and files come back, its writes to the root stay in the guest, and a hung guest is killed with
+no process or RAM file left behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.guest import uml
+
+
+@pytest.fixture(scope="module")
+def kernel() -> uml.Kernel:
+    return uml.fetch_kernel()
+
+
+def test_status_output_and_share_come_back(kernel: uml.Kernel, tmp_path: Path) -> None:
+    probe = Path("/usr/imaged-guest-probe")
+    script = (f"echo out; echo err >&2; touch {probe} && echo written > {tmp_path}/file\n"
+              "[ \"$IMAGED_GUEST\" = 1 ] && exit 7\n")
+    run = uml.boot(kernel, tmp_path, script, timeout=60)
+    assert (run.status, run.timed_out) == (7, False), run.console
+    assert run.output.split() == ["out", "err"]
+    assert (tmp_path / "file").read_text() == "written\n"
+    assert not probe.exists()  # the guest's root is an overlay: the host's stays as it was
+    assert uml.session_members(run.pid) == []
+
+
+def test_hung_guest_is_killed_without_leftovers(kernel: uml.Kernel, tmp_path: Path) -> None:
+    ram_files = set(os.listdir(uml.RAM_DIR))
+    run = uml.boot(kernel, tmp_path, "sleep 600\n", timeout=8)
+    assert (run.status, run.timed_out) == (None, True)
+    assert run.seconds < 8 + uml.REAP_SECONDS
+    assert uml.session_members(run.pid) == []
+    assert {name for name in set(os.listdir(uml.RAM_DIR)) - ram_files
+            if name.startswith("imaged-guest-")} == set()

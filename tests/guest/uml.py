@@ -1,0 +1,185 @@
+"""Boot Debian's user-mode-linux kernel as a host process and run a shell script inside it.
+
+This host's kernel has no device-mapper and no quotas; user-mode-linux is a real Linux 6.1 with
+both, and it needs no KVM (``/dev/kvm`` here is PVM, which cannot run a stock kernel). The guest
+sees the host's root read-only through hostfs under a writable overlay, so it runs this checkout's
+own ``.venv`` and the host's tools unchanged; a writable hostfs share carries the script in and its
+exit status and output out. ``init.sh`` beside this file is the guest's PID 1.
+
+The kernel is not installed: ``apt-get download`` + ``dpkg-deb -x`` into a cache directory needs
+no root and leaves the host's packages as ``scripts/setup`` made them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.cache import user_cache
+
+PACKAGE = "user-mode-linux"
+INIT = Path(__file__).with_name("init.sh")
+BUSYBOX = Path("/bin/busybox")  # init.sh's shell: static, so it runs before anything is mounted
+# The guest's RAM is a file UML maps; on the host's tmpfs it costs only the pages the guest touches.
+RAM_DIR = Path("/dev/shm")
+# After a SIGKILL the kernel reaps UML's helper processes asynchronously.
+REAP_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Kernel:
+    binary: Path  # linux.uml
+    modules: Path  # the package's module tree for this kernel, bound on /lib/modules/<version>
+
+    @property
+    def version(self) -> str:
+        return self.modules.name
+
+
+@dataclass(frozen=True)
+class GuestRun:
+    pid: int  # the kernel's host PID, its processes' session ID: none is left on return
+    status: int | None  # the script's exit status; None if it never finished
+    timed_out: bool
+    seconds: float  # from starting the kernel to its exit
+    output: str  # the script's stdout and stderr
+    console: str  # the kernel's and init's messages: why a guest that gave no status failed
+
+
+def cache_dir() -> Path:
+    return user_cache() / PACKAGE
+
+
+def _kernel_in(tree: Path) -> Kernel:
+    (modules,) = (tree / "usr/lib/uml/modules").iterdir()  # the package ships one kernel
+    return Kernel(binary=tree / "usr/bin/linux.uml", modules=modules)
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+
+
+def fetch_kernel(cache: Path | None = None) -> Kernel:
+    """The kernel extracted in ``cache``, downloaded and extracted first if it is not there.
+
+    The extraction is renamed into place whole, so an interrupted fetch leaves no half tree to be
+    mistaken for a kernel. An empty package list (a machine whose apt lists were cleaned after
+    ``scripts/setup``) is refreshed once, which needs root.
+    """
+    cache = cache or cache_dir()
+    if cache.is_dir():
+        return _kernel_in(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{PACKAGE}-", dir=cache.parent))
+    try:
+        download = ["apt-get", "download", "-q", PACKAGE]
+        proc = _run(download, work)
+        if proc.returncode != 0 and os.geteuid() == 0:
+            _run(["apt-get", "update", "-qq"], work)
+            proc = _run(download, work)
+        if proc.returncode != 0:
+            raise RuntimeError(f"apt-get download {PACKAGE} failed: {proc.stderr.strip()}")
+        (deb,) = work.glob("*.deb")
+        proc = _run(["dpkg-deb", "-x", str(deb), "tree"], work)
+        if proc.returncode != 0:
+            raise RuntimeError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip()}")
+        try:
+            (work / "tree").rename(cache)
+        except OSError:  # a concurrent fetch put its tree there first: use that one
+            if not cache.is_dir():
+                raise
+    finally:
+        shutil.rmtree(work)
+    return _kernel_in(cache)
+
+
+def session_members(sid: int) -> list[int]:
+    """PIDs whose session is ``sid`` (zombies included: they are gone only once reaped)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited while we looked
+            continue
+        # Fields after the parenthesised command: state ppid pgrp session ...
+        if int(stat.rpartition(")")[2].split()[3]) == sid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_session(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL every process of the kernel's session and wait until none is left.
+
+    UML runs as many host processes (one per guest address space plus helpers), all in the
+    session ``start_new_session`` gave it, so a timeout or an exception here leaves none behind.
+    """
+    deadline = time.monotonic() + REAP_SECONDS
+    while True:
+        proc.kill()  # a no-op once it was reaped, so never a recycled PID
+        for pid in session_members(proc.pid):
+            with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        left = session_members(proc.pid)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"user-mode-linux processes {left} survived SIGKILL")
+        time.sleep(0.05)
+
+
+def _check_cmdline_path(path: Path) -> None:
+    # UML joins its arguments into the kernel command line with spaces.
+    if not path.is_absolute() or any(c.isspace() for c in str(path)):
+        raise ValueError(f"{path}: the guest needs an absolute path without whitespace")
+
+
+def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
+         memory: str = "1G") -> GuestRun:
+    """Boot the guest, run ``script`` (sh) in it as root, and return what came back.
+
+    ``share`` (an existing directory) is mounted writable at the same path in the guest; the
+    script, its output and exit status pass through it, and the script may leave files there.
+    The guest is killed after ``timeout`` seconds; every host process it made is gone on return.
+    """
+    for path in (share, kernel.modules, INIT):
+        _check_cmdline_path(path)
+    if not BUSYBOX.is_file():
+        raise FileNotFoundError(f"{BUSYBOX} not found: install busybox-static (scripts/setup)")
+    (share / "run").write_text(script)
+    cmdline = [f"mem={memory}", "rootfstype=hostfs", "rootflags=/", "ro", f"init={INIT}",
+               # Console 0 writes to stdout; no other console or serial line gets a host device.
+               "con=null", "ssl=null", "con0=null,fd:1",
+               # Unknown name=value arguments become init's environment.
+               f"IMAGED_GUEST_SHARE={share}", f"IMAGED_GUEST_MODULES={kernel.modules}"]
+    with tempfile.TemporaryDirectory(prefix="imaged-guest-", dir=RAM_DIR) as ram, \
+            (share / "console").open("wb") as console:
+        start = time.monotonic()
+        proc = subprocess.Popen([str(kernel.binary), *cmdline], stdin=subprocess.DEVNULL,
+                                stdout=console, stderr=subprocess.STDOUT, cwd=ram,
+                                env={**os.environ, "TMPDIR": ram}, start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            _kill_session(proc)
+        seconds = time.monotonic() - start
+    status_file = share / "status"
+    # Empty if the guest was killed while writing it.
+    status_text = status_file.read_text().strip() if status_file.exists() else ""
+    status = int(status_text) if status_text else None
+    output_file = share / "output"
+    output = output_file.read_text(errors="replace") if output_file.exists() else ""
+    return GuestRun(pid=proc.pid, status=status, timed_out=timed_out, seconds=seconds,
+                    output=output, console=(share / "console").read_text(errors="replace"))
