@@ -132,6 +132,7 @@ def registry() -> dict[str, tuple[ProbeFn, Factory | None]]:
     from imaged.drivers import (  # noqa: PLC0415 - they import this module
         aufs,
         btrfs,
+        devmapper,
         overlay,
         vfs,
         zfs,
@@ -142,7 +143,7 @@ def registry() -> dict[str, tuple[ProbeFn, Factory | None]]:
         "zfs": (zfs.probe, zfs.ZfsDriver),
         "overlay": (overlay.probe, overlay.OverlayDriver),
         "aufs": (aufs.probe, aufs.AufsDriver),
-        "devmapper": (_not_built("devmapper", "issue 6"), None),
+        "devmapper": (devmapper.probe, devmapper.DevmapperDriver),
         "fuse": (_not_built("fuse", "a later issue"), None),
         "vfs": (vfs.probe, vfs.VfsDriver),
     }
