@@ -4,7 +4,8 @@ create+mount+umount+rm cycles per second, and the space ten containers of one 30
 Images are pulled through the real path (local registry, pull, unpack); the timings are taken
 in-process through the service, so they measure the driver and the store, not Python's start-up.
 Each driver runs on the storage it needs (``imaged.bench.stores``): overlay and vfs on the
-dedicated ext4, btrfs on a loop-mounted btrfs, zfs on a zfs-fuse pool.
+dedicated ext4, btrfs on a loop-mounted btrfs, zfs on a zfs-fuse pool, devmapper on a thin pool
+of its own on loop files in that ext4 (in the guest kernel: ``scripts/bench-guest``).
 """
 
 from __future__ import annotations
@@ -112,13 +113,15 @@ def _push_images(layout: OCILayout, host: str) -> tuple[dict[int, str], str]:
     return refs, space_ref
 
 
-def run(out: Path, runs: int) -> list[Path]:
+def run(out: Path, runs: int, drivers: list[str]) -> list[Path]:
     series: list[Series] = []
     notes = []
     with scratch_fs(16 << 30) as (scratch, where), \
             local_registry(scratch / "registry") as reg:
         refs, space_ref = _push_images(OCILayout(scratch / "layout"), reg.host)
         for name, (probe, factory) in registry().items():
+            if name not in drivers:
+                continue
             if factory is None:
                 reason = probe(Config(root=scratch / "probe")).reason
                 notes.append(f"{name}: not measured ({reason})")

@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,7 +43,18 @@ def scratch_fs(size: int, kind: str = "ext4",
         try:
             yield mount_point, f"a dedicated loop-mounted {kind} of {size >> 30} GiB"
         finally:
-            subprocess.run(["umount", str(mount_point)], check=False)
+            _unmount(mount_point)
+
+
+def _unmount(mount_point: Path) -> None:
+    """Unmount, waiting for what lets go late (autoclear loop devices of a driver's pool, thin
+    devices removed deferred), then lazily: a busy scratch must not fail a finished run."""
+    for _ in range(50):
+        if subprocess.run(["umount", str(mount_point)], capture_output=True,
+                          check=False).returncode == 0:
+            return
+        time.sleep(0.2)
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def settle() -> None:

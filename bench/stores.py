@@ -2,10 +2,11 @@
 
 overlay and vfs run on the bench's dedicated ext4; btrfs needs its root on btrfs, so it gets a
 loop-mounted btrfs of its own, made the same way; zfs needs a pool, so it gets a zfs-fuse pool
-on a sparse file (``imaged.bench.zfsfuse``). Each store knows how to give a fresh root for a
-sample, how to wipe it (read-only subvolumes and dataset clones do not go with ``rm -rf``) and
-how much space its backing storage uses, so the space a driver's containers cost is measured
-where that driver puts them.
+on a sparse file (``imaged.bench.zfsfuse``); devmapper makes its own thin pool on sparse
+loop files under its root, sized by ``DEVMAPPER_OPTIONS``. Each store knows how to give a fresh
+root for a sample, how to wipe it (read-only subvolumes, dataset clones and thin devices do not
+go with ``rm -rf``) and how much space its backing storage uses, so the space a driver's
+containers cost is measured where that driver puts them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from typing import Any
 from imaged.bench.scratch import scratch_fs
 from imaged.config import Config
 
+# Enough for the 300 MB image (its layer device is basesize), small enough for the guest's RAM.
+DEVMAPPER_OPTIONS = {"basesize": 1 << 30, "data_size": 8 << 30, "metadata_size": 256 << 20}
+
 
 @dataclass
 class DriverStore:
@@ -36,7 +40,8 @@ class DriverStore:
 
     def config_toml(self) -> str:
         lines = [f"[drivers.{self.driver}]"] if self.options else []
-        lines += [f'{key} = "{value}"' for key, value in self.options.items()]
+        lines += [f"{key} = {value!r}" if isinstance(value, int) else f'{key} = "{value}"'
+                  for key, value in self.options.items()]
         return "\n".join(lines) + "\n"
 
     def used_bytes(self) -> int:
@@ -56,6 +61,10 @@ class DriverStore:
             return
         unmount_under(root)
         home = root / "drivers" / self.driver
+        if self.driver == "devmapper" and home.exists():
+            from imaged.drivers.devmapper import deactivate_all  # noqa: PLC0415 - devmapper only
+
+            deactivate_all(home)  # its devices hold the pool's loop files
         if self.driver == "btrfs" and home.exists():
             from imaged.drivers.btrfs import delete_subvolume  # noqa: PLC0415 - btrfs only
 
@@ -103,5 +112,8 @@ def driver_store(driver: str, scratch: Path, where: str,
         with zfs_pool(scratch / "zfs", size) as pool:
             yield DriverStore(driver, pool.mountpoint, f"a zfs-fuse pool on a sparse file of "
                               f"{size >> 30} GiB", {"dataset": pool.dataset})
+    elif driver == "devmapper":
+        yield DriverStore(driver, scratch, f"a thin pool on sparse loop files in {where}",
+                          DEVMAPPER_OPTIONS)
     else:
         yield DriverStore(driver, scratch, where)

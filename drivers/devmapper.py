@@ -1239,6 +1239,12 @@ def deactivate_all(home: Path) -> list[str]:
     for entry in reversed(mountinfo()):
         if (entry.major, entry.minor) in numbers:
             unmount(Path(entry.mount_point), lazy=True)
+    files = [home / "pool" / name for name in ("data", "metadata")]
+    loops = [(device, file) for file in files for device in loopdev.find_by_backing_file(file)]
     for name, _ in devices:  # the pool last
         deactivate(name)
+    # Autoclear lets the pool's loop devices go only after the pool is gone, and can trail it:
+    # whoever deletes the root next must not find its filesystem still busy.
+    for device, file in loops:
+        loopdev.wait_unbound(device, file, timeout=30.0)
     return [name for name, _ in devices]

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", nargs="+", choices=["debian", "layers128", "big"],
                    default=["debian", "layers128", "big"],
                    help="images for pull (default: all three)")
+    p.add_argument("--drivers", nargs="+", choices=DRIVER_NAMES, default=list(DRIVER_NAMES),
+                   help="drivers for mount (default: every driver this kernel supports)")
     return parser
 
 
@@ -180,7 +182,7 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
         elif args.benchmark == "pull":
             paths = await trio.to_thread.run_sync(pull.run, args.out, args.runs, args.shapes)
         else:
-            paths = await trio.to_thread.run_sync(mount.run, args.out, args.runs)
+            paths = await trio.to_thread.run_sync(mount.run, args.out, args.runs, args.drivers)
         return {"reports": [str(p) for p in paths]}
     assert config is not None  # noqa: S101 - every command but bench loads it
     async with Service.open(config, f"imaged {args.command}") as service:
