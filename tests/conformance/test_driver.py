@@ -15,7 +15,7 @@ from imaged.bench.images import Entry, directory, file, push, symlink
 from tests.conformance.conftest import Bed
 
 # The battery is also the CLI's suite: every case runs embedded and through a daemon.
-pytestmark = pytest.mark.cli_modes
+pytestmark = [pytest.mark.cli_modes]
 
 
 def test_layers_stack_with_whiteouts_and_opaque_dirs(bed: Bed) -> None:

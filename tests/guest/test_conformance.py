@@ -15,7 +15,7 @@ import pytest
 from tests.conformance.test_driver import *  # noqa: F403 - the battery itself
 from tests.guest.conftest import prjquota_root
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest]
 
 
 @pytest.fixture
