@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -100,15 +100,14 @@ class Server:
         self.connections: dict[Connection, trio.CancelScope] = {}
         self.draining = False
 
-    async def run(self) -> None:
+    async def run(self, signals: AsyncIterator[int]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept, nursery)
             _notify_ready()
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("%s: finishing requests in flight, then stopping",
-                             signal.Signals(signum).name)
-                    break
+            async for signum in signals:
+                log.info("%s: finishing requests in flight, then stopping",
+                         signal.Signals(signum).name)
+                break
             self.drain()
             nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_SECONDS + 1
 
@@ -177,10 +176,13 @@ def _listening(config: Config) -> Iterator[socket.socket]:
 
 
 async def serve(config: Config, limits: Limits | None = None) -> None:
-    async with Service.open(config, "imaged serve") as service:
-        for note in service.store.recovered:
-            log.info("recovery: %s", note)
-        with _listening(config) as sock:
-            log.info("serving root %s on %s", config.root, sock.getsockname())
-            await Server(service, sock, limits or Limits()).run()
+    # SIGTERM is handled from before the socket listens: a client may stop a daemon as soon as
+    # it can connect, and that must be a clean stop, not death by the default action.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with Service.open(config, "imaged serve") as service:
+            for note in service.store.recovered:
+                log.info("recovery: %s", note)
+            with _listening(config) as sock:
+                log.info("serving root %s on %s", config.root, sock.getsockname())
+                await Server(service, sock, limits or Limits()).run(signals)
     log.info("stopped")

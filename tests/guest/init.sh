@@ -36,7 +36,12 @@ $bb mount -t devtmpfs devtmpfs /dev
 version=$($bb uname -r)
 $bb mkdir -p "/lib/modules/$version"
 $bb mount --bind "$IMAGED_GUEST_MODULES" "/lib/modules/$version"
+# The checkout too (a CI clone may live under /tmp): held aside, put back at its path below.
+$bb mkdir -p /dev/.guest-tree
+$bb mount --bind "$IMAGED_GUEST_TREE" /dev/.guest-tree
 $bb mount -t tmpfs -o mode=1777 tmpfs /tmp
+$bb mkdir -p "$IMAGED_GUEST_TREE"
+$bb mount --move /dev/.guest-tree "$IMAGED_GUEST_TREE"
 $bb mkdir -p /dev/shm /run
 $bb mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 $bb mount -t tmpfs -o mode=0755 tmpfs /run

@@ -26,6 +26,7 @@ from tests.cache import user_cache
 
 PACKAGE = "user-mode-linux"
 INIT = Path(__file__).with_name("init.sh")
+TREE = INIT.resolve().parents[2]  # this checkout, visible in the guest at the same path
 BUSYBOX = Path("/bin/busybox")  # init.sh's shell: static, so it runs before anything is mounted
 # The guest's RAM is a file UML maps; on the host's tmpfs it costs only the pages the guest touches.
 RAM_DIR = Path("/dev/shm")
@@ -151,7 +152,7 @@ def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
     script, its output and exit status pass through it, and the script may leave files there.
     The guest is killed after ``timeout`` seconds; every host process it made is gone on return.
     """
-    for path in (share, kernel.modules, INIT):
+    for path in (share, kernel.modules, INIT, TREE):
         _check_cmdline_path(path)
     if not BUSYBOX.is_file():
         raise FileNotFoundError(f"{BUSYBOX} not found: install busybox-static (scripts/setup)")
@@ -160,7 +161,8 @@ def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
                # Console 0 writes to stdout; no other console or serial line gets a host device.
                "con=null", "ssl=null", "con0=null,fd:1",
                # Unknown name=value arguments become init's environment.
-               f"IMAGED_GUEST_SHARE={share}", f"IMAGED_GUEST_MODULES={kernel.modules}"]
+               f"IMAGED_GUEST_SHARE={share}", f"IMAGED_GUEST_MODULES={kernel.modules}",
+               f"IMAGED_GUEST_TREE={TREE}"]
     with tempfile.TemporaryDirectory(prefix="imaged-guest-", dir=RAM_DIR) as ram, \
             (share / "console").open("wb") as console:
         start = time.monotonic()

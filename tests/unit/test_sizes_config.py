@@ -249,7 +249,7 @@ def test_defaults() -> None:
         ({"limits": {"concurrent_download": 3}}, ["unknown key limits.concurrent_download"]),
         ({"drivers": {"ext4": {}}}, ["unknown key drivers.ext4"]),
         ({"drivers": {"overlay": {"quotas": "auto"}}}, ["unknown key drivers.overlay.quotas"]),
-        ({"drivers": {"vfs": {"quota": "auto"}}}, ["unknown key drivers.vfs.quota"]),
+        ({"drivers": {"fuse": {"quota": "auto"}}}, ["unknown key drivers.fuse.quota"]),
         ({"drivers": {"btrfs": {"dataset": "x"}}}, ["unknown key drivers.btrfs.dataset"]),
         ({"registries": {"r.example": {"mirror": []}}},
          ['unknown key registries."r.example".mirror']),
