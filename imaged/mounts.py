@@ -187,6 +187,7 @@ class MountEntry:
     mount_point: str
     fstype: str
     source: str
+    super_options: tuple[str, ...] = ()  # the filesystem's own, e.g. prjquota
 
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -205,8 +206,9 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
             continue
         sep = fields.index("-", 6)
         major, minor = fields[2].split(":")
+        super_options = tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3 else ()
         entries.append(MountEntry(int(fields[0]), int(major), int(minor), _unescape(fields[4]),
-                                  fields[sep + 1], _unescape(fields[sep + 2])))
+                                  fields[sep + 1], _unescape(fields[sep + 2]), super_options))
     return entries
 
 

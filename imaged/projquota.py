@@ -118,12 +118,7 @@ def unavailable(path: Path) -> str | None:
 def enforced(path: Path) -> bool:
     """The filesystem holding ``path`` is mounted to enforce project limits (``prjquota``;
     xfs also says ``pquota``): ext4's quota feature alone only counts."""
-    mount_point = backing_filesystem(path).mount_point
-    options: list[str] = []  # the last mount at that point is the one in use
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 3 and fields[1].encode().decode("unicode_escape") == mount_point:
-            options = fields[3].split(",")
+    options = backing_filesystem(path).super_options
     return any(option in ("prjquota", "pquota") for option in options)
 
 

@@ -253,7 +253,7 @@ def test_parse_mountinfo() -> None:
     )
     entries = parse_mountinfo(text)
     assert entries[0] == MountEntry(42, 7, 3, "/var/lib/imaged/drivers/overlay/c d/mnt",
-                                       "ext4", "/dev/loop3")
+                                       "ext4", "/dev/loop3", ("rw", "discard"))
     assert (entries[1].fstype, entries[1].major, entries[1].minor) == ("overlay", 0, 51)
     assert len(entries) == 2
 
