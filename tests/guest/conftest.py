@@ -31,7 +31,7 @@ from pytest import TestReport
 from tests.cache import user_cache
 from tests.conformance.conftest import bed, deep_images, deep_storage  # noqa: F401 - batteries
 from tests.conftest import loop_filesystem
-from tests.guest import uml
+from tests.guest import uml, xstate
 
 IN_GUEST = os.environ.get("IMAGED_GUEST") == "1"
 REPORTS_ENV = "IMAGED_GUEST_REPORTS"  # where the guest's pytest appends its reports
@@ -80,6 +80,7 @@ class GuestRunner:
         self.items: list[pytest.Item] = []
         self.reports: dict[str, list[TestReport]] | None = None  # by node ID, once run
         self.missing = ""  # why a test has no (complete) result from the guest
+        self.skip: str | None = None  # why no guest test can run on this host at all
         self.summary = ""
 
     @pytest.hookimpl(trylast=True)
@@ -117,6 +118,11 @@ class GuestRunner:
         nodeids = [item.nodeid for item in self.items]
         with tempfile.TemporaryDirectory(prefix="imaged-guest-") as tmp:
             share = Path(tmp)
+            try:
+                probed = xstate.probe(kernel, share)
+            except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+                self.missing = f"probing the host's xstate for the guest failed: {exc}"
+                return {}
             if any("deep_images" in getattr(item, "fixturenames", ()) for item in self.items):
                 deep_storage(share / "deep")  # pushed here in seconds, not in the guest
             reports = share / "reports.jsonl"
@@ -127,32 +133,53 @@ class GuestRunner:
             script = (f"cd {shlex.quote(str(self.config.rootpath))}\n"
                       f"export {REPORTS_ENV}={shlex.quote(str(reports))}"
                       f" XDG_CACHE_HOME={shlex.quote(str(user_cache().parent))}"
+                      f" {xstate.MODE_ENV}={probed.plan.mode.value}"
                       " PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 PYTHONDONTWRITEBYTECODE=1\n"
                       f"exec {shlex.join(pytest_args)}\n")
             timeout = BOOT_SECONDS + TEST_SECONDS * len(nodeids)
+            shim_report = share / "shim.report"
             try:
-                run = uml.boot(kernel, share, script, timeout=timeout, memory=MEMORY)
+                run = uml.boot(kernel, share, script, timeout=timeout, memory=MEMORY,
+                               env=probed.plan.environment(shim_report))
             except (OSError, ValueError, RuntimeError) as exc:
                 self.missing = f"the guest did not boot: {exc}"
                 return {}
             lines = reports.read_text().splitlines() if reports.exists() else []
+            if not lines:
+                self.skip = self._skip_reason(kernel, probed, run, share)
+            shim = xstate.Report.read(shim_report)
         by_node: dict[str, list[TestReport]] = {}
         for line in lines:
             report = self._report_from_json(json.loads(line))
             by_node.setdefault(report.nodeid, []).append(report)
         ending = "timed out" if run.timed_out else f"pytest exit status {run.status}"
-        self.summary = (f"guest: user-mode-linux {kernel.version}, {len(nodeids)} test(s), "
-                        f"{run.seconds:.1f} s with boot, {ending}")
+        shim_counts = (f" (shim: {shim.sets} sets, {shim.fresh} fresh, {shim.older} older, "
+                       f"{shim.errors} refused)" if shim else "")
+        self.summary = (f"guest: user-mode-linux {kernel.version}, {probed.plan.describe()}"
+                        f"{shim_counts}, {len(nodeids)} test(s), {run.seconds:.1f} s with boot, "
+                        f"{ending}" + (f"; skipped: {self.skip}" if self.skip else ""))
         if run.timed_out:
             why = f"the guest timed out after {timeout:.0f} s"
         elif run.status is None:
             why = "the guest stopped without an exit status"
         else:
             why = f"the guest's pytest exited {run.status} without reporting this test"
-        self.missing = (f"{why}\n--- guest output (last {TAIL_LINES} lines) ---\n"
+        self.missing = (f"{why} ({probed.plan.describe()})\n"
+                        f"--- guest output (last {TAIL_LINES} lines) ---\n"
                         f"{_tail(run.output)}\n--- guest console (last {TAIL_LINES} lines) ---\n"
                         f"{_tail(run.console)}")
         return by_node
+
+    @staticmethod
+    def _skip_reason(kernel: uml.Kernel, probed: xstate.Probe, run: uml.GuestRun,
+                     scratch: Path) -> str | None:
+        """Why the tier is skipped on this host, when the guest reported nothing: only where
+        init dies at once both without and with the shim (``xstate.skip_reason``)."""
+        main = xstate.outcome(run.console)
+        if main is not xstate.Outcome.INIT_SEGV:
+            return None
+        shim, report = xstate.shim_outcome(kernel, probed, scratch)
+        return xstate.skip_reason(probed.direct, shim, report, xstate.self_check(probed.plan.shim))
 
     def _report_from_json(self, data: dict[str, Any]) -> TestReport:
         # JSON has no tuples; pytest's terminal reporter insists on them for these two.
@@ -178,8 +205,12 @@ class GuestRunner:
             pass
 
         phases: list[tuple[Literal["setup", "call", "teardown"], Callable[[], None]]]
+        def skip() -> None:
+            assert self.skip is not None
+            pytest.skip(self.skip)
+
         if not reports:
-            phases = [("setup", fail), ("teardown", ok)]
+            phases = [("setup", skip if self.skip else fail), ("teardown", ok)]
         elif reports[-1].when == "setup" and reports[-1].passed:
             phases = [("call", fail), ("teardown", ok)]
         elif reports[-1].when == "setup":  # setup failed or skipped: nothing was called

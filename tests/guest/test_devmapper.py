@@ -194,7 +194,11 @@ def test_busy_device_is_removed_deferred_under_another_name(config: Config) -> N
         driver.create_container("busy", [], None, False)  # its name is free at once
     finally:
         os.close(holder)
-    assert dm.dm_status(dead) is None  # the kernel removed it at the last close
+    # The kernel removes it after the last close, from a work queue: soon, not at once.
+    deadline = time.monotonic() + 10
+    while dm.dm_status(dead) is not None:
+        assert time.monotonic() < deadline, f"{dead} was not removed after its last close"
+        time.sleep(0.05)
     again = start(config)
     assert f"finished removing thin device {record.id}" in again.recovered
     pool_ids = again._pool_ids()

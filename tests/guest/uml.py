@@ -19,8 +19,10 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from tests.cache import user_cache
 
@@ -32,6 +34,9 @@ BUSYBOX = Path("/bin/busybox")  # init.sh's shell: static, so it runs before any
 RAM_DIR = Path("/dev/shm")
 # After a SIGKILL the kernel reaps UML's helper processes asynchronously.
 REAP_SECONDS = 10.0
+# The host's root, read-only, as the guest's; console 0 writes to stdout and no other console or
+# serial line gets a host device.
+ROOT_ARGS = ["rootfstype=hostfs", "rootflags=/", "ro", "con=null", "ssl=null", "con0=null,fd:1"]
 
 
 @dataclass(frozen=True)
@@ -144,31 +149,24 @@ def _check_cmdline_path(path: Path) -> None:
         raise ValueError(f"{path}: the guest needs an absolute path without whitespace")
 
 
-def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
-         memory: str = "1G") -> GuestRun:
-    """Boot the guest, run ``script`` (sh) in it as root, and return what came back.
+@dataclass(frozen=True)
+class Exit:
+    pid: int  # the kernel's host PID, its processes' session ID: none is left on return
+    timed_out: bool
+    seconds: float  # from starting the kernel to its exit
 
-    ``share`` (an existing directory) is mounted writable at the same path in the guest; the
-    script, its output and exit status pass through it, and the script may leave files there.
-    The guest is killed after ``timeout`` seconds; every host process it made is gone on return.
-    """
-    for path in (share, kernel.modules, INIT, TREE):
-        _check_cmdline_path(path)
-    if not BUSYBOX.is_file():
-        raise FileNotFoundError(f"{BUSYBOX} not found: install busybox-static (scripts/setup)")
-    (share / "run").write_text(script)
-    cmdline = [f"mem={memory}", "rootfstype=hostfs", "rootflags=/", "ro", f"init={INIT}",
-               # Console 0 writes to stdout; no other console or serial line gets a host device.
-               "con=null", "ssl=null", "con0=null,fd:1",
-               # Unknown name=value arguments become init's environment.
-               f"IMAGED_GUEST_SHARE={share}", f"IMAGED_GUEST_MODULES={kernel.modules}",
-               f"IMAGED_GUEST_TREE={TREE}"]
-    with tempfile.TemporaryDirectory(prefix="imaged-guest-", dir=RAM_DIR) as ram, \
-            (share / "console").open("wb") as console:
+
+def launch(kernel: Kernel, cmdline: list[str], console: IO[bytes], *, timeout: float,
+           env: Mapping[str, str] | None = None) -> Exit:
+    """Run the kernel with ``cmdline`` until it exits or ``timeout`` passes, console to
+    ``console``; ``env`` is added to the UML process's environment only. Every host process it
+    made is gone on return."""
+    with tempfile.TemporaryDirectory(prefix="imaged-guest-", dir=RAM_DIR) as ram:
         start = time.monotonic()
         proc = subprocess.Popen([str(kernel.binary), *cmdline], stdin=subprocess.DEVNULL,
                                 stdout=console, stderr=subprocess.STDOUT, cwd=ram,
-                                env={**os.environ, "TMPDIR": ram}, start_new_session=True)
+                                env={**os.environ, "TMPDIR": ram, **(env or {})},
+                                start_new_session=True)
         timed_out = False
         try:
             proc.wait(timeout)
@@ -176,12 +174,44 @@ def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
             timed_out = True
         finally:
             _kill_session(proc)
-        seconds = time.monotonic() - start
+        return Exit(pid=proc.pid, timed_out=timed_out, seconds=time.monotonic() - start)
+
+
+def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
+         memory: str = "1G", env: Mapping[str, str] | None = None) -> GuestRun:
+    """Boot the guest, run ``script`` (sh) in it as root, and return what came back.
+
+    ``share`` (an existing directory) is mounted writable at the same path in the guest; the
+    script, its output and exit status pass through it, and the script may leave files there.
+    The guest is killed after ``timeout`` seconds. ``env`` goes to the UML process (the xstate
+    shim's preload), not to the guest.
+    """
+    for path in (share, kernel.modules, INIT, TREE):
+        _check_cmdline_path(path)
+    if not BUSYBOX.is_file():
+        raise FileNotFoundError(f"{BUSYBOX} not found: install busybox-static (scripts/setup)")
+    (share / "run").write_text(script)
+    cmdline = [f"mem={memory}", *ROOT_ARGS, f"init={INIT}",
+               # Unknown name=value arguments become init's environment.
+               f"IMAGED_GUEST_SHARE={share}", f"IMAGED_GUEST_MODULES={kernel.modules}",
+               f"IMAGED_GUEST_TREE={TREE}"]
+    with (share / "console").open("wb") as console:
+        end = launch(kernel, cmdline, console, timeout=timeout, env=env)
     status_file = share / "status"
     # Empty if the guest was killed while writing it.
     status_text = status_file.read_text().strip() if status_file.exists() else ""
     status = int(status_text) if status_text else None
     output_file = share / "output"
     output = output_file.read_text(errors="replace") if output_file.exists() else ""
-    return GuestRun(pid=proc.pid, status=status, timed_out=timed_out, seconds=seconds,
+    return GuestRun(pid=end.pid, status=status, timed_out=end.timed_out, seconds=end.seconds,
                     output=output, console=(share / "console").read_text(errors="replace"))
+
+
+def boot_init(kernel: Kernel, init: str, console: Path, *, timeout: float = 30.0,
+              env: Mapping[str, str] | None = None) -> Exit:
+    """Boot with ``init`` as PID 1 and nothing else: the kernel panics when it exits, which
+    says on the console whether it ran (exitcode 0) or died (its signal)."""
+    _check_cmdline_path(Path(init))
+    with console.open("wb") as out:
+        return launch(kernel, ["mem=64M", *ROOT_ARGS, f"init={init}"], out, timeout=timeout,
+                      env=env)
