@@ -23,9 +23,11 @@ import trio
 from imaged.errors import ImagedError, InternalError, InvalidError, NotFoundError
 from imaged.events import PullEvent
 from imaged.httpserver import Emit, Request, Response, StreamResponse, error_body
+from imaged.names import check_name
 from imaged.registry_client.manifest import Platform
 from imaged.registry_client.reference import parse_reference
-from imaged.service import Service, check_name
+from imaged.service import Service
+from imaged.sizes import check_quota
 
 log = logging.getLogger("imaged.api")
 
@@ -44,7 +46,7 @@ def parse_body(request: Request, fields: dict[str, Field]) -> dict[str, Any]:
         data: Any = {}
     else:
         try:
-            data = json.loads(request.body)
+            data = json.loads(request.body, object_pairs_hook=_object_without_duplicates)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -69,6 +71,17 @@ def parse_body(request: Request, fields: dict[str, Field]) -> dict[str, Any]:
 _KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean"}
 
 
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON allows a key twice and Python keeps the last; which one a client meant is a guess,
+    so the body is refused."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidError(f"key {key!r} appears twice in the request body")
+        out[key] = value
+    return out
+
+
 def flag(request: Request, name: str) -> bool:
     values = request.query.get(name, [])
     if not values:
@@ -80,9 +93,12 @@ def flag(request: Request, name: str) -> bool:
 
 def _quota(body: dict[str, Any]) -> int | None:
     quota = body.get("quota")
-    if quota is not None and quota <= 0:
-        raise InvalidError("field 'quota' must be a positive number of bytes")
-    return quota
+    if quota is None:
+        return None
+    try:
+        return check_quota(quota)
+    except InvalidError as exc:
+        raise InvalidError(f"field 'quota': {exc.message}") from None
 
 
 def _target(body: dict[str, Any]) -> Path | None:
@@ -95,8 +111,11 @@ def _target(body: dict[str, Any]) -> Path | None:
 
 
 class Api:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, confined: bool = False) -> None:
+        """``confined``: the API as a non-root peer gets it, whose mount targets must lie
+        beneath ``api.mount_prefixes`` (DESIGN §5)."""
         self.service = service
+        self.confined = confined
         self.openapi = json.loads(resources.files("imaged").joinpath("openapi.json").read_text())
         self._routes: dict[tuple[str, str], Callable[..., Awaitable[Response | StreamResponse]]] = {
             ("GET", "info"): self._info,
@@ -143,10 +162,13 @@ class Api:
             args.append(pattern[1])
             pattern = [pattern[0], "*", *pattern[2:]]
         key = "/".join(pattern)
-        handler = self._routes.get((request.method, key))
+        # HEAD is GET without the body, which the server leaves out.
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = self._routes.get((method, key))
         if handler is None:
             if key in self._paths:
                 allowed = sorted(m for m, p in self._routes if p == key)
+                allowed += ["HEAD"] if "GET" in allowed else []
                 return Response(405, error_body(
                     "invalid", f"{request.method} is not allowed on {request.path}; use "
                     f"{' or '.join(allowed)}"), [("Allow", ", ".join(allowed))])
@@ -247,7 +269,7 @@ class Api:
                                "container if it does not exist)")
         return Response(200, await self.service.mount(body.get("image"), name, _quota(body),
                                                       body.get("read_only", False),
-                                                      _target(body)))
+                                                      _target(body), confined=self.confined))
 
     async def _unmount(self, request: Request, name: str) -> Response:
         parse_body(request, {})

@@ -15,13 +15,32 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from imaged import __version__
 from imaged.client import DaemonClient, daemon_for, segment
 from imaged.config import DRIVER_NAMES, Config, Overrides, load_config
-from imaged.errors import ImagedError, InternalError, InvalidError, error_from_json
-from imaged.sizes import format_size, parse_size
+from imaged.errors import (
+    ForbiddenError,
+    ImagedError,
+    InternalError,
+    InvalidError,
+    error_from_json,
+)
+from imaged.lock import RootDeniedError, Waiting
+from imaged.names import check_name
+from imaged.peercred import ADMIN_GROUP
+from imaged.sizes import check_quota, format_size, parse_size
+
+LOCK_WAIT_SECONDS = 600  # for another embedded command to let go of the root
+BENCHMARKS = {
+    "api": "the daemon through its socket: info requests/s, container cycles/s, memory",
+    "btrfs-quota": "btrfs containers under no quota, full qgroups and simple quotas",
+    "fetch": "one large blob: imaged's download against curl",
+    "mount": "mount latency for 1-500 layers, container cycles and the space of 10 containers, "
+             "per driver",
+    "pull": "pull + unpack by imaged and by the peers installed here",
+}
 
 
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -44,14 +63,47 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="print one JSON document on stdout")
     parser.add_argument("--debug", action="store_true", default=default(False),
                         help="show tracebacks of internal errors")
+    parser.add_argument("--no-wait", action="store_true", default=default(False),
+                        help="fail at once when another command holds the root (default: "
+                        f"wait up to {LOCK_WAIT_SECONDS} s, saying who holds it)")
+
+
+class UsageError(InvalidError):
+    """The command line itself is wrong: exit status 2, like argparse's own."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and, with --json, as a JSON error
+    document) instead of printing the usage and exiting behind main's back."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from a checker that raises InvalidError: argparse turns only
+    ArgumentTypeError into a usage error; anything else would end in a traceback."""
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except InvalidError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+
+    convert.__name__ = check.__name__  # argparse names the type in some messages
+    return convert
+
+
+_size_arg = _checked(parse_size)
+_quota_arg = _checked(lambda text: check_quota(parse_size(text)))
+_name_arg = _checked(check_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="imaged", description="Container image storage with copy-on-write drivers.")
     parser.add_argument("--version", action="version", version=f"imaged {__version__}")
     _global_options(parser, suppress=False)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     _global_options(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -68,40 +120,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mount", parents=[common],
                        help="create a container on an image if needed, then mount it")
     p.add_argument("image", metavar="REF|ID")
-    p.add_argument("--name", help="container name (default: c- and 12 hex digits)")
-    p.add_argument("--quota", type=parse_size, metavar="SIZE",
+    p.add_argument("--name", type=_name_arg,
+                   help="container name (default: c- and 12 hex digits)")
+    p.add_argument("--quota", type=_quota_arg, metavar="SIZE",
                    help="disk quota of the writable layer (k, M, G, T: powers of 1024)")
     p.add_argument("--read-only", action="store_true", help="no writable layer")
     p.add_argument("--target", type=Path, metavar="DIR", help="mount here instead")
     p = sub.add_parser("update", parents=[common], help="grow or shrink a container's quota")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--quota", type=parse_size, metavar="SIZE", required=True)
+    p.add_argument("name", metavar="NAME", type=_name_arg)
+    p.add_argument("--quota", type=_quota_arg, metavar="SIZE", required=True)
     p = sub.add_parser("umount", parents=[common], help="unmount a container, keep its data")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", type=_name_arg)
     p = sub.add_parser("rm", parents=[common], help="remove a container")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", type=_name_arg)
     p.add_argument("--force", action="store_true", help="unmount it first if mounted")
     sub.add_parser("ps", parents=[common], help="list containers")
     sub.add_parser("gc", parents=[common], help="remove blobs and layers nothing references")
     sub.add_parser("serve", parents=[common],
                    help="run the daemon: the socket API for runtimes and the CLI")
-    p = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
-    p.add_argument("benchmark", choices=["api", "btrfs-quota", "fetch", "mount", "pull"],
-                   help="fetch: one large blob, imaged pull against curl; mount: mount "
-                   "latency for 1-500 layers, container cycles and the space of 10 containers per "
-                   "driver; pull: pull + "
-                   "unpack by imaged and by the peers installed here; api: the daemon's "
-                   "requests/s, container cycles/s and memory through its socket; btrfs-quota: "
-                   "containers under no quota, full qgroups and simple quotas")
-    p.add_argument("--out", type=Path, required=True, help="directory for JSON, markdown, PNG")
-    p.add_argument("--size", type=parse_size, default=parse_size("1G"),
-                   help="blob size for fetch (default 1G)")
-    p.add_argument("--runs", type=int, default=5, help="interleaved runs (default 5)")
-    p.add_argument("--shapes", nargs="+", choices=["debian", "layers128", "big"],
-                   default=["debian", "layers128", "big"],
-                   help="images for pull (default: all three)")
-    p.add_argument("--drivers", nargs="+", choices=DRIVER_NAMES, default=list(DRIVER_NAMES),
-                   help="drivers for mount (default: every driver this kernel supports)")
+    bench = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
+    kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, summary in BENCHMARKS.items():
+        p = kinds.add_parser(name, parents=[common], help=summary, description=summary)
+        p.add_argument("--out", type=Path, required=True,
+                       help="directory for JSON, markdown, PNG")
+        p.add_argument("--runs", type=int, default=5, help="interleaved runs (default 5)")
+        if name == "fetch":
+            p.add_argument("--size", type=_size_arg, default=parse_size("1G"),
+                           help="blob size (default 1G)")
+        elif name == "pull":
+            p.add_argument("--shapes", nargs="+", choices=["debian", "layers128", "big"],
+                           default=["debian", "layers128", "big"],
+                           help="images to pull (default: all three)")
+        elif name == "mount":
+            p.add_argument("--drivers", nargs="+", choices=DRIVER_NAMES,
+                           default=list(DRIVER_NAMES),
+                           help="drivers (default: every driver this kernel supports)")
     return parser
 
 
@@ -185,7 +239,9 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
             paths = await trio.to_thread.run_sync(mount.run, args.out, args.runs, args.drivers)
         return {"reports": [str(p) for p in paths]}
     assert config is not None  # noqa: S101 - every command but bench loads it
-    async with Service.open(config, f"imaged {args.command}") as service:
+    waiting = None if args.no_wait else Waiting(
+        LOCK_WAIT_SECONDS, lambda line: print(f"imaged: {line}", file=sys.stderr, flush=True))
+    async with Service.open(config, f"imaged {args.command}", waiting) as service:
         if args.command == "pull":
             with progress_for(sys.stderr) as reporter:
                 result = await service.pull(args.ref, args.platform, reporter)
@@ -291,13 +347,35 @@ def _run(args: argparse.Namespace) -> Any:
     if client is None:
         import trio  # noqa: PLC0415
 
-        return trio.run(_run_embedded, args, config)
+        try:
+            return trio.run(_run_embedded, args, config)
+        except RootDeniedError:
+            if not _socket_denied(config.socket):
+                raise
+            raise ForbiddenError(f"permission denied on {config.socket} (root or group "
+                                 f"{ADMIN_GROUP})") from None
     with contextlib.closing(client):
         return _run_remote(args, client)
 
 
+def _socket_denied(path: Path) -> bool:
+    """Whether a daemon's socket is there but this user may not connect to it: then that, not
+    the root's files, is what to tell someone who is not root."""
+    try:
+        return path.is_socket() and not os.access(path, os.R_OK | os.W_OK)
+    except PermissionError:  # cannot even look into its directory
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"imaged: error: {exc.message}", file=sys.stderr)
+        if "--json" in argv:
+            print(json.dumps(exc.to_json()))
+        return 2
     try:
         result = _run(args)
     except ImagedError as exc:

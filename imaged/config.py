@@ -49,6 +49,8 @@ class Config:
     registries: Mapping[str, RegistryConfig] = field(default_factory=dict)
     drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     certs_dirs: tuple[Path, ...] = DEFAULT_CERTS_DIRS
+    # Where non-root peers of the daemon may ask for a container to be mounted (imaged.targets).
+    mount_prefixes: tuple[Path, ...] = ()
     source: Path | None = None
 
     def registry(self, host: str) -> RegistryConfig:
@@ -169,7 +171,7 @@ def _parse_registries(raw: dict[str, Any]) -> dict[str, RegistryConfig]:
 def parse_config(data: Mapping[str, Any], base: Config) -> Config:
     """Apply a parsed TOML document on top of ``base``; pure, so it is tested without files."""
     _unknown("", set(data) - {"root", "driver", "socket", "limits", "registries", "drivers",
-                              "certs_dirs"})
+                              "certs_dirs", "api"})
     root = Path(_string("root", data["root"])) if "root" in data else base.root
     socket = Path(_string("socket", data["socket"])) if "socket" in data else base.socket
     driver = _driver_name("driver", data["driver"]) if "driver" in data else base.driver
@@ -197,8 +199,26 @@ def parse_config(data: Mapping[str, Any], base: Config) -> Config:
         if not isinstance(raw_dirs, list) or not all(isinstance(d, str) for d in raw_dirs):
             raise InvalidError("certs_dirs must be a list of paths")
         certs_dirs = tuple(Path(d) for d in raw_dirs)
+    api = _table("api", data.get("api", {}))
+    _unknown("api.", set(api) - {"mount_prefixes"})
+    prefixes = _mount_prefixes(api["mount_prefixes"]) if "mount_prefixes" in api \
+        else base.mount_prefixes
     return Config(root=root, driver=driver, socket=socket, limits=limits, registries=registries,
-                  drivers=drivers, certs_dirs=certs_dirs, source=base.source)
+                  drivers=drivers, certs_dirs=certs_dirs, mount_prefixes=prefixes,
+                  source=base.source)
+
+
+def _mount_prefixes(value: Any) -> tuple[Path, ...]:
+    key = "api.mount_prefixes"
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise InvalidError(f"{key} must be a list of directories")
+    prefixes = []
+    for text in value:
+        path = Path(text)
+        if not path.is_absolute() or ".." in path.parts or path == Path("/"):
+            raise InvalidError(f"{key}: {text!r} must be an absolute directory other than /")
+        prefixes.append(path)
+    return tuple(prefixes)
 
 
 def load_config(overrides: Overrides, environ: Mapping[str, str] | None = None) -> Config:
@@ -230,4 +250,5 @@ def load_config(overrides: Overrides, environ: Mapping[str, str] | None = None) 
         driver = _driver_name("--driver", driver)
     return Config(root=root.absolute(), driver=driver, socket=socket, limits=config.limits,
                   registries=config.registries, drivers=config.drivers,
-                  certs_dirs=config.certs_dirs, source=config.source)
+                  certs_dirs=config.certs_dirs, mount_prefixes=config.mount_prefixes,
+                  source=config.source)

@@ -32,6 +32,8 @@ log = logging.getLogger("imaged.daemon")
 
 SHUTDOWN_GRACE_SECONDS = 10.0
 MAX_CONNECTIONS = 512
+MAX_FORBIDDEN_CONNECTIONS = 32
+FORBIDDEN_LIMITS = Limits(idle_seconds=5.0, body_seconds=5.0, send_seconds=5.0)
 _SD_LISTEN_FDS_START = 3
 
 
@@ -75,8 +77,17 @@ def _bind(path: Path) -> socket.socket:
     gid = admin_gid()
     os.chown(path, 0, gid if gid is not None else 0)
     os.chmod(path, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP)
-    sock.listen(128)
+    sock.listen(listen_backlog())
     return sock
+
+
+def listen_backlog() -> int:
+    """The system's maximum accept queue (``net.core.somaxconn``): a burst of clients that
+    connect at once waits there instead of being refused. Python's default is 128."""
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
 
 
 def _notify_ready() -> None:
@@ -94,10 +105,12 @@ class Server:
     def __init__(self, service: Service, listener: socket.socket, limits: Limits) -> None:
         self.service = service
         self.api = Api(service)
+        self.confined_api = Api(service, confined=True)  # for members of the group, not root
         self.listener = trio.socket.from_stdlib_socket(listener)
         self.limits = limits
         self.admin_gid = admin_gid()
         self.connections: dict[Connection, trio.CancelScope] = {}
+        self.forbidden: dict[Connection, trio.CancelScope] = {}  # peers that get only a 403
         self.draining = False
 
     async def run(self, signals: AsyncIterator[int]) -> None:
@@ -115,6 +128,8 @@ class Server:
         """Stop accepting; close idle connections now and busy ones after their request."""
         self.draining = True
         self.listener.close()
+        for scope in self.forbidden.values():
+            scope.cancel()
         for conn, scope in self.connections.items():
             if conn.busy:
                 scope.deadline = trio.current_time() + SHUTDOWN_GRACE_SECONDS
@@ -129,27 +144,42 @@ class Server:
                 if self.draining:  # drain() closed the listener under us
                     return
                 raise
-            if len(self.connections) >= MAX_CONNECTIONS:
-                log.warning("refusing a connection: %d already open", MAX_CONNECTIONS)
+            try:
+                peer = peer_of(sock)
+            except OSError:
                 sock.close()
                 continue
-            nursery.start_soon(self._serve, trio.SocketStream(sock))
+            allowed = peer.allowed(self.admin_gid)
+            pool, limit = ((self.connections, MAX_CONNECTIONS) if allowed
+                           else (self.forbidden, MAX_FORBIDDEN_CONNECTIONS))
+            if len(pool) >= limit:
+                log.warning("refusing a connection from %s: %d %s already open",
+                            peer.describe(), limit, "" if allowed else "forbidden ")
+                sock.close()
+                continue
+            nursery.start_soon(self._serve, trio.SocketStream(sock), peer, allowed)
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        try:
-            peer = peer_of(stream.socket)
-        except OSError:
-            await stream.aclose()
-            return
-        allowed = peer.allowed(self.admin_gid)
-        conn = Connection(stream, self.api.handle if allowed else self._forbid(peer),
-                          self.limits, draining=lambda: self.draining)
+    async def _serve(self, stream: trio.SocketStream, peer: Peer, allowed: bool) -> None:
+        """One connection, to its end. Whatever goes wrong in it ends it alone: nothing a peer
+        sends may end the daemon."""
+        if allowed:
+            api = self.api if peer.uid == 0 else self.confined_api
+            conn = Connection(stream, api.handle, self.limits, draining=lambda: self.draining)
+            pool = self.connections
+        else:
+            # Refused peers get one answer, little time to ask, and slots of their own, so
+            # that they can never crowd out root.
+            conn = Connection(stream, self._forbid(peer), FORBIDDEN_LIMITS,
+                              draining=lambda: True)
+            pool = self.forbidden
         with trio.CancelScope() as scope:
-            self.connections[conn] = scope
+            pool[conn] = scope
             try:
                 await conn.serve()
+            except Exception:
+                log.exception("connection from %s failed; closed it", peer.describe())
             finally:
-                del self.connections[conn]
+                del pool[conn]
 
     def _forbid(self, peer: Peer) -> Callable[[Request], Awaitable[Response | StreamResponse]]:
         async def forbidden(request: Request) -> Response:
@@ -157,7 +187,7 @@ class Server:
                         request.path, peer.describe(), ADMIN_GROUP)
             return Response(403, error_body(
                 "forbidden", f"{peer.describe()} may not use this daemon: root or members of "
-                f"group {ADMIN_GROUP!r} only"))
+                f"group {ADMIN_GROUP!r} only"), [("Connection", "close")])
 
         return forbidden
 

@@ -15,6 +15,7 @@ import json
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Protocol
 
 import h11
@@ -73,6 +74,14 @@ class StreamResponse:
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
 
 
+def reason(status: int) -> bytes:
+    """The standard reason phrase: a client that shows it should not show an empty one."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
@@ -92,6 +101,7 @@ class Connection:
         self.draining = draining  # the server is stopping: no request after the current one
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.busy = False  # a request is being handled: shutdown lets it finish
+        self.method = ""  # of the request being answered: a HEAD's answer has no body
 
     async def serve(self) -> None:
         try:
@@ -135,15 +145,16 @@ class Connection:
     async def _read_request(self) -> Request | None:
         """The next request, or None when the peer is done (EOF, idle timeout)."""
         event: Any = None
+        self.method = ""
         with trio.move_on_after(self.limits.idle_seconds):
             event = await self._next_event()
         if not isinstance(event, h11.Request):
             return None  # EOF (ConnectionClosed) or idle: nothing to answer
+        self.method = event.method.decode("ascii")
         # h11's own limit only covers a head still arriving; one that came whole is measured here.
         if len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers) > \
                 self.limits.max_header_bytes:
             await self._refuse(431, f"request head exceeds {self.limits.max_header_bytes} bytes")
-        method = event.method.decode("ascii")
         target = event.target.decode("ascii")
         headers = {k.decode("ascii").lower(): v.decode("latin-1") for k, v in event.headers}
         path, _, query = target.partition("?")
@@ -174,20 +185,26 @@ class Connection:
                                                  strict_parsing=False, errors="strict")
         except UnicodeDecodeError:
             parsed_query = {"": ["\ufffd"]}  # the API refuses unknown parameters by name
-        return Request(method, path, parsed_query, headers, bytes(body))
+        return Request(self.method, path, parsed_query, headers, bytes(body))
 
     async def _respond(self, request: Request) -> None:
+        """Answer ``request``; a HEAD gets the head a GET would, and no body (RFC 9110 9.3.2)."""
         result = await self.handler(request)
+        head_only = request.method == "HEAD"
         if isinstance(result, StreamResponse):
+            if head_only:
+                await self._send(self._response(result.status, [
+                    ("Content-Type", "application/x-ndjson")]))
+                await self._send(h11.EndOfMessage())
+                return
             await self._stream(result)
             return
         body = b"" if result.body is None else json.dumps(result.body).encode() + b"\n"
         headers = [("Content-Length", str(len(body))), *result.headers]
         if body:
             headers.append(("Content-Type", "application/json"))
-        await self._send(h11.Response(status_code=result.status,
-                                      headers=self._headers(headers)))
-        if body:
+        await self._send(self._response(result.status, headers))
+        if body and not head_only:
             await self._send(h11.Data(data=body))
         await self._send(h11.EndOfMessage())
 
@@ -195,8 +212,7 @@ class Connection:
         """Send objects as they come. A peer that hangs up cancels the producer: what it was
         waiting for goes on only if someone else waits on it too, which is the producer's
         business, not ours."""
-        await self._send(h11.Response(status_code=result.status, headers=self._headers(
-            [("Content-Type", "application/x-ndjson")])))
+        await self._send(self._response(result.status, [("Content-Type", "application/x-ndjson")]))
 
         async def emit(*objs: Any) -> None:
             await self._send(h11.Data(data=b"".join(json.dumps(o).encode() + b"\n"
@@ -243,18 +259,20 @@ class Connection:
                 OSError) as exc:
             raise _PeerGone from exc
 
-    def _headers(self, headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-        return [(b"Server", SERVER_NAME), *((k.encode(), v.encode()) for k, v in headers)]
+    def _response(self, status: int, headers: list[tuple[str, str]]) -> h11.Response:
+        return h11.Response(status_code=status, reason=reason(status), headers=[
+            (b"Server", SERVER_NAME), *((k.encode(), v.encode()) for k, v in headers)])
 
     async def _refuse(self, status: int, message: str) -> None:
         """Answer a request we will not read to the end, then close."""
         body = json.dumps(error_body("invalid", message)).encode() + b"\n"
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             raise _PeerGone
-        await self._send(h11.Response(status_code=status, headers=self._headers([
+        await self._send(self._response(status, [
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-            ("Connection", "close")])))
-        await self._send(h11.Data(data=body))
+            ("Connection", "close")]))
+        if self.method != "HEAD":
+            await self._send(h11.Data(data=body))
         await self._send(h11.EndOfMessage())
         raise _PeerGone
 

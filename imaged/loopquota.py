@@ -82,7 +82,7 @@ from imaged.errors import (
     NotFoundError,
     QuotaUnsupportedError,
 )
-from imaged.mounts import mountinfo
+from imaged.mounts import backing_filesystem, mountinfo
 from imaged.sizes import format_size
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -561,21 +561,31 @@ def usage(fs: LoopFS) -> tuple[int, int]:
 # -- making and resizing -------------------------------------------------------------------------
 
 
+def _truncate(image: Path, size: int) -> None:
+    """Set the image's size; one larger than the host filesystem allows a file is the quota's
+    fault, said with the limit."""
+    try:
+        os.truncate(image, size)
+    except OSError as exc:
+        if exc.errno != errno.EFBIG:
+            raise
+        host = backing_filesystem(image.parent)
+        limit = _MAX_FILE_BYTES.get(host.fstype)
+        raise InvalidError(
+            f"quota too large: its image of {format_size(size)} is bigger than {host.fstype} "
+            f"at {host.mount_point} allows a file to be"
+            + (f" ({format_size(limit)})" if limit else "")) from None
+
+
+# Largest file a filesystem holds, for the message above: ext4 with 4 KiB blocks, and the others
+# at off_t's limit.
+_MAX_FILE_BYTES = {"ext4": 16 * 1024**4 - 4096, "xfs": 2**63 - 1, "btrfs": 2**63 - 1}
+
+
 def _make_filesystem(image: Path, layout: Layout) -> Superblock:
     # A new, empty file every time: assume_storage_prezeroed is only true of zeros.
-    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        os.ftruncate(fd, 0)
-        try:
-            os.ftruncate(fd, layout.blocks * BLOCK_SIZE)
-        except OSError as exc:
-            if exc.errno != errno.EFBIG:
-                raise
-            raise InvalidError(f"quota too large: its image of "
-                               f"{format_size(layout.blocks * BLOCK_SIZE)} is bigger than the "
-                               f"filesystem holding {image.parent} allows a file to be") from None
-    finally:
-        os.close(fd)
+    os.truncate(image, 0)
+    _truncate(image, layout.blocks * BLOCK_SIZE)
     journal_mib = layout.journal_blocks * BLOCK_SIZE // MiB
     _run(["mkfs.ext4", "-F", "-q", "-b", str(BLOCK_SIZE), "-I", str(INODE_SIZE),
           "-N", str(layout.inodes), "-m", "0", "-J", f"size={journal_mib}", "-O", MKFS_FEATURES,
@@ -634,7 +644,7 @@ def _resize_offline(fs: LoopFS, quota: int, space: Space) -> None:
     def apply(blocks: int) -> tuple[int, int]:
         current = read_superblock(fs.image)
         if blocks > current.blocks:
-            os.truncate(fs.image, blocks * BLOCK_SIZE)
+            _truncate(fs.image, blocks * BLOCK_SIZE)
         elif blocks < current.blocks:
             minimum = int(_run(["resize2fs", "-P", str(fs.image)],
                                RESIZE_TIMEOUT).rsplit(":", 1)[1])
@@ -646,7 +656,7 @@ def _resize_offline(fs: LoopFS, quota: int, space: Space) -> None:
         if blocks != current.blocks:
             _run(["resize2fs", str(fs.image), str(blocks)], RESIZE_TIMEOUT)
         after = read_superblock(fs.image)
-        os.truncate(fs.image, after.blocks * BLOCK_SIZE)  # never below what the fs spans
+        _truncate(fs.image, after.blocks * BLOCK_SIZE)  # never below what the fs spans
         return after.blocks, used + after.available + bias
 
     def step(blocks: int, capacity: int) -> int:
@@ -677,7 +687,7 @@ def _grow_online(fs: LoopFS, quota: int, where: str) -> None:
         current = os.stat(fs.image).st_size // BLOCK_SIZE
         if blocks > current:
             old_resv = int(resv.read_text()) if resv.exists() else None
-            os.truncate(fs.image, blocks * BLOCK_SIZE)
+            _truncate(fs.image, blocks * BLOCK_SIZE)
             loopdev.set_capacity(device)
             _run(["resize2fs", str(device.path), str(blocks)], RESIZE_TIMEOUT)
             # The kernel computes its reservation at mount only; set it to what the next mount
@@ -727,7 +737,7 @@ def create(image: Path, mount_point: Path, quota: int) -> LoopFS:
         _converge(quota, plan.blocks, make,
                   lambda blocks, capacity: avoid_short_last_group(
                       next_blocks(blocks, aim - capacity)), "mkfs")
-        os.truncate(image, made[-1].blocks * BLOCK_SIZE)
+        _truncate(image, made[-1].blocks * BLOCK_SIZE)
         mount(fs)
         _calibrate(fs, quota)
     except BaseException:

@@ -6,6 +6,7 @@ paying a thread hop each. Every change that spans several rows happens in one tr
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -87,7 +88,7 @@ MIGRATIONS: tuple[str, ...] = (
         read_only  INTEGER NOT NULL,      -- 0/1
         state      TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'removing')),
         mount_path TEXT,                  -- where it is mounted now; NULL when not mounted
-        target     INTEGER NOT NULL DEFAULT 0,  -- 1 when mount_path was given by the user
+        target     INTEGER NOT NULL DEFAULT 0,  -- a Target: where mount_path came from
         created    REAL NOT NULL
     );
     CREATE INDEX containers_image ON containers(image_id);
@@ -117,6 +118,14 @@ class ImageRow:
     layers: tuple[LayerRow, ...]
 
 
+class Target(enum.IntEnum):
+    """Where a mounted container's ``mount_path`` came from."""
+
+    OWN = 0  # the driver's own directory for the container
+    GIVEN = 1  # a path the caller gave, where the driver mounted
+    ATTACHED = 2  # a confined target (imaged.targets): a clone of the driver's own mount
+
+
 @dataclass(frozen=True)
 class ContainerRow:
     name: str
@@ -126,7 +135,7 @@ class ContainerRow:
     read_only: bool
     state: str
     mount_path: str | None
-    target: bool
+    target: Target
     created: float
 
 
@@ -141,7 +150,7 @@ def _container(row: tuple[object, ...]) -> ContainerRow:
     name, image_id, driver, quota, read_only, state, mount_path, target, created = row
     return ContainerRow(str(name), Digest.parse(str(image_id)), str(driver),
                         None if quota is None else int(str(quota)), bool(read_only), str(state),
-                        None if mount_path is None else str(mount_path), bool(target),
+                        None if mount_path is None else str(mount_path), Target(int(str(target))),
                         float(str(created)))
 
 

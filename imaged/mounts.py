@@ -33,6 +33,7 @@ _MOUNT_ATTR_RDONLY = 0x1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _AT_FDCWD = -100
 _MNT_DETACH = 2
+_UMOUNT_NOFOLLOW = 8
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _COMMAND_TIMEOUT = 60
@@ -167,16 +168,21 @@ def bind_mount(source: Path, target: Path, read_only: bool = False) -> None:
         raise MountError(f"bind mount of {source} at {target} failed: {proc.stderr.strip()}")
 
 
-def unmount(target: Path, lazy: bool = False) -> None:
-    """umount2; EINVAL (not a mount point) counts as done, EBUSY is a conflict to report."""
-    if _libc.umount2(str(target).encode(), _MNT_DETACH if lazy else 0) == 0:
+def unmount(target: Path, lazy: bool = False, follow: bool = True,
+            shown_as: Path | None = None) -> None:
+    """umount2; EINVAL (not a mount point) counts as done, EBUSY is a conflict to report.
+    ``follow=False`` does not follow a symlink in the last component; ``shown_as`` names the
+    target in messages (when ``target`` is a /proc/self/fd link to it)."""
+    flags = (_MNT_DETACH if lazy else 0) | (0 if follow else _UMOUNT_NOFOLLOW)
+    if _libc.umount2(str(target).encode(), flags) == 0:
         return
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOENT):
         return
+    name = shown_as or target
     if err == errno.EBUSY:
-        raise ConflictError(f"{target} is busy: a process still uses it")
-    raise InternalError(f"umount {target}: {os.strerror(err)}")
+        raise ConflictError(f"{name} is busy: a process still uses it")
+    raise InternalError(f"umount {name}: {os.strerror(err)}")
 
 
 @dataclass(frozen=True)

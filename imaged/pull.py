@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -40,6 +42,25 @@ from imaged.unpack import UnpackLimits, UnpackStats, unpack_layer
 # Layer blobs up to this size are fetched whole into memory: no resume (nothing worth resuming),
 # no progress between start and end (a fraction of a second on any link worth pulling over).
 SMALL_BLOB_BYTES = 256 * 1024
+
+
+def _unpack_progress(desc: Descriptor, emit: Reporter) -> Callable[[int], None]:
+    """For the unpacking thread: how far into the blob it has read, as an ``unpacking`` event
+    at most every ``_PROGRESS_SECONDS``, delivered on trio's thread."""
+    last = 0.0
+
+    def report(done: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= _PROGRESS_SECONDS:
+            last = now
+            trio.from_thread.run_sync(emit, PullEvent("unpacking", layer=str(desc.digest),
+                                                      current=done, total=desc.size))
+
+    return report
+
+
+_PROGRESS_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -280,10 +301,11 @@ class Puller:
         # The blob is read by this flight even if the pull that started it goes away.
         with self.leases.hold([str(desc.digest)]):
             self.store.meta.begin_layer(chain, parent, diff_ids[i], driver.name)
-            emit(PullEvent("unpacking", layer=str(desc.digest)))
+            emit(PullEvent("unpacking", layer=str(desc.digest), current=0, total=desc.size))
             try:
                 stats = await trio.to_thread.run_sync(self._unpack, desc, diff_ids[i], chain,
-                                                      parent, limiter=self._unpack_limiter)
+                                                      parent, _unpack_progress(desc, emit),
+                                                      limiter=self._unpack_limiter)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self._remove_layer(chain)
@@ -295,14 +317,15 @@ class Puller:
         return stats
 
     def _unpack(self, desc: Descriptor, diff_id: Digest, chain: Digest,
-                parent: Digest | None) -> UnpackStats:
+                parent: Digest | None, progress: Callable[[int], None]) -> UnpackStats:
         driver = self.store.driver()
         limits = UnpackLimits(self.store.config.limits.max_layer_bytes,
                               self.store.config.limits.max_layer_entries)
         target = driver.prepare_layer(chain.hex, None if parent is None else parent.hex)
         try:
             stats = unpack_layer(self.store.content.path(desc.digest), desc.media_type, diff_id,
-                                 target, driver.capabilities().whiteouts, limits)
+                                 target, driver.capabilities().whiteouts, limits,
+                                 progress=progress)
         except OSError as exc:
             # The target filesystem failed us (full, read-only, I/O error): say where.
             notes = "; ".join(getattr(exc, "__notes__", []))

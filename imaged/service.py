@@ -7,8 +7,6 @@ print the same facts.
 from __future__ import annotations
 
 import platform as _platform
-import re
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,28 +18,22 @@ import trio
 from imaged import __version__
 from imaged.config import Config
 from imaged.digest import Digest
-from imaged.drivers import probe_all
+from imaged.drivers import Mounted, probe_all
 from imaged.errors import ConflictError, InvalidError, NotFoundError
 from imaged.events import Reporter
 from imaged.faults import pause_point
 from imaged.gc import collect, release
 from imaged.leases import Leases
-from imaged.metadata import ContainerRow, ImageRow
+from imaged.lock import Waiting
+from imaged.metadata import ContainerRow, ImageRow, Target
 from imaged.mounts import backing_filesystem
+from imaged.names import name_or_new
 from imaged.pull import Puller, PullResult
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.manifest import Platform
 from imaged.registry_client.reference import parse_reference
 from imaged.store import Store
-
-_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
-
-
-def check_name(name: str) -> None:
-    """Container names (DESIGN §2): they become directory names, so the rule is strict."""
-    if not _NAME_RE.fullmatch(name):
-        raise InvalidError(f"invalid container name {name!r}: use 1-128 of [a-zA-Z0-9_.-], "
-                           "starting with a letter or digit")
+from imaged.targets import attach, beneath, detach, open_target
 
 
 def image_json(row: ImageRow) -> dict[str, Any]:
@@ -67,8 +59,9 @@ class Service:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: Config, holder: str) -> AsyncIterator[Service]:
-        store = Store(config, holder)
+    async def open(cls, config: Config, holder: str,
+                   waiting: Waiting | None = None) -> AsyncIterator[Service]:
+        store = Store(config, holder, waiting)
         client = RegistryClient(config)
         try:
             async with trio.open_nursery() as nursery:
@@ -176,8 +169,7 @@ class Service:
                      read_only: bool) -> dict[str, Any]:
         """A new container on the image, not mounted (the API's POST /v1/containers)."""
         image_id, _ = self.store.resolve_image(image_text)
-        name = name or f"c-{secrets.token_hex(6)}"
-        check_name(name)
+        name = name_or_new(name)
         if read_only and quota is not None:
             raise InvalidError("a read-only container has no writable layer to put a quota on")
         row = self.store.meta.container(name)
@@ -191,7 +183,8 @@ class Service:
                       read_only: bool) -> None:
         driver = self.store.driver()
         self.store.meta.insert_container(ContainerRow(
-            name, image_id, driver.name, quota, read_only, "creating", None, False, time.time()))
+            name, image_id, driver.name, quota, read_only, "creating", None, Target.OWN,
+            time.time()))
         try:
             await trio.to_thread.run_sync(driver.create_container, name,
                                           self._layers_of(image_id), quota, read_only)
@@ -203,9 +196,17 @@ class Service:
         self.store.meta.update_container(name, state="ready")
 
     async def mount(self, image_text: str | None, name: str | None, quota: int | None,
-                    read_only: bool, target: Path | None) -> dict[str, Any]:
+                    read_only: bool, target: Path | None,
+                    confined: bool = False) -> dict[str, Any]:
         """Mount container ``name``; given an image, create it first if it does not exist (the
-        CLI's ``mount``), refusing an existing one that differs from what was asked."""
+        CLI's ``mount``), refusing an existing one that differs from what was asked.
+
+        ``confined`` (a non-root peer of the daemon): a ``target`` must lie beneath
+        ``api.mount_prefixes``, and the container is mounted in the driver's own directory and
+        attached there through a descriptor (``imaged.targets``)."""
+        prefixes = self.store.config.mount_prefixes
+        if confined and target is not None:
+            beneath(target, prefixes)  # refused before anything is created
         if image_text is None:
             if name is None:
                 raise InvalidError("mount needs a container name or an image")
@@ -219,21 +220,38 @@ class Service:
                                     f"{row.mount_path}")
             return {"name": row.name, "path": row.mount_path, "mounts": []}
         driver = self.store.driver()
-        mounted = await trio.to_thread.run_sync(driver.mount, row.name,
-                                                self._layers_of(row.image_id), row.read_only,
-                                                target)
-        self.store.meta.update_container(row.name, mount_path=str(mounted.path),
-                                         target=int(target is not None))
+        layers = self._layers_of(row.image_id)
+        if confined and target is not None:
+            mounted = await trio.to_thread.run_sync(self._attach, row, layers, target, prefixes)
+            kind = Target.ATTACHED
+        else:
+            mounted = await trio.to_thread.run_sync(driver.mount, row.name, layers,
+                                                    row.read_only, target)
+            kind = Target.OWN if target is None else Target.GIVEN
+        self.store.meta.update_container(row.name, mount_path=str(mounted.path), target=kind)
         return {"name": row.name, "path": str(mounted.path),
                 "mounts": [spec.to_json() for spec in mounted.mounts]}
+
+    def _attach(self, row: ContainerRow, layers: list[str], target: Path,
+                prefixes: tuple[Path, ...]) -> Mounted:
+        """Mount in the driver's own directory, then attach a clone of that mount at
+        ``target``, opened beneath its prefix; the own mount is undone if that fails."""
+        driver = self.store.driver()
+        own = driver.mount(row.name, layers, row.read_only, None)
+        try:
+            with open_target(target, prefixes) as fd:
+                attach(own.path, fd, target)
+        except BaseException:
+            driver.unmount(row.name, None)
+            raise
+        return Mounted(target, own.mounts)  # replayed at the target, they give the same tree
 
     async def _ensure(self, image_text: str, name: str | None, quota: int | None,
                       read_only: bool) -> ContainerRow:
         if read_only and quota is not None:
             raise InvalidError("a read-only container has no writable layer to put a quota on")
         image_id, _ = self.store.resolve_image(image_text)
-        name = name or f"c-{secrets.token_hex(6)}"
-        check_name(name)
+        name = name_or_new(name)
         row = self.store.meta.container(name)
         if row is None:
             await self._create(image_id, name, quota, read_only)
@@ -255,10 +273,18 @@ class Service:
     async def umount(self, name: str) -> dict[str, Any]:
         row = self._get(name)
         if row.mount_path is not None:
-            target = Path(row.mount_path) if row.target else None
-            await trio.to_thread.run_sync(self.store.driver().unmount, name, target)
-            self.store.meta.update_container(name, mount_path=None, target=0)
+            await trio.to_thread.run_sync(self._unmount, row)
+            self.store.meta.update_container(name, mount_path=None, target=Target.OWN)
         return {"ok": True, "name": name}
+
+    def _unmount(self, row: ContainerRow) -> None:
+        driver = self.store.driver()
+        path = Path(row.mount_path or "")
+        if row.target is Target.ATTACHED:
+            detach(path, self.store.config.mount_prefixes)
+            driver.unmount(row.name, None)
+        else:
+            driver.unmount(row.name, path if row.target is Target.GIVEN else None)
 
     async def rm(self, name: str, force: bool = False) -> dict[str, Any]:
         row = self._get(name)

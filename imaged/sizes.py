@@ -8,6 +8,8 @@ from decimal import Decimal, InvalidOperation
 from imaged.errors import InvalidError
 
 _UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+# The largest size Linux can give a file or a filesystem (off_t): no quota can be larger.
+MAX_BYTES = 2**63 - 1
 _SIZE_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[kmgt]?)(?:i?b)?", re.IGNORECASE)
 
 
@@ -40,6 +42,17 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+def check_quota(n: int) -> int:
+    """A quota any driver could be asked for: positive and within ``MAX_BYTES``. A driver may
+    refuse less, naming its own limit."""
+    if n < 1:
+        raise InvalidError(f"quota must be a positive size, not {n}")
+    if n > MAX_BYTES:
+        raise InvalidError(f"quota of {n} bytes is past the largest size Linux can address "
+                           f"({format_size(MAX_BYTES)})")
+    return n
+
+
 def format_size(n: int) -> str:
     """Render bytes for tables: three significant digits, binary units."""
     if n < 1024:
@@ -50,4 +63,6 @@ def format_size(n: int) -> str:
         if value < 1024:
             return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
     value /= 1024
+    if value >= 1024 * 1024:
+        return f"{value / 1024 / 1024:.3g} EiB"
     return f"{value:.3g} TiB" if value < 100 else f"{value:.0f} TiB"

@@ -15,8 +15,8 @@ from imaged.content import ContentStore
 from imaged.digest import Digest
 from imaged.drivers import Driver, choose, registry
 from imaged.errors import ConflictError, InvalidError, NotFoundError
-from imaged.lock import RootLock
-from imaged.metadata import ImageRow, Metadata
+from imaged.lock import RootDeniedError, RootLock, Waiting
+from imaged.metadata import ImageRow, Metadata, Target
 from imaged.mounts import backing_filesystem, is_mounted
 from imaged.registry_client.reference import parse_reference
 
@@ -25,11 +25,15 @@ MIN_ID_PREFIX = 12
 
 
 class Store:
-    def __init__(self, config: Config, holder: str) -> None:
+    def __init__(self, config: Config, holder: str, waiting: Waiting | None = None) -> None:
         self.config = config
         self.root = config.root
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
-        self.lock = RootLock(self.root / "lock", holder)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        except PermissionError:
+            raise RootDeniedError(f"permission denied on {self.root}: only root may use this "
+                                  "root") from None
+        self.lock = RootLock(self.root / "lock", holder, waiting)
         self._driver: Driver | None = None
         try:
             self.content = ContentStore(self.root / "content")
@@ -88,7 +92,9 @@ class Store:
                 self.meta.delete_container(row.name)
                 notes.append(f"finished removing interrupted container {row.name}")
             elif row.mount_path is not None and not is_mounted(Path(row.mount_path)):
-                self.meta.update_container(row.name, mount_path=None, target=0)
+                if row.target is Target.ATTACHED:  # its clone went; the driver's own may not
+                    driver.unmount(row.name, None)
+                self.meta.update_container(row.name, mount_path=None, target=Target.OWN)
                 notes.append(f"container {row.name} is no longer mounted at {row.mount_path}")
         known = {row.name for row in self.meta.containers()}
         for name in driver.list_containers() - known:

@@ -128,13 +128,15 @@ class UnpackStats:
 
 def unpack_layer(blob: Path, media_type: str, diff_id: Digest, target: Path,
                  whiteouts: WhiteoutMode, limits: UnpackLimits,
-                 userxattr: bool = False) -> UnpackStats:
+                 userxattr: bool = False,
+                 progress: Callable[[int], None] | None = None) -> UnpackStats:
     """Unpack the layer ``blob`` into the existing directory ``target``; verify its DiffID.
 
     ``userxattr`` makes OVERLAY mode mark opaque directories with ``user.overlay.opaque``
-    (overlayfs mounted with ``userxattr``). Raises ``LayerError`` for anything the layer
-    itself gets wrong; ``OSError`` from the target filesystem (ENOSPC, EDQUOT) propagates with
-    a note naming the member.
+    (overlayfs mounted with ``userxattr``). ``progress`` hears, on the calling thread, how many
+    bytes of the blob have been read each time the unpacker takes a chunk. Raises
+    ``LayerError`` for anything the layer itself gets wrong; ``OSError`` from the target
+    filesystem (ENOSPC, EDQUOT) propagates with a note naming the member.
     """
     label = f"{diff_id.algorithm}:{diff_id.hex[:12]}…"
     if media_type not in LAYER_TYPES:
@@ -147,7 +149,7 @@ def unpack_layer(blob: Path, media_type: str, diff_id: Digest, target: Path,
         os.posix_fadvise(blob_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         root_fd = os.open(target, _O_DIR)
         stack.callback(os.close, root_fd)
-        feed = _Feed(blob_fd, compression, diff_id.hasher(), limits.max_bytes)
+        feed = _Feed(blob_fd, compression, diff_id.hasher(), limits.max_bytes, progress)
         stack.callback(feed.close)
         unpacker = _Unpacker(feed, root_fd, diff_id, label, whiteouts, limits, userxattr)
         stack.callback(unpacker.close)
@@ -184,8 +186,10 @@ class _Feed:
     DiffID covers the whole stream. The unpacker drains to the end for the same reason.
     """
 
-    def __init__(self, fd: int, compression: str | None, hasher: Hasher, max_bytes: int) -> None:
+    def __init__(self, fd: int, compression: str | None, hasher: Hasher, max_bytes: int,
+                 progress: Callable[[int], None] | None = None) -> None:
         self._fd = fd
+        self._progress = progress
         self._compression = compression
         self._hasher = hasher
         self._max_bytes = max_bytes
@@ -241,6 +245,8 @@ class _Feed:
             return b""
         item = self._queue.get()
         if isinstance(item, bytes):
+            if self._progress is not None:  # where the feed thread has read to, a little ahead
+                self._progress(os.lseek(self._fd, 0, os.SEEK_CUR))
             return item
         self._ended = True
         if item.error is not None:

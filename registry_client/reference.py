@@ -95,6 +95,9 @@ def parse_reference(text: str) -> Reference:
             )
     if (domain != DOCKER_HUB or "/" in remainder) and not _DOMAIN_RE.fullmatch(domain):
         raise InvalidError(f"invalid reference {text!r}: bad registry host {domain!r}")
+    _, has_port, digits = domain.rpartition("]")[2].partition(":")  # after an IPv6 literal
+    if has_port and not 1 <= int(digits) <= 65535:
+        raise InvalidError(f"invalid reference {text!r}: port {digits} is not in 1-65535")
     if not path:
         raise InvalidError(f"invalid reference {text!r}: repository name is empty")
     if path.lower() != path:

@@ -303,6 +303,12 @@ def start_daemon(root: Path, isolated_env: dict[str, str]) -> Iterator[Any]:
 
 
 @pytest.fixture
+def daemon(start_daemon: Any) -> Daemon:
+    started: Daemon = start_daemon()
+    return started
+
+
+@pytest.fixture
 def cli_mode() -> str:
     return "embedded"  # parametrized by pytest_generate_tests for tests marked cli_modes
 

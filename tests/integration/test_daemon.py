@@ -34,12 +34,6 @@ from tests.integration.faulty import FaultyRegistry, Gate, big_image, blob_path,
 
 
 @pytest.fixture
-def daemon(start_daemon: Any) -> Daemon:
-    started: Daemon = start_daemon()
-    return started
-
-
-@pytest.fixture
 def api(daemon: Daemon) -> Iterator[DaemonClient]:
     client = DaemonClient(daemon.socket, timeout=60)
     yield client
@@ -103,6 +97,8 @@ def test_second_daemon_on_the_root_is_refused(daemon: Daemon, start_daemon: Any)
      400, "must be a string"),
     (b'POST /v1/containers HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}', 400,
      "'image' is required"),
+    (b'POST /v1/containers HTTP/1.1\r\nHost: x\r\nContent-Length: 29\r\n\r\n'
+     b'{"image": "a", "image": "b"}\n', 400, "appears twice"),
     (b'PATCH /v1/containers/c1 HTTP/1.1\r\nHost: x\r\nContent-Length: 16\r\n\r\n'
      b'{"quota": true}\n', 400, "must be an integer"),
     (b"GET /v1/containers/..%2F..%2Fetc HTTP/1.1\r\nHost: x\r\n\r\n", 400,

@@ -651,3 +651,23 @@ def test_unsupported_xattrs_are_counted(layout: OCILayout, ramfs: Path) -> None:
 def test_target_must_exist(layout: OCILayout, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         unpack(layer(layout, [file("a", b"1")]), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("compression", [None, "gzip", "zstd"])
+def test_progress_follows_the_blob_to_its_end(tmp_path: Path, place: Place,
+                                              compression: str | None) -> None:
+    """What a pull's progress bar shows while a layer unpacks: how far into the blob it is."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for n in range(8):
+            data = os.urandom(3 << 20)
+            info = tarfile.TarInfo(f"f{n}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    blob = raw_layer(tmp_path, out.getvalue(), compression)
+    seen: list[int] = []
+    unpack_layer(blob.path, blob.media_type, blob.diff_id, place.target, OVERLAY, LIMITS,
+                 progress=seen.append)
+    assert len(seen) > 4
+    assert seen == sorted(seen)
+    assert seen[-1] == blob.path.stat().st_size

@@ -6,6 +6,7 @@ import fcntl
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from imaged.errors import (
     NotFoundError,
     RootInUseError,
 )
-from imaged.lock import RootLock
+from imaged.lock import RootLock, Waiting
 from imaged.metadata import MIGRATIONS, LayerRow, Metadata, NewImage
 from imaged.store import Store
 
@@ -484,14 +485,56 @@ def test_server_holder_gets_a_hint(tmp_path: Path) -> None:
 
 def test_released_lock_can_be_taken_again(tmp_path: Path) -> None:
     first = RootLock(tmp_path / "lock", "imaged pull")
-    assert (tmp_path / "lock").read_text() == f"{os.getpid()}\nimaged pull\n"
+    assert (tmp_path / "lock").read_text().rstrip(" ") == f"{os.getpid()}\nimaged pull\n"
     first.release()
     first.release()  # twice is harmless
     second = RootLock(tmp_path / "lock", "imaged rmi")
     try:
-        assert (tmp_path / "lock").read_text() == f"{os.getpid()}\nimaged rmi\n"
+        assert (tmp_path / "lock").read_text().rstrip(" ") == f"{os.getpid()}\nimaged rmi\n"
     finally:
         second.release()
+
+
+def test_the_holders_record_is_rewritten_in_place(tmp_path: Path) -> None:
+    """Always the same size, so naming a holder on a full disk needs no new block."""
+    sizes = set()
+    for holder in ("imaged pull", "imaged gc", "x" * 500):
+        RootLock(tmp_path / "lock", holder).release()
+        sizes.add((tmp_path / "lock").stat().st_size)
+    assert sizes == {256}
+
+
+def test_a_command_waits_for_another_and_says_who(tmp_path: Path) -> None:
+    first = RootLock(tmp_path / "lock", "imaged pull")
+    heard: list[str] = []
+    releaser = threading.Timer(0.5, first.release)
+    releaser.start()
+    try:
+        second = RootLock(tmp_path / "lock", "imaged ps", Waiting(60, heard.append))
+    finally:
+        releaser.join()
+    second.release()
+    assert heard == [f"waiting for the root: root is in use by imaged pull (pid {os.getpid()})"]
+
+
+def test_waiting_is_bounded(tmp_path: Path) -> None:
+    first = RootLock(tmp_path / "lock", "imaged pull")
+    try:
+        with pytest.raises(RootInUseError, match=r"imaged pull \(pid \d+\) \(waited 0.3 s\)"):
+            RootLock(tmp_path / "lock", "imaged ps", Waiting(0.3, lambda line: None))
+    finally:
+        first.release()
+
+
+def test_a_daemon_is_never_waited_for(tmp_path: Path) -> None:
+    first = RootLock(tmp_path / "lock", "imaged serve")
+    heard: list[str] = []
+    try:
+        with pytest.raises(RootInUseError, match="use its socket"):
+            RootLock(tmp_path / "lock", "imaged ps", Waiting(60, heard.append))
+    finally:
+        first.release()
+    assert heard == []
 
 
 def test_refused_lock_leaves_the_holder_s_file_alone(tmp_path: Path) -> None:
@@ -499,7 +542,7 @@ def test_refused_lock_leaves_the_holder_s_file_alone(tmp_path: Path) -> None:
     try:
         with pytest.raises(RootInUseError):
             RootLock(tmp_path / "lock", "imaged images")
-        assert (tmp_path / "lock").read_text() == f"{os.getpid()}\nimaged pull\n"
+        assert (tmp_path / "lock").read_text().rstrip(" ") == f"{os.getpid()}\nimaged pull\n"
     finally:
         first.release()
 
