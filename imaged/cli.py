@@ -25,6 +25,7 @@ from imaged.errors import (
     ImagedError,
     InternalError,
     InvalidError,
+    describe,
     error_from_json,
 )
 from imaged.lock import RootDeniedError, Waiting
@@ -386,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last resort: a bug still gets one clear line
         if args.debug:
             traceback.print_exc()
-        return _fail(args, InternalError(f"internal error: {type(exc).__name__}: {exc}"
+        return _fail(args, InternalError(f"internal error: {describe(exc)}"
                                          + ("" if args.debug else
                                             " (run with --debug for a traceback)")))
     try:

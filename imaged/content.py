@@ -217,6 +217,15 @@ class ContentStore:
                     continue
                 yield digest, entry.stat().st_size
 
+    def partials(self) -> list[tuple[Digest, Path]]:
+        """The partial downloads in ingest, by the digest they are becoming."""
+        found = []
+        for entry in os.scandir(self.ingest_dir):
+            alg, _, hexpart = entry.name.partition("-")
+            with contextlib.suppress(InvalidError):
+                found.append((Digest.parse(f"{alg}:{hexpart}"), Path(entry.path)))
+        return found
+
     def expire_ingests(self, now: float | None = None) -> list[Path]:
         """Remove partial downloads nobody resumed for a day, and anything not named like one."""
         now = time.time() if now is None else now

@@ -49,6 +49,10 @@ class ConflictError(ImagedError):
     http_status = 409
 
 
+class NoSpaceError(ConflictError):
+    """A filesystem imaged writes to has no room for what was asked; freeing space fixes it."""
+
+
 class QuotaUnsupportedError(ImagedError):
     code = "quota_unsupported"
     http_status = 422
@@ -78,6 +82,19 @@ class InternalError(ImagedError):
     http_status = 500
 
 
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``, however deeply its groups nest (``exc`` if none)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
+
+
+def describe(exc: BaseException) -> str:
+    """A bug in one line: the type and message of each exception a group holds, not the
+    group's own "Exceptions from Trio nursery"."""
+    return "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in leaves(exc))
+
+
 def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to show for a nursery's exception group.
 
@@ -85,18 +102,9 @@ def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     download), the first one speaks for all; anything else (a bug, a KeyboardInterrupt) keeps
     the whole group so nothing is hidden.
     """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    if leaves and all(isinstance(e, ImagedError) for e in leaves):
-        return leaves[0]
+    found = leaves(group)
+    if found and all(isinstance(e, ImagedError) for e in found):
+        return found[0]
     return group
 
 

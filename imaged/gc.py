@@ -14,7 +14,9 @@ What is kept, and why:
 
 Everything else goes: unreferenced blob files and rows, ready layers outside every chain, layers
 still in state ``creating`` that no lease holds (nobody is applying them: recovery at open
-removes them for the same reason) and layer directories with no row at all (as recovery does).
+removes them for the same reason), layer directories with no row at all (as recovery does), and
+partial downloads no running pull holds (a failed pull leaves its partial blobs for a retry to
+resume; gc is how an operator who needs the space back gets it).
 
 Removal runs on the caller's thread without a trio checkpoint between a key's lease check and
 its removal, so a pull cannot lease something and start reusing it in between. The price is
@@ -41,11 +43,13 @@ class Removed:
     freed_bytes: int
     blobs: int
     layers: int
+    partials: int = 0  # partial downloads (gc only)
 
     def to_json(self) -> dict[str, Any]:
-        """The shape of ``POST /v1/gc`` (DESIGN §5)."""
+        """The shape of ``POST /v1/gc`` (DESIGN §5, with ``partials`` added)."""
         return {"freed_bytes": self.freed_bytes,
-                "removed": {"blobs": self.blobs, "layers": self.layers}}
+                "removed": {"blobs": self.blobs, "layers": self.layers,
+                            "partials": self.partials}}
 
 
 def release(store: Store, leases: Leases, blobs: Iterable[Digest],
@@ -92,4 +96,10 @@ def collect(store: Store, leases: Leases) -> Removed:
                     (*store.meta.layers_in_state("ready"), *creating)}
         layers += [f"sha256:{key}" for key in sorted(driver.list_layers() - recorded)]
     layers += creating + store.meta.unused_layers()
-    return release(store, leases, sorted(blobs), layers)
+    removed = release(store, leases, sorted(blobs), layers)
+    partials = [path for digest, path in store.content.partials()
+                if not leases.held(str(digest))]  # a running pull's download is leased
+    freed = freed_by_removing(partials)
+    for path in partials:
+        path.unlink(missing_ok=True)
+    return Removed(removed.freed_bytes + freed, removed.blobs, removed.layers, len(partials))

@@ -1,10 +1,17 @@
 """Quotas on any kernel with loop devices: one loop-backed ext4 per container (DESIGN §3).
 
-A container's overlay upper and work directories live on an ext4 made inside a sparse file, so
-the filesystem's size is the quota: the container can write its quota and the next write fails
-with ENOSPC, with no kernel quota support at all. The image costs the host only what is written
-(the file is sparse, mke2fs is told the file is already zeroed, and the mount uses ``discard``
-so deleted data is punched back out of the file).
+A container's overlay upper and work directories live on an ext4 made inside a file, so the
+filesystem's size is the quota: the container can write its quota and the next write fails with
+ENOSPC, with no kernel quota support at all.
+
+Reservation. The image's blocks are allocated on the host when it is made, grown or mounted
+(``fallocate``: extents marked unwritten, so nothing is written and they read as zeros), and the
+mount does not use ``discard``, which would punch them out again. A quota of Q therefore holds Q
+on the host. It must: a sparse image overcommits the host, and when the host fills, the loop
+device turns ENOSPC into I/O errors under a filesystem that had already acknowledged the writes
+(a 10 MiB ``dd conv=fsync`` into a 32 MiB quota on a full root reported success and read back as
+zeros, then ext4 aborted its journal). A create or grow the host cannot back is refused with the
+numbers; a mount of an image made sparse (by an older imaged) reserves it first.
 
 Sizing. ext4 keeps part of every filesystem for itself: the journal, one block bitmap, one inode
 bitmap and one inode table per 128 MiB block group, superblock and descriptor backups, and a
@@ -32,24 +39,23 @@ mkfs choices (the layout does not depend on the host's mke2fs.conf):
   shrinking (a container grown to 2 GiB holding 15 MiB could not shrink below 51 MiB; without
   it, 21 MiB); ``resize_inode`` kept, so online growth up to 1024 times needs no conversion;
 - no ``quota``/``project`` features (a kernel without CONFIG_QUOTA refuses to mount those);
-- ``assume_storage_prezeroed`` (e2fsprogs 1.47): the file is new and sparse, so mke2fs skips
-  zeroing inode tables and journal and marks them zeroed (no lazy init thread either). Zeroing
-  them, as ``lazy_itable_init=0`` does, allocates them in the image (fallocate ZERO_RANGE): a
-  300 MiB image held 23 MiB after mkfs that way, 350 KiB this way; 100 GiB holds 5 MiB, where
-  its inode tables alone are 1.6 GiB;
+- ``assume_storage_prezeroed`` (e2fsprogs 1.47): the file is new and reads as zeros (its
+  extents are unwritten), so mke2fs skips zeroing inode tables and journal and marks them zeroed
+  (no lazy init thread either), which saves writing them: a 100 GiB filesystem's inode tables
+  alone are 1.6 GiB;
 - ``-e remount-ro``: a corrupted container filesystem stops taking writes.
 
-Mount choices: ``discard`` (freed blocks return to the host: the loop driver punches holes),
-``nosuid,nodev`` (the backing mount is visible on the host, where set-uid files and device
-nodes a container wrote must not work; through the container's overlay both still work, since
-the overlay's own mount decides), and the kernel's default ``relatime``, not ``noatime``:
-overlay updates atime on the upper inode through this mount, so ``noatime`` here would freeze
-atime for the container's files. The mount is the mount(2) system call, not ``mount(8)``: the
-autoclear loop device must stay open in this process until the mount holds it, the errno is
-exact, and no fstab, utab or util-linux loop logic gets involved. A mount cannot be given a
-timeout; ext4's is bounded by journal replay, at most 64 MiB here.
+Mount choices: no ``discard`` (see Reservation), ``nosuid,nodev`` (the backing mount is visible
+on the host, where set-uid files and device nodes a container wrote must not work; through the
+container's overlay both still work, since the overlay's own mount decides), and the kernel's
+default ``relatime``, not ``noatime``: overlay updates atime on the upper inode through this
+mount, so ``noatime`` here would freeze atime for the container's files. The mount is the
+mount(2) system call, not ``mount(8)``: the autoclear loop device must stay open in this process
+until the mount holds it, the errno is exact, and no fstab, utab or util-linux loop logic gets
+involved. A mount cannot be given a timeout; ext4's is bounded by journal replay, at most 64 MiB
+here.
 
-Growth works online (truncate, LOOP_SET_CAPACITY, resize2fs on the device), which ext4 allows
+Growth works online (reserve, LOOP_SET_CAPACITY, resize2fs on the device), which ext4 allows
 only with CAP_SYS_RESOURCE; without it, growing needs the container unmounted. Online steps
 cannot be undone, so a large one aims 1% short and small ones finish; the kernel computes its
 2% reservation only at mount, so after growing it is set through sysfs to what the next mount
@@ -79,6 +85,7 @@ from imaged.errors import (
     ConflictError,
     InternalError,
     InvalidError,
+    NoSpaceError,
     NotFoundError,
     QuotaUnsupportedError,
 )
@@ -124,13 +131,15 @@ _MAX_ROUNDS = 8  # make/resize rounds before giving up on hitting the size windo
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MOUNT_FLAGS = MS_NOSUID | MS_NODEV
-MOUNT_DATA = "discard"
+MOUNT_DATA = ""  # no discard: it would give the reservation back (module docstring)
+FALLOC_FL_KEEP_SIZE = 1
 CAP_SYS_RESOURCE = 24
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 @dataclass(frozen=True)
@@ -526,8 +535,15 @@ def _statvfs(path: str | Path) -> Space:
 
 @contextlib.contextmanager
 def _temporary_mount(fs: LoopFS) -> Iterator[Path]:
-    """The filesystem mounted read-only in a private directory next to its image."""
-    where = Path(tempfile.mkdtemp(prefix=f".{fs.image.name}.measure-", dir=fs.image.parent))
+    """The filesystem mounted read-only in a private directory next to its image; on a host
+    too full for a new directory, at its own (unmounted) mount point."""
+    try:
+        where = Path(tempfile.mkdtemp(prefix=f".{fs.image.name}.measure-", dir=fs.image.parent))
+        made = True
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not fs.mount_point.is_dir():
+            raise
+        where, made = fs.mount_point, False
     try:
         device = _attach_and_mount(fs.image, where, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         try:
@@ -536,7 +552,8 @@ def _temporary_mount(fs: LoopFS) -> Iterator[Path]:
             _sys_umount(str(where))
             loopdev.wait_unbound(device, fs.image)  # autoclear: gone once the mount is
     finally:
-        os.rmdir(where)
+        if made:
+            os.rmdir(where)
 
 
 def _measure(fs: LoopFS) -> Space:
@@ -562,19 +579,53 @@ def usage(fs: LoopFS) -> tuple[int, int]:
 
 
 def _truncate(image: Path, size: int) -> None:
-    """Set the image's size; one larger than the host filesystem allows a file is the quota's
-    fault, said with the limit."""
+    """Set the image's size, every block of it reserved on the host (module docstring)."""
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
     try:
-        os.truncate(image, size)
-    except OSError as exc:
-        if exc.errno != errno.EFBIG:
-            raise
-        host = backing_filesystem(image.parent)
+        if size > os.fstat(fd).st_size:
+            _fallocate(fd, image, 0, size)  # allocates any hole below too, and sets the size
+        else:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def reserve(image: Path) -> None:
+    """Allocate every block of the image on the host without changing its size (a no-op for
+    an image made reserved; an older imaged made them sparse)."""
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        _fallocate(fd, image, 0, os.fstat(fd).st_size, FALLOC_FL_KEEP_SIZE)
+    finally:
+        os.close(fd)
+
+
+def _fallocate(fd: int, image: Path, offset: int, length: int, mode: int = 0) -> None:
+    if length <= 0 or _libc.fallocate(fd, mode, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    host = backing_filesystem(image.parent)
+    size = offset + length
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        st = os.statvfs(image.parent)
+        free = st.f_bavail * st.f_frsize + os.stat(image).st_blocks * 512
+        raise NoSpaceError(
+            f"the host filesystem at {host.mount_point} cannot hold this container's quota: "
+            f"its image needs {format_size(size)} reserved there and "
+            f"{format_size(free)} is free (in loop mode a quota holds its whole size on the "
+            "host)")
+    if err == errno.EFBIG:
         limit = _MAX_FILE_BYTES.get(host.fstype)
         raise InvalidError(
             f"quota too large: its image of {format_size(size)} is bigger than {host.fstype} "
             f"at {host.mount_point} allows a file to be"
-            + (f" ({format_size(limit)})" if limit else "")) from None
+            + (f" ({format_size(limit)})" if limit else ""))
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise QuotaUnsupportedError(
+            f"{host.fstype} at {host.mount_point} cannot reserve space (fallocate), so a loop "
+            "quota there could lose acknowledged writes when the host fills: use a filesystem "
+            "that can (ext4, xfs, btrfs) or project quotas")
+    raise OSError(err, f"reserving {format_size(size)} for {image}: {os.strerror(err)}")
 
 
 # Largest file a filesystem holds, for the message above: ext4 with 4 KiB blocks, and the others
@@ -583,7 +634,8 @@ _MAX_FILE_BYTES = {"ext4": 16 * 1024**4 - 4096, "xfs": 2**63 - 1, "btrfs": 2**63
 
 
 def _make_filesystem(image: Path, layout: Layout) -> Superblock:
-    # A new, empty file every time: assume_storage_prezeroed is only true of zeros.
+    # A new, empty file every time: assume_storage_prezeroed is only true of zeros (fallocate
+    # leaves its extents unwritten, which read as zeros).
     os.truncate(image, 0)
     _truncate(image, layout.blocks * BLOCK_SIZE)
     journal_mib = layout.journal_blocks * BLOCK_SIZE // MiB
@@ -781,6 +833,7 @@ def mount(fs: LoopFS) -> None:
     # A device still bound to the image but mounted nowhere is a leftover (a crash between
     # bind and mount, or a manual losetup): release it so one image never has two devices.
     _release(fs)
+    reserve(fs.image)
     _attach_and_mount(fs.image, fs.mount_point, MOUNT_FLAGS)
 
 

@@ -10,6 +10,7 @@ back to ingest and the next attempt resumes from them (after hashing them again)
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import trio
 
 from imaged.digest import Digest, chain_ids
-from imaged.errors import ContentError, InternalError, collapse
+from imaged.errors import ContentError, InternalError, NoSpaceError, collapse
 from imaged.events import PullEvent, Reporter
 from imaged.flights import Flights
 from imaged.fsutil import syncfs
@@ -329,9 +330,9 @@ class Puller:
         except OSError as exc:
             # The target filesystem failed us (full, read-only, I/O error): say where.
             notes = "; ".join(getattr(exc, "__notes__", []))
-            raise InternalError(f"unpacking layer {desc.digest} into {target} failed: "
-                                f"{exc.strerror or exc}{f' ({notes})' if notes else ''}") \
-                from None
+            kind = NoSpaceError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else InternalError
+            raise kind(f"unpacking layer {desc.digest} into {target} failed: "
+                       f"{exc.strerror or exc}{f' ({notes})' if notes else ''}") from None
         driver.commit_layer(chain.hex)
         return stats
 

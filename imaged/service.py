@@ -99,6 +99,7 @@ class Service:
         Given an ID with several names, refuse without ``force`` as Docker does: removing every
         name of an image at once is rarely what was meant.
         """
+        self.store.make_room()
         image_id, name = self.store.resolve_image(text)
         users = self.store.meta.containers_of(image_id)
         if users and not force:
@@ -129,6 +130,7 @@ class Service:
 
         Synchronous on purpose: no checkpoint may come between a lease check and a removal.
         """
+        self.store.make_room()
         return collect(self.store, self.leases).to_json()
 
     # containers
@@ -271,6 +273,7 @@ class Service:
         return row
 
     async def umount(self, name: str) -> dict[str, Any]:
+        self.store.make_room()
         row = self._get(name)
         if row.mount_path is not None:
             await trio.to_thread.run_sync(self._unmount, row)
@@ -287,6 +290,7 @@ class Service:
             driver.unmount(row.name, path if row.target is Target.GIVEN else None)
 
     async def rm(self, name: str, force: bool = False) -> dict[str, Any]:
+        self.store.make_room()
         row = self._get(name)
         if row.mount_path is not None:
             if not force:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from imaged import reserve
 from imaged.config import Config
 from imaged.content import ContentStore
 from imaged.digest import Digest
@@ -36,6 +37,8 @@ class Store:
         self.lock = RootLock(self.root / "lock", holder, waiting)
         self._driver: Driver | None = None
         try:
+            if not reserve.release_if_full(self.root):
+                reserve.renew(self.root)  # a daemon may hold the root long before it fills
             self.content = ContentStore(self.root / "content")
             self.meta = Metadata(self.root / "metadata.db")
             self.recovered = self.recover()
@@ -45,7 +48,12 @@ class Store:
 
     def close(self) -> None:
         self.meta.close()
+        reserve.renew(self.root)
         self.lock.release()
+
+    def make_room(self) -> None:
+        """Before a command that frees space: on a full filesystem, give back the reserve."""
+        reserve.release_if_full(self.root)
 
     def driver(self) -> Driver:
         """The root's driver, chosen and recorded at first use (one root, one driver)."""

@@ -35,7 +35,14 @@ from requests.adapters import HTTPAdapter
 from imaged.config import Config
 from imaged.content import Ingest
 from imaged.digest import Digest
-from imaged.errors import ContentError, ImagedError, NotFoundError, RegistryError
+from imaged.errors import (
+    ContentError,
+    ImagedError,
+    InternalError,
+    NoSpaceError,
+    NotFoundError,
+    RegistryError,
+)
 from imaged.faults import pause_point
 from imaged.registry_client.auth import (
     Challenge,
@@ -55,6 +62,7 @@ from imaged.registry_client.retry import (
     parse_retry_after,
 )
 from imaged.registry_client.tls import ssl_context_for
+from imaged.sizes import format_size
 
 T = TypeVar("T")
 # An insecure registry is the operator's explicit choice (or loopback, Docker's default), so
@@ -567,8 +575,10 @@ class RegistryClient:
                     nursery.start_soon(trio.to_thread.run_sync, digest)
             finally:
                 resp.close()
-        if write_failures or failures:
-            exc = (write_failures or failures)[0]
+        if write_failures:
+            raise _local_failure(write_failures[0], ingest, desc.size) from None
+        if failures:
+            exc = failures[0]
             if isinstance(exc, ImagedError):
                 raise exc
             raise _Retryable(
@@ -582,6 +592,20 @@ class RegistryClient:
                              progressed=ingest.offset > start, offset=ingest.offset)
         if progress is not None:
             progress(ingest.offset)
+
+
+def _local_failure(exc: BaseException, ingest: Ingest, size: int) -> BaseException:
+    """What writing a blob to the content store raised, as the user's error: the registry is
+    fine, so it is never retried, and a full disk says how much was needed."""
+    if isinstance(exc, ImagedError) or not isinstance(exc, OSError):
+        return exc
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(
+            f"no space left for blob {ingest.digest} in {ingest.path.parent}: it needs "
+            f"{format_size(size - ingest.offset)} more ({format_size(size)} in all); free space "
+            "(imaged gc also removes partial downloads) and pull again")
+    return InternalError(f"writing blob {ingest.digest} to {ingest.path} failed: "
+                         f"{exc.strerror or exc}")
 
 
 def _readinto_of(resp: requests.Response) -> Callable[[memoryview], int]:

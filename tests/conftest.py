@@ -82,13 +82,13 @@ def unmount_below(path: Path) -> None:
 
 @contextlib.contextmanager
 def loop_filesystem(mkfs: list[str], image: Path, mount_point: Path,
-                    options: str = "") -> Iterator[Path]:
-    """A fresh filesystem in a sparse file, mounted at ``mount_point`` through an autoclear loop
-    device (imaged.loopdev): unmounting releases the device, so the finalizer's unmount leaves
-    no device bound, failing test or not."""
+                    options: str = "", size: int = 0) -> Iterator[Path]:
+    """A fresh filesystem in a sparse file of ``size`` (default ``ROOT_FS_SIZE``), mounted at
+    ``mount_point`` through an autoclear loop device (imaged.loopdev): unmounting releases the
+    device, so the finalizer's unmount leaves no device bound, failing test or not."""
     need_tools(mkfs[0])
     with image.open("wb") as f:
-        f.truncate(ROOT_FS_SIZE)
+        f.truncate(size or ROOT_FS_SIZE)
     subprocess.run([*mkfs, str(image)], check=True, capture_output=True, timeout=120)
     mount_point.mkdir(parents=True, exist_ok=True)
     with loopdev.attach(image) as attachment:  # held open until the mount holds the device

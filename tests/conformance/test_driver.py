@@ -151,7 +151,7 @@ def test_name_conflicts(bed: Bed) -> None:
     other = bed("--json", "mount", second, "--name", "taken")
     assert other.code == 1 and other.json()["error"]["code"] == "conflict"
     bad = bed("--json", "mount", first, "--name", "../escape")
-    assert bad.code == 1 and bad.json()["error"]["code"] == "invalid"
+    assert bad.code == 2 and bad.json()["error"]["code"] == "invalid"  # a usage error
     generated = bed.ok("--json", "mount", first).json()["name"]
     assert generated.startswith("c-") and len(generated) == 14
 
