@@ -32,66 +32,76 @@ SPACE_CONTAINERS = 10
 _SPACE_FILES = 30  # ten-MiB files: a realistic image is many files, not one blob
 
 
-async def _latency(service: Service, driver: str, refs: dict[int, str], runs: int,
+async def _latency(service: Service, ref: str, count: int, i: int) -> float:
+    """Milliseconds to mount a container of ``ref`` made and mounted once before (so the
+    first mount's setup is not what is timed)."""
+    name = f"m{count}-{i}"
+    await service.mount(ref, name, None, False, None)
+    await service.umount(name)
+    start = time.perf_counter()
+    await service.mount(ref, name, None, False, None)
+    elapsed = (time.perf_counter() - start) * 1000
+    await service.rm(name, force=True)
+    return elapsed
+
+
+async def _cycles(service: Service, ref: str, i: int) -> float:
+    start = time.perf_counter()
+    batch = 10
+    for j in range(batch):
+        name = f"cycle-{i}-{j}"
+        await service.mount(ref, name, None, False, None)
+        await service.umount(name)
+        await service.rm(name)
+    return batch / (time.perf_counter() - start)
+
+
+async def _space(service: Service, store: DriverStore, ref: str, i: int) -> float:
+    """MB the backing storage gains when ten containers of the image are created and mounted:
+    snapshots and overlays should cost next to nothing, copies the whole image each."""
+    settle()
+    before = store.used_bytes()
+    names = [f"space-{i}-{j}" for j in range(SPACE_CONTAINERS)]
+    for name in names:
+        await service.mount(ref, name, None, False, None)
+    grown = (store.used_bytes() - before) / 1e6
+    for name in names:
+        await service.rm(name, force=True)
+    return grown
+
+
+async def _measure(stores: list[DriverStore], refs: dict[int, str], space_ref: str, runs: int,
                    series: list[Series]) -> None:
-    for count, ref in refs.items():
-        await service.pull(ref, None, lambda event: None)
-        latency = Series(f"{driver}: mount {count} layer{'s' * (count > 1)}", "milliseconds")
+    """Every driver in every run, the order rotating per run: a machine that slows down for a
+    while (this VM does) then slows every driver alike instead of the one measured then."""
+    async with contextlib.AsyncExitStack() as stack:
+        services = {}
+        for store in stores:
+            root = store.base / f"root-{store.driver}"
+            stack.callback(store.wipe, root)  # after its service has closed
+            services[store.driver] = await stack.enter_async_context(
+                Service.open(store.config(root), "imaged bench mount"))
+            for ref in (*refs.values(), space_ref):
+                await services[store.driver].pull(ref, None, lambda event: None)
+        table: dict[tuple[str, str], Series] = {}
+        for store in stores:
+            for count in refs:
+                table[store.driver, f"l{count}"] = Series(
+                    f"{store.driver}: mount {count} layer{'s' * (count > 1)}", "milliseconds")
+            table[store.driver, "cycles"] = Series(
+                f"{store.driver}: create+mount+umount+rm, 16 layers", "cycles/s")
+            table[store.driver, "space"] = Series(
+                f"{store.driver}: space of {SPACE_CONTAINERS} containers of a 300 MB image", "MB")
         for i in range(runs):
-            name = f"m{count}-{i}"
-            await service.mount(ref, name, None, False, None)
-            await service.umount(name)
-            start = time.perf_counter()
-            await service.mount(ref, name, None, False, None)
-            latency.samples.append((time.perf_counter() - start) * 1000)
-            await service.rm(name, force=True)
-        series.append(latency)
-
-
-async def _cycles(service: Service, driver: str, ref: str, runs: int,
-                  series: list[Series]) -> None:
-    cycles = Series(f"{driver}: create+mount+umount+rm, 16 layers", "cycles/s")
-    for i in range(runs):
-        start = time.perf_counter()
-        batch = 10
-        for j in range(batch):
-            name = f"cycle-{i}-{j}"
-            await service.mount(ref, name, None, False, None)
-            await service.umount(name)
-            await service.rm(name)
-        cycles.samples.append(batch / (time.perf_counter() - start))
-    series.append(cycles)
-
-
-async def _space(service: Service, store: DriverStore, ref: str, runs: int,
-                 series: list[Series]) -> None:
-    """Bytes the backing storage gains when ten containers of the image are created and
-    mounted: snapshots and overlays should cost next to nothing, copies the whole image each."""
-    await service.pull(ref, None, lambda event: None)
-    space = Series(f"{store.driver}: space of {SPACE_CONTAINERS} containers of a 300 MB image",
-                   "MB")
-    for i in range(runs):
-        settle()
-        before = store.used_bytes()
-        names = [f"space-{i}-{j}" for j in range(SPACE_CONTAINERS)]
-        for name in names:
-            await service.mount(ref, name, None, False, None)
-        space.samples.append((store.used_bytes() - before) / 1e6)
-        for name in names:
-            await service.rm(name, force=True)
-    series.append(space)
-
-
-async def _measure(store: DriverStore, refs: dict[int, str], space_ref: str, runs: int,
-                   series: list[Series]) -> None:
-    root = store.base / f"root-{store.driver}"
-    try:
-        async with Service.open(store.config(root), "imaged bench mount") as service:
-            await _latency(service, store.driver, refs, runs, series)
-            await _cycles(service, store.driver, refs[16], runs, series)
-            await _space(service, store, space_ref, runs, series)
-    finally:
-        store.wipe(root)
+            for store in stores[i % len(stores):] + stores[:i % len(stores)]:
+                service = services[store.driver]
+                for count, ref in refs.items():
+                    table[store.driver, f"l{count}"].samples.append(
+                        await _latency(service, ref, count, i))
+                table[store.driver, "cycles"].samples.append(await _cycles(service, refs[16], i))
+                table[store.driver, "space"].samples.append(
+                    await _space(service, store, space_ref, i))
+        series.extend(table.values())
 
 
 def _push_images(layout: OCILayout, host: str) -> tuple[dict[int, str], str]:
@@ -117,8 +127,9 @@ def run(out: Path, runs: int, drivers: list[str]) -> list[Path]:
     series: list[Series] = []
     notes = []
     with scratch_fs(16 << 30) as (scratch, where), \
-            local_registry(scratch / "registry") as reg:
+            local_registry(scratch / "registry") as reg, contextlib.ExitStack() as stack:
         refs, space_ref = _push_images(OCILayout(scratch / "layout"), reg.host)
+        stores = []
         for name, (probe, factory) in registry().items():
             if name not in drivers:
                 continue
@@ -126,22 +137,24 @@ def run(out: Path, runs: int, drivers: list[str]) -> list[Path]:
                 reason = probe(Config(root=scratch / "probe")).reason
                 notes.append(f"{name}: not measured ({reason})")
                 continue
-            with contextlib.ExitStack() as stack:
-                try:
-                    store = stack.enter_context(driver_store(name, scratch, where))
-                except (OSError, RuntimeError) as e:
-                    notes.append(f"{name}: not measured (its storage could not be made: {e})")
-                    continue
-                result = probe(store.config(store.base / "probe"))
-                if not result.supported:
-                    notes.append(f"{name}: not measured ({result.reason})")
-                    continue
-                print(f"measuring {name} on {store.where}", file=sys.stderr)
-                trio.run(_measure, store, refs, space_ref, runs, series)
-                notes.append(f"{name}: on {store.where}")
-        notes.append(f"{runs} runs per point; the layer-count images have one 512-byte file "
-                     f"per layer; the space image is {_SPACE_FILES} files of random data in one "
-                     "gzip layer; space is the growth of the driver's backing storage (statvfs, "
-                     "or the dataset's `used` on zfs) after sync, containers mounted, no quota")
+            try:
+                store = stack.enter_context(driver_store(name, scratch, where))
+            except (OSError, RuntimeError) as e:
+                notes.append(f"{name}: not measured (its storage could not be made: {e})")
+                continue
+            result = probe(store.config(store.base / "probe"))
+            if not result.supported:
+                notes.append(f"{name}: not measured ({result.reason})")
+                continue
+            stores.append(store)
+            notes.append(f"{name}: on {store.where}")
+        print(f"measuring {', '.join(s.driver for s in stores)}, interleaved", file=sys.stderr)
+        trio.run(_measure, stores, refs, space_ref, runs, series)
+        notes.append(f"{runs} runs per point, interleaved: each run measures every driver in "
+                     "turn, the order rotating from run to run; the layer-count images have one "
+                     f"512-byte file per layer; the space image is {_SPACE_FILES} files of "
+                     "random data in one gzip layer; space is the growth of the driver's "
+                     "backing storage (statvfs, or the dataset's `used` on zfs) after sync, "
+                     "containers mounted, no quota")
     return write_report(out, "mount", "Mount latency, container cycles and space per driver",
                         series, machine_facts(), {}, notes)

@@ -350,6 +350,11 @@ def _versions(tools: list[str]) -> dict[str, str]:
     return {tool: commands[tool]() for tool in tools if tool in commands}
 
 
+# Which peers each imaged mode is fairly compared with: a command that starts a process that
+# does all the work, or one answered by a daemon that was already running.
+LIKE_FOR_LIKE = {"imaged": ("podman", "skopeo+umoci"), "imaged-daemon": ("containerd",)}
+
+
 def run(out: Path, runs: int, shapes: list[str]) -> list[Path]:
     if shutil.which("skopeo") is None or shutil.which("docker-registry") is None:
         raise RuntimeError("skopeo and docker-registry are needed: run scripts/setup")
@@ -393,16 +398,15 @@ def run(out: Path, runs: int, shapes: list[str]) -> list[Path]:
                         failed.add((shape, tool))
                         notes.append(f"{shape}: {tool} failed, not reported: {e}"[:600])
         series = [s for key, s in by_key.items() if key not in failed]
-        ours = [t for t in tools if t.startswith("imaged")]
         for shape in shapes:
-            peers = [by_key[shape, t] for t in tools if t not in ours and (shape, t) not in failed]
-            if not peers:
-                continue
-            fastest = min(peers, key=lambda s: s.median)
-            for mine in ours:
-                if (shape, mine) not in failed:
-                    ratios[f"{shape}: {mine} / fastest peer ({fastest.name.split(': ')[1]})"] = \
-                        by_key[shape, mine].median / fastest.median
+            for mine, peers in LIKE_FOR_LIKE.items():
+                measured = [by_key[shape, t] for t in peers
+                            if (shape, t) in by_key and (shape, t) not in failed]
+                if (shape, mine) not in by_key or (shape, mine) in failed or not measured:
+                    continue
+                fastest = min(measured, key=lambda s: s.median)
+                ratios[f"{shape}: {mine} / {fastest.name.split(': ')[1]}"] = \
+                    by_key[shape, mine].median / fastest.median
         facts = {**machine_facts(), **_versions(tools)}
     notes += [
         f"{runs} runs; in each run the order of the tools rotates; every sample is a cold pull "
@@ -416,7 +420,9 @@ def run(out: Path, runs: int, shapes: list[str]) -> list[Path]:
         "overlay driver, imaged and imaged-daemon their auto-chosen driver (overlay); "
         "imaged-btrfs and imaged-zfs are embedded pulls into a root on a loop-mounted btrfs "
         "and on a zfs-fuse pool (a sparse file on the same ext4), wiped after each sample",
-        "ratio below 1: imaged faster than the fastest peer",
+        "ratios are like for like: embedded imaged (no daemon) against the faster of the "
+        "daemonless peers, podman and skopeo+umoci; imaged-daemon against containerd; below 1, "
+        "imaged is faster",
         "the registry's blobs are in the page cache; sync runs twice before every sample "
         "(loop fs, then its backing file); "
         "the tools do not all fsync alike",

@@ -40,7 +40,11 @@ def machine_facts() -> dict[str, Any]:
         except OSError:
             return ""
 
+    checkout = Path(__file__).resolve().parent.parent
+    commit = read(["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"])
+    dirty = read(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"])
     return {
+        "commit": (commit + (" with uncommitted changes" if dirty else "")) or "unknown",
         "kernel": read(["uname", "-r"]),
         "cpus": read(["nproc"]),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],

@@ -34,6 +34,12 @@ class Capabilities:
     reflink: bool = False
     max_layers: int = 500
 
+    def check_depth(self, layers: int, driver: str) -> None:
+        """Refuse an image deeper than this driver can stack, before anything is fetched."""
+        if layers > self.max_layers:
+            raise InvalidError(f"the image has {layers} layers; the {driver} driver stacks at "
+                               f"most {self.max_layers} here")
+
     def to_json(self) -> dict[str, Any]:
         return {"family": self.family, "whiteouts": self.whiteouts.value,
                 "quota_mode": self.quota_mode, "quota_semantics": self.quota_semantics,

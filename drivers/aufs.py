@@ -59,6 +59,7 @@ from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, Usage
 from imaged.drivers.containers import DriverHome
 from imaged.errors import InvalidError
+from imaged.fsutil import remove_tree
 from imaged.mounts import MountSpec, is_mounted, kernel_filesystems, mount_with_command, unmount
 from imaged.unpack import WhiteoutMode
 
@@ -189,7 +190,7 @@ class AufsDriver(DriverHome):
         """Nothing to seal: the layer directory is final once applied (the pull flushes)."""
 
     def remove_layer(self, key: str) -> None:
-        shutil.rmtree(self._layer(key), ignore_errors=True)
+        remove_tree(self._layer(key))
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:

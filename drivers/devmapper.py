@@ -79,6 +79,7 @@ from imaged import loopdev
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, Usage
 from imaged.errors import ConflictError, InternalError, InvalidError, QuotaUnsupportedError
+from imaged.fsutil import remove_tree
 from imaged.mounts import MountSpec, is_mounted, mount_with_fsconfig, mountinfo, unmount
 from imaged.sizes import format_size
 from imaged.unpack import WhiteoutMode
@@ -1218,7 +1219,7 @@ class DevmapperDriver:
             unmount(where)
         unmount(self._container(name) / "merged")
         self._remove_device(container_key(name))
-        shutil.rmtree(self._container(name), ignore_errors=True)
+        remove_tree(self._container(name))
 
     def list_containers(self) -> set[str]:
         names = {record.key[2:] for record in self.records.with_prefix("c/")}

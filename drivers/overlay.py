@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import string
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from imaged.drivers import (
 )
 from imaged.drivers.containers import DriverHome, nearest_directory, quota_mode
 from imaged.errors import InvalidError
+from imaged.fsutil import remove_tree
 from imaged.mounts import (
     MountSpec,
     backing_filesystem,
@@ -129,7 +129,7 @@ class OverlayDriver(DriverHome):
         layer = self._layer(key)
         with contextlib.suppress(OSError):
             os.unlink(self.home / "l" / self._short(key))
-        shutil.rmtree(layer, ignore_errors=True)
+        remove_tree(layer)
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:

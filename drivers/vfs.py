@@ -11,7 +11,6 @@ as well as the container's writes (``total`` semantics, DESIGN §3).
 from __future__ import annotations
 
 import fcntl
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from imaged.drivers import (
 )
 from imaged.drivers.containers import DriverHome, nearest_directory, quota_mode
 from imaged.errors import InternalError, QuotaUnsupportedError
+from imaged.fsutil import remove_tree
 from imaged.mounts import MountSpec, bind_mount, is_mounted
 from imaged.unpack import WhiteoutMode
 
@@ -104,7 +104,7 @@ class VfsDriver(DriverHome):
         """Nothing to seal: the layer directory is final once applied (the pull flushes)."""
 
     def remove_layer(self, key: str) -> None:
-        shutil.rmtree(self._layer(key), ignore_errors=True)
+        remove_tree(self._layer(key))
 
     def _rootfs(self, name: str) -> Path:
         return self._data_dir(name) / "rootfs"

@@ -203,13 +203,19 @@ def _print_nothing(result: Any) -> None:
     """Commands without output print nothing for people; ``--json`` shows their result."""
 
 
+def _print_gc(result: dict[str, Any]) -> None:
+    print(result["freed_bytes"])
+    for line in result.get("failed", []):
+        print(f"imaged: warning: not removed: {line}", file=sys.stderr)
+
+
 _SHOW: dict[str, Callable[[Any], None]] = {
     "pull": lambda r: print(r["id"]),
     "images": _print_images,
     "info": _print_info,
     "mount": lambda r: print(r["path"]),
     "ps": _print_ps,
-    "gc": lambda r: print(r["freed_bytes"]),
+    "gc": _print_gc,
     "bench": lambda r: print("\n".join(r["reports"])),
 }
 

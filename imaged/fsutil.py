@@ -3,8 +3,10 @@ trees the way ``du`` does."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import shutil
 import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -22,6 +24,13 @@ def syscall(number: int, *args: Any) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return result
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree; only "already gone" is not an error. A tree that cannot be
+    removed (busy, read-only, I/O error) must say so, or gc reports space it never freed."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
 
 
 def fsync_dir(path: Path) -> None:

@@ -28,14 +28,19 @@ Freed bytes are what ``du`` stops seeing: allocated blocks, not apparent sizes (
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from imaged.digest import Digest
+from imaged.errors import ImagedError
 from imaged.fsutil import freed_by_removing
 from imaged.leases import Leases
 from imaged.store import Store
+
+log = logging.getLogger("imaged.gc")
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,14 @@ class Removed:
     blobs: int
     layers: int
     partials: int = 0  # partial downloads (gc only)
+    failed: tuple[str, ...] = ()  # what could not be removed, and why: not counted as freed
 
     def to_json(self) -> dict[str, Any]:
-        """The shape of ``POST /v1/gc`` (DESIGN §5, with ``partials`` added)."""
+        """The shape of ``POST /v1/gc`` (DESIGN §5, with ``partials`` and ``failed`` added)."""
         return {"freed_bytes": self.freed_bytes,
                 "removed": {"blobs": self.blobs, "layers": self.layers,
-                            "partials": self.partials}}
+                            "partials": self.partials},
+                "failed": list(self.failed)}
 
 
 def release(store: Store, leases: Leases, blobs: Iterable[Digest],
@@ -62,6 +69,7 @@ def release(store: Store, leases: Leases, blobs: Iterable[Digest],
     a directory without a row, which recovery removes, never a ready row whose files are gone.
     """
     freed = removed_blobs = removed_layers = 0
+    failed: list[str] = []
     for digest in blobs:
         if leases.held(str(digest)):
             continue
@@ -73,11 +81,21 @@ def release(store: Store, leases: Leases, blobs: Iterable[Digest],
     if driver is not None:
         for chain in wanted:
             key = chain.split(":", 1)[1]
-            freed += freed_by_removing(driver.layer_paths(key))
+            paths = driver.layer_paths(key)
+            before = freed_by_removing(paths)
             store.meta.delete_layer(chain)
-            driver.remove_layer(key)
+            try:
+                driver.remove_layer(key)
+            except (OSError, ImagedError) as exc:
+                # Its row is gone, so the next gc or open tries again (as after a crash); what
+                # stayed on disk was not freed.
+                freed += before - freed_by_removing(paths)
+                failed.append(f"layer {chain}: {getattr(exc, 'strerror', None) or exc}")
+                log.warning("gc could not remove layer %s: %s", chain, exc)
+                continue
+            freed += before
             removed_layers += 1
-    return Removed(freed, removed_blobs, removed_layers)
+    return Removed(freed, removed_blobs, removed_layers, failed=tuple(failed))
 
 
 def collect(store: Store, leases: Leases) -> Removed:
@@ -102,4 +120,5 @@ def collect(store: Store, leases: Leases) -> Removed:
     freed = freed_by_removing(partials)
     for path in partials:
         path.unlink(missing_ok=True)
-    return Removed(removed.freed_bytes + freed, removed.blobs, removed.layers, len(partials))
+    return dataclasses.replace(removed, freed_bytes=removed.freed_bytes + freed,
+                               partials=len(partials))

@@ -143,6 +143,8 @@ class Puller:
         config = parse_image_config(config_bytes, manifest)
         if platform_explicit and platform.accepts(config.platform) is None:
             raise ContentError(f"{ref} is an image for {config.platform}, not {platform}")
+        name, capabilities = await trio.to_thread.run_sync(self.store.capabilities)
+        capabilities.check_depth(len(manifest.layers), name)
         for i, layer in enumerate(manifest.layers):
             if layer.size > limits.max_layer_bytes:
                 raise ContentError(f"layer {i} ({layer.digest}) is {layer.size} bytes, over "

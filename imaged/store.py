@@ -14,8 +14,8 @@ from imaged import reserve
 from imaged.config import Config
 from imaged.content import ContentStore
 from imaged.digest import Digest
-from imaged.drivers import Driver, choose, registry
-from imaged.errors import ConflictError, InvalidError, NotFoundError
+from imaged.drivers import Capabilities, Driver, choose, registry
+from imaged.errors import ConflictError, ImagedError, InvalidError, NotFoundError
 from imaged.lock import RootDeniedError, RootLock, Waiting
 from imaged.metadata import ImageRow, Metadata, Target
 from imaged.mounts import backing_filesystem, is_mounted
@@ -23,6 +23,16 @@ from imaged.registry_client.reference import parse_reference
 
 _ID_PREFIX_RE = re.compile(r"(?:sha256:)?([0-9a-f]{12,64})")
 MIN_ID_PREFIX = 12
+
+
+def _removing_layer(driver: Driver, key: str, what: str) -> str:
+    """Remove a layer recovery found unwanted; one that cannot go (busy, immutable, I/O error)
+    is named and left for the next open or gc, rather than making the root unusable."""
+    try:
+        driver.remove_layer(key)
+    except (OSError, ImagedError) as exc:
+        return f"could not remove {what}: {getattr(exc, 'strerror', None) or exc}"
+    return f"removed {what}"
 
 
 class Store:
@@ -75,6 +85,19 @@ class Store:
             choose(self.config, backing_filesystem(self.root).fstype,
                    self.meta.get_setting("driver"))
 
+    def capabilities(self) -> tuple[str, Capabilities]:
+        """The driver's name and capabilities, from its probe when it is not open yet: like
+        ``check_driver``, recording and creating nothing (a pull checks an image's depth
+        before it downloads a layer)."""
+        if self._driver is not None:
+            return self._driver.name, self._driver.capabilities()
+        name = choose(self.config, backing_filesystem(self.root).fstype,
+                      self.meta.get_setting("driver"))
+        caps = registry()[name][0](self.config).capabilities
+        if caps is None:
+            return name, self.driver().capabilities()  # recorded, but its probe says no
+        return name, caps
+
     def recorded_driver(self) -> Driver | None:
         """The driver if one was ever recorded: recovery must not choose one by itself."""
         return self.driver() if self.meta.get_setting("driver") is not None else None
@@ -109,13 +132,14 @@ class Store:
             driver.remove_container(name)
             notes.append(f"removed container directory {name} with no record")
         for chain_id in self.meta.layers_in_state("creating"):
-            driver.remove_layer(Digest.parse(chain_id).hex)
+            # The row goes first: a directory that stays is one with no record, retried below
+            # at every open and by gc.
             self.meta.delete_layer(chain_id)
-            notes.append(f"removed half-applied layer {chain_id}")
+            notes.append(_removing_layer(driver, Digest.parse(chain_id).hex,
+                                         f"half-applied layer {chain_id}"))
         known_layers = {Digest.parse(c).hex for c in self.meta.layers_in_state("ready")}
         for key in driver.list_layers() - known_layers:
-            driver.remove_layer(key)
-            notes.append(f"removed layer directory {key} with no record")
+            notes.append(_removing_layer(driver, key, f"layer directory {key} with no record"))
         return notes
 
     def resolve_image(self, text: str) -> tuple[Digest, str | None]:

@@ -18,6 +18,7 @@ import errno
 import functools
 import hashlib
 import http.client
+import logging
 import queue
 import ssl
 import time
@@ -63,6 +64,8 @@ from imaged.registry_client.retry import (
 )
 from imaged.registry_client.tls import ssl_context_for
 from imaged.sizes import format_size
+
+log = logging.getLogger("imaged.registry")
 
 T = TypeVar("T")
 # An insecure registry is the operator's explicit choice (or loopback, Docker's default), so
@@ -371,8 +374,11 @@ class RegistryClient:
         """Try mirrors in order, then the registry; the registry's own error is the one shown."""
         endpoints = self.endpoints(ref.domain)
         for endpoint in endpoints[:-1]:
-            with contextlib.suppress(ImagedError):
+            try:
                 return await self._attempts(operation(endpoint))
+            except (NotFoundError, RegistryError) as exc:
+                log.warning("mirror %s failed for %s, trying the next: %s", endpoint.host, ref,
+                            exc.message)
         return await self._attempts(operation(endpoints[-1]))
 
     # -- public API --------------------------------------------------------------------------

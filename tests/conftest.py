@@ -50,6 +50,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                             pytest.mark.integration)
 
 
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path``, as statfs(2) names it (``stat -f``): a fact
+    independent of imaged's own mount-table reading, for tests to decide skips by."""
+    out = subprocess.run(["stat", "-f", "--format=%T", str(path)], capture_output=True,
+                         text=True, check=True, timeout=30).stdout
+    return out.strip()
+
+
+def hog(path: Path) -> None:
+    """Take every free block of the filesystem holding ``path``, down to the last byte."""
+    with path.open("wb", buffering=0) as out:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while out.write(b"\0" * size):
+                    pass
+        with contextlib.suppress(OSError):
+            os.fsync(out.fileno())
+
+
 def need_tools(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:

@@ -4,7 +4,6 @@ downloads a failed pull left."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from imaged.bench.images import OCILayout, file, push
 from imaged.bench.registry import LocalRegistry
-from tests.conftest import Result, loop_filesystem, push_simple
+from tests.conftest import Result, hog, loop_filesystem, push_simple
 
 MiB = 1 << 20
 
@@ -32,17 +31,6 @@ def ok(imaged: Any, *args: str) -> Result:
     result: Result = imaged(*args)
     assert result.code == 0, result.err
     return result
-
-
-def hog(path: Path) -> None:
-    """Take every free block of a filesystem, down to the last byte it takes."""
-    with path.open("wb", buffering=0) as out:
-        for size in (MiB, 4096, 1):
-            with contextlib.suppress(OSError):
-                while out.write(b"\0" * size):
-                    pass
-        with contextlib.suppress(OSError):
-            os.fsync(out.fileno())
 
 
 @pytest.mark.cli_modes

@@ -23,6 +23,7 @@ from imaged.drivers.aufs import (
     FLAGS,
     AufsDriver,
     branch_max,
+    capabilities,
     mount_specs,
     probe,
     probe_with,
@@ -232,3 +233,14 @@ def test_driver_mount_specs_and_layer_limit(tmp_path: Path) -> None:
     limit = driver.capabilities().max_layers
     with pytest.raises(InvalidError, match=f"at most {limit}"):
         driver.mount("web", [f"l{i}" for i in range(limit + 1)], False, None)
+
+
+def test_an_image_deeper_than_aufs_stacks_is_refused_before_any_fetch() -> None:
+    """aufs runs nowhere here, so its limit is checked as the pull checks it: on the
+    capabilities, with the manifest's layer count, before a blob is fetched."""
+    caps = capabilities(127)  # the usual CONFIG_AUFS_BRANCH_MAX_127
+    assert caps.max_layers == 126
+    caps.check_depth(126, "aufs")
+    with pytest.raises(InvalidError, match="the image has 128 layers; the aufs driver stacks at "
+                                           "most 126 here"):
+        caps.check_depth(128, "aufs")
