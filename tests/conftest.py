@@ -33,6 +33,20 @@ from imaged.mounts import mountinfo, unmount
 from tests.integration.faulty import FaultyRegistry, serve
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """SIGTERM and SIGHUP stop the run after the test under way, and the session then ends as
+    usual, so every finalizer runs: the session's registries and zfs-fuse daemon are stopped by
+    PID, mounts and loop devices go, a guest kernel is killed with its processes. Their default
+    action would leave all of that behind (a CI runner or a closed terminal ends pytest with one
+    of them). Not turned into KeyboardInterrupt: the in-process CLI and trio catch that inside
+    a test, which then fails and the run goes on."""
+    def stop(signum: int, frame: object) -> None:
+        session.shouldstop = f"stopped by {signal.Signals(signum).name}"
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests marked ``cli_modes`` run twice: CLI in-process, and CLI through a daemon."""
     if "cli_mode" in metafunc.fixturenames:
