@@ -219,26 +219,26 @@ class ContentStore:
 
     def partials(self) -> list[tuple[Digest, Path]]:
         """The partial downloads in ingest, by the digest they are becoming."""
-        found = []
-        for entry in os.scandir(self.ingest_dir):
-            alg, _, hexpart = entry.name.partition("-")
-            with contextlib.suppress(InvalidError):
-                found.append((Digest.parse(f"{alg}:{hexpart}"), Path(entry.path)))
-        return found
+        return [(digest, Path(entry.path)) for entry in os.scandir(self.ingest_dir)
+                if (digest := _ingest_digest(entry.name)) is not None]
 
     def expire_ingests(self, now: float | None = None) -> list[Path]:
         """Remove partial downloads nobody resumed for a day, and anything not named like one."""
         now = time.time() if now is None else now
         removed = []
         for entry in os.scandir(self.ingest_dir):
-            alg, _, hexpart = entry.name.partition("-")
-            try:
-                Digest.parse(f"{alg}:{hexpart}")
-                valid = True
-            except InvalidError:
-                valid = False
-            if not valid or now - entry.stat().st_mtime > INGEST_EXPIRY_SECONDS:
+            if _ingest_digest(entry.name) is None or \
+                    now - entry.stat().st_mtime > INGEST_EXPIRY_SECONDS:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                 removed.append(Path(entry.path))
         return removed
+
+
+def _ingest_digest(name: str) -> Digest | None:
+    """The digest an ingest file named ``<alg>-<hex>`` is becoming; None for any other name."""
+    alg, _, hexpart = name.partition("-")
+    try:
+        return Digest.parse(f"{alg}:{hexpart}")
+    except InvalidError:
+        return None

@@ -8,6 +8,7 @@ errno. Anything that is not an ``ImagedError`` is a bug and is reported as ``int
 
 from __future__ import annotations
 
+import errno
 from typing import ClassVar
 
 
@@ -51,6 +52,9 @@ class ConflictError(ImagedError):
 
 class NoSpaceError(ConflictError):
     """A filesystem imaged writes to has no room for what was asked; freeing space fixes it."""
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full filesystem, or a quota on it
 
 
 class QuotaUnsupportedError(ImagedError):

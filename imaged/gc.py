@@ -35,10 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from imaged.digest import Digest
-from imaged.errors import ImagedError
 from imaged.fsutil import freed_by_removing
 from imaged.leases import Leases
-from imaged.store import Store
+from imaged.store import Store, why_layer_stays
 
 log = logging.getLogger("imaged.gc")
 
@@ -84,14 +83,11 @@ def release(store: Store, leases: Leases, blobs: Iterable[Digest],
             paths = driver.layer_paths(key)
             before = freed_by_removing(paths)
             store.meta.delete_layer(chain)
-            try:
-                driver.remove_layer(key)
-            except (OSError, ImagedError) as exc:
-                # Its row is gone, so the next gc or open tries again (as after a crash); what
-                # stayed on disk was not freed.
+            why = why_layer_stays(driver, key)
+            if why is not None:  # what stayed on disk was not freed
                 freed += before - freed_by_removing(paths)
-                failed.append(f"layer {chain}: {getattr(exc, 'strerror', None) or exc}")
-                log.warning("gc could not remove layer %s: %s", chain, exc)
+                failed.append(f"layer {chain}: {why}")
+                log.warning("gc could not remove layer %s: %s", chain, why)
                 continue
             freed += before
             removed_layers += 1

@@ -190,13 +190,7 @@ class Connection:
     async def _respond(self, request: Request) -> None:
         """Answer ``request``; a HEAD gets the head a GET would, and no body (RFC 9110 9.3.2)."""
         result = await self.handler(request)
-        head_only = request.method == "HEAD"
-        if isinstance(result, StreamResponse):
-            if head_only:
-                await self._send(self._response(result.status, [
-                    ("Content-Type", "application/x-ndjson")]))
-                await self._send(h11.EndOfMessage())
-                return
+        if isinstance(result, StreamResponse):  # only POST routes stream
             await self._stream(result)
             return
         body = b"" if result.body is None else json.dumps(result.body).encode() + b"\n"
@@ -204,7 +198,7 @@ class Connection:
         if body:
             headers.append(("Content-Type", "application/json"))
         await self._send(self._response(result.status, headers))
-        if body and not head_only:
+        if body and request.method != "HEAD":
             await self._send(h11.Data(data=body))
         await self._send(h11.EndOfMessage())
 

@@ -12,7 +12,6 @@ its socket is the way in (DESIGN §2).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import time
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imaged.errors import ForbiddenError, RootInUseError
+from imaged.errors import NO_SPACE_ERRNOS, ForbiddenError, RootInUseError
 
 DAEMON = "imaged serve"
 _RECORD_BYTES = 256  # pid and holder, padded: always this size, so rewriting allocates nothing
@@ -91,7 +90,7 @@ class RootLock:
         try:
             os.pwrite(self._fd, record, 0)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno not in NO_SPACE_ERRNOS:
                 raise
 
     def release(self) -> None:

@@ -82,6 +82,7 @@ from pathlib import Path
 
 from imaged import loopdev
 from imaged.errors import (
+    NO_SPACE_ERRNOS,
     ConflictError,
     InternalError,
     InvalidError,
@@ -541,7 +542,7 @@ def _temporary_mount(fs: LoopFS) -> Iterator[Path]:
         where = Path(tempfile.mkdtemp(prefix=f".{fs.image.name}.measure-", dir=fs.image.parent))
         made = True
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not fs.mount_point.is_dir():
+        if exc.errno not in NO_SPACE_ERRNOS or not fs.mount_point.is_dir():
             raise
         where, made = fs.mount_point, False
     try:
@@ -578,7 +579,7 @@ def usage(fs: LoopFS) -> tuple[int, int]:
 # -- making and resizing -------------------------------------------------------------------------
 
 
-def _truncate(image: Path, size: int) -> None:
+def _set_size(image: Path, size: int) -> None:
     """Set the image's size, every block of it reserved on the host (module docstring)."""
     fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -606,7 +607,7 @@ def _fallocate(fd: int, image: Path, offset: int, length: int, mode: int = 0) ->
     err = ctypes.get_errno()
     host = backing_filesystem(image.parent)
     size = offset + length
-    if err in (errno.ENOSPC, errno.EDQUOT):
+    if err in NO_SPACE_ERRNOS:
         st = os.statvfs(image.parent)
         free = st.f_bavail * st.f_frsize + os.stat(image).st_blocks * 512
         raise NoSpaceError(
@@ -628,16 +629,16 @@ def _fallocate(fd: int, image: Path, offset: int, length: int, mode: int = 0) ->
     raise OSError(err, f"reserving {format_size(size)} for {image}: {os.strerror(err)}")
 
 
-# Largest file a filesystem holds, for the message above: ext4 with 4 KiB blocks, and the others
-# at off_t's limit.
-_MAX_FILE_BYTES = {"ext4": 16 * 1024**4 - 4096, "xfs": 2**63 - 1, "btrfs": 2**63 - 1}
+# Largest file a filesystem holds, for the message above, where it is below the quotas
+# check_quota lets through: ext4 with 4 KiB blocks.
+_MAX_FILE_BYTES = {"ext4": 16 * 1024**4 - 4096}
 
 
 def _make_filesystem(image: Path, layout: Layout) -> Superblock:
     # A new, empty file every time: assume_storage_prezeroed is only true of zeros (fallocate
     # leaves its extents unwritten, which read as zeros).
     os.truncate(image, 0)
-    _truncate(image, layout.blocks * BLOCK_SIZE)
+    _set_size(image, layout.blocks * BLOCK_SIZE)
     journal_mib = layout.journal_blocks * BLOCK_SIZE // MiB
     _run(["mkfs.ext4", "-F", "-q", "-b", str(BLOCK_SIZE), "-I", str(INODE_SIZE),
           "-N", str(layout.inodes), "-m", "0", "-J", f"size={journal_mib}", "-O", MKFS_FEATURES,
@@ -696,7 +697,7 @@ def _resize_offline(fs: LoopFS, quota: int, space: Space) -> None:
     def apply(blocks: int) -> tuple[int, int]:
         current = read_superblock(fs.image)
         if blocks > current.blocks:
-            _truncate(fs.image, blocks * BLOCK_SIZE)
+            _set_size(fs.image, blocks * BLOCK_SIZE)
         elif blocks < current.blocks:
             minimum = int(_run(["resize2fs", "-P", str(fs.image)],
                                RESIZE_TIMEOUT).rsplit(":", 1)[1])
@@ -708,7 +709,7 @@ def _resize_offline(fs: LoopFS, quota: int, space: Space) -> None:
         if blocks != current.blocks:
             _run(["resize2fs", str(fs.image), str(blocks)], RESIZE_TIMEOUT)
         after = read_superblock(fs.image)
-        _truncate(fs.image, after.blocks * BLOCK_SIZE)  # never below what the fs spans
+        _set_size(fs.image, after.blocks * BLOCK_SIZE)  # never below what the fs spans
         return after.blocks, used + after.available + bias
 
     def step(blocks: int, capacity: int) -> int:
@@ -739,7 +740,7 @@ def _grow_online(fs: LoopFS, quota: int, where: str) -> None:
         current = os.stat(fs.image).st_size // BLOCK_SIZE
         if blocks > current:
             old_resv = int(resv.read_text()) if resv.exists() else None
-            _truncate(fs.image, blocks * BLOCK_SIZE)
+            _set_size(fs.image, blocks * BLOCK_SIZE)
             loopdev.set_capacity(device)
             _run(["resize2fs", str(device.path), str(blocks)], RESIZE_TIMEOUT)
             # The kernel computes its reservation at mount only; set it to what the next mount
@@ -764,7 +765,8 @@ def _grow_online(fs: LoopFS, quota: int, where: str) -> None:
 
 
 def create(image: Path, mount_point: Path, quota: int) -> LoopFS:
-    """Make a sparse image holding an ext4 whose capacity is ``quota`` and mount it.
+    """Make an image, reserved on the host, holding an ext4 whose capacity is ``quota``, and
+    mount it.
 
     The capacity lands in [quota + 64 KiB, quota + 2 MiB - 64 KiB]: the container can write its
     quota, and the next write fails with ENOSPC.
@@ -789,7 +791,7 @@ def create(image: Path, mount_point: Path, quota: int) -> LoopFS:
         _converge(quota, plan.blocks, make,
                   lambda blocks, capacity: avoid_short_last_group(
                       next_blocks(blocks, aim - capacity)), "mkfs")
-        _truncate(image, made[-1].blocks * BLOCK_SIZE)
+        _set_size(image, made[-1].blocks * BLOCK_SIZE)
         mount(fs)
         _calibrate(fs, quota)
     except BaseException:

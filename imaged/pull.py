@@ -10,7 +10,6 @@ back to ingest and the next attempt resumes from them (after hashing them again)
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from imaged.digest import Digest, chain_ids
-from imaged.errors import ContentError, InternalError, NoSpaceError, collapse
+from imaged.errors import NO_SPACE_ERRNOS, ContentError, InternalError, NoSpaceError, collapse
 from imaged.events import PullEvent, Reporter
 from imaged.flights import Flights
 from imaged.fsutil import syncfs
@@ -332,7 +331,7 @@ class Puller:
         except OSError as exc:
             # The target filesystem failed us (full, read-only, I/O error): say where.
             notes = "; ".join(getattr(exc, "__notes__", []))
-            kind = NoSpaceError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else InternalError
+            kind = NoSpaceError if exc.errno in NO_SPACE_ERRNOS else InternalError
             raise kind(f"unpacking layer {desc.digest} into {target} failed: "
                        f"{exc.strerror or exc}{f' ({notes})' if notes else ''}") from None
         driver.commit_layer(chain.hex)

@@ -11,10 +11,11 @@ is what the command works in; it is made again when there is twice its size free
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 from pathlib import Path
+
+from imaged.errors import NO_SPACE_ERRNOS
 
 log = logging.getLogger("imaged.reserve")
 
@@ -54,5 +55,5 @@ def renew(root: Path) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             partial.unlink()
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in NO_SPACE_ERRNOS:
             raise

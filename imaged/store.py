@@ -25,14 +25,20 @@ _ID_PREFIX_RE = re.compile(r"(?:sha256:)?([0-9a-f]{12,64})")
 MIN_ID_PREFIX = 12
 
 
-def _removing_layer(driver: Driver, key: str, what: str) -> str:
-    """Remove a layer recovery found unwanted; one that cannot go (busy, immutable, I/O error)
-    is named and left for the next open or gc, rather than making the root unusable."""
+def why_layer_stays(driver: Driver, key: str) -> str | None:
+    """Remove a layer nothing wants; None when it went, else why it could not (busy,
+    immutable, an I/O error). Recovery and gc name such a layer and leave it for the next open
+    or gc, rather than failing the whole command: its row is gone already."""
     try:
         driver.remove_layer(key)
     except (OSError, ImagedError) as exc:
-        return f"could not remove {what}: {getattr(exc, 'strerror', None) or exc}"
-    return f"removed {what}"
+        return str(getattr(exc, "strerror", None) or exc)
+    return None
+
+
+def _removing_layer(driver: Driver, key: str, what: str) -> str:
+    why = why_layer_stays(driver, key)
+    return f"removed {what}" if why is None else f"could not remove {what}: {why}"
 
 
 class Store:

@@ -37,6 +37,7 @@ from imaged.config import Config
 from imaged.content import Ingest
 from imaged.digest import Digest
 from imaged.errors import (
+    NO_SPACE_ERRNOS,
     ContentError,
     ImagedError,
     InternalError,
@@ -605,7 +606,7 @@ def _local_failure(exc: BaseException, ingest: Ingest, size: int) -> BaseExcepti
     fine, so it is never retried, and a full disk says how much was needed."""
     if isinstance(exc, ImagedError) or not isinstance(exc, OSError):
         return exc
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in NO_SPACE_ERRNOS:
         return NoSpaceError(
             f"no space left for blob {ingest.digest} in {ingest.path.parent}: it needs "
             f"{format_size(size - ingest.offset)} more ({format_size(size)} in all); free space "
