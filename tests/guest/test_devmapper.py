@@ -131,7 +131,7 @@ def test_crash_between_create_snap_and_commit_is_undone_at_next_start(config: Co
 import os
 from pathlib import Path
 from imaged.config import Config
-from imaged.drivers import devmapper as dm
+from imaged.drivers.devmapper import driver as dm
 config = Config(root=Path({str(config.root)!r}), drivers={{"devmapper": {OPTIONS!r}}})
 driver = dm.DevmapperDriver(config, Path({str(home_of(config.root))!r}))
 real = dm.dm_message
