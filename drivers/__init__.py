@@ -70,6 +70,10 @@ class Mounted:
 class Usage:
     used: int  # bytes the quota counts (writable: the container's own; total: image + own)
     quota: int | None
+    # Inodes in use and in all, where the driver can count them: a filesystem of the
+    # container's own (loop, devmapper) knows both; a project quota counts only the used.
+    inodes_used: int | None = None
+    inodes: int | None = None
 
 
 class Driver(Protocol):
@@ -177,11 +181,11 @@ def loop_usage(fs: loopquota.LoopFS) -> Usage:
     if not mounted:
         loopquota.mount(fs)
     try:
-        used, quota = loopquota.usage(fs)
+        space = loopquota.usage(fs)
     finally:
         if not mounted:
             loopquota.unmount(fs)
-    return Usage(used, quota)
+    return Usage(space.used, space.capacity, space.inodes_used, space.inodes)
 
 
 # The root's filesystem type (as /proc/self/mountinfo names it) that picks a driver by itself.

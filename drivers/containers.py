@@ -150,7 +150,7 @@ class DriverHome:
     def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
         project = self._project_dir(name)
         if project is not None:
-            used, _ = projquota.usage(project, projquota.project_of(project))
+            used, _, _ = projquota.usage(project, projquota.project_of(project))
             if quota < used:
                 raise InvalidError(f"container {name} uses {format_size(used)}, more than the "
                                    f"new quota of {format_size(quota)}: delete files first")

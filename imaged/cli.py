@@ -195,8 +195,18 @@ def _print_info(info: dict[str, Any]) -> None:
 def _print_ps(containers: list[dict[str, Any]]) -> None:
     rows = [[c["name"], (c["image_refs"] or [c["image"]])[0], c["driver"], c["path"] or "-",
              format_size(c["quota"]) if c["quota"] else "-", c["quota_mode"] or "-",
-             format_size(c["used_bytes"])] for c in containers]
-    print(_table(rows, ["NAME", "IMAGE", "DRIVER", "MOUNTED AT", "QUOTA", "QUOTA MODE", "USED"]))
+             format_size(c["used_bytes"]), _inodes(c)] for c in containers]
+    print(_table(rows, ["NAME", "IMAGE", "DRIVER", "MOUNTED AT", "QUOTA", "QUOTA MODE", "USED",
+                        "INODES"]))
+
+
+def _inodes(container: dict[str, Any]) -> str:
+    """"used/total" where the container has inodes of its own to run out of, "used" where
+    only the count is known, "-" where the driver cannot count them."""
+    used, total = container["used_inodes"], container["inodes"]
+    if used is None:
+        return "-"
+    return f"{used}/{total}" if total is not None else str(used)
 
 
 def _print_nothing(result: Any) -> None:

@@ -14,7 +14,7 @@ zeros, then ext4 aborted its journal). A create or grow the host cannot back is 
 numbers; a mount of an image made sparse (by an older imaged) reserves it first.
 
 Sizing. ext4 keeps part of every filesystem for itself: the journal, one block bitmap, one inode
-bitmap and one inode table per 128 MiB block group, superblock and descriptor backups, and a
+bitmap and one inode table per block group, superblock and descriptor backups, and a
 kernel-side reservation of 2% of the blocks (at most 16 MiB, ``s_resv_clusters``) that even
 root cannot write into. What a container can write is what ``statvfs`` calls available, and
 that is exactly ``free blocks - reserved blocks - min(blocks // 50, 4096)`` read from the
@@ -30,9 +30,8 @@ writing 4 KiB at a time reaches the capacity. Either way it can write its quota.
 
 mkfs choices (the layout does not depend on the host's mke2fs.conf):
 - 4 KiB blocks; ``-m 0``: containers write as root, so a root reserve would only be lost space;
-- one 256-byte inode per 16 KiB (ext4's default ratio) in *every* group, the first one
-  included, so a container grown from 16 MiB to 100 GiB keeps the same ratio (mke2fs would
-  otherwise give a small filesystem's groups few inodes, and growth copies that count);
+- 16 MiB block groups (``-g``) of 4096 256-byte inodes each, one per block, the last partial
+  group included (``-N``); see Inodes;
 - journal ``quota / 64`` rounded up to a power of two, between 4 MiB (ext4's minimum of 1024
   blocks) and 64 MiB: enough for a container's metadata bursts, little host space once written;
 - no ``flex_bg``: with it, resize2fs demands a whole flex group of inode tables as slack when
@@ -42,8 +41,18 @@ mkfs choices (the layout does not depend on the host's mke2fs.conf):
 - ``assume_storage_prezeroed`` (e2fsprogs 1.47): the file is new and reads as zeros (its
   extents are unwritten), so mke2fs skips zeroing inode tables and journal and marks them zeroed
   (no lazy init thread either), which saves writing them: a 100 GiB filesystem's inode tables
-  alone are 1.6 GiB;
+  alone are 6.7 GiB;
 - ``-e remount-ro``: a corrupted container filesystem stops taking writes.
+
+Inodes. ext4 fixes a group's inode count when the filesystem is made, and resizing adds or drops
+whole groups. With 128 MiB groups (mke2fs's default) a 16 MiB quota and the same container grown
+to 64 MiB had the same 8,192 inodes. So groups are 16 MiB and every one holds an inode per
+block: a quota of Q has at least Q / 4 KiB inodes, growth keeps the ratio in 16 MiB steps, and
+only blockless files (empty files, symlinks, device nodes, overlay whiteouts) can exhaust inodes
+before the quota's bytes are used. That is mke2fs's ratio for small filesystems; with its 16 KiB
+default, files averaging less than that would run out of inodes first. It costs a sixteenth of
+the image in inode tables, reserved on the host like the rest; ``ps`` shows inodes used and in
+all.
 
 Mount choices: no ``discard`` (see Reservation), ``nosuid,nodev`` (the backing mount is visible
 on the host, where set-uid files and device nodes a container wrote must not work; through the
@@ -96,12 +105,11 @@ from imaged.sizes import format_size
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
 BLOCK_SIZE = 4096
-BLOCKS_PER_GROUP = 32768  # 8 * BLOCK_SIZE: one block bitmap block per group
 INODE_SIZE = 256
-INODES_PER_GROUP = BLOCKS_PER_GROUP * BLOCK_SIZE // (16 * KiB)  # 8192: one inode per 16 KiB
-INODE_TABLE_BLOCKS = INODES_PER_GROUP * INODE_SIZE // BLOCK_SIZE  # 512 (2 MiB) per group
-GROUP_METADATA_BLOCKS = 2 + INODE_TABLE_BLOCKS  # block and inode bitmaps + inode table
+INODE_RATIO = BLOCK_SIZE  # bytes of filesystem per inode (module docstring, "Inodes")
+GROUP_BLOCKS = 4096  # 16 MiB groups: the step in which inodes follow the quota
 DESCRIPTOR_SIZE = 64  # the 64bit feature's group descriptors
+MAX_RESERVED_GDT = BLOCK_SIZE // 4  # the resize inode's one indirect block of block numbers
 # Blocks a fresh filesystem's files use: root directory, lost+found (4) and the resize inode's
 # indirect block. They count as "used" in statvfs.
 FRESH_USED_BLOCKS = 6
@@ -144,6 +152,30 @@ _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 
 
 @dataclass(frozen=True)
+class Groups:
+    """How an ext4 is cut into block groups: chosen by mkfs and kept by every resize, which
+    adds or drops whole groups of this shape, so inodes keep their ratio to blocks."""
+
+    blocks: int  # per group
+    inodes: int  # per group
+
+    @property
+    def table_blocks(self) -> int:
+        return self.inodes * INODE_SIZE // BLOCK_SIZE
+
+    @property
+    def metadata_blocks(self) -> int:
+        """Block and inode bitmaps plus the inode table, in every group."""
+        return 2 + self.table_blocks
+
+    def count(self, blocks: int) -> int:
+        return -(-blocks // self.blocks)
+
+
+GROUPS = Groups(GROUP_BLOCKS, GROUP_BLOCKS * BLOCK_SIZE // INODE_RATIO)  # what create() makes
+
+
+@dataclass(frozen=True)
 class LoopFS:
     """A container's loop-backed filesystem: its image file and where it is mounted."""
 
@@ -174,10 +206,6 @@ def reserved_clusters(blocks: int) -> int:
     return min(blocks // RESV_CLUSTERS_DIVISOR, RESV_CLUSTERS_MAX)
 
 
-def groups_of(blocks: int) -> int:
-    return -(-blocks // BLOCKS_PER_GROUP)
-
-
 def has_super_backup(group: int) -> bool:
     """sparse_super: groups 0, 1 and the powers of 3, 5 and 7 carry superblock backups."""
     if group <= 1:
@@ -195,13 +223,13 @@ def descriptor_blocks(groups: int) -> int:
     return -(-groups // (BLOCK_SIZE // DESCRIPTOR_SIZE))
 
 
-def reserved_gdt_blocks(blocks: int) -> int:
+def reserved_gdt_blocks(blocks: int, shape: Groups = GROUPS) -> int:
     """mke2fs reserves descriptor blocks for growth to 1024x (or 2^32 blocks), capped at 1024."""
     limit = 0xFFFFFFFF
     if blocks < limit // 1024:
         limit = blocks * 1024
-    wanted = descriptor_blocks(groups_of(limit)) - descriptor_blocks(groups_of(blocks))
-    return max(0, min(wanted, BLOCK_SIZE // 4))
+    wanted = descriptor_blocks(shape.count(limit)) - descriptor_blocks(shape.count(blocks))
+    return max(0, min(wanted, MAX_RESERVED_GDT))
 
 
 @dataclass(frozen=True)
@@ -214,11 +242,11 @@ class Layout:
 
     @property
     def groups(self) -> int:
-        return groups_of(self.blocks)
+        return GROUPS.count(self.blocks)
 
     @property
     def inodes(self) -> int:
-        return self.groups * INODES_PER_GROUP
+        return self.groups * GROUPS.inodes
 
     @property
     def capacity(self) -> int:
@@ -242,46 +270,52 @@ def super_backups(groups: int) -> int:
     return count
 
 
-def metadata_blocks(blocks: int, table_blocks: int = INODE_TABLE_BLOCKS,
+def metadata_blocks(blocks: int, shape: Groups = GROUPS,
                     descriptor_room: int | None = None) -> int:
     """Blocks of superblock and descriptor copies, bitmaps and inode tables (journal apart).
 
     Every backup group holds a superblock and the descriptor blocks plus the reserved ones.
     ``descriptor_room`` is those two together for an existing filesystem: growth turns reserved
     blocks into descriptor blocks at no cost until the room is used up, then adds blocks to
-    every backup. Left out, it is what mke2fs would reserve for ``blocks``.
+    every backup; shrinking turns freed descriptor blocks into reserved ones, up to resize2fs's
+    cap of 1024. Left out, it is what mke2fs would reserve for ``blocks``.
     """
-    groups = groups_of(blocks)
+    groups = shape.count(blocks)
+    descriptors = descriptor_blocks(groups)
     if descriptor_room is None:
-        descriptor_room = descriptor_blocks(groups) + reserved_gdt_blocks(blocks)
-    per_backup = 1 + max(descriptor_blocks(groups), descriptor_room)
-    return super_backups(groups) * per_backup + groups * (2 + table_blocks)
+        descriptor_room = descriptors + reserved_gdt_blocks(blocks, shape)
+    per_backup = 1 + max(descriptors, min(descriptor_room, descriptors + MAX_RESERVED_GDT))
+    return super_backups(groups) * per_backup + groups * shape.metadata_blocks
 
 
-def last_group_minimum(blocks: int, inode_table_blocks: int = INODE_TABLE_BLOCKS,
+def last_group_minimum(blocks: int, shape: Groups = GROUPS,
                        reserved_gdt: int | None = None) -> int:
     """The fewest blocks mke2fs and resize2fs keep in a last, partial group (its metadata plus
     50); a shorter last group is dropped, so sizes in that range all give the same capacity."""
-    minimum = 2 + inode_table_blocks + 50
-    if has_super_backup(groups_of(blocks) - 1):
-        reserved = reserved_gdt_blocks(blocks) if reserved_gdt is None else reserved_gdt
-        minimum += 1 + descriptor_blocks(groups_of(blocks)) + reserved
+    minimum = shape.metadata_blocks + 50
+    if has_super_backup(shape.count(blocks) - 1):
+        reserved = reserved_gdt_blocks(blocks, shape) if reserved_gdt is None else reserved_gdt
+        minimum += 1 + descriptor_blocks(shape.count(blocks)) + reserved
     return minimum
 
 
-def avoid_short_last_group(blocks: int, inode_table_blocks: int = INODE_TABLE_BLOCKS,
+def avoid_short_last_group(blocks: int, shape: Groups = GROUPS,
                            reserved_gdt: int | None = None) -> int:
-    """``blocks``, or the smallest size above it whose last group would not be dropped."""
-    remainder = blocks % BLOCKS_PER_GROUP
-    if blocks <= BLOCKS_PER_GROUP or not remainder:
+    """``blocks``, or the smallest size above it whose last group would not be dropped.
+
+    A fresh filesystem's minimum grows with its size (mke2fs reserves descriptor blocks in
+    proportion), so the size is raised until it meets its own minimum.
+    """
+    if blocks <= shape.blocks or not blocks % shape.blocks:
         return blocks
-    minimum = last_group_minimum(blocks, inode_table_blocks, reserved_gdt)
-    return blocks if remainder >= minimum else blocks - remainder + minimum
+    while (minimum := last_group_minimum(blocks, shape, reserved_gdt)) > blocks % shape.blocks:
+        blocks += minimum - blocks % shape.blocks
+    return blocks
 
 
 def model_layout(blocks: int, journal_blocks: int) -> Layout:
-    remainder = blocks % BLOCKS_PER_GROUP
-    if remainder and blocks > BLOCKS_PER_GROUP and remainder < last_group_minimum(blocks):
+    remainder = blocks % GROUPS.blocks
+    if remainder and blocks > GROUPS.blocks and remainder < last_group_minimum(blocks):
         blocks -= remainder  # mke2fs: "last group too small", dropped
     return Layout(blocks, metadata_blocks(blocks) + journal_blocks, journal_blocks)
 
@@ -298,14 +332,14 @@ def capacity_window(quota: int) -> tuple[int, int, int]:
     return low, aim, high
 
 
-def next_blocks(blocks: int, shortfall: int) -> int:
+def next_blocks(blocks: int, shortfall: int, shape: Groups = GROUPS) -> int:
     """The size that should change capacity by ``shortfall`` blocks (negative to shrink).
 
     Every block added also brings its group's share of bitmaps and inode table and, below
     800 MiB, 2% more kernel reservation; the step is divided by what is left, rounded away
     from zero so a step never falls short by rounding alone.
     """
-    gain = 1 - GROUP_METADATA_BLOCKS / BLOCKS_PER_GROUP
+    gain = 1 - shape.metadata_blocks / shape.blocks
     if blocks < RESV_CLUSTERS_MAX * RESV_CLUSTERS_DIVISOR:
         gain -= 1 / RESV_CLUSTERS_DIVISOR
     step = math.ceil(abs(shortfall) / gain)
@@ -316,7 +350,7 @@ def next_blocks(blocks: int, shortfall: int) -> int:
 class Geometry:
     """What an existing filesystem's resizes depend on, from its superblock."""
 
-    table_blocks: int  # inode table blocks per group
+    groups: Groups
     descriptor_room: int  # descriptor plus reserved descriptor blocks in a backup group
     reserved_gdt: int
 
@@ -330,7 +364,7 @@ def capacity_change(geometry: Geometry, old: int, new: int) -> int:
     """
 
     def metadata(blocks: int) -> int:
-        return metadata_blocks(blocks, geometry.table_blocks, geometry.descriptor_room)
+        return metadata_blocks(blocks, geometry.groups, geometry.descriptor_room)
 
     return ((new - old) - (metadata(new) - metadata(old))
             - (reserved_clusters(new) - reserved_clusters(old)))
@@ -344,8 +378,8 @@ def plan_resize(geometry: Geometry, blocks: int, capacity: int, target: int) -> 
         predicted = capacity + capacity_change(geometry, blocks, new)
         if predicted == target:
             break
-        candidate = avoid_short_last_group(next_blocks(new, target - predicted),
-                                           geometry.table_blocks, geometry.reserved_gdt)
+        candidate = avoid_short_last_group(next_blocks(new, target - predicted, geometry.groups),
+                                           geometry.groups, geometry.reserved_gdt)
         if candidate == new:
             break
         new = candidate
@@ -360,7 +394,7 @@ def plan_layout(quota: int) -> Layout:
     check_quota(quota)
     journal = journal_bytes(quota) // BLOCK_SIZE
     low, aim, high = capacity_window(quota)
-    blocks = aim + journal + GROUP_METADATA_BLOCKS + 16
+    blocks = aim + journal + GROUPS.metadata_blocks + 16
     for _ in range(16):
         layout = model_layout(blocks, journal)
         if low <= layout.capacity <= high:
@@ -523,6 +557,8 @@ class Space:
 
     used: int  # held by files and directories: (f_blocks - f_bfree) * f_frsize
     available: int  # what the next writes may use: f_bavail * f_frsize
+    inodes_used: int  # f_files - f_ffree (ext4's reserved inodes, root and lost+found included)
+    inodes: int  # f_files
 
     @property
     def capacity(self) -> int:
@@ -531,7 +567,8 @@ class Space:
 
 def _statvfs(path: str | Path) -> Space:
     st = os.statvfs(path)
-    return Space((st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize)
+    return Space((st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize,
+                 st.f_files - st.f_ffree, st.f_files)
 
 
 @contextlib.contextmanager
@@ -565,15 +602,14 @@ def _measure(fs: LoopFS) -> Space:
         return _statvfs(path)
 
 
-def usage(fs: LoopFS) -> tuple[int, int]:
-    """(bytes used by the container's files, bytes they may use in all), from statvfs.
+def usage(fs: LoopFS) -> Space:
+    """What the container's files use and may use, in bytes and inodes, from statvfs.
 
     Works mounted or not (an unmounted filesystem is mounted read-only for the moment it takes).
     """
     if not fs.image.exists():
         raise NotFoundError(f"no loop quota image at {fs.image}")
-    space = _measure(fs)
-    return space.used, space.capacity
+    return _measure(fs)
 
 
 # -- making and resizing -------------------------------------------------------------------------
@@ -640,8 +676,9 @@ def _make_filesystem(image: Path, layout: Layout) -> Superblock:
     os.truncate(image, 0)
     _set_size(image, layout.blocks * BLOCK_SIZE)
     journal_mib = layout.journal_blocks * BLOCK_SIZE // MiB
-    _run(["mkfs.ext4", "-F", "-q", "-b", str(BLOCK_SIZE), "-I", str(INODE_SIZE),
-          "-N", str(layout.inodes), "-m", "0", "-J", f"size={journal_mib}", "-O", MKFS_FEATURES,
+    _run(["mkfs.ext4", "-F", "-q", "-b", str(BLOCK_SIZE), "-g", str(GROUPS.blocks),
+          "-I", str(INODE_SIZE), "-N", str(layout.inodes), "-m", "0", "-J", f"size={journal_mib}",
+          "-O", MKFS_FEATURES,
           "-e", "remount-ro", "-E", "nodiscard,assume_storage_prezeroed=1", str(image)],
          MKFS_TIMEOUT)
     return read_superblock(image)
@@ -673,9 +710,10 @@ def _fsck(image: Path) -> None:
 
 
 def _geometry(sb: Superblock) -> Geometry:
-    groups = groups_of(sb.blocks)
-    return Geometry(table_blocks=sb.inodes_per_group * INODE_SIZE // sb.block_size,
-                    descriptor_room=descriptor_blocks(groups) + sb.reserved_gdt_blocks,
+    shape = Groups(sb.blocks_per_group, sb.inodes_per_group)
+    return Geometry(groups=shape,
+                    descriptor_room=descriptor_blocks(shape.count(sb.blocks))
+                    + sb.reserved_gdt_blocks,
                     reserved_gdt=sb.reserved_gdt_blocks)
 
 
@@ -705,7 +743,8 @@ def _resize_offline(fs: LoopFS, quota: int, space: Space) -> None:
                 raise ConflictError(
                     f"ext4 cannot shrink this container's filesystem that far: resize2fs needs "
                     f"an image of at least {format_size(minimum * BLOCK_SIZE)} for the "
-                    f"{format_size(space.used)} in use; choose a larger quota")
+                    f"{format_size(space.used)} and {space.inodes_used} inodes in use; choose a "
+                    "larger quota")
         if blocks != current.blocks:
             _run(["resize2fs", str(fs.image), str(blocks)], RESIZE_TIMEOUT)
         after = read_superblock(fs.image)
@@ -751,7 +790,7 @@ def _grow_online(fs: LoopFS, quota: int, where: str) -> None:
 
     def step(blocks: int, capacity: int) -> int:
         new = plan_resize(geometry, blocks, capacity, aim)
-        if new - blocks > BLOCKS_PER_GROUP:  # within one group the model is exact
+        if new - blocks > geometry.groups.blocks:  # within one group the model is exact
             margin = max(aim - low, (new - blocks) // _ONLINE_UNDERSHOOT)
             new = plan_resize(geometry, blocks, capacity, aim - margin)
         return new

@@ -70,10 +70,10 @@ def pack_limit(quota: int | None) -> bytes:
     return _DQBLK.pack(blocks, blocks, 0, 0, 0, 0, 0, 0, _QIF_BLIMITS)
 
 
-def unpack_usage(data: bytes) -> tuple[int, int | None]:
-    """(bytes used, limit in bytes or None) from an if_dqblk the kernel filled."""
-    hard, _soft, space, *_rest, _valid = _DQBLK.unpack(data)
-    return space, hard * _BLOCK if hard else None
+def unpack_usage(data: bytes) -> tuple[int, int | None, int]:
+    """(bytes used, limit in bytes or None, inodes used) from an if_dqblk the kernel filled."""
+    hard, _soft, space, _ihard, _isoft, inodes, _btime, _itime, _valid = _DQBLK.unpack(data)
+    return space, hard * _BLOCK if hard else None, inodes
 
 
 def allocate(taken: Iterable[int]) -> int:
@@ -151,6 +151,7 @@ def set_limit(path: Path, project_id: int, quota: int | None) -> None:
     _quotactl(path, _Q_SETQUOTA, project_id, pack_limit(quota))
 
 
-def usage(path: Path, project_id: int) -> tuple[int, int | None]:
-    """(bytes charged to the project, its limit or None): the kernel's counters, O(1)."""
+def usage(path: Path, project_id: int) -> tuple[int, int | None, int]:
+    """(bytes charged to the project, its limit or None, inodes charged): the kernel's
+    counters, O(1)."""
     return unpack_usage(_quotactl(path, _Q_GETQUOTA, project_id, bytes(_DQBLK.size)))

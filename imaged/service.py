@@ -18,7 +18,7 @@ import trio
 from imaged import __version__
 from imaged.config import Config
 from imaged.digest import Digest
-from imaged.drivers import Mounted, probe_all
+from imaged.drivers import Capabilities, Mounted, Usage, probe_all
 from imaged.errors import ConflictError, InvalidError, NotFoundError
 from imaged.events import Reporter
 from imaged.faults import pause_point
@@ -142,18 +142,24 @@ class Service:
         usages = await trio.to_thread.run_sync(
             driver.usages, [row.name for row in rows if row.state == "ready"])
         caps = driver.capabilities()
-        return [{
+        return [self._container_row(row, usages.get(row.name), caps) for row in rows]
+
+    def _container_row(self, row: ContainerRow, usage: Usage | None,
+                       caps: Capabilities) -> dict[str, Any]:
+        return {
             "name": row.name,
             "image": str(row.image_id),
             "image_refs": list(self.store.meta.refs_of(str(row.image_id))),
             "driver": row.driver,
             "quota": row.quota,
             "quota_mode": f"{caps.quota_mode}/{caps.quota_semantics}" if row.quota else None,
-            "used_bytes": usages[row.name].used if row.name in usages else 0,
+            "used_bytes": usage.used if usage else 0,
+            "used_inodes": usage.inodes_used if usage else None,
+            "inodes": usage.inodes if usage else None,
             "read_only": row.read_only,
             "mounted": row.mount_path is not None,
             "path": row.mount_path,
-        } for row in rows]
+        }
 
     async def _container_json(self, row: ContainerRow) -> dict[str, Any]:
         return (await self._describe([row]))[0]

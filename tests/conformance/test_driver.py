@@ -244,6 +244,40 @@ def test_quota_refuses_past_limit_and_frees_on_delete(bed: Bed) -> None:
     assert shrink.code == 1
 
 
+# What ``ps`` says about inodes, by quota mode: (counts those in use, knows the total). Loop
+# and devmapper containers have a filesystem of their own; a project quota counts inodes
+# without limiting them; qgroups and ZFS quotas count bytes only.
+INODE_REPORTING = {"loop": (True, True), "device size": (True, True), "project": (True, False),
+                   "qgroup": (False, False), "simple": (False, False), "quota": (False, False)}
+
+
+def test_ps_shows_inode_use_where_the_driver_counts_it(bed: Bed) -> None:
+    ref = bed.image([file("f", b"x")])
+    merged = bed.mount(ref, "--name", "n", "--quota", "64M")
+
+    def listed() -> dict[str, Any]:
+        return next(c for c in bed.ok("--json", "ps").json() if c["name"] == "n")
+
+    before = listed()
+    counts, knows_total = INODE_REPORTING[before["quota_mode"].split("/")[0]]
+    for i in range(100):
+        (merged / f"empty-{i}").touch()
+    os.sync()
+    after = listed()
+    row = next(line for line in bed.ok("ps").out.splitlines() if line.startswith("n "))
+    if not counts:
+        assert after["used_inodes"] is None and after["inodes"] is None, after
+        assert row.rstrip().endswith(" -"), row
+        return
+    assert after["used_inodes"] - before["used_inodes"] == 100, (before, after)
+    if knows_total:
+        assert after["used_inodes"] < after["inodes"], after
+        assert row.rstrip().endswith(f" {after['used_inodes']}/{after['inodes']}"), row
+    else:
+        assert after["inodes"] is None, after
+        assert row.rstrip().endswith(f" {after['used_inodes']}"), row
+
+
 def _has_cap_sys_resource() -> bool:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("CapEff:"):

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -174,9 +175,9 @@ def test_quota_can_be_written_and_no_more(make_fs: Callable[..., lq.LoopFS],
     fs = make_fs(quota)
     st = os.statvfs(fs.mount_point)
     assert quota <= st.f_bavail * st.f_frsize < quota + 2 * MiB
-    used, capacity = lq.usage(fs)
-    assert in_window(capacity, quota)
-    assert used < 64 * 1024  # a fresh filesystem: root directory and lost+found
+    space = lq.usage(fs)
+    assert in_window(space.capacity, quota)
+    assert space.used < 64 * 1024  # a fresh filesystem: root directory and lost+found
     written = fill(fs.mount_point)
     assert quota <= written <= quota + 2 * MiB, (written - quota) / MiB
     assert allocated(fs.image) >= os.path.getsize(fs.image)  # reserved on the host
@@ -250,14 +251,14 @@ def test_usage_is_within_five_percent_of_du(make_fs: Callable[..., lq.LoopFS]) -
     for i in range(300):
         (small / f"s{i}").write_bytes(b"x" * (i * 37 % 9000))
     os.sync()
-    used, capacity = lq.usage(fs)
+    space = lq.usage(fs)
     expected = du(fs.mount_point)
-    assert abs(used - expected) <= expected * 0.05, (used, expected)
-    assert in_window(capacity, 64 * MiB)
+    assert abs(space.used - expected) <= expected * 0.05, (space.used, expected)
+    assert in_window(space.capacity, 64 * MiB)
     # Unmounted, usage mounts the filesystem read-only for a moment and says the same.
     lq.unmount(fs)
     assert gone(fs)
-    assert lq.usage(fs) == (used, capacity)
+    assert lq.usage(fs) == space
     assert gone(fs)
     assert not [p for p in fs.image.parent.iterdir() if ".measure-" in p.name]
 
@@ -279,14 +280,16 @@ def test_grow_online_then_write_more(make_fs: Callable[..., lq.LoopFS]) -> None:
     kept = write_file(fs.mount_point / "kept", 10 * MiB)
     lq.resize(fs, grown, mounted=True)
     assert str(fs.mount_point) in mounted_points()
-    assert in_window(lq.usage(fs)[1], grown)
+    space = lq.usage(fs)
+    assert in_window(space.capacity, grown)
+    assert space.inodes >= grown // lq.INODE_RATIO  # online growth adds inodes too
     assert allocated(fs.image) >= os.path.getsize(fs.image)  # reserved before it grew
     write_file(fs.mount_point / "more", 60 * MiB)  # far past the old quota
     assert digest(fs.mount_point / "kept") == kept
     # The same quota after a remount: the kernel's reservation was set as a mount sets it.
     lq.unmount(fs)
     lq.mount(fs)
-    assert in_window(lq.usage(fs)[1], grown)
+    assert in_window(lq.usage(fs).capacity, grown)
 
 
 @pytest.mark.skipif(_has_cap_sys_resource(), reason="this process may resize ext4 online")
@@ -295,7 +298,7 @@ def test_grow_online_without_cap_sys_resource_says_what_to_do(
     fs = make_fs(16 * MiB)
     with pytest.raises(ConflictError, match=r"CAP_SYS_RESOURCE.*unmount the container"):
         lq.resize(fs, 64 * MiB, mounted=True)
-    assert in_window(lq.usage(fs)[1], 16 * MiB)  # nothing changed
+    assert in_window(lq.usage(fs).capacity, 16 * MiB)  # nothing changed
     assert os.path.getsize(fs.image) < 32 * MiB
 
 
@@ -306,13 +309,59 @@ def test_grow_offline_from_16M_to_2G(make_fs: Callable[..., lq.LoopFS]) -> None:
     lq.resize(fs, 2 * GiB, mounted=False)
     lq.mount(fs)
     assert digest(fs.mount_point / "kept") == kept
-    assert in_window(lq.usage(fs)[1], 2 * GiB)
+    assert in_window(lq.usage(fs).capacity, 2 * GiB)
     write_file(fs.mount_point / "more", 100 * MiB)  # far past the old quota
     assert allocated(fs.image) >= os.path.getsize(fs.image) > 2 * GiB  # grown and reserved
     lq.unmount(fs)
     check = subprocess.run(["e2fsck", "-f", "-n", str(fs.image)], capture_output=True,
                            text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def make_files(directory: Path, size: int = 0) -> int:
+    """Make files of ``size`` bytes until the filesystem refuses; return how many were made."""
+    directory.mkdir()
+    data = b"x" * size
+    made = 0
+    while True:
+        try:
+            fd = os.open(directory / str(made), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            return made
+        try:
+            os.write(fd, data)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            return made
+        finally:
+            os.close(fd)
+        made += 1
+
+
+def test_inodes_follow_the_quota_and_grow_with_it(make_fs: Callable[..., lq.LoopFS]) -> None:
+    """One inode per 4 KiB of quota (docs/drivers.md): files with data run out of bytes first;
+    only blockless ones (here empty files) can run out of inodes, and growing adds inodes."""
+    fs = make_fs(16 * MiB)
+    fresh = lq.usage(fs)
+    assert fresh.inodes >= 16 * MiB // lq.INODE_RATIO
+    small = make_files(fs.mount_point / "small", size=1)
+    after = lq.usage(fs)
+    assert small > 3000  # each took a block: about the quota's 4 KiB blocks
+    assert after.available < 64 * 1024 and after.inodes_used < after.inodes  # bytes ran out
+    shutil.rmtree(fs.mount_point / "small")
+
+    empty = make_files(fs.mount_point / "empty")
+    full = lq.usage(fs)
+    assert full.inodes_used == full.inodes  # inodes ran out
+    assert empty == fresh.inodes - fresh.inodes_used - 1  # all of them (the directory took one)
+
+    lq.unmount(fs)
+    lq.resize(fs, 64 * MiB, mounted=False)
+    lq.mount(fs)
+    grown = lq.usage(fs)
+    assert grown.inodes >= 64 * MiB // lq.INODE_RATIO
+    assert make_files(fs.mount_point / "more") == grown.inodes - grown.inodes_used - 1
 
 
 def test_shrink_is_refused_below_usage_and_while_mounted(
@@ -330,7 +379,7 @@ def test_shrink_is_refused_below_usage_and_while_mounted(
     with pytest.raises(ConflictError, match="already uses"):
         lq.resize(fs, 32 * MiB, mounted=False)
     lq.mount(fs)
-    assert in_window(lq.usage(fs)[1], 64 * MiB)
+    assert in_window(lq.usage(fs).capacity, 64 * MiB)
 
 
 def test_shrink_offline_keeps_data_and_enforces_the_new_quota(
@@ -339,13 +388,15 @@ def test_shrink_offline_keeps_data_and_enforces_the_new_quota(
     kept = write_file(fs.mount_point / "kept", 20 * MiB)
     lq.unmount(fs)
     lq.resize(fs, 64 * MiB, mounted=False)
-    assert os.path.getsize(fs.image) < 80 * MiB
+    # 64 MiB, a sixteenth for inode tables, and what the 300 MiB filesystem keeps: its journal
+    # and the descriptor blocks reserved for growth.
+    assert os.path.getsize(fs.image) < 90 * MiB
     lq.mount(fs)
     assert digest(fs.mount_point / "kept") == kept
-    used, capacity = lq.usage(fs)
-    assert in_window(capacity, 64 * MiB)
+    space = lq.usage(fs)
+    assert in_window(space.capacity, 64 * MiB)
     more = fill(fs.mount_point)
-    assert 64 * MiB <= used + more <= 66 * MiB
+    assert 64 * MiB <= space.used + more <= 66 * MiB
     # Resizing to the quota it has is a no-op, mounted or not.
     lq.resize(fs, 64 * MiB, mounted=True)
 

@@ -57,6 +57,8 @@ def test_ioctl_numbers() -> None:
             loopdev.LOOP_CTL_GET_FREE) == (0x4C01, 0x4C07, 0x4C0A, 0x4C82)
 
 
+OLD_GROUPS = lq.Groups(32768, 8192)  # what imaged made before 16 MiB groups
+
 # -- sizing rules --------------------------------------------------------------------------------
 
 
@@ -81,32 +83,48 @@ def test_superblock_backups_follow_sparse_super() -> None:
 
 
 @pytest.mark.parametrize(("blocks", "reserved"), [
-    (4096, 1), (16384, 7), (76800, 37), (26214400, 1024),  # what mke2fs 1.47.0 reserved
+    (4096, 15), (16384, 63), (76800, 299), (26214400, 1024),  # what mke2fs 1.47.0 reserved
 ])
 def test_reserved_gdt_blocks(blocks: int, reserved: int) -> None:
     assert lq.reserved_gdt_blocks(blocks) == reserved
 
 
-# (blocks asked, journal MiB) -> (blocks made, overhead, capacity), measured.
+def test_reserved_gdt_blocks_of_an_older_imaged_layout() -> None:
+    assert lq.reserved_gdt_blocks(16384, OLD_GROUPS) == 7  # 128 MiB groups, before 16 MiB ones
+
+
+# (blocks asked, journal MiB) -> (blocks made, overhead, capacity, inodes), measured: mke2fs
+# 1.47.0 with create()'s options, overhead from the superblock, inodes from dumpe2fs.
 GOLDEN = [
-    ((4096, 4), (4096, 1541, 2474)),
-    ((16384, 4), (16384, 1547, 14510)),
-    ((76800, 4), (76800, 2644, 72620)),
-    ((524288, 16), (524288, 13862, 506330)),
-    ((26214400, 64), (26214400, 443154, 25767150)),
-    ((32868, 4), (32768, 1555, 30558)),  # a last group of 100 blocks is dropped
-    ((98309, 16), (98304, 5736, 90602)),
-    ((2686, 4), (2686, 1541, 1092)),
-    ((98904, 64), (98304, 18024, 78314)),
+    ((4096, 4), (4096, 1299, 2716, 4096)),
+    ((16384, 4), (16384, 2251, 13806, 16384)),
+    ((76800, 4), (76800, 7732, 67532, 77824)),
+    ((524288, 16), (524288, 48417, 471775, 524288)),
+    ((26214400, 64), (26214400, 1687834, 24522470, 26214400)),
+    ((4196, 4), (4096, 1299, 2716, 4096)),  # a last group of 100 blocks is dropped
+    ((12388, 4), (12288, 1896, 10147, 12288)),
+    ((36984, 4), (36864, 4071, 32056, 36864)),
+    ((98309, 16), (98304, 12598, 83740, 98304)),
+    ((2686, 4), (2686, 1294, 1339, 4096)),
+    ((98904, 64), (98904, 25162, 71764, 102400)),
 ]
 
 
 @pytest.mark.parametrize(("asked", "made"), GOLDEN)
-def test_layout_model_matches_mke2fs(asked: tuple[int, int], made: tuple[int, int, int]) -> None:
+def test_layout_model_matches_mke2fs(asked: tuple[int, int],
+                                     made: tuple[int, int, int, int]) -> None:
     blocks, journal_mib = asked
     layout = lq.model_layout(blocks, journal_mib * MiB // lq.BLOCK_SIZE)
-    assert (layout.blocks, layout.overhead, layout.capacity) == made
-    assert layout.inodes == lq.groups_of(layout.blocks) * 8192
+    assert (layout.blocks, layout.overhead, layout.capacity, layout.inodes) == made
+
+
+@pytest.mark.parametrize("quota", [lq.MIN_QUOTA, 16 * MiB, 64 * MiB, GiB, 100 * GiB])
+def test_every_block_of_the_quota_has_an_inode(quota: int) -> None:
+    """The ratio the docs state: at least one inode per 4 KiB of quota, so only files without
+    blocks (empty ones, symlinks, device nodes, whiteouts) can run out of inodes first."""
+    layout = lq.plan_layout(quota)
+    assert layout.inodes >= quota // lq.INODE_RATIO
+    assert layout.inodes == lq.GROUPS.count(layout.blocks) * lq.GROUP_BLOCKS
 
 
 def test_journal_must_fit_twice() -> None:
@@ -115,15 +133,17 @@ def test_journal_must_fit_twice() -> None:
 
 
 def test_last_group_too_small_is_avoided() -> None:
-    group = lq.BLOCKS_PER_GROUP
+    group = lq.GROUP_BLOCKS
     minimum = lq.last_group_minimum(group + 1)
-    assert minimum == 2 + 512 + 50 + 1 + 1 + lq.reserved_gdt_blocks(group + 1)  # group 1
-    assert lq.avoid_short_last_group(group + 10) == group + minimum
-    assert lq.avoid_short_last_group(group + minimum) == group + minimum
+    assert minimum == 2 + 256 + 50 + 1 + 1 + lq.reserved_gdt_blocks(group + 1)  # group 1
+    for asked in (group + 10, group + minimum - 1, group + minimum):
+        made = lq.avoid_short_last_group(asked)
+        assert lq.model_layout(made, 1024).blocks == made  # mke2fs keeps it
+        assert lq.model_layout(made - 1, 1024).blocks == group  # and it is the smallest
     assert lq.avoid_short_last_group(2 * group) == 2 * group
     assert lq.avoid_short_last_group(1000) == 1000  # one group: never dropped
     # Group 2 has no superblock backup, so its minimum is the bitmaps and table alone.
-    assert lq.last_group_minimum(2 * group + 1) == 2 + 512 + 50
+    assert lq.last_group_minimum(2 * group + 1) == 2 + 256 + 50
 
 
 def test_capacity_window() -> None:
@@ -167,11 +187,16 @@ def test_super_backups_counts_sparse_groups() -> None:
 
 # (geometry, blocks, capacity now, capacity wanted) -> (blocks planned, capacity resize2fs gave)
 RESIZES = [
-    # 16 MiB grown to 2 GiB, and to 100 GiB (past the reserved descriptor blocks)
-    (lq.Geometry(512, 3, 2), 5820, 4162, 524352, 538233, 524351),
-    (lq.Geometry(512, 3, 2), 5820, 4162, 26214464, 26637677, 26214465),
-    # 2 GiB shrunk to 300 MiB
-    (lq.Geometry(512, 268, 267), 547172, 524532, 76864, 88913, 76863),
+    # 16 MiB grown to 64 MiB, 2 GiB and 100 GiB (past the reserved descriptor blocks)
+    (lq.Geometry(lq.GROUPS, 24, 23), 5891, 4184, 16448, 19220, 16447),
+    (lq.Geometry(lq.GROUPS, 24, 23), 5891, 4184, 524352, 565608, 524351),
+    (lq.Geometry(lq.GROUPS, 24, 23), 5891, 4184, 26214464, 27984549, 26214463),
+    # 2 GiB shrunk to 300 MiB (resize2fs turns freed descriptor blocks into reserved ones)
+    (lq.Geometry(lq.GROUPS, 1027, 1024), 585036, 524546, 76864, 99656, 76865),
+    # the same on images an older imaged made
+    (lq.Geometry(OLD_GROUPS, 3, 2), 5820, 4162, 524352, 538233, 524351),
+    (lq.Geometry(OLD_GROUPS, 3, 2), 5820, 4162, 26214464, 26637677, 26214465),
+    (lq.Geometry(OLD_GROUPS, 268, 267), 547172, 524532, 76864, 88913, 76863),
 ]
 
 
@@ -184,10 +209,12 @@ def test_resize_plan_matches_resize2fs(geometry: lq.Geometry, blocks: int, capac
 
 
 def test_resize_plan_never_asks_for_a_short_last_group() -> None:
-    geometry = lq.Geometry(512, 3, 2)
-    for wanted in range(30_000, 40_000, 97):
-        planned = lq.plan_resize(geometry, 5820, 4162, wanted)
-        assert lq.avoid_short_last_group(planned, 512, 2) == planned
+    for geometry, blocks, capacity in ((lq.Geometry(lq.GROUPS, 24, 23), 5891, 4184),
+                                       (lq.Geometry(OLD_GROUPS, 3, 2), 5820, 4162)):
+        for wanted in range(30_000, 40_000, 97):
+            planned = lq.plan_resize(geometry, blocks, capacity, wanted)
+            assert lq.avoid_short_last_group(planned, geometry.groups, geometry.reserved_gdt) \
+                == planned
 
 
 @pytest.mark.parametrize("quota", [0, 1, MiB, 4 * MiB - 1])

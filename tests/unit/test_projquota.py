@@ -31,11 +31,11 @@ def test_limit_sets_hard_and_soft_block_limits_only() -> None:
     assert struct.unpack("=8QI4x", projquota.pack_limit(None))[:2] == (0, 0)
 
 
-def test_usage_reads_bytes_and_limit() -> None:
+def test_usage_reads_bytes_limit_and_inodes() -> None:
     filled = struct.pack("=8QI4x", 2048, 2048, 123_456, 0, 0, 7, 0, 0, 0x3F)
-    assert projquota.unpack_usage(filled) == (123_456, 2048 * 1024)
+    assert projquota.unpack_usage(filled) == (123_456, 2048 * 1024, 7)
     unlimited = struct.pack("=8QI4x", 0, 0, 42, 0, 0, 1, 0, 0, 0x3F)
-    assert projquota.unpack_usage(unlimited) == (42, None)
+    assert projquota.unpack_usage(unlimited) == (42, None, 1)
 
 
 def test_allocation_takes_the_smallest_free_id_of_the_range() -> None:
