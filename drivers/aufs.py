@@ -57,7 +57,7 @@ from pathlib import Path
 
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, Usage
-from imaged.drivers.containers import DriverHome
+from imaged.drivers.base import DriverHome
 from imaged.errors import InvalidError
 from imaged.fsutil import remove_tree
 from imaged.mounts import MountSpec, is_mounted, kernel_filesystems, mount_with_command, unmount

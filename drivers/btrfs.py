@@ -48,7 +48,7 @@ import btrfsutil
 
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, Usage, disk_usage
-from imaged.drivers.containers import DriverHome
+from imaged.drivers.base import DriverHome
 from imaged.errors import ConflictError, InternalError, InvalidError, QuotaUnsupportedError
 from imaged.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted
 from imaged.sizes import format_size

@@ -41,7 +41,7 @@ from imaged.drivers import (
     Probe,
     Usage,
 )
-from imaged.drivers.containers import DriverHome, nearest_directory, quota_mode
+from imaged.drivers.base import DriverHome, nearest_directory, quota_mode
 from imaged.errors import InvalidError
 from imaged.fsutil import remove_tree
 from imaged.mounts import (

@@ -61,7 +61,7 @@ from pathlib import Path
 
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, Usage
-from imaged.drivers.containers import DriverHome
+from imaged.drivers.base import DriverHome
 from imaged.errors import ConflictError, ImagedError, InternalError, InvalidError
 from imaged.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted, unmount
 from imaged.sizes import format_size
