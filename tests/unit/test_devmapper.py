@@ -13,7 +13,7 @@ import pytest
 from imaged.config import Config
 from imaged.drivers import devmapper as dm
 from imaged.drivers import registry
-from imaged.drivers.devmapper import driver
+from imaged.drivers.devmapper import ioctl
 from imaged.errors import InternalError
 
 
@@ -206,8 +206,8 @@ def test_probe_without_device_mapper_names_what_is_missing(
     def no_control() -> dict[str, tuple[int, int, int]]:
         raise FileNotFoundError(2, "No such file or directory")
 
-    monkeypatch.setattr(driver, "dm_versions", no_control)
-    monkeypatch.setattr(driver, "_PROC_MISC", tmp_path / "misc")
+    monkeypatch.setattr(ioctl, "dm_versions", no_control)
+    monkeypatch.setattr(ioctl, "_PROC_MISC", tmp_path / "misc")
     (tmp_path / "misc").write_text(" 62 fuse\n")
     result = dm.probe(Config(root=tmp_path / "root"))
     assert not result.supported
