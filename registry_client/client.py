@@ -24,7 +24,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -448,7 +448,7 @@ class RegistryClient:
 
         def operation(endpoint: Endpoint) -> Callable[[], Awaitable[None]]:
             async def attempt() -> None:
-                await self._download(endpoint, ref, desc, ingest, what, progress)
+                await _BlobDownload(self, endpoint, ref, desc, ingest, what, progress).run()
                 await trio.to_thread.run_sync(ingest.verify)  # bad bytes: restart, next endpoint
 
             return attempt
@@ -490,115 +490,133 @@ class RegistryClient:
                                f"its descriptor says {desc.size}")
         return resp
 
-    async def _download(self, endpoint: Endpoint, ref: Reference, desc: Descriptor,
-                        ingest: Ingest, what: str,
-                        progress: Callable[[int], None] | None) -> None:
-        """One attempt. Large blobs go through a two-stage pipeline: one thread receives into
-        reused buffers and writes them, another hashes them. sha256 costs about a core-second per
-        GiB on this class of machine, about as much as receiving and writing together, so
-        overlapping the two is what keeps a pull level with curl. ``_PIPELINE_DEPTH`` buffers
-        circulate, so memory stays bounded whatever the size.
 
-        Small blobs (most layers of most images) are received, written and hashed in one thread
-        call: for them the pipeline's thread hops cost more than the overlap gains.
-        """
-        failures: list[BaseException] = []  # the receiver's: bytes before it are still good
-        write_failures: list[BaseException] = []
-        last_report = 0.0
+@dataclass(eq=False)
+class _BlobDownload:
+    """One attempt at a blob. Large blobs go through a two-stage pipeline: one thread receives
+    into reused buffers and writes them, another hashes them. sha256 costs about a core-second per
+    GiB on this class of machine, about as much as receiving and writing together, so
+    overlapping the two is what keeps a pull level with curl. ``_PIPELINE_DEPTH`` buffers
+    circulate, so memory stays bounded whatever the size.
 
-        def receive(resp: requests.Response, buffers: Callable[[], bytearray],
-                    sink: Callable[[bytearray, int], None]) -> None:
-            readinto = _readinto_of(resp)
-            try:
-                while True:
-                    trio.from_thread.check_cancelled()
-                    buf = buffers()
-                    n = readinto(memoryview(buf))
-                    if not n:
-                        break
-                    if not write(buf, n):
-                        break
-                    sink(buf, n)
-            except _TRANSPORT_ERRORS as exc:
-                failures.append(exc)
+    Small blobs (most layers of most images) are received, written and hashed in one thread
+    call: for them the pipeline's thread hops cost more than the overlap gains.
+    """
 
-        def write(buf: bytearray, n: int) -> bool:
-            nonlocal last_report
-            try:
-                ingest.append(memoryview(buf)[:n])
-            except BaseException as exc:  # noqa: BLE001 - handed to the trio side below
-                write_failures.append(exc)
-                return False
-            pause_point("mid-download")
-            if progress is not None and time.monotonic() - last_report >= PROGRESS_INTERVAL:
-                last_report = time.monotonic()
-                trio.from_thread.run_sync(progress, ingest.offset)
-            return True
+    client: RegistryClient
+    endpoint: Endpoint
+    ref: Reference
+    desc: Descriptor
+    ingest: Ingest
+    what: str
+    progress: Callable[[int], None] | None
+    # the receiver's: bytes before it are still good
+    failures: list[BaseException] = field(default_factory=list, init=False)
+    write_failures: list[BaseException] = field(default_factory=list, init=False)
+    last_report: float = field(default=0.0, init=False)
+    # the pipeline's: buffers to receive into, and buffers received but not yet hashed (None
+    # once the body has ended)
+    free: queue.SimpleQueue[bytearray] = field(default_factory=queue.SimpleQueue, init=False)
+    written: queue.SimpleQueue[tuple[bytearray, int] | None] = field(
+        default_factory=queue.SimpleQueue, init=False)
 
-        start = ingest.offset
-        if desc.size - ingest.offset <= _INLINE_BYTES:
-            def inline() -> int | None:
-                resp = self._open_blob(endpoint, ref, desc, ingest, what)
-                if resp is None:
-                    return None
-                begun = ingest.offset
-                buf = bytearray(CHUNK)
-                with resp:
-                    receive(resp, lambda: buf, lambda b, n: ingest.absorb(memoryview(b)[:n]))
-                return begun
-
-            begun = await trio.to_thread.run_sync(inline, limiter=self.limiter)
-            if begun is None:
-                return
-            start = begun
+    async def run(self) -> None:
+        if self.desc.size - self.ingest.offset <= _INLINE_BYTES:
+            start = await trio.to_thread.run_sync(self._inline, limiter=self.client.limiter)
         else:
-            opened = await trio.to_thread.run_sync(self._open_blob, endpoint, ref, desc, ingest,
-                                                   what, limiter=self.limiter)
-            if opened is None:
-                return
-            resp = opened
-            start = ingest.offset
-            free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-            for _ in range(_PIPELINE_DEPTH):
-                free.put(bytearray(CHUNK))
-            written: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+            start = await self._pipelined()
+        if start is None:  # the ingest held every byte already
+            return
+        self._raise_failures(start)
+        if self.progress is not None:
+            self.progress(self.ingest.offset)
 
-            def produce() -> None:
-                try:
-                    receive(resp, free.get, lambda b, n: written.put((b, n)))
-                finally:
-                    written.put(None)
+    def _open(self) -> requests.Response | None:
+        return self.client._open_blob(self.endpoint, self.ref, self.desc, self.ingest, self.what)
 
-            def digest() -> None:
-                while (item := written.get()) is not None:
-                    buf, n = item
-                    ingest.absorb(memoryview(buf)[:n])
-                    free.put(buf)
+    def _inline(self) -> int | None:
+        resp = self._open()
+        if resp is None:
+            return None
+        begun = self.ingest.offset
+        buf = bytearray(CHUNK)
+        with resp:
+            self._receive(resp, lambda: buf, lambda b, n: self.ingest.absorb(memoryview(b)[:n]))
+        return begun
 
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(functools.partial(trio.to_thread.run_sync, produce,
-                                                         limiter=self.limiter))
-                    nursery.start_soon(trio.to_thread.run_sync, digest)
-            finally:
-                resp.close()
-        if write_failures:
-            raise _local_failure(write_failures[0], ingest, desc.size) from None
-        if failures:
-            exc = failures[0]
+    async def _pipelined(self) -> int | None:
+        resp = await trio.to_thread.run_sync(self._open, limiter=self.client.limiter)
+        if resp is None:
+            return None
+        start = self.ingest.offset
+        for _ in range(_PIPELINE_DEPTH):
+            self.free.put(bytearray(CHUNK))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(trio.to_thread.run_sync, self._produce, resp,
+                                                     limiter=self.client.limiter))
+                nursery.start_soon(trio.to_thread.run_sync, self._digest)
+        finally:
+            resp.close()
+        return start
+
+    def _produce(self, resp: requests.Response) -> None:
+        try:
+            self._receive(resp, self.free.get, lambda b, n: self.written.put((b, n)))
+        finally:
+            self.written.put(None)
+
+    def _digest(self) -> None:
+        while (item := self.written.get()) is not None:
+            buf, n = item
+            self.ingest.absorb(memoryview(buf)[:n])
+            self.free.put(buf)
+
+    def _receive(self, resp: requests.Response, buffers: Callable[[], bytearray],
+                 sink: Callable[[bytearray, int], None]) -> None:
+        readinto = _readinto_of(resp)
+        try:
+            while True:
+                trio.from_thread.check_cancelled()
+                buf = buffers()
+                n = readinto(memoryview(buf))
+                if not n:
+                    break
+                if not self._write(buf, n):
+                    break
+                sink(buf, n)
+        except _TRANSPORT_ERRORS as exc:
+            self.failures.append(exc)
+
+    def _write(self, buf: bytearray, n: int) -> bool:
+        try:
+            self.ingest.append(memoryview(buf)[:n])
+        except BaseException as exc:  # noqa: BLE001 - handed to the trio side below
+            self.write_failures.append(exc)
+            return False
+        pause_point("mid-download")
+        if self.progress is not None and time.monotonic() - self.last_report >= PROGRESS_INTERVAL:
+            self.last_report = time.monotonic()
+            trio.from_thread.run_sync(self.progress, self.ingest.offset)
+        return True
+
+    def _raise_failures(self, start: int) -> None:
+        ingest, host = self.ingest, self.endpoint.host
+        if self.write_failures:
+            raise _local_failure(self.write_failures[0], ingest, self.desc.size) from None
+        if self.failures:
+            exc = self.failures[0]
             if isinstance(exc, ImagedError):
                 raise exc
             raise _Retryable(
-                f"connection to registry {endpoint.host} dropped during {what} at byte "
+                f"connection to registry {host} dropped during {self.what} at byte "
                 f"{ingest.offset} ({type(exc).__name__})", progressed=ingest.offset > start,
                 offset=ingest.offset,
             ) from None
-        if ingest.offset < desc.size:  # the body ended before its declared length
-            raise _Retryable(f"connection to registry {endpoint.host} dropped during {what} at "
-                             f"byte {ingest.offset} of {desc.size}",
+        if ingest.offset < self.desc.size:  # the body ended before its declared length
+            raise _Retryable(f"connection to registry {host} dropped during {self.what} at "
+                             f"byte {ingest.offset} of {self.desc.size}",
                              progressed=ingest.offset > start, offset=ingest.offset)
-        if progress is not None:
-            progress(ingest.offset)
 
 
 def _local_failure(exc: BaseException, ingest: Ingest, size: int) -> BaseException:
