@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -23,11 +24,23 @@ from imaged.mounts import MountSpec, is_mounted
 from imaged.unpack import WhiteoutMode
 
 
+class QuotaMode(StrEnum):
+    """The mechanism that enforces a container's quota here (``ps`` and ``info`` show it)."""
+
+    LOOP = "loop"  # a loop-backed ext4 per container (imaged.loopquota)
+    PROJECT = "project"  # the filesystem's project quotas (imaged.projquota)
+    UNAVAILABLE = "unavailable"  # project quotas configured where the filesystem has none
+    QGROUP = "qgroup"  # btrfs qgroups, full accounting
+    SIMPLE = "simple"  # btrfs simple quotas (squota)
+    DATASET = "quota"  # the ZFS dataset's quota property
+    DEVICE = "device size"  # devmapper: the thin device's size
+
+
 @dataclass(frozen=True)
 class Capabilities:
     family: Literal["stacked", "snapshot"]
     whiteouts: WhiteoutMode
-    quota_mode: str  # the mechanism in use here: "loop", "project", "qgroup", … or "none"
+    quota_mode: QuotaMode
     quota_semantics: Literal["writable", "total"]
     rename_lower_dirs: bool  # rename(2) of a lower directory works (else EXDEV: mv copies)
     xattrs: bool

@@ -56,10 +56,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imaged.config import Config
-from imaged.drivers import Capabilities, Mounted, Probe, Usage
-from imaged.drivers.base import DriverHome
+from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
+from imaged.drivers.base import DirectoryDriver
 from imaged.errors import InvalidError
-from imaged.fsutil import remove_tree
 from imaged.mounts import MountSpec, is_mounted, kernel_filesystems, mount_with_command, unmount
 from imaged.unpack import WhiteoutMode
 
@@ -145,7 +144,7 @@ def _read_branch_max() -> int:
 
 def capabilities(branches: int) -> Capabilities:
     # One branch is the container's upper; the layers get the rest.
-    return Capabilities("stacked", WhiteoutMode.AUFS, "loop", "writable",
+    return Capabilities("stacked", WhiteoutMode.AUFS, QuotaMode.LOOP, "writable",
                         rename_lower_dirs=False, xattrs=True,
                         max_layers=min(Capabilities.max_layers, branches - 1))
 
@@ -166,31 +165,18 @@ def probe(config: Config) -> Probe:
 # -- the driver ----------------------------------------------------------------------------
 
 
-class AufsDriver(DriverHome):
+class AufsDriver(DirectoryDriver):
     name = "aufs"
+    # Project quotas under aufs would be untested: aufs runs in no kernel imaged is tested on.
+    project_quotas = False
 
     def __init__(self, config: Config, home: Path) -> None:
-        self.config = config
-        self.home = home
-        self._make_dirs()
+        super().__init__(config, home)
         (home / "xino").mkdir(exist_ok=True, mode=0o700)
         self._capabilities = capabilities(_read_branch_max())
 
     def capabilities(self) -> Capabilities:
         return self._capabilities
-
-    def prepare_layer(self, key: str, parent: str | None) -> Path:
-        layer = self._layer(key)
-        if layer.exists():
-            self.remove_layer(key)
-        layer.mkdir(mode=0o755)
-        return layer
-
-    def commit_layer(self, key: str) -> None:
-        """Nothing to seal: the layer directory is final once applied (the pull flushes)."""
-
-    def remove_layer(self, key: str) -> None:
-        remove_tree(self._layer(key))
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:
@@ -204,16 +190,12 @@ class AufsDriver(DriverHome):
         return mount_specs(upper, [self._layer(key) for key in reversed(layers)],
                            self.home / "xino" / name, os.sysconf("SC_PAGE_SIZE"))
 
-    def mount(self, name: str, layers: Sequence[str], read_only: bool,
-              target: Path | None) -> Mounted:
+    def _mount_at(self, path: Path, name: str, layers: Sequence[str],
+                  read_only: bool) -> Mounted:
         limit = self._capabilities.max_layers
         if len(layers) > limit:
             raise InvalidError(f"an image of {len(layers)} layers does not fit one aufs mount "
                                f"here (at most {limit}: CONFIG_AUFS_BRANCH_MAX)")
-        path = target or self._container(name) / "merged"
-        path.mkdir(parents=True, exist_ok=True)
-        if is_mounted(path):
-            return Mounted(path)
         with self._quota_fs_for_mount(name):
             specs = self.mount_specs(name, layers, read_only)
             mount_with_command(specs[0], path, read_only=read_only)

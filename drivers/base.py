@@ -1,5 +1,6 @@
-"""What the built drivers share: a directory per layer and per container, and a container's
-writable data under one of two quota mechanisms (DESIGN §3).
+"""What the drivers share (DESIGN §3): a home with a directory per layer and per container,
+``mount()`` around each driver's own way of mounting, and, for the directory drivers (overlay,
+vfs, aufs), a container's writable data under one of two quota mechanisms.
 
 - ``project``, where the root's filesystem enforces project quotas (xfs or ext4 mounted with
   ``prjquota`` on a kernel with quota support): the container's data lives in ``data/``, whose
@@ -10,23 +11,25 @@ writable data under one of two quota mechanisms (DESIGN §3).
   container's directory itself, measured like ``du``.
 
 Layout under a driver's home: ``layers/<chainid>``, ``containers/<name>/`` with ``merged/``
-(the default mount point) and ``data/`` or ``quota.img`` + ``fs/``. Only what the drivers put
-*in* a layer or a container's data directory differs.
+(the default mount point) and, for directory drivers, ``data/`` or ``quota.img`` + ``fs/``.
+Only what the drivers put *in* a layer or a container's data directory differs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from imaged import loopquota, projquota
 from imaged.config import Config
-from imaged.drivers import Usage, disk_usage, loop_usage
+from imaged.drivers import Mounted, QuotaMode, Usage, disk_usage, loop_usage
 from imaged.errors import InvalidError, QuotaUnsupportedError
-from imaged.mounts import unmount
+from imaged.fsutil import remove_tree
+from imaged.mounts import is_mounted, unmount
 from imaged.sizes import format_size
 
 
@@ -38,41 +41,107 @@ def nearest_directory(path: Path) -> Path:
     return path
 
 
-def quota_mode(config: Config, driver: str, home: Path) -> tuple[str, str]:
+def quota_mode(config: Config, driver: str, home: Path) -> tuple[QuotaMode, str]:
     """(mode, why) for a driver that keeps container data in directories: ``project`` where the
     filesystem enforces project quotas, else ``loop``; ``unavailable`` when the configuration
     asks for project quotas (``drivers.<name>.quota``) and the filesystem cannot do them."""
     wanted = config.drivers.get(driver, {}).get("quota", "auto")
     if wanted == "loop":
-        return "loop", "configured"
+        return QuotaMode.LOOP, "configured"
     missing = projquota.unavailable(home)
     if missing is None:
-        return "project", "the root's filesystem enforces project quotas"
+        return QuotaMode.PROJECT, "the root's filesystem enforces project quotas"
     if wanted == "project":
-        return "unavailable", missing
-    return "loop", missing
+        return QuotaMode.UNAVAILABLE, missing
+    return QuotaMode.LOOP, missing
 
 
-class DriverHome:
+class BaseDriver(ABC):
+    """A driver's home and the opening every ``mount()`` shares: the default target, and
+    nothing to do where something is mounted already (a container is mounted once)."""
+
     name: str
-    home: Path
-    _quota_mode = "loop"  # set by drivers that can use project quotas (quota_mode())
 
-    def _make_dirs(self) -> None:
+    def __init__(self, config: Config, home: Path) -> None:
+        self.config = config
+        self.home = home
         for sub in ("layers", "containers"):
-            (self.home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _layer(self, key: str) -> Path:
         return self.home / "layers" / key
 
+    def _container(self, name: str) -> Path:
+        return self.home / "containers" / name
+
+    def _new_container_home(self, name: str) -> Path:
+        """The container's directory and its default mount point; refused if it exists."""
+        home = self._container(name)
+        home.mkdir(parents=True, mode=0o700)
+        (home / "merged").mkdir()
+        return home
+
     def list_layers(self) -> set[str]:
         return {p.name for p in (self.home / "layers").iterdir()}
+
+    def list_containers(self) -> set[str]:
+        return {p.name for p in (self.home / "containers").iterdir()}
 
     def layer_paths(self, key: str) -> list[Path]:
         return [self._layer(key)]
 
-    def _container(self, name: str) -> Path:
-        return self.home / "containers" / name
+    def mount(self, name: str, layers: Sequence[str], read_only: bool,
+              target: Path | None) -> Mounted:
+        path = target or self._container(name) / "merged"
+        path.mkdir(parents=True, exist_ok=True)
+        if is_mounted(path):
+            return Mounted(path)
+        return self._mount_at(path, name, layers, read_only)
+
+    @abstractmethod
+    def _mount_at(self, path: Path, name: str, layers: Sequence[str],
+                  read_only: bool) -> Mounted:
+        """Mount the container at ``path``, an existing directory with nothing mounted on it."""
+
+    @abstractmethod
+    def usage(self, name: str) -> Usage: ...
+
+    def usages(self, names: Sequence[str]) -> dict[str, Usage]:
+        return {name: self.usage(name) for name in names}
+
+    def unmount(self, name: str, target: Path | None) -> None:
+        unmount(target or self._container(name) / "merged")
+
+    def remove_container(self, name: str) -> None:
+        """The container's directory, once whatever the driver keeps elsewhere is gone."""
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self._container(name))
+
+
+class DirectoryDriver(BaseDriver):
+    """Layers as plain directories; container data on a loop quota filesystem or under a
+    project quota (module docstring)."""
+
+    project_quotas: ClassVar[bool] = True  # else always loop quotas
+
+    def __init__(self, config: Config, home: Path) -> None:
+        super().__init__(config, home)
+        self._quota_mode = quota_mode(config, self.name, home)[0] if self.project_quotas \
+            else QuotaMode.LOOP
+
+    def prepare_layer(self, key: str, parent: str | None) -> Path:
+        """An empty directory for the layer, whatever an interrupted apply left there gone."""
+        layer = self._layer(key)
+        if layer.exists():
+            self.remove_layer(key)
+        layer.mkdir(mode=0o755)
+        return layer
+
+    def commit_layer(self, key: str) -> None:
+        """Nothing to seal: the layer directory is final once applied (the pull flushes)."""
+
+    def remove_layer(self, key: str) -> None:
+        remove_tree(self._layer(key))
 
     def _quota_fs(self, name: str) -> loopquota.LoopFS:
         home = self._container(name)
@@ -94,15 +163,13 @@ class DriverHome:
         return self._project_dir(name) or self._container(name)
 
     def _new_container(self, name: str, quota: int | None) -> None:
-        home = self._container(name)
-        if quota is not None and self._quota_mode == "unavailable":
+        if quota is not None and self._quota_mode is QuotaMode.UNAVAILABLE:
             raise QuotaUnsupportedError(
                 f"drivers.{self.name}.quota is \"project\" but "
                 f"{projquota.unavailable(self.home)}: mount the root's filesystem with "
                 "prjquota on a kernel with quota support, or set the option to \"auto\"")
-        home.mkdir(parents=True, mode=0o700)
-        (home / "merged").mkdir()
-        if self._quota_mode == "project":
+        home = self._new_container_home(name)
+        if self._quota_mode is QuotaMode.PROJECT:
             self._new_project(home / "data", quota)
         elif quota is not None:
             loopquota.create(home / "quota.img", home / "fs", quota)
@@ -141,12 +208,6 @@ class DriverHome:
             return Usage(*projquota.usage(project, projquota.project_of(project)))
         return Usage(disk_usage(data) if data.exists() else 0, None)
 
-    @abstractmethod
-    def usage(self, name: str) -> Usage: ...
-
-    def usages(self, names: Sequence[str]) -> dict[str, Usage]:
-        return {name: self.usage(name) for name in names}
-
     def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
         project = self._project_dir(name)
         if project is not None:
@@ -162,13 +223,12 @@ class DriverHome:
         loopquota.resize(self._quota_fs(name), quota, mounted)
 
     def unmount(self, name: str, target: Path | None) -> None:
-        unmount(target or self._container(name) / "merged")
+        super().unmount(name, target)
         if self._has_quota(name):
             loopquota.unmount(self._quota_fs(name))
 
     def remove_container(self, name: str) -> None:
-        home = self._container(name)
-        if not home.exists():
+        if not self._container(name).exists():
             return
         self.unmount(name, None)
         if self._has_quota(name):
@@ -176,8 +236,4 @@ class DriverHome:
         project = self._project_dir(name)
         if project is not None:  # the id may be reused: it must not carry this limit along
             projquota.set_limit(project, projquota.project_of(project), None)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(home)
-
-    def list_containers(self) -> set[str]:
-        return {p.name for p in (self.home / "containers").iterdir()}
+        super().remove_container(name)

@@ -47,10 +47,10 @@ from pathlib import Path
 import btrfsutil
 
 from imaged.config import Config
-from imaged.drivers import Capabilities, Mounted, Probe, Usage, disk_usage
-from imaged.drivers.base import DriverHome
+from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage, disk_usage
+from imaged.drivers.base import BaseDriver
 from imaged.errors import ConflictError, InternalError, InvalidError, QuotaUnsupportedError
-from imaged.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted
+from imaged.mounts import MountSpec, backing_filesystem, bind_mount
 from imaged.sizes import format_size
 from imaged.unpack import WhiteoutMode
 
@@ -111,7 +111,7 @@ def _ioctl(path: Path, request: int, args: bytes = b"") -> bytes:
         os.close(fd)
 
 
-def capabilities(quota_mode: str = "qgroup") -> Capabilities:
+def capabilities(quota_mode: QuotaMode = QuotaMode.QGROUP) -> Capabilities:
     return Capabilities("snapshot", WhiteoutMode.DELETE, quota_mode, "writable",
                         rename_lower_dirs=True, xattrs=True, reflink=True)
 
@@ -200,15 +200,13 @@ def delete_subvolume(path: Path) -> None:
     btrfsutil.delete_subvolume(path, recursive=True)
 
 
-class BtrfsDriver(DriverHome):
+class BtrfsDriver(BaseDriver):
     name = "btrfs"
 
     def __init__(self, config: Config, home: Path) -> None:
-        self.config = config
-        self.home = home
-        self.quota_mode: str = config.drivers.get("btrfs", {}).get("quota", "qgroup")
+        super().__init__(config, home)
+        self.quota_mode = QuotaMode(config.drivers.get("btrfs", {}).get("quota", "qgroup"))
         self._dropped_lock = threading.Lock()  # the service calls drivers from worker threads
-        self._make_dirs()
 
     def capabilities(self) -> Capabilities:
         return capabilities(self.quota_mode)
@@ -299,7 +297,7 @@ class BtrfsDriver(DriverHome):
             if quota is not None:
                 self._enable_quotas()  # first: a refusal leaves nothing behind
             self._destroy_dropped_qgroups()
-            self._new_container(name, None)
+            self._new_container_home(name)
             if read_only:
                 return
             rootfs = self._rootfs(name)
@@ -370,14 +368,10 @@ class BtrfsDriver(DriverHome):
         with _user_errors(f"setting the quota of container {name}"):
             self._limit(self._rootfs(name), quota)
 
-    def mount(self, name: str, layers: Sequence[str], read_only: bool,
-              target: Path | None) -> Mounted:
+    def _mount_at(self, path: Path, name: str, layers: Sequence[str],
+                  read_only: bool) -> Mounted:
         if read_only and not layers:
             raise InvalidError("an image without layers cannot be mounted read-only")
-        path = target or self._container(name) / "merged"
-        path.mkdir(parents=True, exist_ok=True)
-        if is_mounted(path):
-            return Mounted(path)
         source = self._layer(layers[-1]) if read_only else self._rootfs(name)
         bind_mount(source, path, read_only=read_only)
         return Mounted(path, (MountSpec("bind", str(source),

@@ -41,14 +41,12 @@ from imaged.drivers import (
     Probe,
     Usage,
 )
-from imaged.drivers.base import DriverHome, nearest_directory, quota_mode
+from imaged.drivers.base import DirectoryDriver, nearest_directory, quota_mode
 from imaged.errors import InvalidError
-from imaged.fsutil import remove_tree
 from imaged.mounts import (
     MountSpec,
     backing_filesystem,
     bind_mount,
-    is_mounted,
     kernel_filesystems,
     mount_with_command,
     mount_with_fsconfig,
@@ -78,17 +76,14 @@ def probe(config: Config) -> Probe:
                               rename_lower_dirs=True, xattrs=True))
 
 
-class OverlayDriver(DriverHome):
+class OverlayDriver(DirectoryDriver):
     name = "overlay"
 
     def __init__(self, config: Config, home: Path) -> None:
-        self.config = config
-        self.home = home
+        super().__init__(config, home)
         self.options = config.drivers.get("overlay", {})
-        self._make_dirs()
         (home / "l").mkdir(exist_ok=True, mode=0o700)
         self._lowerdir_plus = new_mount_api_has("overlay", "lowerdir+")
-        self._quota_mode, _ = quota_mode(config, "overlay", home)
 
     def capabilities(self) -> Capabilities:
         return Capabilities("stacked", WhiteoutMode.OVERLAY, self._quota_mode, "writable",
@@ -100,11 +95,9 @@ class OverlayDriver(DriverHome):
         return (self._layer(key) / "link").read_text().strip()
 
     def prepare_layer(self, key: str, parent: str | None) -> Path:
-        layer = self._layer(key)
-        diff = layer / "diff"
-        if layer.exists():
-            self.remove_layer(key)
-        diff.mkdir(parents=True, mode=0o755)
+        """``diff/`` in the layer's directory, and the short link the mount(2) fallback uses."""
+        diff = super().prepare_layer(key, parent) / "diff"
+        diff.mkdir(mode=0o755)
         while True:
             short = "".join(secrets.choice(_SHORT_ALPHABET) for _ in range(_SHORT_LENGTH))
             link = self.home / "l" / short
@@ -113,11 +106,8 @@ class OverlayDriver(DriverHome):
             except FileExistsError:
                 continue
             break
-        (layer / "link").write_text(short)
+        (diff.parent / "link").write_text(short)
         return diff
-
-    def commit_layer(self, key: str) -> None:
-        """Nothing to seal: the layer directory is final once applied (the pull flushes)."""
 
     def layer_paths(self, key: str) -> list[Path]:
         try:
@@ -126,10 +116,9 @@ class OverlayDriver(DriverHome):
             return [self._layer(key)]
 
     def remove_layer(self, key: str) -> None:
-        layer = self._layer(key)
         with contextlib.suppress(OSError):
             os.unlink(self.home / "l" / self._short(key))
-        remove_tree(layer)
+        super().remove_layer(key)
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:
@@ -156,14 +145,10 @@ class OverlayDriver(DriverHome):
             options.append("volatile")
         return MountSpec("overlay", "overlay", tuple(options))
 
-    def mount(self, name: str, layers: Sequence[str], read_only: bool,
-              target: Path | None) -> Mounted:
+    def _mount_at(self, path: Path, name: str, layers: Sequence[str],
+                  read_only: bool) -> Mounted:
         if not layers:
             raise InvalidError("an image without layers cannot be mounted")
-        path = target or self._container(name) / "merged"
-        path.mkdir(parents=True, exist_ok=True)
-        if is_mounted(path):
-            return Mounted(path)
         if read_only and len(layers) == 1:
             # overlay needs two lower layers when there is no upper: bind the one layer.
             source = self._layer(layers[0]) / "diff"

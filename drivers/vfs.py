@@ -24,10 +24,9 @@ from imaged.drivers import (
     Probe,
     Usage,
 )
-from imaged.drivers.base import DriverHome, nearest_directory, quota_mode
+from imaged.drivers.base import DirectoryDriver, nearest_directory, quota_mode
 from imaged.errors import InternalError, QuotaUnsupportedError
-from imaged.fsutil import remove_tree
-from imaged.mounts import MountSpec, bind_mount, is_mounted
+from imaged.mounts import MountSpec, bind_mount
 from imaged.unpack import WhiteoutMode
 
 _COPY_TIMEOUT = 3600
@@ -73,15 +72,12 @@ def copy_tree(source: Path, target: Path) -> None:
         raise InternalError(f"copying {source} to {target} failed: {proc.stderr.strip()}")
 
 
-class VfsDriver(DriverHome):
+class VfsDriver(DirectoryDriver):
     name = "vfs"
 
     def __init__(self, config: Config, home: Path) -> None:
-        self.config = config
-        self.home = home
-        self._make_dirs()
+        super().__init__(config, home)
         self._reflink: bool | None = None
-        self._quota_mode, _ = quota_mode(config, "vfs", home)
 
     def capabilities(self) -> Capabilities:
         # Tested on first use only: every command opens the driver, and the test runs cp.
@@ -91,20 +87,11 @@ class VfsDriver(DriverHome):
                             rename_lower_dirs=True, xattrs=True, reflink=self._reflink)
 
     def prepare_layer(self, key: str, parent: str | None) -> Path:
-        layer = self._layer(key)
-        if layer.exists():
-            self.remove_layer(key)
-        if parent is None:
-            layer.mkdir(mode=0o755)
-        else:
+        """A copy of the parent layer (its directory's owner and mode included)."""
+        layer = super().prepare_layer(key, parent)
+        if parent is not None:
             copy_tree(self._layer(parent), layer)
         return layer
-
-    def commit_layer(self, key: str) -> None:
-        """Nothing to seal: the layer directory is final once applied (the pull flushes)."""
-
-    def remove_layer(self, key: str) -> None:
-        remove_tree(self._layer(key))
 
     def _rootfs(self, name: str) -> Path:
         return self._data_dir(name) / "rootfs"
@@ -123,12 +110,8 @@ class VfsDriver(DriverHome):
             if self._has_quota(name):
                 loopquota.unmount(self._quota_fs(name))
 
-    def mount(self, name: str, layers: Sequence[str], read_only: bool,
-              target: Path | None) -> Mounted:
-        path = target or self._container(name) / "merged"
-        path.mkdir(parents=True, exist_ok=True)
-        if is_mounted(path):
-            return Mounted(path)
+    def _mount_at(self, path: Path, name: str, layers: Sequence[str],
+                  read_only: bool) -> Mounted:
         if read_only:
             source = self._layer(layers[-1])
         else:

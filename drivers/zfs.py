@@ -52,7 +52,6 @@ import errno
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -60,10 +59,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imaged.config import Config
-from imaged.drivers import Capabilities, Mounted, Probe, Usage
-from imaged.drivers.base import DriverHome
+from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
+from imaged.drivers.base import BaseDriver
 from imaged.errors import ConflictError, ImagedError, InternalError, InvalidError
-from imaged.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted, unmount
+from imaged.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted
 from imaged.sizes import format_size
 from imaged.unpack import WhiteoutMode
 
@@ -281,7 +280,7 @@ def open_parent(config: Config) -> Parent:
 
 
 def capabilities(xattrs: bool) -> Capabilities:
-    return Capabilities("snapshot", WhiteoutMode.DELETE, "quota", "writable",
+    return Capabilities("snapshot", WhiteoutMode.DELETE, QuotaMode.DATASET, "writable",
                         rename_lower_dirs=True, xattrs=xattrs)
 
 
@@ -295,14 +294,12 @@ def probe(config: Config) -> Probe:
                  f"{parent.xattr_note}", capabilities(parent.xattrs))
 
 
-class ZfsDriver(DriverHome):
+class ZfsDriver(BaseDriver):
     name = "zfs"
 
     def __init__(self, config: Config, home: Path) -> None:
-        self.config = config
-        self.home = home
         self.parent = open_parent(config)
-        self._make_dirs()
+        super().__init__(config, home)
         existing = set(children(self.parent.dataset))
         for sub in ("layers", "containers"):
             if f"{self.parent.dataset}/{sub}" not in existing:
@@ -394,7 +391,7 @@ class ZfsDriver(DriverHome):
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:
-        self._new_container(name, None)
+        self._new_container_home(name)
         options = [f"quota={quota}"] if quota is not None else []
         options += ["readonly=on"] if read_only else []
         origin = f"{self._dataset('layers', layers[-1])}@{SNAPSHOT}" if layers else None
@@ -407,12 +404,8 @@ class ZfsDriver(DriverHome):
                                f"new quota of {format_size(quota)}: delete files first")
         zfs("set", f"quota={quota}", self._dataset("containers", name))
 
-    def mount(self, name: str, layers: Sequence[str], read_only: bool,
-              target: Path | None) -> Mounted:
-        path = target or self._container(name) / "merged"
-        path.mkdir(parents=True, exist_ok=True)
-        if is_mounted(path):
-            return Mounted(path)
+    def _mount_at(self, path: Path, name: str, layers: Sequence[str],
+                  read_only: bool) -> Mounted:
         rootfs = self._rootfs(name)
         self._mount(self._dataset("containers", name), rootfs)
         bind_mount(rootfs, path, read_only=read_only)
@@ -420,7 +413,7 @@ class ZfsDriver(DriverHome):
                                         ("bind", "ro" if read_only else "rw")),))
 
     def unmount(self, name: str, target: Path | None) -> None:
-        unmount(target or self._container(name) / "merged")
+        super().unmount(name, target)
         self._umount(self._dataset("containers", name), self._rootfs(name))
 
     def usage(self, name: str) -> Usage:
@@ -446,12 +439,10 @@ class ZfsDriver(DriverHome):
                 for name, p in found.items()}
 
     def remove_container(self, name: str) -> None:
-        home = self._container(name)
-        if home.exists():
+        if self._container(name).exists():
             self.unmount(name, None)
         self._destroy(self._dataset("containers", name))
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(home)
+        super().remove_container(name)
 
     def list_containers(self) -> set[str]:
         return self._names("containers")

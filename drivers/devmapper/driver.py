@@ -42,7 +42,8 @@ from pathlib import Path
 
 from imaged import loopdev
 from imaged.config import Config
-from imaged.drivers import Capabilities, Mounted, Probe, Usage
+from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
+from imaged.drivers.base import BaseDriver
 from imaged.drivers.devmapper.ioctl import (
     DM_ACTIVE_PRESENT_FLAG,
     DM_DEV_RENAME_CMD,
@@ -84,7 +85,7 @@ from imaged.drivers.devmapper.pool import (
 from imaged.drivers.devmapper.records import Record, Records, reconcile
 from imaged.errors import ConflictError, InternalError, InvalidError, QuotaUnsupportedError
 from imaged.fsutil import remove_tree
-from imaged.mounts import MountSpec, is_mounted, mount_with_fsconfig, mountinfo, unmount
+from imaged.mounts import MountSpec, mount_with_fsconfig, mountinfo, unmount
 from imaged.sizes import format_size
 from imaged.unpack import WhiteoutMode
 
@@ -179,7 +180,7 @@ def _block_node(dev: str) -> Path | None:
 
 
 def capabilities() -> Capabilities:
-    return Capabilities("snapshot", WhiteoutMode.DELETE, "device size", "total",
+    return Capabilities("snapshot", WhiteoutMode.DELETE, QuotaMode.DEVICE, "total",
                         rename_lower_dirs=True, xattrs=True)
 
 
@@ -220,11 +221,11 @@ def probe(config: Config) -> Probe:
 # -- the driver ----------------------------------------------------------------------------------
 
 
-class DevmapperDriver:
+class DevmapperDriver(BaseDriver):
     name = "devmapper"
 
     def __init__(self, config: Config, home: Path) -> None:
-        self.home = home
+        super().__init__(config, home)
         self.options = Options.of(config)
         problem = config_problem(self.options)
         if problem is not None:
@@ -233,8 +234,6 @@ class DevmapperDriver:
         self.pool = pool_name(self.options, home)
         self.recovered: list[str] = []  # what the start repaired or found, also logged
         self._lock = threading.RLock()  # pool changes and their records, one at a time
-        for sub in ("layers", "containers"):
-            (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.records = Records(home / "devices.db")
         try:
             self._start_pool()
@@ -485,9 +484,6 @@ class DevmapperDriver:
 
     # layers
 
-    def _layer_dir(self, key: str) -> Path:
-        return self.home / "layers" / key
-
     def prepare_layer(self, key: str, parent: str | None) -> Path:
         if self.records.get(layer_key(key)) is not None:
             self.remove_layer(key)
@@ -495,7 +491,7 @@ class DevmapperDriver:
         if origin is None or origin.state != "ready":
             raise InternalError(f"parent layer {parent} has no thin device")
         record = self._new_device(layer_key(key), origin, origin.sectors)
-        target = self._layer_dir(key)
+        target = self._layer(key)
         target.mkdir(exist_ok=True, mode=0o755)
         device = self._activate(record)
         mount_with_fsconfig(MountSpec(self.options.fs, str(device),
@@ -505,14 +501,14 @@ class DevmapperDriver:
     def commit_layer(self, key: str) -> None:
         """Unmount (its filesystem is clean from now on: snapshots of it need no recovery) and
         deactivate; the empty directory stays as the layer's mark under ``layers/``."""
-        unmount(self._layer_dir(key))
+        unmount(self._layer(key))
         deactivate(device_name(self.tag, layer_key(key)))
 
     def remove_layer(self, key: str) -> None:
-        unmount(self._layer_dir(key))
+        unmount(self._layer(key))
         self._remove_device(layer_key(key))
         with contextlib.suppress(FileNotFoundError):
-            self._layer_dir(key).rmdir()
+            self._layer(key).rmdir()
 
     def list_layers(self) -> set[str]:
         return {record.key[2:] for record in self.records.with_prefix("l/")}
@@ -522,9 +518,6 @@ class DevmapperDriver:
         return []
 
     # containers
-
-    def _container(self, name: str) -> Path:
-        return self.home / "containers" / name
 
     def _record(self, name: str) -> Record:
         record = self.records.get(container_key(name))
@@ -591,12 +584,8 @@ class DevmapperDriver:
         if sectors > record.sectors:
             self._grow(grown)
 
-    def mount(self, name: str, layers: Sequence[str], read_only: bool,
-              target: Path | None) -> Mounted:
-        path = target or self._container(name) / "merged"
-        path.mkdir(parents=True, exist_ok=True)
-        if is_mounted(path):
-            return Mounted(path)
+    def _mount_at(self, path: Path, name: str, layers: Sequence[str],
+                  read_only: bool) -> Mounted:
         record = self._record(name)
         device = self._activate(record)
         spec = MountSpec(self.options.fs, str(device),
@@ -609,7 +598,7 @@ class DevmapperDriver:
         return Mounted(path, (spec,))
 
     def unmount(self, name: str, target: Path | None) -> None:
-        unmount(target or self._container(name) / "merged")
+        super().unmount(name, target)
         dm_name = device_name(self.tag, container_key(name))
         if not self._mounts_of(dm_name):
             try:
@@ -628,10 +617,8 @@ class DevmapperDriver:
                 stack.enter_context(self._mounted(record, where, read_only=True))
                 mounted = [where]
             st = os.statvfs(mounted[0])
-        return Usage(max(0, record.sectors * SECTOR - st.f_bavail * st.f_frsize), record.quota)
-
-    def usages(self, names: Sequence[str]) -> dict[str, Usage]:
-        return {name: self.usage(name) for name in names}
+        return Usage(max(0, record.sectors * SECTOR - st.f_bavail * st.f_frsize), record.quota,
+                     st.f_files - st.f_ffree, st.f_files)
 
     def remove_container(self, name: str) -> None:
         for where in self._mounts_of(device_name(self.tag, container_key(name))):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from imaged.config import Config
-from imaged.drivers import btrfs
+from imaged.drivers import QuotaMode, btrfs
 from imaged.errors import ConflictError
 from tests.conftest import filesystem_type
 
@@ -67,5 +67,5 @@ def test_probe_names_the_fix_on_another_filesystem(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["qgroup", "simple"])
 def test_capabilities_name_the_quota_mode(mode: str) -> None:
-    caps = btrfs.capabilities(mode)
+    caps = btrfs.capabilities(QuotaMode(mode))
     assert (caps.quota_mode, caps.quota_semantics) == (mode, "writable")
