@@ -51,10 +51,10 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from imaged import tools
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import DirectoryDriver
@@ -224,7 +224,7 @@ def _flush_pseudo_links(path: Path) -> None:
         log.warning("auplink (aufs-tools) is not installed: hardlinks copied up in %s will be "
                     "separate files after it is unmounted", path)
         return
-    proc = subprocess.run([auplink, str(path), "flush"], capture_output=True, text=True,
-                          timeout=_AUPLINK_TIMEOUT, check=False)
+    argv = [auplink, str(path), "flush"]
+    proc = tools.completed(argv, timeout=_AUPLINK_TIMEOUT, provides="aufs-tools")
     if proc.returncode != 0:
-        log.warning("auplink %s flush failed: %s", path, proc.stderr.strip())
+        log.warning("%s", tools.failure(argv, proc))

@@ -38,7 +38,6 @@ import errno
 import fcntl
 import os
 import struct
-import subprocess
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import btrfsutil
 
+from imaged import tools
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage, disk_usage
 from imaged.drivers.base import BaseDriver
@@ -143,20 +143,8 @@ def parse_qgroups(show: str) -> dict[int, tuple[int, int | None]]:
 
 def _btrfs(*args: str) -> str:
     """Run the ``btrfs`` CLI (C locale: its output is parsed) and return its stdout."""
-    try:
-        proc = subprocess.run(["btrfs", *args], capture_output=True, text=True,
-                              timeout=_BTRFS_TIMEOUT, env={**os.environ, "LC_ALL": "C"},
-                              check=False)
-    except FileNotFoundError:
-        raise QuotaUnsupportedError("the btrfs command is not installed: btrfs quotas need "
-                                    "btrfs-progs (apt-get install btrfs-progs)") from None
-    except subprocess.TimeoutExpired:
-        raise InternalError(f"btrfs {' '.join(args)} did not finish within "
-                            f"{_BTRFS_TIMEOUT:.0f} s") from None
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip() or proc.stdout.strip()).replace("\n", "; ")
-        raise InternalError(f"btrfs {' '.join(args)} failed (exit {proc.returncode}): {detail}")
-    return proc.stdout
+    return tools.run(["btrfs", *args], timeout=_BTRFS_TIMEOUT, missing=QuotaUnsupportedError,
+                     provides="btrfs quotas need btrfs-progs (apt-get install btrfs-progs)")
 
 
 def filesystem_id(path: Path) -> uuid.UUID:

@@ -11,12 +11,11 @@ as well as the container's writes (``total`` semantics, DESIGN §3).
 from __future__ import annotations
 
 import fcntl
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from imaged import loopquota
+from imaged import loopquota, tools
 from imaged.config import Config
 from imaged.drivers import (
     Capabilities,
@@ -61,15 +60,14 @@ def probe(config: Config) -> Probe:
 def copy_tree(source: Path, target: Path) -> None:
     """Copy a tree exactly (owners, modes, xattrs, devices, hardlinks), reflinking data."""
     target.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["cp", "-a", "--reflink=auto", "--no-target-directory",
-                           str(source), str(target)], capture_output=True, text=True,
-                          check=False, timeout=_COPY_TIMEOUT)
+    argv = ["cp", "-a", "--reflink=auto", "--no-target-directory", str(source), str(target)]
+    proc = tools.completed(argv, timeout=_COPY_TIMEOUT, provides="coreutils")
     if proc.returncode != 0:
         if "No space left" in proc.stderr or "Disk quota" in proc.stderr:
             raise QuotaUnsupportedError(
                 f"the image does not fit in the quota ({proc.stderr.strip().splitlines()[0]}); "
                 "vfs quotas count the image too: give a larger quota")
-        raise InternalError(f"copying {source} to {target} failed: {proc.stderr.strip()}")
+        raise InternalError(tools.failure(argv, proc))
 
 
 class VfsDriver(DirectoryDriver):

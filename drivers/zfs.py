@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import secrets
@@ -58,6 +59,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from imaged import tools
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import BaseDriver
@@ -111,15 +113,9 @@ def _error(command: list[str], code: int, stderr: str) -> ZfsError:
 
 
 def _run_once(command: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=ZFS_TIMEOUT,
-                              env={**os.environ, "LC_ALL": "C"}, check=False)
-    except FileNotFoundError:
-        raise ZfsError(f"the {command[0]} command is not installed: install zfs-fuse "
-                       "(apt-get install zfs-fuse) or OpenZFS", "daemon") from None
-    except subprocess.TimeoutExpired:
-        raise ZfsError(f"{' '.join(command)} did not finish within {ZFS_TIMEOUT:.0f} s: check "
-                       "that the ZFS daemon (zfs-fuse) is responsive", "other") from None
+    return tools.completed(command, timeout=ZFS_TIMEOUT,
+                           missing=functools.partial(ZfsError, kind="daemon"),
+                           provides="install zfs-fuse (apt-get install zfs-fuse) or OpenZFS")
 
 
 def _run(command: list[str]) -> str:

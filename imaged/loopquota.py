@@ -83,13 +83,12 @@ import errno
 import math
 import os
 import struct
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imaged import loopdev
+from imaged import loopdev, tools
 from imaged.errors import (
     NO_SPACE_ERRNOS,
     ConflictError,
@@ -486,20 +485,9 @@ def has_capability(status_text: str, cap: int) -> bool:
 
 
 def _run(argv: list[str], timeout: float, ok: tuple[int, ...] = (0,)) -> str:
-    """Run an e2fsprogs tool; its stderr (else stdout) is the error message when it fails."""
-    env = {**os.environ, "LC_ALL": "C"}
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                              check=False)
-    except FileNotFoundError:
-        raise QuotaUnsupportedError(f"{argv[0]} is not installed: loop-backed quotas need "
-                                    "e2fsprogs (apt-get install e2fsprogs)") from None
-    except subprocess.TimeoutExpired:
-        raise InternalError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from None
-    if proc.returncode not in ok:
-        detail = (proc.stderr.strip() or proc.stdout.strip()).replace("\n", "; ")
-        raise InternalError(f"{' '.join(argv)} failed (exit {proc.returncode}): {detail}")
-    return proc.stdout
+    return tools.run(argv, timeout=timeout, ok=ok, missing=QuotaUnsupportedError,
+                     provides="e2fsprogs, which loop-backed quotas need (apt-get install "
+                     "e2fsprogs)")
 
 
 def _sys_mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:

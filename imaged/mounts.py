@@ -15,11 +15,11 @@ import ctypes
 import errno
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imaged import tools
 from imaged.errors import ConflictError, ImagedError, InternalError
 from imaged.fsutil import syscall
 
@@ -147,25 +147,22 @@ def mount_with_command(spec: MountSpec, target: Path, cwd: Path | None = None,
     if len(options) > 4095:
         raise MountError(f"mount options for {target} are {len(options)} bytes, over the "
                          "kernel's one-page limit of mount(2); this kernel lacks lowerdir+")
-    cmd = ["mount", "-t", spec.type, "-o", options, spec.source, str(target)]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                          timeout=_COMMAND_TIMEOUT, check=False)
-    if proc.returncode != 0:
-        raise MountError(f"mount of {spec.type} at {target} failed: {proc.stderr.strip()}")
+    _mount8(["-t", spec.type, "-o", options, spec.source, str(target)], cwd)
 
 
 def bind_mount(source: Path, target: Path, read_only: bool = False) -> None:
-    cmd = ["mount", "--bind", str(source), str(target)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT,
-                          check=False)
-    if proc.returncode == 0 and read_only:
-        proc = subprocess.run(["mount", "-o", "remount,bind,ro", str(target)],
-                              capture_output=True, text=True, timeout=_COMMAND_TIMEOUT,
-                              check=False)
-        if proc.returncode != 0:
+    _mount8(["--bind", str(source), str(target)])
+    if read_only:
+        try:
+            _mount8(["-o", "remount,bind,ro", str(target)])
+        except BaseException:
             unmount(target)
-    if proc.returncode != 0:
-        raise MountError(f"bind mount of {source} at {target} failed: {proc.stderr.strip()}")
+            raise
+
+
+def _mount8(args: list[str], cwd: Path | None = None) -> None:
+    tools.run(["mount", *args], timeout=_COMMAND_TIMEOUT, cwd=cwd, error=MountError,
+              provides="util-linux's mount (apt-get install mount)")
 
 
 def unmount(target: Path, lazy: bool = False, follow: bool = True,

@@ -14,11 +14,11 @@ import base64
 import binascii
 import json
 import os
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from imaged import tools
 from imaged.errors import RegistryError
 from imaged.registry_client.auth import Credentials
 
@@ -67,17 +67,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def run_helper(helper: str, server: str) -> Credentials | None:
     """Ask ``docker-credential-<helper> get``; "not found" is None, other failures are errors."""
     program = f"docker-credential-{helper}"
-    try:
-        proc = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
-                              timeout=HELPER_TIMEOUT, check=False)
-    except FileNotFoundError:
-        raise RegistryError(f"credential helper {program} is configured but not installed") \
-            from None
-    except subprocess.TimeoutExpired:
-        raise RegistryError(f"credential helper {program} did not answer in "
-                            f"{HELPER_TIMEOUT:.0f} s") from None
+    proc = tools.completed([program, "get"], input_text=server, timeout=HELPER_TIMEOUT,
+                           error=RegistryError,
+                           provides="the Docker config names it (credHelpers or credsStore)")
     if proc.returncode != 0:
-        if b"credentials not found" in (proc.stdout + proc.stderr).lower():
+        if "credentials not found" in (proc.stdout + proc.stderr).lower():
             return None
         # The helper's output is not echoed: helpers have been seen to print secrets on error.
         raise RegistryError(f"credential helper {program} failed (exit {proc.returncode})")

@@ -34,13 +34,12 @@ import errno
 import logging
 import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from imaged import loopdev
+from imaged import loopdev, tools
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import BaseDriver
@@ -127,18 +126,8 @@ def pool_state(name: str) -> tuple[PoolStatus, int] | None:
 
 
 def _run(argv: list[str], timeout: float = _TOOL_TIMEOUT) -> str:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "LC_ALL": "C"}, check=False)
-    except FileNotFoundError:
-        raise InternalError(f"{argv[0]} is not installed (e2fsprogs, xfsprogs, "
-                            "thin-provisioning-tools: scripts/setup installs them)") from None
-    except subprocess.TimeoutExpired:
-        raise InternalError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip() or proc.stdout.strip()).replace("\n", "; ")
-        raise InternalError(f"{' '.join(argv)} failed (exit {proc.returncode}): {detail}")
-    return proc.stdout
+    return tools.run(argv, timeout=timeout, provides="e2fsprogs, xfsprogs or "
+                     "thin-provisioning-tools (scripts/setup installs them)")
 
 
 def mkfs_command(fs: str, device: Path) -> list[str]:

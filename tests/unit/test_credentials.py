@@ -337,14 +337,14 @@ def test_helper_with_malformed_output(helper: str) -> None:
 def test_helper_not_installed(env: dict[str, str], docker_dir: Path) -> None:
     docker_config(docker_dir, {"credHelpers": {HOST: "absent"}})
     with pytest.raises(RegistryError,
-                       match="docker-credential-absent is configured but not installed"):
+                       match="docker-credential-absent is not installed: the Docker config"):
         lookup_credentials(HOST, "x", env)
 
 
 @pytest.mark.usefixtures("helpers")
 def test_helper_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(credentials_module, "HELPER_TIMEOUT", 0.5)
-    with pytest.raises(RegistryError, match="docker-credential-slow did not answer"):
+    with pytest.raises(RegistryError, match="docker-credential-slow get did not finish within"):
         run_helper("slow", HOST)
 
 
