@@ -1,6 +1,8 @@
 """The guest harness itself, run on the host (integration tier): a script's exit status, output
 and files come back, its writes to the root stay in the guest, and a hung guest is killed with
-no process or RAM file left behind."""
+no process or RAM file left behind. Guests boot as the guest tier boots them on this host:
+directly, or through the xstate shim where the host's XSAVE area is larger than UML's
+(tests/guest/xstate.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest import uml
+from tests.guest import uml, xstate
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +19,18 @@ def kernel() -> uml.Kernel:
     return uml.fetch_kernel()
 
 
-def test_status_output_and_share_come_back(kernel: uml.Kernel, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def boot_env(kernel: uml.Kernel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    scratch = tmp_path_factory.mktemp("xstate")
+    return xstate.probe(kernel, scratch).plan.environment(scratch / "shim.report")
+
+
+def test_status_output_and_share_come_back(kernel: uml.Kernel, boot_env: dict[str, str],
+                                           tmp_path: Path) -> None:
     probe = Path("/usr/imaged-guest-probe")
     script = (f"echo out; echo err >&2; touch {probe} && echo written > {tmp_path}/file\n"
               "[ \"$IMAGED_GUEST\" = 1 ] && exit 7\n")
-    run = uml.boot(kernel, tmp_path, script, timeout=60)
+    run = uml.boot(kernel, tmp_path, script, timeout=60, env=boot_env)
     assert (run.status, run.timed_out) == (7, False), run.console
     assert run.output.split() == ["out", "err"]
     assert (tmp_path / "file").read_text() == "written\n"
@@ -29,9 +38,10 @@ def test_status_output_and_share_come_back(kernel: uml.Kernel, tmp_path: Path) -
     assert uml.session_members(run.pid) == []
 
 
-def test_hung_guest_is_killed_without_leftovers(kernel: uml.Kernel, tmp_path: Path) -> None:
+def test_hung_guest_is_killed_without_leftovers(kernel: uml.Kernel, boot_env: dict[str, str],
+                                                tmp_path: Path) -> None:
     ram_files = set(os.listdir(uml.RAM_DIR))
-    run = uml.boot(kernel, tmp_path, "sleep 600\n", timeout=8)
+    run = uml.boot(kernel, tmp_path, "sleep 600\n", timeout=8, env=boot_env)
     assert (run.status, run.timed_out) == (None, True)
     assert run.seconds < 8 + uml.REAP_SECONDS
     assert uml.session_members(run.pid) == []
