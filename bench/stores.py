@@ -62,7 +62,7 @@ class DriverStore:
         unmount_under(root)
         home = root / "drivers" / self.driver
         if self.driver == "devmapper" and home.exists():
-            from imaged.drivers.devmapper import deactivate_all  # noqa: PLC0415 - devmapper only
+            from imaged.drivers.devmapper.driver import deactivate_all  # noqa: PLC0415 - devmapper only
 
             deactivate_all(home)  # its devices hold the pool's loop files
         if self.driver == "btrfs" and home.exists():

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from imaged.config import Config
-from imaged.drivers import devmapper as dm
+from imaged.drivers.devmapper import driver as dm
+from imaged.drivers.devmapper import ioctl, pool
 from imaged.errors import ConflictError, InvalidError
 from imaged.mounts import unmount
 from tests.conformance.conftest import (  # noqa: F401 - the battery's fixtures, used by it
@@ -81,9 +82,9 @@ def start(config: Config, **options: object) -> dm.DevmapperDriver:
 
 
 def device_size(driver: dm.DevmapperDriver, key: str) -> int:
-    header = dm.dm_status(dm.device_name(driver.tag, key))
+    header = ioctl.dm_status(pool.device_name(driver.tag, key))
     assert header is not None
-    sysfs = Path(f"/sys/dev/block/{dm.dev_string(header.dev)}/size")
+    sysfs = Path(f"/sys/dev/block/{pool.dev_string(header.dev)}/size")
     return int(sysfs.read_text()) * 512
 
 
@@ -107,7 +108,7 @@ def test_quota_is_the_device_size(config: Config) -> None:
     driver.create_container("q", [], 64 * MiB, False)
     mounted = driver.mount("q", [], False, None)
     assert device_size(driver, "c/q") == 64 * MiB
-    assert mounted.mounts[0].source == f"/dev/mapper/{dm.device_name(driver.tag, 'c/q')}"
+    assert mounted.mounts[0].source == f"/dev/mapper/{pool.device_name(driver.tag, 'c/q')}"
     before = driver.usage("q")
     assert before.quota == 64 * MiB and 0 < before.used < 8 * MiB  # the filesystem's own
     written = fill(mounted.path / "big")
@@ -119,7 +120,7 @@ def test_quota_is_the_device_size(config: Config) -> None:
     assert device_size(driver, "c/q") == 96 * MiB
     assert fill(mounted.path / "more") >= 30 * MiB
     driver.unmount("q", None)
-    assert dm.dm_status(dm.device_name(driver.tag, "c/q")) is None  # inactive when unmounted
+    assert ioctl.dm_status(pool.device_name(driver.tag, "c/q")) is None  # inactive when unmounted
     assert driver.usage("q").used >= 94 * MiB  # measured on a mount made for the moment
     driver.remove_container("q")
     assert driver.list_containers() == set()
@@ -165,9 +166,9 @@ def test_pool_devices_without_records_go_and_lost_records_are_reported(config: C
     # Behind the records' back: a device they do not know, one of theirs deleted, and the
     # pool's transaction id moved on as any other writer's would.
     tid = driver._pool_state()[0].transaction_id
-    dm.dm_message(driver.pool, "create_thin 4242")
-    dm.dm_message(driver.pool, f"delete {lost.id}")
-    dm.dm_message(driver.pool, f"set_transaction_id {tid} {tid + 7}")
+    ioctl.dm_message(driver.pool, "create_thin 4242")
+    ioctl.dm_message(driver.pool, f"delete {lost.id}")
+    ioctl.dm_message(driver.pool, f"set_transaction_id {tid} {tid + 7}")
     again = start(config)
     assert any("deleted thin device 4242" in note for note in again.recovered)
     assert any(f"thin device {lost.id} (c/lost) is recorded but missing" in note
@@ -182,21 +183,21 @@ def test_busy_device_is_removed_deferred_under_another_name(config: Config) -> N
     driver = start(config)
     driver.create_container("busy", [], None, False)
     driver.mount("busy", [], False, None)
-    name = dm.device_name(driver.tag, "c/busy")
-    holder = os.open(dm.node_path(name), os.O_RDONLY)
+    name = pool.device_name(driver.tag, "c/busy")
+    holder = os.open(ioctl.node_path(name), os.O_RDONLY)
     try:
         driver.unmount("busy", None)  # the device stays: it is open
         driver.remove_container("busy")
         record = next(r for r in driver.records.all() if r.key.startswith("dead/"))
-        dead = dm.device_name(driver.tag, record.key)
+        dead = pool.device_name(driver.tag, record.key)
         assert record.state == "removing"
-        assert dm.dm_status(name) is None and dm.dm_status(dead) is not None
+        assert ioctl.dm_status(name) is None and ioctl.dm_status(dead) is not None
         driver.create_container("busy", [], None, False)  # its name is free at once
     finally:
         os.close(holder)
     # The kernel removes it after the last close, from a work queue: soon, not at once.
     deadline = time.monotonic() + 10
-    while dm.dm_status(dead) is not None:
+    while ioctl.dm_status(dead) is not None:
         assert time.monotonic() < deadline, f"{dead} was not removed after its last close"
         time.sleep(0.05)
     again = start(config)

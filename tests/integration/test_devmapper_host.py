@@ -12,10 +12,10 @@ import pytest
 
 from imaged.bench.images import OCILayout
 from imaged.bench.registry import LocalRegistry
-from imaged.drivers import devmapper
+from imaged.drivers.devmapper import ioctl
 from tests.conftest import push_simple
 
-pytestmark = pytest.mark.skipif(devmapper.kernel_support() is None,
+pytestmark = pytest.mark.skipif(ioctl.kernel_support() is None,
                                 reason="this kernel has device-mapper with thin pools")
 
 
