@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from imaged import ext4layout as ext4
 from imaged import loopdev
 from imaged import loopquota as lq
 from imaged.errors import ConflictError, NoSpaceError, NotFoundError
@@ -168,7 +169,7 @@ def in_window(capacity: int, quota: int) -> bool:
 # -- the quota promise ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quota", [lq.MIN_QUOTA, 16 * MiB, 64 * MiB, 300 * MiB],
+@pytest.mark.parametrize("quota", [ext4.MIN_QUOTA, 16 * MiB, 64 * MiB, 300 * MiB],
                          ids=["min", "16M", "64M", "300M"])
 def test_quota_can_be_written_and_no_more(make_fs: Callable[..., lq.LoopFS],
                                           quota: int) -> None:
@@ -283,7 +284,7 @@ def test_grow_online_then_write_more(make_fs: Callable[..., lq.LoopFS]) -> None:
     assert str(fs.mount_point) in mounted_points()
     space = lq.usage(fs)
     assert in_window(space.capacity, grown)
-    assert space.inodes >= grown // lq.INODE_RATIO  # online growth adds inodes too
+    assert space.inodes >= grown // ext4.INODE_RATIO  # online growth adds inodes too
     assert allocated(fs.image) >= os.path.getsize(fs.image)  # reserved before it grew
     write_file(fs.mount_point / "more", 60 * MiB)  # far past the old quota
     assert digest(fs.mount_point / "kept") == kept
@@ -345,7 +346,7 @@ def test_inodes_follow_the_quota_and_grow_with_it(make_fs: Callable[..., lq.Loop
     only blockless ones (here empty files) can run out of inodes, and growing adds inodes."""
     fs = make_fs(16 * MiB)
     fresh = lq.usage(fs)
-    assert fresh.inodes >= 16 * MiB // lq.INODE_RATIO
+    assert fresh.inodes >= 16 * MiB // ext4.INODE_RATIO
     small = make_files(fs.mount_point / "small", size=1)
     after = lq.usage(fs)
     assert small > 3000  # each took a block: about the quota's 4 KiB blocks
@@ -361,7 +362,7 @@ def test_inodes_follow_the_quota_and_grow_with_it(make_fs: Callable[..., lq.Loop
     lq.resize(fs, 64 * MiB, mounted=False)
     lq.mount(fs)
     grown = lq.usage(fs)
-    assert grown.inodes >= 64 * MiB // lq.INODE_RATIO
+    assert grown.inodes >= 64 * MiB // ext4.INODE_RATIO
     assert make_files(fs.mount_point / "more") == grown.inodes - grown.inodes_used - 1
 
 

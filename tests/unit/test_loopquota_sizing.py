@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from imaged import ext4layout as ext4
 from imaged import loopdev
 from imaged import loopquota as lq
 from imaged.errors import InvalidError
@@ -57,7 +58,7 @@ def test_ioctl_numbers() -> None:
             loopdev.LOOP_CTL_GET_FREE) == (0x4C01, 0x4C07, 0x4C0A, 0x4C82)
 
 
-OLD_GROUPS = lq.Groups(32768, 8192)  # what imaged made before 16 MiB groups
+OLD_GROUPS = ext4.Groups(32768, 8192)  # what imaged made before 16 MiB groups
 
 # -- sizing rules --------------------------------------------------------------------------------
 
@@ -67,18 +68,18 @@ OLD_GROUPS = lq.Groups(32768, 8192)  # what imaged made before 16 MiB groups
     (3 * GiB, 64 * MiB), (100 * GiB, 64 * MiB),
 ])
 def test_journal_size(quota: int, journal: int) -> None:
-    assert lq.journal_bytes(quota) == journal
+    assert ext4.journal_bytes(quota) == journal
 
 
 @pytest.mark.parametrize(("blocks", "reserved"), [
     (4096, 81), (16384, 327), (204799, 4095), (204800, 4096), (26214400, 4096),
 ])
 def test_kernel_reservation(blocks: int, reserved: int) -> None:
-    assert lq.reserved_clusters(blocks) == reserved
+    assert ext4.reserved_clusters(blocks) == reserved
 
 
 def test_superblock_backups_follow_sparse_super() -> None:
-    assert [g for g in range(130) if lq.has_super_backup(g)] == [0, 1, 3, 5, 7, 9, 25, 27, 49,
+    assert [g for g in range(130) if ext4.has_super_backup(g)] == [0, 1, 3, 5, 7, 9, 25, 27, 49,
                                                                   81, 125]
 
 
@@ -86,11 +87,11 @@ def test_superblock_backups_follow_sparse_super() -> None:
     (4096, 15), (16384, 63), (76800, 299), (26214400, 1024),  # what mke2fs 1.47.0 reserved
 ])
 def test_reserved_gdt_blocks(blocks: int, reserved: int) -> None:
-    assert lq.reserved_gdt_blocks(blocks) == reserved
+    assert ext4.reserved_gdt_blocks(blocks) == reserved
 
 
 def test_reserved_gdt_blocks_of_an_older_imaged_layout() -> None:
-    assert lq.reserved_gdt_blocks(16384, OLD_GROUPS) == 7  # 128 MiB groups, before 16 MiB ones
+    assert ext4.reserved_gdt_blocks(16384, OLD_GROUPS) == 7  # 128 MiB groups, before 16 MiB ones
 
 
 # (blocks asked, journal MiB) -> (blocks made, overhead, capacity, inodes), measured: mke2fs
@@ -114,119 +115,119 @@ GOLDEN = [
 def test_layout_model_matches_mke2fs(asked: tuple[int, int],
                                      made: tuple[int, int, int, int]) -> None:
     blocks, journal_mib = asked
-    layout = lq.model_layout(blocks, journal_mib * MiB // lq.BLOCK_SIZE)
+    layout = ext4.model_layout(blocks, journal_mib * MiB // ext4.BLOCK_SIZE)
     assert (layout.blocks, layout.overhead, layout.capacity, layout.inodes) == made
 
 
-@pytest.mark.parametrize("quota", [lq.MIN_QUOTA, 16 * MiB, 64 * MiB, GiB, 100 * GiB])
+@pytest.mark.parametrize("quota", [ext4.MIN_QUOTA, 16 * MiB, 64 * MiB, GiB, 100 * GiB])
 def test_every_block_of_the_quota_has_an_inode(quota: int) -> None:
     """The ratio the docs state: at least one inode per 4 KiB of quota, so only files without
     blocks (empty ones, symlinks, device nodes, whiteouts) can run out of inodes first."""
-    layout = lq.plan_layout(quota)
-    assert layout.inodes >= quota // lq.INODE_RATIO
-    assert layout.inodes == lq.GROUPS.count(layout.blocks) * lq.GROUP_BLOCKS
+    layout = ext4.plan_layout(quota)
+    assert layout.inodes >= quota // ext4.INODE_RATIO
+    assert layout.inodes == ext4.GROUPS.count(layout.blocks) * ext4.GROUP_BLOCKS
 
 
 def test_journal_must_fit_twice() -> None:
-    assert not lq.model_layout(2200, 1024).journal_fits  # mke2fs: "journal too big"
-    assert lq.model_layout(2686, 1024).journal_fits
+    assert not ext4.model_layout(2200, 1024).journal_fits  # mke2fs: "journal too big"
+    assert ext4.model_layout(2686, 1024).journal_fits
 
 
 def test_last_group_too_small_is_avoided() -> None:
-    group = lq.GROUP_BLOCKS
-    minimum = lq.last_group_minimum(group + 1)
-    assert minimum == 2 + 256 + 50 + 1 + 1 + lq.reserved_gdt_blocks(group + 1)  # group 1
+    group = ext4.GROUP_BLOCKS
+    minimum = ext4.last_group_minimum(group + 1)
+    assert minimum == 2 + 256 + 50 + 1 + 1 + ext4.reserved_gdt_blocks(group + 1)  # group 1
     for asked in (group + 10, group + minimum - 1, group + minimum):
-        made = lq.avoid_short_last_group(asked)
-        assert lq.model_layout(made, 1024).blocks == made  # mke2fs keeps it
-        assert lq.model_layout(made - 1, 1024).blocks == group  # and it is the smallest
-    assert lq.avoid_short_last_group(2 * group) == 2 * group
-    assert lq.avoid_short_last_group(1000) == 1000  # one group: never dropped
+        made = ext4.avoid_short_last_group(asked)
+        assert ext4.model_layout(made, 1024).blocks == made  # mke2fs keeps it
+        assert ext4.model_layout(made - 1, 1024).blocks == group  # and it is the smallest
+    assert ext4.avoid_short_last_group(2 * group) == 2 * group
+    assert ext4.avoid_short_last_group(1000) == 1000  # one group: never dropped
     # Group 2 has no superblock backup, so its minimum is the bitmaps and table alone.
-    assert lq.last_group_minimum(2 * group + 1) == 2 + 256 + 50
+    assert ext4.last_group_minimum(2 * group + 1) == 2 + 256 + 50
 
 
 def test_capacity_window() -> None:
-    low, aim, high = lq.capacity_window(16 * MiB)
+    low, aim, high = ext4.capacity_window(16 * MiB)
     assert (low, aim, high) == (4096 + 16, 4096 + 64, 4096 + 496)
-    assert high * lq.BLOCK_SIZE < 16 * MiB + 2 * MiB
+    assert high * ext4.BLOCK_SIZE < 16 * MiB + 2 * MiB
 
 
 def test_next_blocks_pays_for_metadata_and_reservation() -> None:
-    assert lq.next_blocks(10_000, 0) == 10_000
-    small = lq.next_blocks(10_000, 1000) - 10_000
-    large = lq.next_blocks(1_000_000, 1000) - 1_000_000
+    assert ext4.next_blocks(10_000, 0) == 10_000
+    small = ext4.next_blocks(10_000, 1000) - 10_000
+    large = ext4.next_blocks(1_000_000, 1000) - 1_000_000
     assert small > large > 1000  # below 800 MiB the 2% reservation grows too
-    assert lq.next_blocks(10_000, -1000) == 10_000 - small
-    assert lq.next_blocks(10, -1000) == 1
+    assert ext4.next_blocks(10_000, -1000) == 10_000 - small
+    assert ext4.next_blocks(10, -1000) == 1
 
 
 @pytest.mark.parametrize("quota", [4 * MiB, 4 * MiB + 1, 5 * MiB, 16 * MiB, 64 * MiB,
                                    300 * MiB, GiB, 100 * GiB, 10 * TiB])
 def test_plan_lands_in_the_window(quota: int) -> None:
-    layout = lq.plan_layout(quota)
-    low, _, high = lq.capacity_window(quota)
+    layout = ext4.plan_layout(quota)
+    low, _, high = ext4.capacity_window(quota)
     assert low <= layout.capacity <= high
     assert layout.journal_fits
-    assert layout.journal_blocks * lq.BLOCK_SIZE == lq.journal_bytes(quota)
-    assert lq.avoid_short_last_group(layout.blocks) == layout.blocks
+    assert layout.journal_blocks * ext4.BLOCK_SIZE == ext4.journal_bytes(quota)
+    assert ext4.avoid_short_last_group(layout.blocks) == layout.blocks
 
 
 def test_plan_sweep() -> None:
     rng = random.Random(20240601)  # noqa: S311 - reproducible test sizes, not secrets
     for quota in [rng.randint(4 * MiB, 200 * GiB) for _ in range(300)]:
-        layout = lq.plan_layout(quota)
-        low, _, high = lq.capacity_window(quota)
+        layout = ext4.plan_layout(quota)
+        low, _, high = ext4.capacity_window(quota)
         assert low <= layout.capacity <= high, quota
 
 
 def test_super_backups_counts_sparse_groups() -> None:
     for groups in (1, 2, 3, 10, 26, 800, 100_000):
-        assert lq.super_backups(groups) == sum(lq.has_super_backup(g) for g in range(groups))
+        assert ext4.super_backups(groups) == sum(ext4.has_super_backup(g) for g in range(groups))
 
 
 # (geometry, blocks, capacity now, capacity wanted) -> (blocks planned, capacity resize2fs gave)
 RESIZES = [
     # 16 MiB grown to 64 MiB, 2 GiB and 100 GiB (past the reserved descriptor blocks)
-    (lq.Geometry(lq.GROUPS, 24, 23), 5891, 4184, 16448, 19220, 16447),
-    (lq.Geometry(lq.GROUPS, 24, 23), 5891, 4184, 524352, 565608, 524351),
-    (lq.Geometry(lq.GROUPS, 24, 23), 5891, 4184, 26214464, 27984549, 26214463),
+    (ext4.Geometry(ext4.GROUPS, 24, 23), 5891, 4184, 16448, 19220, 16447),
+    (ext4.Geometry(ext4.GROUPS, 24, 23), 5891, 4184, 524352, 565608, 524351),
+    (ext4.Geometry(ext4.GROUPS, 24, 23), 5891, 4184, 26214464, 27984549, 26214463),
     # 2 GiB shrunk to 300 MiB (resize2fs turns freed descriptor blocks into reserved ones)
-    (lq.Geometry(lq.GROUPS, 1027, 1024), 585036, 524546, 76864, 99656, 76865),
+    (ext4.Geometry(ext4.GROUPS, 1027, 1024), 585036, 524546, 76864, 99656, 76865),
     # the same on images an older imaged made
-    (lq.Geometry(OLD_GROUPS, 3, 2), 5820, 4162, 524352, 538233, 524351),
-    (lq.Geometry(OLD_GROUPS, 3, 2), 5820, 4162, 26214464, 26637677, 26214465),
-    (lq.Geometry(OLD_GROUPS, 268, 267), 547172, 524532, 76864, 88913, 76863),
+    (ext4.Geometry(OLD_GROUPS, 3, 2), 5820, 4162, 524352, 538233, 524351),
+    (ext4.Geometry(OLD_GROUPS, 3, 2), 5820, 4162, 26214464, 26637677, 26214465),
+    (ext4.Geometry(OLD_GROUPS, 268, 267), 547172, 524532, 76864, 88913, 76863),
 ]
 
 
 @pytest.mark.parametrize(("geometry", "blocks", "capacity", "wanted", "planned", "measured"),
                          RESIZES)
-def test_resize_plan_matches_resize2fs(geometry: lq.Geometry, blocks: int, capacity: int,
+def test_resize_plan_matches_resize2fs(geometry: ext4.Geometry, blocks: int, capacity: int,
                                        wanted: int, planned: int, measured: int) -> None:
-    assert lq.plan_resize(geometry, blocks, capacity, wanted) == planned
-    assert capacity + lq.capacity_change(geometry, blocks, planned) == measured
+    assert ext4.plan_resize(geometry, blocks, capacity, wanted) == planned
+    assert capacity + ext4.capacity_change(geometry, blocks, planned) == measured
 
 
 def test_resize_plan_never_asks_for_a_short_last_group() -> None:
-    for geometry, blocks, capacity in ((lq.Geometry(lq.GROUPS, 24, 23), 5891, 4184),
-                                       (lq.Geometry(OLD_GROUPS, 3, 2), 5820, 4162)):
+    for geometry, blocks, capacity in ((ext4.Geometry(ext4.GROUPS, 24, 23), 5891, 4184),
+                                       (ext4.Geometry(OLD_GROUPS, 3, 2), 5820, 4162)):
         for wanted in range(30_000, 40_000, 97):
-            planned = lq.plan_resize(geometry, blocks, capacity, wanted)
-            assert lq.avoid_short_last_group(planned, geometry.groups, geometry.reserved_gdt) \
+            planned = ext4.plan_resize(geometry, blocks, capacity, wanted)
+            assert ext4.avoid_short_last_group(planned, geometry.groups, geometry.reserved_gdt) \
                 == planned
 
 
 @pytest.mark.parametrize("quota", [0, 1, MiB, 4 * MiB - 1])
 def test_quota_below_minimum_is_invalid(quota: int) -> None:
     with pytest.raises(InvalidError, match=r"minimum of 4 MiB"):
-        lq.plan_layout(quota)
+        ext4.plan_layout(quota)
 
 
 @pytest.mark.parametrize("quota", [True, 1.5, "16M"])
 def test_quota_must_be_bytes(quota: object) -> None:
     with pytest.raises(InvalidError, match="whole number of bytes"):
-        lq.check_quota(quota)  # type: ignore[arg-type]
+        ext4.check_quota(quota)  # type: ignore[arg-type]
 
 
 def test_create_refuses_a_small_quota_before_touching_disk(tmp_path: Path) -> None:
@@ -239,13 +240,13 @@ def test_create_refuses_a_small_quota_before_touching_disk(tmp_path: Path) -> No
 
 
 def _superblock(blocks: int, free: int, *, bit64: bool = True, overhead: int = 1547,
-                magic: int = lq.EXT4_MAGIC) -> bytes:
+                magic: int = ext4.EXT4_MAGIC) -> bytes:
     raw = bytearray(1024)
     struct.pack_into("<IIIIIIIIII", raw, 0, 16384, blocks & 0xFFFFFFFF, 0, free & 0xFFFFFFFF,
                      16373, 0, 2, 2, 32768, 32768)
     struct.pack_into("<I", raw, 0x28, 8192)
     struct.pack_into("<H", raw, 0x38, magic)
-    struct.pack_into("<II", raw, 0x5C, lq.COMPAT_HAS_JOURNAL, 0x80 if bit64 else 0)
+    struct.pack_into("<II", raw, 0x5C, ext4.COMPAT_HAS_JOURNAL, 0x80 if bit64 else 0)
     struct.pack_into("<H", raw, 0xCE, 7)
     struct.pack_into("<III", raw, 0x150, blocks >> 32, 0, free >> 32)
     struct.pack_into("<I", raw, 0x248, overhead)
@@ -253,22 +254,22 @@ def _superblock(blocks: int, free: int, *, bit64: bool = True, overhead: int = 1
 
 
 def test_parse_superblock() -> None:
-    sb = lq.parse_superblock(_superblock(16384, 14831))
+    sb = ext4.parse_superblock(_superblock(16384, 14831))
     assert (sb.blocks, sb.free_blocks, sb.block_size, sb.inodes_per_group) == (16384, 14831,
                                                                                4096, 8192)
     assert sb.reserved_gdt_blocks == 7
     assert sb.available == 14831 - 327
     assert sb.used == 16384 - 14831 - 1547
-    big = lq.parse_superblock(_superblock(1 << 33, (1 << 32) + 5))
+    big = ext4.parse_superblock(_superblock(1 << 33, (1 << 32) + 5))
     assert (big.blocks, big.free_blocks) == (1 << 33, (1 << 32) + 5)
-    assert lq.parse_superblock(_superblock(16384, 14831, overhead=0)).used is None
+    assert ext4.parse_superblock(_superblock(16384, 14831, overhead=0)).used is None
 
 
 def test_parse_superblock_refuses_other_things() -> None:
     with pytest.raises(InvalidError, match="magic"):
-        lq.parse_superblock(_superblock(1, 1, magic=0x1234))
+        ext4.parse_superblock(_superblock(1, 1, magic=0x1234))
     with pytest.raises(InvalidError, match="truncated"):
-        lq.parse_superblock(b"\0" * 100)
+        ext4.parse_superblock(b"\0" * 100)
 
 
 def test_parse_mountinfo() -> None:
