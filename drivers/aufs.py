@@ -42,7 +42,7 @@ Mount options, chosen deliberately:
   <mount> flush`` before the unmount writes them as real links, as aufs(5) asks and Docker did.
   Without aufs-tools installed, such links split at the next mount (a warning is logged).
 
-Quotas are overlay's: the upper on a loop-backed filesystem per container (``DriverHome``).
+Quotas are overlay's: the upper on a loop-backed filesystem per container (``DirectoryDriver``).
 """
 
 from __future__ import annotations
