@@ -18,7 +18,6 @@ Only what the drivers put *in* a layer or a container's data directory differs.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -114,8 +113,7 @@ class BaseDriver(ABC):
 
     def remove_container(self, name: str) -> None:
         """The container's directory, once whatever the driver keeps elsewhere is gone."""
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self._container(name))
+        remove_tree(self._container(name))
 
 
 class DirectoryDriver(BaseDriver):

@@ -83,7 +83,6 @@ from imaged.drivers.devmapper.pool import (
 )
 from imaged.drivers.devmapper.records import Record, Records, reconcile
 from imaged.errors import ConflictError, InternalError, InvalidError, QuotaUnsupportedError
-from imaged.fsutil import remove_tree
 from imaged.mounts import MountSpec, mount_with_fsconfig, mountinfo, unmount
 from imaged.sizes import format_size
 from imaged.unpack import WhiteoutMode
@@ -614,7 +613,7 @@ class DevmapperDriver(BaseDriver):
             unmount(where)
         unmount(self._container(name) / "merged")
         self._remove_device(container_key(name))
-        remove_tree(self._container(name))
+        super().remove_container(name)
 
     def list_containers(self) -> set[str]:
         names = {record.key[2:] for record in self.records.with_prefix("c/")}
