@@ -19,10 +19,10 @@ from typing import Any
 import trio
 
 from imaged.bench.daemon import imaged_daemon
-from imaged.bench.images import OCILayout, directory, file, push
-from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
 from imaged.bench.scratch import scratch_fs
+from imaged.testing.images import OCILayout, directory, file, push
+from imaged.testing.registry import local_registry
 
 INFO_CLIENTS = 16
 INFO_SECONDS = 3.0

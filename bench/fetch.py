@@ -24,13 +24,13 @@ from typing import IO, cast
 
 import trio
 
-from imaged.bench.images import Entry, OCILayout, push
-from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
 from imaged.bench.scratch import scratch_fs, settle
 from imaged.config import Overrides, load_config
 from imaged.events import PullEvent
-from imaged.service import Service
+from imaged.ops.service import Service
+from imaged.testing.images import Entry, OCILayout, push
+from imaged.testing.registry import local_registry
 
 
 class _RandomReader:

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import trio
 
-from imaged.bench.images import OCILayout, file, push, streamed
-from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
 from imaged.bench.scratch import scratch_fs, settle
 from imaged.bench.stores import DriverStore, driver_store
 from imaged.config import Config
 from imaged.drivers import registry
-from imaged.service import Service
+from imaged.ops.service import Service
+from imaged.testing.images import OCILayout, file, push, streamed
+from imaged.testing.registry import local_registry
 
 LAYER_COUNTS = (1, 16, 128, 500)
 SPACE_IMAGE_BYTES = 300 << 20

@@ -29,11 +29,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from imaged.bench.daemon import imaged_daemon
-from imaged.bench.images import Entry, Layer, OCILayout, directory, file, push, streamed
-from imaged.bench.registry import local_registry
 from imaged.bench.report import Series, machine_facts, write_report
 from imaged.bench.scratch import scratch_fs, settle
 from imaged.bench.stores import DriverStore, driver_store, unmount_under
+from imaged.testing.images import Entry, Layer, OCILayout, directory, file, push, streamed
+from imaged.testing.registry import local_registry
 
 SHAPES = ("debian", "layers128", "big")
 TOOLS = ("imaged", "imaged-daemon", "podman", "containerd", "skopeo+umoci")

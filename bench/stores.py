@@ -2,7 +2,7 @@
 
 overlay and vfs run on the bench's dedicated ext4; btrfs needs its root on btrfs, so it gets a
 loop-mounted btrfs of its own, made the same way; zfs needs a pool, so it gets a zfs-fuse pool
-on a sparse file (``imaged.bench.zfsfuse``); devmapper makes its own thin pool on sparse
+on a sparse file (``imaged.testing.zfsfuse``); devmapper makes its own thin pool on sparse
 loop files under its root, sized by ``DEVMAPPER_OPTIONS``. Each store knows how to give a fresh
 root for a sample, how to wipe it (read-only subvolumes, dataset clones and thin devices do not
 go with ``rm -rf``) and how much space its backing storage uses, so the space a driver's
@@ -107,7 +107,7 @@ def driver_store(driver: str, scratch: Path, where: str,
         with scratch_fs(size, "btrfs") as (base, desc):
             yield DriverStore(driver, base, desc)
     elif driver == "zfs":
-        from imaged.bench.zfsfuse import zfs_pool  # noqa: PLC0415 - zfs only
+        from imaged.testing.zfsfuse import zfs_pool  # noqa: PLC0415 - zfs only
 
         with zfs_pool(scratch / "zfs", size) as pool:
             yield DriverStore(driver, pool.mountpoint, f"a zfs-fuse pool on a sparse file of "

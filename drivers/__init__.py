@@ -16,19 +16,19 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from imaged import loopquota
 from imaged.config import Config
 from imaged.errors import ConflictError, InvalidError
 from imaged.fsutil import walk_lstat
-from imaged.mounts import MountSpec, is_mounted
-from imaged.unpack import WhiteoutMode
+from imaged.host.mounts import MountSpec, is_mounted
+from imaged.layers.unpack import WhiteoutMode
+from imaged.quota import loopquota
 
 
 class QuotaMode(StrEnum):
     """The mechanism that enforces a container's quota here (``ps`` and ``info`` show it)."""
 
-    LOOP = "loop"  # a loop-backed ext4 per container (imaged.loopquota)
-    PROJECT = "project"  # the filesystem's project quotas (imaged.projquota)
+    LOOP = "loop"  # a loop-backed ext4 per container (imaged.quota.loopquota)
+    PROJECT = "project"  # the filesystem's project quotas (imaged.quota.projquota)
     UNAVAILABLE = "unavailable"  # project quotas configured where the filesystem has none
     QGROUP = "qgroup"  # btrfs qgroups, full accounting
     SIMPLE = "simple"  # btrfs simple quotas (squota)

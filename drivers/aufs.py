@@ -59,8 +59,14 @@ from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import DirectoryDriver
 from imaged.errors import InvalidError
-from imaged.mounts import MountSpec, is_mounted, kernel_filesystems, mount_with_command, unmount
-from imaged.unpack import WhiteoutMode
+from imaged.host.mounts import (
+    MountSpec,
+    is_mounted,
+    kernel_filesystems,
+    mount_with_command,
+    unmount,
+)
+from imaged.layers.unpack import WhiteoutMode
 
 log = logging.getLogger("imaged.drivers.aufs")
 

@@ -23,12 +23,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from imaged import loopquota, projquota
 from imaged.config import Config
 from imaged.drivers import Mounted, QuotaMode, Usage, disk_usage, loop_usage
 from imaged.errors import InvalidError, QuotaUnsupportedError
 from imaged.fsutil import remove_tree
-from imaged.mounts import is_mounted, unmount
+from imaged.host.mounts import is_mounted, unmount
+from imaged.quota import loopquota, projquota
 from imaged.sizes import format_size
 
 

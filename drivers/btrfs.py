@@ -50,9 +50,9 @@ from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage, disk_usage
 from imaged.drivers.base import BaseDriver
 from imaged.errors import ConflictError, InternalError, InvalidError, QuotaUnsupportedError
-from imaged.mounts import MountSpec, backing_filesystem, bind_mount
+from imaged.host.mounts import MountSpec, backing_filesystem, bind_mount
+from imaged.layers.unpack import WhiteoutMode
 from imaged.sizes import format_size
-from imaged.unpack import WhiteoutMode
 
 _BTRFS_TIMEOUT = 120.0
 

@@ -43,7 +43,7 @@ from imaged.drivers import (
 )
 from imaged.drivers.base import DirectoryDriver, nearest_directory, quota_mode
 from imaged.errors import InvalidError
-from imaged.mounts import (
+from imaged.host.mounts import (
     MountSpec,
     backing_filesystem,
     bind_mount,
@@ -52,7 +52,7 @@ from imaged.mounts import (
     mount_with_fsconfig,
     new_mount_api_has,
 )
-from imaged.unpack import WhiteoutMode
+from imaged.layers.unpack import WhiteoutMode
 
 _SHORT_ALPHABET = string.ascii_uppercase + string.digits
 _SHORT_LENGTH = 6

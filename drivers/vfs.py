@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from imaged import loopquota, tools
+from imaged import tools
 from imaged.config import Config
 from imaged.drivers import (
     Capabilities,
@@ -25,8 +25,9 @@ from imaged.drivers import (
 )
 from imaged.drivers.base import DirectoryDriver, nearest_directory, quota_mode
 from imaged.errors import InternalError, QuotaUnsupportedError
-from imaged.mounts import MountSpec, bind_mount
-from imaged.unpack import WhiteoutMode
+from imaged.host.mounts import MountSpec, bind_mount
+from imaged.layers.unpack import WhiteoutMode
+from imaged.quota import loopquota
 
 _COPY_TIMEOUT = 3600
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h

@@ -64,9 +64,9 @@ from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import BaseDriver
 from imaged.errors import ConflictError, ImagedError, InternalError, InvalidError
-from imaged.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted
+from imaged.host.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted
+from imaged.layers.unpack import WhiteoutMode
 from imaged.sizes import format_size
-from imaged.unpack import WhiteoutMode
 
 ZFS_TIMEOUT = 120.0
 BUSY_WAIT = 5.0

@@ -1,3 +1,3 @@
-from imaged.cli import main
+from imaged.cli.main import main
 
 raise SystemExit(main())

@@ -49,7 +49,8 @@ class Config:
     registries: Mapping[str, RegistryConfig] = field(default_factory=dict)
     drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     certs_dirs: tuple[Path, ...] = DEFAULT_CERTS_DIRS
-    # Where non-root peers of the daemon may ask for a container to be mounted (imaged.targets).
+    # Where non-root peers of the daemon may ask for a container to be mounted
+    # (imaged.host.targets).
     mount_prefixes: tuple[Path, ...] = ()
     source: Path | None = None
 

@@ -1,6 +1,6 @@
 """Pull progress events: what the CLI draws and the API streams (DESIGN §5).
 
-Kept apart from ``imaged.pull`` so a CLI talking to the daemon can rebuild them from NDJSON
+Kept apart from ``imaged.ops.pull`` so a CLI talking to the daemon can rebuild them from NDJSON
 without importing the pull machinery (trio, requests, the unpacker).
 """
 

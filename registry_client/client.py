@@ -34,7 +34,6 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from imaged.config import Config
-from imaged.content import Ingest
 from imaged.digest import Digest
 from imaged.errors import (
     NO_SPACE_ERRNOS,
@@ -65,6 +64,7 @@ from imaged.registry_client.retry import (
 )
 from imaged.registry_client.tls import ssl_context_for
 from imaged.sizes import format_size
+from imaged.store.content import Ingest
 
 log = logging.getLogger("imaged.registry")
 

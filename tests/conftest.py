@@ -22,14 +22,15 @@ from typing import Any
 
 import pytest
 
-from imaged import cli, loopdev
-from imaged.bench import zfsfuse
-from imaged.bench.images import OCILayout, directory, file, push
-from imaged.bench.registry import LocalRegistry, start_registry
+from imaged.cli import main as cli
 from imaged.config import Config
 from imaged.drivers import registry as driver_registry
 from imaged.errors import ConflictError
-from imaged.mounts import mountinfo, unmount
+from imaged.host import loopdev
+from imaged.host.mounts import mountinfo, unmount
+from imaged.testing import zfsfuse
+from imaged.testing.images import OCILayout, directory, file, push
+from imaged.testing.registry import LocalRegistry, start_registry
 from tests.integration.faulty import FaultyRegistry, serve
 
 
@@ -117,7 +118,7 @@ def unmount_below(path: Path) -> None:
 def loop_filesystem(mkfs: list[str], image: Path, mount_point: Path,
                     options: str = "", size: int = 0) -> Iterator[Path]:
     """A fresh filesystem in a sparse file of ``size`` (default ``ROOT_FS_SIZE``), mounted at
-    ``mount_point`` through an autoclear loop device (imaged.loopdev): unmounting releases the
+    ``mount_point`` through an autoclear loop device (imaged.host.loopdev): unmounting releases the
     device, so the finalizer's unmount leaves no device bound, failing test or not."""
     need_tools(mkfs[0])
     with image.open("wb") as f:

@@ -3,7 +3,7 @@ device size.
 
 Layout. The pool is ``drivers.devmapper.pool`` when configured (an existing thin pool this root
 uses alone), else ``imaged-<tag>-pool``, made by imaged on two sparse files bound to autoclear
-loop devices (``imaged.loopdev``): ``pool/data`` (``data_size``) and ``pool/metadata``
+loop devices (``imaged.host.loopdev``): ``pool/data`` (``data_size``) and ``pool/metadata``
 (``metadata_size``). ``<tag>`` is 12 hex digits of the SHA-256 of the driver's home, so two roots
 never share a device name. In the pool::
 
@@ -39,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from imaged import loopdev, tools
+from imaged import tools
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import BaseDriver
@@ -83,9 +83,10 @@ from imaged.drivers.devmapper.pool import (
 )
 from imaged.drivers.devmapper.records import Record, Records, reconcile
 from imaged.errors import ConflictError, InternalError, InvalidError, QuotaUnsupportedError
-from imaged.mounts import MountSpec, mount_with_fsconfig, mountinfo, unmount
+from imaged.host import loopdev
+from imaged.host.mounts import MountSpec, mount_with_fsconfig, mountinfo, unmount
+from imaged.layers.unpack import WhiteoutMode
 from imaged.sizes import format_size
-from imaged.unpack import WhiteoutMode
 
 log = logging.getLogger("imaged.drivers.devmapper")
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import Entry, OCILayout, file, push
-from imaged.bench.registry import LocalRegistry, local_registry, start_registry
+from imaged.testing.images import Entry, OCILayout, file, push
+from imaged.testing.registry import LocalRegistry, local_registry, start_registry
 from tests.cache import user_cache
 from tests.conftest import Result, unmount_below
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import Entry, directory, file, push, symlink
+from imaged.testing.images import Entry, directory, file, push, symlink
 from tests.conformance.conftest import Bed
 
 # The battery is also the CLI's suite: every case runs embedded and through a daemon.

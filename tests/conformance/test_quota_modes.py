@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imaged.bench.images import file
+from imaged.testing.images import file
 from tests.conformance.conftest import Bed
 from tests.conftest import add_config
 

@@ -25,7 +25,7 @@ from imaged.config import Config
 from imaged.drivers.devmapper import driver as dm
 from imaged.drivers.devmapper import ioctl, pool
 from imaged.errors import ConflictError, InvalidError
-from imaged.mounts import unmount
+from imaged.host.mounts import unmount
 from tests.conformance.conftest import (  # noqa: F401 - the battery's fixtures, used by it
     bed,
     deep_images,

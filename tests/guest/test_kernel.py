@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from imaged import loopdev
-from imaged.mounts import MountSpec, mount_with_command, unmount
+from imaged.host import loopdev
+from imaged.host.mounts import MountSpec, mount_with_command, unmount
 from tests.conftest import need_tools
 
 pytestmark = pytest.mark.guest

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from imaged import projquota
-from imaged.bench.images import file
+from imaged.quota import projquota
+from imaged.testing.images import file
 from tests.conformance.conftest import Bed
 from tests.conformance.test_driver import test_quota_refuses_past_limit_and_frees_on_delete
 from tests.conftest import add_config

@@ -28,7 +28,7 @@ from requests.adapters import HTTPAdapter
 from tests.conftest import Daemon
 
 SCHEMA = schemathesis.openapi.from_dict(
-    json.loads(resources.files("imaged").joinpath("openapi.json").read_text()))
+    json.loads(resources.files("imaged.server").joinpath("openapi.json").read_text()))
 
 
 class _UnixConnection(urllib3.connection.HTTPConnection):

@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import OCILayout, directory, file, push
-from imaged.bench.registry import TLS, LocalRegistry, TokenAuth, start_registry
+from imaged.testing.images import OCILayout, directory, file, push
+from imaged.testing.registry import TLS, LocalRegistry, TokenAuth, start_registry
 from tests.conftest import Result, need_tools
 from tests.integration.authbed import (
     CertPair,

@@ -17,13 +17,13 @@ from typing import Any
 import btrfsutil
 import pytest
 
-from imaged.bench.images import OCILayout
-from imaged.bench.registry import LocalRegistry
 from imaged.config import Config
 from imaged.digest import Digest
 from imaged.drivers import btrfs as btrfs_driver
-from imaged.mounts import bind_mount, unmount
-from imaged.store import Store
+from imaged.host.mounts import bind_mount, unmount
+from imaged.store.root import Store
+from imaged.testing.images import OCILayout
+from imaged.testing.registry import LocalRegistry
 from tests.conformance import test_driver as battery
 from tests.conformance.conftest import Bed
 from tests.conftest import filesystem_type, push_simple

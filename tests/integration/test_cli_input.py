@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import OCILayout
-from imaged.bench.registry import LocalRegistry
-from imaged.client import DaemonClient
+from imaged.cli.client import DaemonClient
 from imaged.errors import InvalidError
-from imaged.lock import RootLock
+from imaged.store.lock import RootLock
+from imaged.testing.images import OCILayout
+from imaged.testing.registry import LocalRegistry
 from tests.conftest import Daemon, push_simple
 from tests.integration.test_daemon import _admin_group
 

@@ -1,4 +1,4 @@
-"""Concurrent pulls in one process, as the daemon runs them (DESIGN §5, imaged.flights).
+"""Concurrent pulls in one process, as the daemon runs them (DESIGN §5, imaged.ops.flights).
 
 Shared blobs are downloaded once and shared layers unpacked once; a pull whose client goes away
 cancels nothing another pull waits on and leaves nothing behind; leases cover a pull's blobs and
@@ -19,15 +19,15 @@ from typing import Any
 import pytest
 import trio
 
-from imaged.bench.images import OCILayout, file, push
-from imaged.bench.registry import LocalRegistry
 from imaged.config import Overrides, load_config
 from imaged.digest import Digest, chain_ids
 from imaged.errors import ImagedError
 from imaged.events import PullEvent
-from imaged.pull import PullResult
-from imaged.service import Service
-from imaged.unpack import unpack_layer
+from imaged.layers.unpack import unpack_layer
+from imaged.ops.pull import PullResult
+from imaged.ops.service import Service
+from imaged.testing.images import OCILayout, file, push
+from imaged.testing.registry import LocalRegistry
 from tests.conftest import upstream_gets
 from tests.integration.faulty import (
     BIG,
@@ -55,7 +55,7 @@ def unpacked(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
         seen[str(diff_id)] += 1
         return unpack_layer(blob, media_type, diff_id, *args, **kwargs)
 
-    monkeypatch.setattr("imaged.pull.unpack_layer", spy)
+    monkeypatch.setattr("imaged.ops.pull.unpack_layer", spy)
     return seen
 
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import OCILayout, file, push
-from imaged.bench.registry import LocalRegistry
-from imaged.client import DaemonClient, segment
+from imaged.cli.client import DaemonClient, segment
 from imaged.digest import Digest
-from imaged.mounts import is_mounted, mountinfo
+from imaged.host.mounts import is_mounted, mountinfo
+from imaged.testing.images import OCILayout, file, push
+from imaged.testing.registry import LocalRegistry
 from tests.conftest import Daemon, push_simple
 
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import OCILayout, file, push
-from imaged.bench.registry import LocalRegistry
-from imaged.client import DaemonClient, segment
+from imaged.cli.client import DaemonClient, segment
 from imaged.digest import Digest
 from imaged.errors import ConflictError, InvalidError, NotFoundError
-from imaged.mounts import is_mounted
+from imaged.host.mounts import is_mounted
+from imaged.testing.images import OCILayout, file, push
+from imaged.testing.registry import LocalRegistry
 from tests.conftest import Daemon, need_tools, push_simple, upstream_gets
 from tests.integration.faulty import FaultyRegistry, Gate, big_image, blob_path, top_layer
 

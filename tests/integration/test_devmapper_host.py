@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import OCILayout
-from imaged.bench.registry import LocalRegistry
 from imaged.drivers.devmapper import ioctl
+from imaged.testing.images import OCILayout
+from imaged.testing.registry import LocalRegistry
 from tests.conftest import push_simple
 
 pytestmark = pytest.mark.skipif(ioctl.kernel_support() is None,

@@ -24,15 +24,15 @@ from typing import Any
 import pytest
 import trio
 
-from imaged.bench.images import OCILayout
-from imaged.bench.registry import LocalRegistry, free_port
 from imaged.config import Overrides, load_config
 from imaged.errors import ImagedError
 from imaged.events import PullEvent
+from imaged.ops.service import Service
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.retry import RetryPolicy
-from imaged.service import Service
-from imaged.store import Store
+from imaged.store.root import Store
+from imaged.testing.images import OCILayout
+from imaged.testing.registry import LocalRegistry, free_port
 from tests.conftest import Result, push_simple, upstream_gets
 from tests.integration.faulty import (
     Blob,

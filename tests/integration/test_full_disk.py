@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import OCILayout, file, push
-from imaged.bench.registry import LocalRegistry
+from imaged.testing.images import OCILayout, file, push
+from imaged.testing.registry import LocalRegistry
 from tests.conftest import Result, hog, loop_filesystem, push_simple
 
 MiB = 1 << 20

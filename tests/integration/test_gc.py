@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from imaged.bench.images import OCILayout
-from imaged.bench.registry import LocalRegistry
 from imaged.config import Overrides, load_config
 from imaged.digest import Digest
-from imaged.service import Service
+from imaged.ops.service import Service
+from imaged.testing.images import OCILayout
+from imaged.testing.registry import LocalRegistry
 from tests.conformance.conftest import Bed
 from tests.conftest import push_simple
 

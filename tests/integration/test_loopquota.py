@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from imaged import ext4layout as ext4
-from imaged import loopdev
-from imaged import loopquota as lq
 from imaged.errors import ConflictError, NoSpaceError, NotFoundError
+from imaged.host import loopdev
+from imaged.quota import ext4layout as ext4
+from imaged.quota import loopquota as lq
 from tests.conftest import hog, loop_filesystem, need_tools
 
 MiB, GiB = 1024**2, 1024**3

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import OCILayout
-from imaged.bench.registry import LocalRegistry
-from imaged.client import DaemonClient
-from imaged.mounts import is_mounted, mountinfo
+from imaged.cli.client import DaemonClient
+from imaged.host.mounts import is_mounted, mountinfo
+from imaged.testing.images import OCILayout
+from imaged.testing.registry import LocalRegistry
 from tests.conftest import Daemon, add_config, push_simple, unmount_below
 from tests.integration.test_daemon import _admin_group, _as_nobody
 

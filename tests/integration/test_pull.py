@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from imaged.bench.images import OCILayout, file, push
-from imaged.bench.registry import LocalRegistry
-from imaged.lock import RootLock
+from imaged.store.lock import RootLock
+from imaged.testing.images import OCILayout, file, push
+from imaged.testing.registry import LocalRegistry
 from tests.conftest import push_simple
 
 

@@ -2,7 +2,7 @@
 
 Every hostile layer is checked twice: the error names the member, and nothing appeared outside
 the target (a sentinel directory beside it stays empty). Layers are built with
-``imaged.bench.images`` where its ``Entry`` can say it, with ``tarfile`` where it cannot
+``imaged.testing.images`` where its ``Entry`` can say it, with ``tarfile`` where it cannot
 (device numbers, hand-made headers).
 """
 
@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from imaged.bench.images import (
+from imaged.digest import Digest
+from imaged.layers.unpack import LayerError, UnpackLimits, UnpackStats, WhiteoutMode, unpack_layer
+from imaged.testing.images import (
     MEDIA_BY_COMPRESSION,
     Entry,
     OCILayout,
@@ -34,8 +36,6 @@ from imaged.bench.images import (
     symlink,
     tar_bytes,
 )
-from imaged.digest import Digest
-from imaged.unpack import LayerError, UnpackLimits, UnpackStats, WhiteoutMode, unpack_layer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="unpacking owners and devices "
                                 "needs root")

@@ -19,15 +19,15 @@ from typing import Any
 
 import pytest
 
-from imaged.bench import zfsfuse
-from imaged.bench.images import OCILayout, file, push
-from imaged.bench.registry import LocalRegistry
 from imaged.config import Config, Overrides, load_config
 from imaged.digest import Digest
 from imaged.drivers import zfs as zfs_driver
 from imaged.errors import ConflictError
-from imaged.mounts import mountinfo
-from imaged.store import Store
+from imaged.host.mounts import mountinfo
+from imaged.store.root import Store
+from imaged.testing import zfsfuse
+from imaged.testing.images import OCILayout, file, push
+from imaged.testing.registry import LocalRegistry
 from tests.conftest import Daemon, add_config, push_simple, unmount_below
 from tests.integration.test_crash import client, kill_when_paused, start_request
 

@@ -29,9 +29,9 @@ from imaged.drivers.aufs import (
     probe_with,
 )
 from imaged.errors import InvalidError
-from imaged.layerplan import Action, classify
-from imaged.mounts import MountSpec, kernel_filesystems
-from imaged.unpack import UnpackLimits, WhiteoutMode, unpack_layer
+from imaged.host.mounts import MountSpec, kernel_filesystems
+from imaged.layers.layerplan import Action, classify
+from imaged.layers.unpack import UnpackLimits, WhiteoutMode, unpack_layer
 
 PAGE = 4096
 XINO = Path("/x/xino/c")

@@ -10,7 +10,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from imaged.httpserver import Connection, Emit, Limits, Request, Response, StreamResponse
+from imaged.server.httpserver import Connection, Emit, Limits, Request, Response, StreamResponse
 
 FAST = Limits(max_header_bytes=1024, max_body_bytes=100, idle_seconds=0.3, body_seconds=0.3,
               send_seconds=0.3)

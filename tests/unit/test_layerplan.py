@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imaged.layerplan import (
+from imaged.layers.layerplan import (
     BLOCK_SIZE,
     DIRECTORY,
     MAX_COMPONENT_BYTES,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from imaged import ext4layout as ext4
-from imaged import loopdev
-from imaged import loopquota as lq
 from imaged.errors import InvalidError
-from imaged.mounts import MountEntry, parse_mountinfo
+from imaged.host import loopdev
+from imaged.host.mounts import MountEntry, parse_mountinfo
+from imaged.quota import ext4layout as ext4
+from imaged.quota import loopquota as lq
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 

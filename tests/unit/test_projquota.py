@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from imaged import projquota
 from imaged.errors import QuotaUnsupportedError
+from imaged.quota import projquota
 
 
 def test_command_word_matches_the_kernel_macro() -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from imaged.config import Config
-from imaged.content import INGEST_EXPIRY_SECONDS, ContentStore, Ingest
 from imaged.digest import Digest, chain_ids
 from imaged.errors import (
     ConflictError,
@@ -23,9 +22,10 @@ from imaged.errors import (
     NotFoundError,
     RootInUseError,
 )
-from imaged.lock import RootLock, Waiting
-from imaged.metadata import MIGRATIONS, LayerRow, Metadata, NewImage
-from imaged.store import Store
+from imaged.store.content import INGEST_EXPIRY_SECONDS, ContentStore, Ingest
+from imaged.store.lock import RootLock, Waiting
+from imaged.store.metadata import MIGRATIONS, LayerRow, Metadata, NewImage
+from imaged.store.root import Store
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
 DATA_DIGEST = Digest.of(DATA)

@@ -1,5 +1,5 @@
-"""Which mount targets a non-root peer may name (imaged.targets.beneath) and the config key that
-sets them, without a kernel."""
+"""Which mount targets a non-root peer may name (imaged.host.targets.beneath) and
+the config key that sets them, without a kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from imaged.config import Config, parse_config
 from imaged.errors import ForbiddenError, InvalidError
-from imaged.targets import beneath
+from imaged.host.targets import beneath
 
 PREFIXES = (Path("/run/containers"), Path("/var/lib/ctr/rootfs"))
 

@@ -12,7 +12,7 @@ from imaged.config import Config
 from imaged.digest import Digest
 from imaged.drivers import zfs
 from imaged.errors import InvalidError
-from imaged.metadata import Metadata
+from imaged.store.metadata import Metadata
 from tests.conftest import filesystem_type
 
 GET = (

@@ -22,14 +22,14 @@ import trio
 
 from imaged.errors import ImagedError, InternalError, InvalidError, NotFoundError
 from imaged.events import PullEvent
-from imaged.httpserver import Emit, Request, Response, StreamResponse, error_body
 from imaged.names import check_name
+from imaged.ops.service import Service
 from imaged.registry_client.manifest import Platform
 from imaged.registry_client.reference import parse_reference
-from imaged.service import Service
+from imaged.server.httpserver import Emit, Request, Response, StreamResponse, error_body
 from imaged.sizes import check_quota
 
-log = logging.getLogger("imaged.api")
+log = logging.getLogger("imaged.server.api")
 
 _MAX_NAME = 512  # a reference or ID in a path; Docker allows 255 for a repository name
 
@@ -116,7 +116,8 @@ class Api:
         beneath ``api.mount_prefixes`` (DESIGN §5)."""
         self.service = service
         self.confined = confined
-        self.openapi = json.loads(resources.files("imaged").joinpath("openapi.json").read_text())
+        document = resources.files("imaged.server").joinpath("openapi.json")
+        self.openapi = json.loads(document.read_text())
         self._routes: dict[tuple[str, str], Callable[..., Awaitable[Response | StreamResponse]]] = {
             ("GET", "info"): self._info,
             ("GET", "openapi.json"): self._openapi,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from imaged.errors import NO_SPACE_ERRNOS
 
-log = logging.getLogger("imaged.reserve")
+log = logging.getLogger("imaged.store.reserve")
 
 RESERVE_BYTES = 8 * 1024 * 1024
 NAME = "reserve"

@@ -2,7 +2,8 @@
 
 Nothing is recorded until everything has been fetched, verified and applied: blobs and layers
 exist on disk before the one transaction that records the image, wanted only by the pull's lease
-(``imaged.leases``). Concurrent pulls share the work on each blob and each layer (``Flights``):
+(``imaged.store.leases``). Concurrent pulls share the work on each blob and each layer
+(``Flights``):
 a shared blob is downloaded once and a shared layer unpacked once. A pull that fails or is
 cancelled undoes what nobody else relies on, so the store is as it was; the bytes it fetched go
 back to ingest and the next attempt resumes from them (after hashing them again).
@@ -21,10 +22,9 @@ import trio
 from imaged.digest import Digest, chain_ids
 from imaged.errors import NO_SPACE_ERRNOS, ContentError, InternalError, NoSpaceError, collapse
 from imaged.events import PullEvent, Reporter
-from imaged.flights import Flights
 from imaged.fsutil import syncfs
-from imaged.leases import Lease, Leases
-from imaged.metadata import LayerRow, NewImage
+from imaged.layers.unpack import UnpackLimits, UnpackStats, unpack_layer
+from imaged.ops.flights import Flights
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.manifest import (
     Descriptor,
@@ -36,8 +36,9 @@ from imaged.registry_client.manifest import (
     select_platform,
 )
 from imaged.registry_client.reference import Reference
-from imaged.store import Store
-from imaged.unpack import UnpackLimits, UnpackStats, unpack_layer
+from imaged.store.leases import Lease, Leases
+from imaged.store.metadata import LayerRow, NewImage
+from imaged.store.root import Store
 
 # Layer blobs up to this size are fetched whole into memory: no resume (nothing worth resuming),
 # no progress between start and end (a fraction of a second on any link worth pulling over).

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from imaged.errors import ConflictError, ForbiddenError, InvalidError
 from imaged.fsutil import syscall
-from imaged.mounts import unmount
+from imaged.host.mounts import unmount
 
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_OPENAT2 = 428, 429, 437  # x86_64
 _OPEN_TREE_CLONE = 1

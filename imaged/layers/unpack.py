@@ -4,8 +4,8 @@ Layers are hostile input (DESIGN §6). Nothing here follows a symlink or trusts 
 every member's parent is reached from the target's directory fd one component at a time with
 ``O_NOFOLLOW|O_DIRECTORY``, so a symlink anywhere in the chain, whether this layer made it or a
 lower layer did (DELETE mode unpacks into the parent's tree), stops the unpack. ``tarfile``'s
-extraction (and its filters) is not used at all; the headers are parsed by ``imaged.layerplan``,
-which also holds every rule as pure functions.
+extraction (and its filters) is not used at all; the headers are parsed by
+``imaged.layers.layerplan``, which also holds every rule as pure functions.
 
 Two threads share the work: a feeder thread reads the blob, decompresses it and hashes the
 decompressed stream (the DiffID) while the calling thread creates files, so SHA-256 (0.16 s per
@@ -36,7 +36,7 @@ from isal import igzip, isal_zlib
 from imaged.digest import Digest, Hasher
 from imaged.errors import InvalidError
 from imaged.faults import pause_point
-from imaged.layerplan import (
+from imaged.layers.layerplan import (
     BLOCK_SIZE,
     BLOCKDEV,
     CHARDEV,

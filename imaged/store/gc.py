@@ -36,10 +36,10 @@ from typing import Any
 
 from imaged.digest import Digest
 from imaged.fsutil import freed_by_removing
-from imaged.leases import Leases
-from imaged.store import Store, why_layer_stays
+from imaged.store.leases import Leases
+from imaged.store.root import Store, why_layer_stays
 
-log = logging.getLogger("imaged.gc")
+log = logging.getLogger("imaged.store.gc")
 
 
 @dataclass(frozen=True)

@@ -22,18 +22,18 @@ from imaged.drivers import Capabilities, Mounted, Usage, probe_all
 from imaged.errors import ConflictError, InvalidError, NotFoundError
 from imaged.events import Reporter
 from imaged.faults import pause_point
-from imaged.gc import collect, release
-from imaged.leases import Leases
-from imaged.lock import Waiting
-from imaged.metadata import ContainerRow, ImageRow, Target
-from imaged.mounts import backing_filesystem
+from imaged.host.mounts import backing_filesystem
+from imaged.host.targets import attach, beneath, detach, open_target
 from imaged.names import name_or_new
-from imaged.pull import Puller, PullResult
+from imaged.ops.pull import Puller, PullResult
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.manifest import Platform
 from imaged.registry_client.reference import parse_reference
-from imaged.store import Store
-from imaged.targets import attach, beneath, detach, open_target
+from imaged.store.gc import collect, release
+from imaged.store.leases import Leases
+from imaged.store.lock import Waiting
+from imaged.store.metadata import ContainerRow, ImageRow, Target
+from imaged.store.root import Store
 
 
 def image_json(row: ImageRow) -> dict[str, Any]:
@@ -50,8 +50,8 @@ def image_json(row: ImageRow) -> dict[str, Any]:
 
 class Service:
     def __init__(self, store: Store, client: RegistryClient, nursery: trio.Nursery) -> None:
-        """``nursery`` runs work shared by concurrent pulls (``imaged.flights``): it must outlive
-        every call into this service, since that work outlives the pull that started it."""
+        """``nursery`` runs work shared by concurrent pulls (``imaged.ops.flights``): it must
+        outlive every call into this service, since that work outlives the pull that started it."""
         self.store = store
         self.client = client
         self.leases = Leases()
@@ -126,7 +126,7 @@ class Service:
         return release(self.store, self.leases, blobs, self.store.meta.unused_layers()).freed_bytes
 
     def gc(self) -> dict[str, Any]:
-        """Remove every blob and layer nothing references or leases (``imaged.gc``).
+        """Remove every blob and layer nothing references or leases (``imaged.store.gc``).
 
         Synchronous on purpose: no checkpoint may come between a lease check and a removal.
         """
@@ -211,7 +211,7 @@ class Service:
 
         ``confined`` (a non-root peer of the daemon): a ``target`` must lie beneath
         ``api.mount_prefixes``, and the container is mounted in the driver's own directory and
-        attached there through a descriptor (``imaged.targets``)."""
+        attached there through a descriptor (``imaged.host.targets``)."""
         prefixes = self.store.config.mount_prefixes
         if confined and target is not None:
             beneath(target, prefixes)  # refused before anything is created

@@ -1,6 +1,6 @@
 """The pure half of layer unpacking: tar headers in, checked members and decisions out.
 
-Nothing here touches a file. ``imaged.unpack`` is the thin I/O shell around it (h11's shape):
+Nothing here touches a file. ``imaged.layers.unpack`` is the thin I/O shell around it (h11's shape):
 it reads blocks, asks this module what they mean and whether they are allowed, and performs
 the answer with directory-fd syscalls. Keeping the rules here lets tables of cases test every
 refusal without root, a filesystem or a tar file.

@@ -10,16 +10,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from imaged import reserve
 from imaged.config import Config
-from imaged.content import ContentStore
 from imaged.digest import Digest
 from imaged.drivers import Capabilities, Driver, choose, registry
 from imaged.errors import ConflictError, ImagedError, InvalidError, NotFoundError
-from imaged.lock import RootDeniedError, RootLock, Waiting
-from imaged.metadata import ImageRow, Metadata, Target
-from imaged.mounts import backing_filesystem, is_mounted
+from imaged.host.mounts import backing_filesystem, is_mounted
 from imaged.registry_client.reference import parse_reference
+from imaged.store import reserve
+from imaged.store.content import ContentStore
+from imaged.store.lock import RootDeniedError, RootLock, Waiting
+from imaged.store.metadata import ImageRow, Metadata, Target
 
 _ID_PREFIX_RE = re.compile(r"(?:sha256:)?([0-9a-f]{12,64})")
 MIN_ID_PREFIX = 12

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from imaged import __version__
-from imaged.client import DaemonClient, daemon_for, segment
+from imaged.cli.client import DaemonClient, daemon_for, segment
 from imaged.config import DRIVER_NAMES, Config, Overrides, load_config
 from imaged.errors import (
     ForbiddenError,
@@ -28,10 +28,10 @@ from imaged.errors import (
     describe,
     error_from_json,
 )
-from imaged.lock import RootDeniedError, Waiting
 from imaged.names import check_name
-from imaged.peercred import ADMIN_GROUP
+from imaged.server.peercred import ADMIN_GROUP
 from imaged.sizes import check_quota, format_size, parse_size
+from imaged.store.lock import RootDeniedError, Waiting
 
 LOCK_WAIT_SECONDS = 600  # for another embedded command to let go of the root
 BENCHMARKS = {
@@ -238,8 +238,8 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
     """Run one command in this process, on the store itself."""
     import trio  # noqa: PLC0415 - embedded mode only: a daemon client never pays for it
 
-    from imaged.progress import progress_for  # noqa: PLC0415
-    from imaged.service import Service  # noqa: PLC0415
+    from imaged.cli.progress import progress_for  # noqa: PLC0415
+    from imaged.ops.service import Service  # noqa: PLC0415
 
     if args.command == "bench":
         from imaged.bench import api, btrfsquota, fetch, mount, pull  # noqa: PLC0415
@@ -290,8 +290,8 @@ def _run_remote(args: argparse.Namespace, client: DaemonClient) -> Any:
     """The same command through the daemon's socket: same results, same errors."""
     force = "?force=true" if getattr(args, "force", False) else ""
     if args.command == "pull":
+        from imaged.cli.progress import progress_for  # noqa: PLC0415
         from imaged.events import PullEvent  # noqa: PLC0415
-        from imaged.progress import progress_for  # noqa: PLC0415
 
         body = {"ref": args.ref, **({"platform": args.platform} if args.platform else {})}
         with progress_for(sys.stderr) as reporter:
@@ -341,7 +341,7 @@ def _serve(config: Config, debug: bool) -> None:
 
     import trio  # noqa: PLC0415
 
-    from imaged.daemon import serve  # noqa: PLC0415
+    from imaged.server.daemon import serve  # noqa: PLC0415
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="imaged: %(levelname)s: %(message)s")

@@ -123,7 +123,7 @@ class Target(enum.IntEnum):
 
     OWN = 0  # the driver's own directory for the container
     GIVEN = 1  # a path the caller gave, where the driver mounted
-    ATTACHED = 2  # a confined target (imaged.targets): a clone of the driver's own mount
+    ATTACHED = 2  # a confined target (imaged.host.targets): a clone of the driver's own mount
 
 
 @dataclass(frozen=True)

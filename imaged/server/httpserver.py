@@ -2,9 +2,9 @@
 state machine we drive, never by a framework's guesses).
 
 The server side of the socket API, kept apart from the API itself: this module knows requests,
-responses, framing, limits and timeouts; ``imaged.api`` knows what the paths mean. A peer gets
-a bounded amount of everything: header bytes (h11's incomplete-event limit), body bytes, time to
-send a request once idle, time to read a response. One that exceeds a limit gets the documented
+responses, framing, limits and timeouts; ``imaged.server.api`` knows what the paths mean. A peer
+gets a bounded amount of everything: header bytes (h11's incomplete-event limit), body bytes, time
+to send a request once idle, time to read a response. One that exceeds a limit gets the documented
 error (or, once a response has started, a closed connection) and holds nothing afterwards.
 """
 

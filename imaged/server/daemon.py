@@ -21,14 +21,21 @@ from pathlib import Path
 
 import trio
 
-from imaged.api import Api
 from imaged.config import Config
 from imaged.errors import ConflictError, InvalidError
-from imaged.httpserver import Connection, Limits, Request, Response, StreamResponse, error_body
-from imaged.peercred import ADMIN_GROUP, Peer, admin_gid, peer_of
-from imaged.service import Service
+from imaged.ops.service import Service
+from imaged.server.api import Api
+from imaged.server.httpserver import (
+    Connection,
+    Limits,
+    Request,
+    Response,
+    StreamResponse,
+    error_body,
+)
+from imaged.server.peercred import ADMIN_GROUP, Peer, admin_gid, peer_of
 
-log = logging.getLogger("imaged.daemon")
+log = logging.getLogger("imaged.server.daemon")
 
 SHUTDOWN_GRACE_SECONDS = 10.0
 MAX_CONNECTIONS = 512

@@ -29,7 +29,7 @@ cannot be undone, so a large one aims 1% short and small ones finish; the kernel
 2% reservation only at mount, so after growing it is set through sysfs to what the next mount
 will compute. Shrinking needs the container unmounted always (ext4 cannot shrink online):
 e2fsck, resize2fs, truncate. Sizes, for making and for both resizes, come from the layout
-model in ``imaged.ext4layout``.
+model in ``imaged.quota.ext4layout``.
 
 Callers serialize operations on one container; two processes mounting the same image at once
 could bind it to two loop devices.
@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imaged import loopdev, tools
+from imaged import tools
 from imaged.errors import (
     NO_SPACE_ERRNOS,
     ConflictError,
@@ -56,7 +56,9 @@ from imaged.errors import (
     NotFoundError,
     QuotaUnsupportedError,
 )
-from imaged.ext4layout import (
+from imaged.host import loopdev
+from imaged.host.mounts import backing_filesystem, mountinfo
+from imaged.quota.ext4layout import (
     BLOCK_SIZE,
     FRESH_USED_BLOCKS,
     GROUPS,
@@ -79,7 +81,6 @@ from imaged.ext4layout import (
     plan_resize,
     reserved_clusters,
 )
-from imaged.mounts import backing_filesystem, mountinfo
 from imaged.sizes import format_size
 
 MKFS_FEATURES = ("none,sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr,"

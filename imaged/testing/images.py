@@ -247,10 +247,10 @@ def layer_from_directory(layout: OCILayout, source: Path, compression: str | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m imaged.bench.images LAYOUT NAME DIR...``: one layer per directory."""
+    """``python -m imaged.testing.images LAYOUT NAME DIR...``: one layer per directory."""
     import argparse  # noqa: PLC0415 - only the command-line entry needs it
 
-    parser = argparse.ArgumentParser(prog="python -m imaged.bench.images",
+    parser = argparse.ArgumentParser(prog="python -m imaged.testing.images",
                                      description="build an OCI image layout from directories")
     parser.add_argument("layout", type=Path)
     parser.add_argument("name")

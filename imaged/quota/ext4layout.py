@@ -1,5 +1,5 @@
 """The size model of the ext4 a loop quota is made of: what mke2fs and resize2fs will make of a
-size, and what capacity a container gets from it. Pure: the I/O is ``imaged.loopquota``'s.
+size, and what capacity a container gets from it. Pure: the I/O is ``imaged.quota.loopquota``'s.
 
 Sizing. ext4 keeps part of every filesystem for itself: the journal, one block bitmap, one inode
 bitmap and one inode table per block group, superblock and descriptor backups, and a

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from imaged.errors import QuotaUnsupportedError
 from imaged.fsutil import syscall
-from imaged.mounts import backing_filesystem
+from imaged.host.mounts import backing_filesystem
 
 FIRST_ID = 1_000_000
 LAST_ID = 1_999_999

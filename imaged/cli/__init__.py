@@ -1,0 +1,1 @@
+"""The ``imaged`` command: argument parsing, the daemon client and progress display."""

@@ -1,0 +1,1 @@
+"""What a command does, whichever front end asked: the service, pulling, and shared flights."""
