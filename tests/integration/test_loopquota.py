@@ -442,7 +442,7 @@ def test_a_forgotten_filesystem_is_found_by_its_backing_file_and_cleaned(
     # place nobody recorded) and died; the mount outlives it.
     elsewhere = tmp_path / "crashed-mount"
     elsewhere.mkdir()
-    script = ("import sys; from pathlib import Path; from imaged import loopquota as lq; "
+    script = ("import sys; from pathlib import Path; from imaged.quota import loopquota as lq; "
               "lq._attach_and_mount(Path(sys.argv[1]), Path(sys.argv[2]), lq.MOUNT_FLAGS)")
     subprocess.run([sys.executable, "-c", script, str(fs.image), str(elsewhere)], check=True,
                    timeout=30)
