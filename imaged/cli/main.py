@@ -28,9 +28,9 @@ from imaged.errors import (
     describe,
     error_from_json,
 )
-from imaged.names import check_name
+from imaged.ops.verbs import VERBS, Args, Context, Param, Verb, invoke
 from imaged.server.peercred import ADMIN_GROUP
-from imaged.sizes import check_quota, format_size, parse_size
+from imaged.sizes import parse_size
 from imaged.store.lock import RootDeniedError, Waiting
 
 LOCK_WAIT_SECONDS = 600  # for another embedded command to let go of the root
@@ -95,8 +95,7 @@ def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 _size_arg = _checked(parse_size)
-_quota_arg = _checked(lambda text: check_quota(parse_size(text)))
-_name_arg = _checked(check_name)
+_VERBS = {verb.name: verb for verb in VERBS if verb.command}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,36 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     _global_options(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("pull", parents=[common], help="fetch an image and record it")
-    p.add_argument("ref", metavar="REF")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                   help="platform to select from a multi-platform image (default: this host)")
-    sub.add_parser("images", parents=[common], help="list images")
-    p = sub.add_parser("rmi", parents=[common], help="remove an image reference")
-    p.add_argument("image", metavar="REF|ID")
-    p.add_argument("--force", action="store_true",
-                   help="remove every name of an image given by ID")
-    sub.add_parser("info", parents=[common], help="describe the root, host and drivers")
-    p = sub.add_parser("mount", parents=[common],
-                       help="create a container on an image if needed, then mount it")
-    p.add_argument("image", metavar="REF|ID")
-    p.add_argument("--name", type=_name_arg,
-                   help="container name (default: c- and 12 hex digits)")
-    p.add_argument("--quota", type=_quota_arg, metavar="SIZE",
-                   help="disk quota of the writable layer (k, M, G, T: powers of 1024)")
-    p.add_argument("--read-only", action="store_true", help="no writable layer")
-    p.add_argument("--target", type=Path, metavar="DIR", help="mount here instead")
-    p = sub.add_parser("update", parents=[common], help="grow or shrink a container's quota")
-    p.add_argument("name", metavar="NAME", type=_name_arg)
-    p.add_argument("--quota", type=_quota_arg, metavar="SIZE", required=True)
-    p = sub.add_parser("umount", parents=[common], help="unmount a container, keep its data")
-    p.add_argument("name", metavar="NAME", type=_name_arg)
-    p = sub.add_parser("rm", parents=[common], help="remove a container")
-    p.add_argument("name", metavar="NAME", type=_name_arg)
-    p.add_argument("--force", action="store_true", help="unmount it first if mounted")
-    sub.add_parser("ps", parents=[common], help="list containers")
-    sub.add_parser("gc", parents=[common], help="remove blobs and layers nothing references")
+    for verb in VERBS:
+        if verb.command:
+            _add_verb(sub.add_parser(verb.name, parents=[common], help=verb.summary), verb)
     sub.add_parser("serve", parents=[common],
                    help="run the daemon: the socket API for runtimes and the CLI")
     bench = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
@@ -160,78 +132,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header, *rows]]
-    return "\n".join(lines)
+def _add_verb(parser: argparse.ArgumentParser, verb: Verb) -> None:
+    """A verb's CLI arguments, from the parameters it shares with the API."""
+    for param in verb.params:
+        if not param.cli:
+            continue
+        if param.kind is bool:
+            parser.add_argument(param.option or param.name, dest=param.name, action="store_true",
+                                help=param.help)
+        elif param.option is None:
+            parser.add_argument(param.name, metavar=param.metavar or param.name.upper(),
+                                type=_argument_type(param), help=param.help)
+        else:
+            parser.add_argument(param.option, dest=param.name, metavar=param.metavar,
+                                type=_argument_type(param), required=param.required,
+                                help=param.help)
 
 
-def _print_images(images: list[dict[str, Any]]) -> None:
-    rows = []
-    for image in images:
-        for ref in image["refs"] or ["<none>"]:
-            rows.append([ref, image["id"].split(":", 1)[1][:12],
-                         image["config_digest"].split(":", 1)[1][:12],
-                         format_size(image["size"]), str(image["layers"])])
-    print(_table(rows, ["REF", "ID", "CONFIG", "SIZE", "LAYERS"]))
+def _argument_type(param: Param) -> Callable[[str], Any]:
+    """The parameter's own parse and check, so a bad value is a usage error (exit 2)."""
+    parse, check = param.parse or str, param.check or _same
+    convert = _checked(lambda text: check(parse(text)))
+    convert.__name__ = param.name
+    return convert
 
 
-def _print_info(info: dict[str, Any]) -> None:
-    fs = info["backing_filesystem"]
-    print(f"version:   {info['version']}")
-    print(f"root:      {info['root']}")
-    print(f"backing:   {fs['type']} (mounted at {fs['mount_point']})")
-    print(f"driver:    {info['driver'] or '(none yet: chosen at first use)'}")
-    print(f"platform:  {info['platform']} (kernel {info['kernel']})")
-    print(f"content:   {info['content']['blobs']} blobs, {format_size(info['content']['bytes'])}")
-    print(f"images:    {info['images']}")
-    print("drivers:")
-    for d in info["drivers"]:
-        chosen = " (in use)" if d["name"] == info["driver"] else ""
-        print(f"  {d['name']:<10} {'yes' if d['supported'] else 'no ':<4} {d['reason']}{chosen}")
+def _same(value: Any) -> Any:
+    return value
 
 
-def _print_ps(containers: list[dict[str, Any]]) -> None:
-    rows = [[c["name"], (c["image_refs"] or [c["image"]])[0], c["driver"], c["path"] or "-",
-             format_size(c["quota"]) if c["quota"] else "-", c["quota_mode"] or "-",
-             format_size(c["used_bytes"]), _inodes(c)] for c in containers]
-    print(_table(rows, ["NAME", "IMAGE", "DRIVER", "MOUNTED AT", "QUOTA", "QUOTA MODE", "USED",
-                        "INODES"]))
-
-
-def _inodes(container: dict[str, Any]) -> str:
-    """"used/total" where the container has inodes of its own to run out of, "used" where
-    only the count is known, "-" where the driver cannot count them."""
-    used, total = container["used_inodes"], container["inodes"]
-    if used is None:
-        return "-"
-    return f"{used}/{total}" if total is not None else str(used)
-
-
-def _print_nothing(result: Any) -> None:
-    """Commands without output print nothing for people; ``--json`` shows their result."""
-
-
-def _print_gc(result: dict[str, Any]) -> None:
-    print(result["freed_bytes"])
-    for line in result.get("failed", []):
-        print(f"imaged: warning: not removed: {line}", file=sys.stderr)
-
-
-_SHOW: dict[str, Callable[[Any], None]] = {
-    "pull": lambda r: print(r["id"]),
-    "images": _print_images,
-    "info": _print_info,
-    "mount": lambda r: print(r["path"]),
-    "ps": _print_ps,
-    "gc": _print_gc,
-    "bench": lambda r: print("\n".join(r["reports"])),
-}
-
-
-def _pull_result(done: dict[str, Any]) -> dict[str, Any]:
-    return {key: done[key] for key in ("id", "config_digest", "ref", "layers")}
+def _args(verb: Verb, namespace: argparse.Namespace) -> Args:
+    return verb.args({p.name: getattr(namespace, p.name) for p in verb.params if p.cli})
 
 
 async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
@@ -256,84 +187,82 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
             paths = await trio.to_thread.run_sync(mount.run, args.out, args.runs, args.drivers)
         return {"reports": [str(p) for p in paths]}
     assert config is not None  # noqa: S101 - every command but bench loads it
+    verb = _VERBS[args.command]
     waiting = None if args.no_wait else Waiting(
         LOCK_WAIT_SECONDS, lambda line: print(f"imaged: {line}", file=sys.stderr, flush=True))
     async with Service.open(config, f"imaged {args.command}", waiting) as service:
-        if args.command == "pull":
-            with progress_for(sys.stderr) as reporter:
-                result = await service.pull(args.ref, args.platform, reporter)
-            return {"id": str(result.id), "config_digest": str(result.config_digest),
-                    "ref": result.ref, "layers": result.layers}
-        if args.command == "images":
-            return service.images()
-        if args.command == "rmi":
-            return service.rmi(args.image, args.force)
-        if args.command == "info":
-            return service.info()
-        if args.command == "mount":
-            return await service.mount(args.image, args.name, args.quota, args.read_only,
-                                       args.target)
-        if args.command == "update":
-            return await service.update(args.name, args.quota)
-        if args.command == "umount":
-            return await service.umount(args.name)
-        if args.command == "rm":
-            return await service.rm(args.name, args.force)
-        if args.command == "ps":
-            return await service.ps()
-        if args.command == "gc":
-            return service.gc()
-    raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+        if not verb.streams:
+            return await invoke(verb, service, _args(verb, args), Context())
+        with progress_for(sys.stderr) as reporter:
+            return await invoke(verb, service, _args(verb, args), Context(report=reporter))
 
 
 def _run_remote(args: argparse.Namespace, client: DaemonClient) -> Any:
     """The same command through the daemon's socket: same results, same errors."""
-    force = "?force=true" if getattr(args, "force", False) else ""
-    if args.command == "pull":
-        from imaged.cli.progress import progress_for  # noqa: PLC0415
-        from imaged.events import PullEvent  # noqa: PLC0415
+    verb = _VERBS[args.command]
+    local = [p.option or p.name for p in verb.params
+             if not p.api and getattr(args, p.name) != p.default]
+    if local:
+        raise InvalidError(f"{', '.join(local)} works only without a daemon: stop the one on "
+                           f"{client.path} (imaged serve) first")
 
-        body = {"ref": args.ref, **({"platform": args.platform} if args.platform else {})}
-        with progress_for(sys.stderr) as reporter:
-            for event in client.stream("POST", "/v1/images/pull", body):
-                if event["status"] == "done":
-                    reporter(PullEvent("done", id=event["id"]))  # as the embedded pull ends
-                    return _pull_result(event)
-                if event["status"] == "error":
-                    raise error_from_json(event)
-                reporter(PullEvent.from_json(event))
-        raise InternalError(f"the daemon on {client.path} ended the pull without a result")
-    if args.command == "images":
-        return client.call("GET", "/v1/images")
-    if args.command == "rmi":
-        return client.call("DELETE", f"/v1/images/{segment(args.image)}{force}")
-    if args.command == "info":
-        return client.call("GET", "/v1/info")
-    if args.command == "mount":
-        options: dict[str, Any] = {"image": args.image}
-        if args.quota is not None:
-            options["quota"] = args.quota
-        if args.read_only:
-            options["read_only"] = True
-        target = {"target": str(args.target.absolute())} if args.target else {}
-        if args.name is None:
-            created = client.call("POST", "/v1/containers", options)
-            return client.call("POST", f"/v1/containers/{segment(created['name'])}/mount",
-                               target)
-        return client.call("POST", f"/v1/containers/{segment(args.name)}/mount",
-                           {**options, **target})
-    if args.command == "update":
-        return client.call("PATCH", f"/v1/containers/{segment(args.name)}",
-                           {"quota": args.quota})
-    if args.command == "umount":
-        return client.call("POST", f"/v1/containers/{segment(args.name)}/unmount")
-    if args.command == "rm":
-        return client.call("DELETE", f"/v1/containers/{segment(args.name)}{force}")
-    if args.command == "ps":
-        return client.call("GET", "/v1/containers")
-    if args.command == "gc":
-        return client.call("POST", "/v1/gc")
-    raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+    def send(verb: Verb, given: Args) -> Any:
+        method, target, body = request_for(verb, given)
+        if verb.streams:
+            return _streamed(client, method, target, body)
+        return client.call(method, target, body)
+
+    given = _args(verb, args)
+    return verb.remote(send, given) if verb.remote is not None else send(verb, given)
+
+
+def request_for(verb: Verb, given: Args) -> tuple[str, str, Args | None]:
+    """The request of a verb's route for these arguments: path parameters in the path, true
+    flags in the query, the rest in the body (values left at their defaults omitted)."""
+    if verb.route is None:
+        raise InternalError(f"{verb.name} has no route for the daemon")
+    args = verb.args(given)
+    path = verb.route.path.format_map({p.name: segment(args[p.name]) for p in verb.params
+                                       if p.where == "path"})
+    flags = [f"{p.name}=true" for p in verb.params
+             if p.where == "query" and p.api and args[p.name]]
+    fields = [p for p in verb.params if p.where == "body" and p.api]
+    body = {p.name: args[p.name] for p in fields if args[p.name] != p.default}
+    target = f"/v1/{path}" + (f"?{'&'.join(flags)}" if flags else "")
+    return verb.route.method, target, body if fields else None
+
+
+def _streamed(client: DaemonClient, method: str, target: str, body: Any) -> Any:
+    """A streamed verb (pull): its progress drawn as the daemon sends it, then its result."""
+    from imaged.cli.progress import progress_for  # noqa: PLC0415
+    from imaged.events import PullEvent  # noqa: PLC0415
+
+    with progress_for(sys.stderr) as reporter:
+        for event in client.stream(method, target, body):
+            if event["status"] == "done":
+                reporter(PullEvent("done", id=event.get("id")))  # as the embedded pull ends
+                return {k: v for k, v in event.items() if k != "status"}
+            if event["status"] == "error":
+                raise error_from_json(event)
+            reporter(PullEvent.from_json(event))
+    raise InternalError(f"the daemon on {client.path} ended {target} without a result")
+
+
+def _show(args: argparse.Namespace, result: Any) -> None:
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return
+    if args.command == "bench":
+        print("\n".join(result["reports"]))
+        return
+    verb = _VERBS.get(args.command)
+    if verb is None:
+        return
+    text = verb.show(result)
+    if text is not None:
+        print(text)
+    for line in verb.warnings(result):
+        print(f"imaged: warning: {line}", file=sys.stderr)
 
 
 def _serve(config: Config, debug: bool) -> None:
@@ -407,10 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          + ("" if args.debug else
                                             " (run with --debug for a traceback)")))
     try:
-        if args.json:
-            print(json.dumps(result, indent=2, sort_keys=True))
-        else:
-            _SHOW.get(args.command, _print_nothing)(result)
+        _show(args, result)
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (imaged ps | head): not an error of ours; silence the

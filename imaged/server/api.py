@@ -15,19 +15,15 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from imaged.errors import ImagedError, InternalError, InvalidError, NotFoundError
 from imaged.events import PullEvent
-from imaged.names import check_name
 from imaged.ops.service import Service
-from imaged.registry_client.manifest import Platform
-from imaged.registry_client.reference import parse_reference
+from imaged.ops.verbs import VERBS, Args, Context, Param, Verb, invoke
 from imaged.server.httpserver import Emit, Request, Response, StreamResponse, error_body
-from imaged.sizes import check_quota
 
 log = logging.getLogger("imaged.server.api")
 
@@ -91,23 +87,21 @@ def flag(request: Request, name: str) -> bool:
     return values[0] in ("true", "1", "")
 
 
-def _quota(body: dict[str, Any]) -> int | None:
-    quota = body.get("quota")
-    if quota is None:
-        return None
-    try:
-        return check_quota(quota)
-    except InvalidError as exc:
-        raise InvalidError(f"field 'quota': {exc.message}") from None
+@dataclass(frozen=True)
+class _Endpoint:
+    verb: Verb
+    segments: tuple[str, ...]  # "*" where a path parameter goes
 
 
-def _target(body: dict[str, Any]) -> Path | None:
-    target = body.get("target")
-    if target is None:
-        return None
-    if not target.startswith("/") or "\0" in target:
-        raise InvalidError("field 'target' must be an absolute path")
-    return Path(target)
+def _endpoints() -> dict[tuple[str, str], _Endpoint]:
+    """(method, pattern) → endpoint, for every verb with a route (``imaged.ops.verbs``)."""
+    out = {}
+    for verb in VERBS:
+        if verb.route is not None:
+            segments = tuple("*" if part.startswith("{") else part
+                             for part in verb.route.path.split("/"))
+            out[verb.route.method, "/".join(segments)] = _Endpoint(verb, segments)
+    return out
 
 
 class Api:
@@ -118,23 +112,8 @@ class Api:
         self.confined = confined
         document = resources.files("imaged.server").joinpath("openapi.json")
         self.openapi = json.loads(document.read_text())
-        self._routes: dict[tuple[str, str], Callable[..., Awaitable[Response | StreamResponse]]] = {
-            ("GET", "info"): self._info,
-            ("GET", "openapi.json"): self._openapi,
-            ("POST", "images/pull"): self._pull,
-            ("GET", "images"): self._images,
-            ("GET", "images/*"): self._image,
-            ("DELETE", "images/*"): self._rmi,
-            ("POST", "containers"): self._create,
-            ("GET", "containers"): self._containers,
-            ("GET", "containers/*"): self._container,
-            ("PATCH", "containers/*"): self._update,
-            ("DELETE", "containers/*"): self._rm,
-            ("POST", "containers/*/mount"): self._mount,
-            ("POST", "containers/*/unmount"): self._unmount,
-            ("POST", "gc"): self._gc,
-        }
-        self._paths = {path for _, path in self._routes}
+        self._endpoints = _endpoints()
+        self._patterns = {pattern for _, pattern in self._endpoints} | {"openapi.json"}
 
     async def handle(self, request: Request) -> Response | StreamResponse:
         try:
@@ -146,6 +125,13 @@ class Api:
             return Response(500, InternalError(
                 "internal error; the daemon's log has the details").to_json())
 
+    def _pattern(self, parts: list[str]) -> str | None:
+        """The most literal pattern the path fits: ``images/pull`` before ``images/*``."""
+        fits = [pattern for pattern in self._patterns
+                if len(segments := pattern.split("/")) == len(parts)
+                and all(s in ("*", p) for s, p in zip(segments, parts, strict=True))]
+        return max(fits, key=lambda pattern: -pattern.count("*"), default=None)
+
     async def _dispatch(self, request: Request) -> Response | StreamResponse:
         try:
             segments = request.segments
@@ -153,46 +139,55 @@ class Api:
             raise InvalidError("path is not valid percent-encoded UTF-8") from None
         if len(segments) < 2 or segments[0] != "v1":
             raise NotFoundError(f"no such endpoint: {request.path}")
-        pattern, args = segments[1:], []
-        if len(pattern) >= 2 and pattern[0] in ("images", "containers") and \
-                "/".join(pattern) != "images/pull":
-            if not pattern[1] or len(pattern[1]) > _MAX_NAME or "\0" in pattern[1]:
-                raise InvalidError(f"invalid {pattern[0][:-1]} name in path")
-            if pattern[0] == "containers":
-                check_name(pattern[1])  # never a path: "../x" is refused here, not resolved
-            args.append(pattern[1])
-            pattern = [pattern[0], "*", *pattern[2:]]
-        key = "/".join(pattern)
+        parts = segments[1:]
+        for each in self._endpoints.values():
+            _path_args(each, parts)  # a bad name is named before any routing
+        pattern = self._pattern(parts)
+        if pattern is None:
+            raise NotFoundError(f"no such endpoint: {request.method} {request.path}")
         # HEAD is GET without the body, which the server leaves out.
         method = "GET" if request.method == "HEAD" else request.method
-        handler = self._routes.get((method, key))
-        if handler is None:
-            if key in self._paths:
-                allowed = sorted(m for m, p in self._routes if p == key)
-                allowed += ["HEAD"] if "GET" in allowed else []
-                return Response(405, error_body(
-                    "invalid", f"{request.method} is not allowed on {request.path}; use "
-                    f"{' or '.join(allowed)}"), [("Allow", ", ".join(allowed))])
-            raise NotFoundError(f"no such endpoint: {request.method} {request.path}")
-        unknown = set(request.query) - ({"force"} if request.method == "DELETE" else set())
+        if pattern == "openapi.json" and method == "GET":
+            return Response(200, self.openapi)
+        endpoint = self._endpoints.get((method, pattern))
+        if endpoint is None:
+            allowed = sorted(m for m, p in self._endpoints if p == pattern)
+            allowed = allowed or ["GET"]  # openapi.json
+            allowed += ["HEAD"] if "GET" in allowed else []
+            return Response(405, error_body(
+                "invalid", f"{request.method} is not allowed on {request.path}; use "
+                f"{' or '.join(allowed)}"), [("Allow", ", ".join(allowed))])
+        args = self._args(endpoint, parts, request)
+        return await self._run(endpoint.verb, args)
+
+    def _args(self, endpoint: _Endpoint, parts: list[str], request: Request) -> Args:
+        """A verb's arguments from the path, the query and the body, each checked as the CLI
+        checks its own."""
+        verb = endpoint.verb
+        args = _path_args(endpoint, parts)
+        flags = {p.name for p in verb.params if p.where == "query" and p.api}
+        unknown = set(request.query) - flags
         if unknown:
             raise InvalidError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
-        return await handler(request, *args)
+        args.update({name: flag(request, name) for name in flags})
+        body = parse_body(request, {p.name: Field(p.kind, p.required) for p in verb.params
+                                    if p.where == "body" and p.api})
+        for param in verb.params:
+            if param.name in body:
+                args[param.name] = _checked(param, body[param.name])
+        return args
 
-    # -- endpoints ---------------------------------------------------------------------------
+    async def _run(self, verb: Verb, args: Args) -> Response | StreamResponse:
+        assert verb.route is not None  # noqa: S101 - only routed verbs reach here
+        if verb.streams:
+            if verb.precheck is not None:
+                verb.precheck(args)  # a 400 before any stream
+            return StreamResponse(200, self._stream(verb, args))
+        result = await invoke(verb, self.service, args, Context(confined=self.confined))
+        return Response(verb.route.status, result)
 
-    async def _info(self, request: Request) -> Response:
-        parse_body(request, {})
-        return Response(200, self.service.info())
-
-    async def _openapi(self, request: Request) -> Response:
-        return Response(200, self.openapi)
-
-    async def _pull(self, request: Request) -> StreamResponse:
-        body = parse_body(request, {"ref": Field(str, required=True), "platform": Field(str)})
-        parse_reference(body["ref"])  # a malformed reference is a 400, before any stream
-        if "platform" in body:
-            Platform.parse(body["platform"])
+    def _stream(self, verb: Verb, args: Args) -> Callable[[Emit], Awaitable[None]]:
+        """NDJSON: the verb's progress events, then ``done`` with its result or ``error``."""
         service = self.service
 
         async def produce(emit: Emit) -> None:
@@ -205,18 +200,16 @@ class Api:
             async def run() -> None:
                 with send:
                     try:
-                        result = await service.pull(body["ref"], body.get("platform"), report)
+                        result = await invoke(verb, service, args, Context(report=report))
                     except ImagedError as exc:
                         send.send_nowait({"status": "error", **exc.to_json()})
                         return
                     except Exception:
-                        log.exception("internal error pulling %s", body["ref"])
+                        log.exception("internal error in %s %s", verb.name, args)
                         send.send_nowait({"status": "error", **InternalError(
                             "internal error; the daemon's log has the details").to_json()})
                         return
-                    send.send_nowait({"status": "done", "id": str(result.id),
-                                      "config_digest": str(result.config_digest),
-                                      "ref": result.ref, "layers": result.layers})
+                    send.send_nowait({"status": "done", **result})
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run)
@@ -230,52 +223,30 @@ class Api:
                                 break
                         await emit(*batch)
 
-        return StreamResponse(200, produce)
+        return produce
 
-    async def _images(self, request: Request) -> Response:
-        return Response(200, self.service.images())
 
-    async def _image(self, request: Request, text: str) -> Response:
-        return Response(200, self.service.image(text))
+def _path_args(endpoint: _Endpoint, parts: list[str]) -> Args:
+    """The path parameters where ``parts`` follows the endpoint's pattern, each checked (a
+    container name is checked, never resolved: "../x" is refused, not routed elsewhere)."""
+    placed = iter([p for p in endpoint.verb.params if p.where == "path"])
+    args: Args = {}
+    for segment, part in zip(endpoint.segments, parts, strict=False):
+        if segment != "*":
+            if segment != part:
+                break
+            continue
+        if not part or len(part) > _MAX_NAME or "\0" in part:
+            raise InvalidError(f"invalid {parts[0][:-1]} name in path")
+        param = next(placed)
+        args[param.name] = param.check(part) if param.check else part
+    return args
 
-    async def _rmi(self, request: Request, text: str) -> Response:
-        return Response(200, self.service.rmi(text, flag(request, "force")))
 
-    async def _create(self, request: Request) -> Response:
-        body = parse_body(request, {"name": Field(str), "image": Field(str, required=True),
-                                    "quota": Field(int), "read_only": Field(bool)})
-        return Response(201, await self.service.create(body["image"], body.get("name"),
-                                                       _quota(body),
-                                                       body.get("read_only", False)))
-
-    async def _containers(self, request: Request) -> Response:
-        return Response(200, await self.service.ps())
-
-    async def _container(self, request: Request, name: str) -> Response:
-        return Response(200, await self.service.container(name))
-
-    async def _update(self, request: Request, name: str) -> Response:
-        body = parse_body(request, {"quota": Field(int, required=True)})
-        _quota(body)
-        return Response(200, await self.service.update(name, body["quota"]))
-
-    async def _rm(self, request: Request, name: str) -> Response:
-        return Response(200, await self.service.rm(name, flag(request, "force")))
-
-    async def _mount(self, request: Request, name: str) -> Response:
-        body = parse_body(request, {"target": Field(str), "image": Field(str),
-                                    "quota": Field(int), "read_only": Field(bool)})
-        if "image" not in body and ("quota" in body or "read_only" in body):
-            raise InvalidError("fields 'quota' and 'read_only' only go with 'image' (create the "
-                               "container if it does not exist)")
-        return Response(200, await self.service.mount(body.get("image"), name, _quota(body),
-                                                      body.get("read_only", False),
-                                                      _target(body), confined=self.confined))
-
-    async def _unmount(self, request: Request, name: str) -> Response:
-        parse_body(request, {})
-        return Response(200, await self.service.umount(name))
-
-    async def _gc(self, request: Request) -> Response:
-        parse_body(request, {})
-        return Response(200, self.service.gc())
+def _checked(param: Param, value: Any) -> Any:
+    if param.check is None:
+        return value
+    try:
+        return param.check(value)
+    except InvalidError as exc:
+        raise InvalidError(f"field {param.name!r}: {exc.message}") from None

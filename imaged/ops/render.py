@@ -1,0 +1,85 @@
+"""What a verb's result looks like to a person (``--json`` prints the result itself).
+
+Pure functions of the results' JSON, so a result shows the same whether this process computed it
+or the daemon sent it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imaged.sizes import format_size
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def nothing(result: Any) -> None:
+    """Commands without output print nothing for people; ``--json`` shows their result."""
+
+
+def pulled(result: dict[str, Any]) -> str:
+    return str(result["id"])
+
+
+def mounted(result: dict[str, Any]) -> str:
+    return str(result["path"])
+
+
+def images(result: list[dict[str, Any]]) -> str:
+    rows = []
+    for image in result:
+        for ref in image["refs"] or ["<none>"]:
+            rows.append([ref, image["id"].split(":", 1)[1][:12],
+                         image["config_digest"].split(":", 1)[1][:12],
+                         format_size(image["size"]), str(image["layers"])])
+    return table(rows, ["REF", "ID", "CONFIG", "SIZE", "LAYERS"])
+
+
+def info(result: dict[str, Any]) -> str:
+    fs = result["backing_filesystem"]
+    lines = [
+        f"version:   {result['version']}",
+        f"root:      {result['root']}",
+        f"backing:   {fs['type']} (mounted at {fs['mount_point']})",
+        f"driver:    {result['driver'] or '(none yet: chosen at first use)'}",
+        f"platform:  {result['platform']} (kernel {result['kernel']})",
+        f"content:   {result['content']['blobs']} blobs, "
+        f"{format_size(result['content']['bytes'])}",
+        f"images:    {result['images']}",
+        "drivers:",
+    ]
+    for d in result["drivers"]:
+        chosen = " (in use)" if d["name"] == result["driver"] else ""
+        lines.append(f"  {d['name']:<10} {'yes' if d['supported'] else 'no ':<4} "
+                     f"{d['reason']}{chosen}")
+    return "\n".join(lines)
+
+
+def containers(result: list[dict[str, Any]]) -> str:
+    rows = [[c["name"], (c["image_refs"] or [c["image"]])[0], c["driver"], c["path"] or "-",
+             format_size(c["quota"]) if c["quota"] else "-", c["quota_mode"] or "-",
+             format_size(c["used_bytes"]), _inodes(c)] for c in result]
+    return table(rows, ["NAME", "IMAGE", "DRIVER", "MOUNTED AT", "QUOTA", "QUOTA MODE", "USED",
+                        "INODES"])
+
+
+def _inodes(container: dict[str, Any]) -> str:
+    """"used/total" where the container has inodes of its own to run out of, "used" where
+    only the count is known, "-" where the driver cannot count them."""
+    used, total = container["used_inodes"], container["inodes"]
+    if used is None:
+        return "-"
+    return f"{used}/{total}" if total is not None else str(used)
+
+
+def freed(result: dict[str, Any]) -> str:
+    return str(result["freed_bytes"])
+
+
+def not_removed(result: dict[str, Any]) -> list[str]:
+    return [f"not removed: {line}" for line in result.get("failed", [])]
