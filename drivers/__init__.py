@@ -10,7 +10,7 @@ btrfs, zfs, devmapper).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -89,6 +89,41 @@ class Usage:
     inodes: int | None = None
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One problem ``imaged check`` found (DESIGN §4, ``GET /v1/check``), in words a user can
+    act on. ``subject`` names what is wrong (a digest, a chain ID, a container, a path) so a
+    repair can find it again; ``images`` are the references of the images it affects, said
+    wherever the problem is not repaired. Kinds are open: the store's are in
+    ``imaged.store.check``, and a driver adds its own through ``Driver.check``."""
+
+    kind: str
+    subject: str
+    message: str
+    images: tuple[str, ...] = ()
+    repaired: bool = False
+    error: str | None = None  # why a repair that was tried did not succeed
+
+    def to_json(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"kind": self.kind, "subject": self.subject,
+                                 "message": self.text(), "images": list(self.images),
+                                 "repaired": self.repaired}
+        if self.error is not None:
+            found["error"] = self.error
+        return found
+
+    def text(self) -> str:
+        """The one line ``imaged check`` prints: the problem, what it affects, the outcome."""
+        line = self.message
+        if self.images:
+            line += f"; images: {', '.join(self.images)}"
+        if self.repaired:
+            line += " (repaired)"
+        elif self.error is not None:
+            line += f" (not repaired: {self.error})"
+        return line
+
+
 class Driver(Protocol):
     """What every driver does. Layers are named by ChainID hex; containers by their name.
 
@@ -137,6 +172,14 @@ class Driver(Protocol):
     def remove_container(self, name: str) -> None: ...
 
     def list_containers(self) -> set[str]: ...
+
+    def check(self, layers: Set[str]) -> list[Finding]:
+        """Problems only this driver can see in its own bookkeeping (``imaged check``), given
+        the keys of the layers the metadata records as ready; none by default."""
+
+    def repair(self, finding: Finding) -> None:
+        """Repair one of the findings ``check`` returned, raising an ImagedError when it
+        cannot."""
 
 
 ProbeFn = Callable[[Config], Probe]

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from pathlib import Path
 from typing import ClassVar
 
 from imaged.config import Config
-from imaged.drivers import Mounted, QuotaMode, Usage, disk_usage, loop_usage
+from imaged.drivers import Finding, Mounted, QuotaMode, Usage, disk_usage, loop_usage
 from imaged.errors import InvalidError, QuotaUnsupportedError
 from imaged.fsutil import remove_tree
 from imaged.host.mounts import is_mounted, unmount
@@ -114,6 +114,15 @@ class BaseDriver(ABC):
     def remove_container(self, name: str) -> None:
         """The container's directory, once whatever the driver keeps elsewhere is gone."""
         remove_tree(self._container(name))
+
+    def check(self, layers: Set[str]) -> list[Finding]:
+        """Nothing by default: the store checks what every driver shares (its rows against
+        ``list_layers`` and ``list_containers``, mounts, loop devices, quotas); a driver adds
+        what only its own bookkeeping shows."""
+        return []
+
+    def repair(self, finding: Finding) -> None:
+        raise InvalidError(f"the {self.name} driver has no repair for {finding.kind}")
 
 
 class DirectoryDriver(BaseDriver):

@@ -40,14 +40,22 @@ import os
 import struct
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from pathlib import Path
 
 import btrfsutil
 
 from imaged import tools
 from imaged.config import Config
-from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage, disk_usage
+from imaged.drivers import (
+    Capabilities,
+    Finding,
+    Mounted,
+    Probe,
+    QuotaMode,
+    Usage,
+    disk_usage,
+)
 from imaged.drivers.base import BaseDriver
 from imaged.errors import ConflictError, InternalError, InvalidError, QuotaUnsupportedError
 from imaged.host.mounts import MountSpec, backing_filesystem, bind_mount
@@ -273,6 +281,25 @@ class BtrfsDriver(BaseDriver):
         with _user_errors(f"removing layer {key[:12]}"):
             self._destroy_dropped_qgroups()
             self._delete_subvolume(self._layer(key))
+
+    def check(self, layers: Set[str]) -> list[Finding]:
+        """A ready layer must be a read-only subvolume: every container and child layer
+        snapshots it, so a write to it would show in images that never had that file."""
+        found = []
+        for key in sorted(layers & self.list_layers()):
+            with _user_errors(f"checking layer {key[:12]}"):
+                writable = not btrfsutil.get_subvolume_read_only(self._layer(key))
+            if writable:
+                found.append(Finding("layer-writable", f"sha256:{key}",
+                                     f"layer sha256:{key} is a writable subvolume; a ready "
+                                     "layer is read-only"))
+        return found
+
+    def repair(self, finding: Finding) -> None:
+        if finding.kind == "layer-writable":
+            self.commit_layer(finding.subject.removeprefix("sha256:"))
+        else:
+            super().repair(finding)
 
     # containers
 

@@ -31,12 +31,13 @@ import contextlib
 import os
 import secrets
 import string
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from pathlib import Path
 
 from imaged.config import Config
 from imaged.drivers import (
     Capabilities,
+    Finding,
     Mounted,
     Probe,
     Usage,
@@ -119,6 +120,19 @@ class OverlayDriver(DirectoryDriver):
         with contextlib.suppress(OSError):
             os.unlink(self.home / "l" / self._short(key))
         super().remove_layer(key)
+
+    def check(self, layers: Set[str]) -> list[Finding]:
+        """Short links (``l/``) whose layer is gone: a layer directory removed by hand leaves
+        its link behind, and the short links are all the mount(2) fallback knows layers by."""
+        return [Finding("layer-link-dangling", str(link),
+                        f"layer link {link} points to {os.readlink(link)}, which is gone")
+                for link in sorted((self.home / "l").iterdir()) if not link.exists()]
+
+    def repair(self, finding: Finding) -> None:
+        if finding.kind == "layer-link-dangling":
+            Path(finding.subject).unlink(missing_ok=True)
+        else:
+            super().repair(finding)
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:

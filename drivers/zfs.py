@@ -55,13 +55,13 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
 from imaged import tools
 from imaged.config import Config
-from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
+from imaged.drivers import Capabilities, Finding, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import BaseDriver
 from imaged.errors import ConflictError, ImagedError, InternalError, InvalidError
 from imaged.host.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted
@@ -379,6 +379,27 @@ class ZfsDriver(BaseDriver):
 
     def list_layers(self) -> set[str]:
         return self._names("layers")
+
+    def check(self, layers: Set[str]) -> list[Finding]:
+        """A ready layer's dataset must have its ``@layer`` snapshot: children and containers
+        are cloned from it, so without it the image cannot be mounted again. (A dataset that
+        is gone altogether is the store's finding.) One listing of datasets and snapshots
+        together: with hundreds of layers each ``zfs list`` costs seconds on zfs-fuse."""
+        names = set(zfs("list", "-H", "-o", "name", "-t", "filesystem,snapshot", "-r",
+                        f"{self.parent.dataset}/layers").split())
+        return [Finding("layer-snapshot-missing", f"sha256:{key}",
+                        f"layer sha256:{key} has no snapshot {dataset}@{SNAPSHOT}")
+                for key in sorted(layers)
+                if (dataset := self._dataset("layers", key)) in names
+                and f"{dataset}@{SNAPSHOT}" not in names]
+
+    def repair(self, finding: Finding) -> None:
+        """Take the snapshot again: a committed layer's dataset is written by nobody (it stays
+        unmounted), so it still holds what was applied."""
+        if finding.kind == "layer-snapshot-missing":
+            self.commit_layer(finding.subject.removeprefix("sha256:"))
+        else:
+            super().repair(finding)
 
     # containers
 

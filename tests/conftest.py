@@ -15,19 +15,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from imaged.cli import main as cli
-from imaged.config import Config
+from imaged.config import Config, Overrides, load_config
 from imaged.drivers import registry as driver_registry
 from imaged.errors import ConflictError
 from imaged.host import loopdev
 from imaged.host.mounts import mountinfo, unmount
+from imaged.ops.service import Service
 from imaged.testing import zfsfuse
 from imaged.testing.images import OCILayout, directory, file, push
 from imaged.testing.registry import LocalRegistry, start_registry
@@ -347,27 +349,84 @@ def cli_mode() -> str:
     return "embedded"  # parametrized by pytest_generate_tests for tests marked cli_modes
 
 
-@pytest.fixture
-def imaged(root: Path, isolated_env: dict[str, str], capsys: pytest.CaptureFixture[str],
-           cli_mode: str, start_daemon: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Run the CLI in this process (fast): ``imaged("pull", ref)`` → Result.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each test's outcome on its item: the store check after a stateful test runs only
+    when the test itself passed (a failure has told its story already)."""
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
 
-    In daemon mode a daemon is started on the root at the first command (with that command's
-    ``--driver``), and every command goes through its socket.
-    """
-    daemon: list[Daemon] = []
 
-    def run(*args: str) -> Result:
-        if cli_mode == "daemon" and not daemon:
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+def check_store(root: Path) -> None:
+    """``imaged check`` in this process on a root nobody holds: nothing found, and nothing
+    that opening the root had to repair first."""
+    async def run() -> dict[str, Any]:
+        async with Service.open(load_config(Overrides(root=root)), "test store check") as svc:
+            return await svc.check()
+
+    report = trio.run(run)
+    assert report["findings"] == [] and report["recovered"] == [], report
+
+
+class CLI:
+    """The CLI in this process: ``imaged("pull", ref)`` → Result. In daemon mode a daemon is
+    started on the root at the first command (with that command's ``--driver``), and every
+    command goes through its socket.
+
+    ``finish`` ends a stateful test (conformance, ``cli_modes``) by proving its store
+    consistent: the daemon, which holds the root's lock, is stopped first, and the check runs
+    before anything unmounts what the test left mounted (that would make records stale)."""
+
+    def __init__(self, request: pytest.FixtureRequest, root: Path, cli_mode: str,
+                 start_daemon: Any, monkeypatch: pytest.MonkeyPatch,
+                 capsys: pytest.CaptureFixture[str]) -> None:
+        self.request = request
+        self.root = root
+        self.cli_mode = cli_mode
+        self.start_daemon = start_daemon
+        self.monkeypatch = monkeypatch
+        self.capsys = capsys
+        self.daemon: Daemon | None = None
+        self.finished = False
+
+    def __call__(self, *args: str) -> Result:
+        if self.cli_mode == "daemon" and self.daemon is None:
             driver = args[args.index("--driver") + 1] if "--driver" in args else None
-            daemon.append(start_daemon(driver))
-            monkeypatch.setenv("IMAGED_SOCKET", str(daemon[0].socket))
-        capsys.readouterr()
-        code = cli.main(["--root", str(root), *args])
-        captured = capsys.readouterr()
+            self.daemon = self.start_daemon(driver)
+            self.monkeypatch.setenv("IMAGED_SOCKET", str(self.daemon.socket))
+        self.capsys.readouterr()
+        code = cli.main(["--root", str(self.root), *args])
+        captured = self.capsys.readouterr()
         return Result(code, captured.out, captured.err)
 
-    return run
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        item = self.request.node
+        stateful = item.get_closest_marker("cli_modes") is not None or \
+            "/conformance/" in str(item.path)
+        if self.daemon is not None:
+            self.daemon.stop()
+        if stateful and not item.stash.get(CALL_FAILED, True) and \
+                (self.root / "metadata.db").exists():
+            check_store(self.root)
+
+
+@pytest.fixture
+def imaged(request: pytest.FixtureRequest, root: Path, isolated_env: dict[str, str],
+           capsys: pytest.CaptureFixture[str], cli_mode: str, start_daemon: Any,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[CLI]:
+    """Run the CLI in this process (fast); see ``CLI``."""
+    run = CLI(request, root, cli_mode, start_daemon, monkeypatch, capsys)
+    yield run
+    run.finish()
 
 
 @pytest.fixture

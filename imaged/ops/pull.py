@@ -338,6 +338,42 @@ class Puller:
         driver.commit_layer(chain.hex)
         return stats
 
+    async def refetch(self, ref: Reference, desc: Descriptor, manifest: bool) -> None:
+        """A recorded blob whose file is gone or damaged, fetched again from ``ref``'s
+        repository and flushed (``imaged check --repair``); a manifest or index through the
+        manifests endpoint, where registries keep them."""
+        content = self.store.content
+        with self.leases.hold([str(desc.digest)]):
+            if manifest:
+                fetched = await self.client.fetch_manifest(
+                    ref, str(desc.digest), self.store.config.limits.max_manifest_bytes)
+                await trio.to_thread.run_sync(content.write_bytes, desc.digest, fetched.data)
+            else:
+                await self._downloads.run(str(desc.digest),
+                                          functools.partial(self._download, ref, desc),
+                                          lambda _: None)
+            await trio.to_thread.run_sync(content.flush)
+
+    async def restore_layer(self, chain: Digest, parent: Digest | None, diff_id: Digest,
+                            desc: Descriptor) -> None:
+        """Apply a recorded layer again from its blob (``imaged check --repair`` of a layer the
+        driver lost), recorded as a pull records it: 'creating' until applied and flushed, so
+        a crash meanwhile leaves what recovery removes."""
+        driver = self.store.driver()
+        with self.leases.hold([str(chain), str(desc.digest)]):
+            async with self._unpacks.exclusive(str(chain)):
+                self.store.meta.begin_layer(chain, parent, diff_id, driver.name)
+                try:
+                    stats = await trio.to_thread.run_sync(
+                        self._unpack, desc, diff_id, chain, parent, lambda _: None,
+                        limiter=self._unpack_limiter)
+                    await trio.to_thread.run_sync(syncfs, driver.home)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await self._remove_layer(chain)
+                    raise
+                self.store.meta.finish_layers({chain: (stats.entries, stats.bytes)})
+
     async def _remove_layer(self, chain: Digest) -> None:
         """Row first: a crash before the directory goes leaves a directory without a row, which
         recovery removes, never a row whose files are gone."""

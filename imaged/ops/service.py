@@ -6,9 +6,11 @@ print the same facts.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import platform as _platform
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,8 @@ import trio
 from imaged import __version__
 from imaged.config import Config
 from imaged.digest import Digest
-from imaged.drivers import Capabilities, Mounted, Usage, probe_all
-from imaged.errors import ConflictError, InvalidError, NotFoundError
+from imaged.drivers import Capabilities, Finding, Mounted, Usage, probe_all
+from imaged.errors import ConflictError, ImagedError, InvalidError, NotFoundError, RegistryError
 from imaged.events import Reporter
 from imaged.faults import pause_point
 from imaged.host.mounts import backing_filesystem
@@ -27,8 +29,10 @@ from imaged.host.targets import attach, beneath, detach, open_target
 from imaged.names import name_or_new
 from imaged.ops.pull import Puller, PullResult
 from imaged.registry_client.client import RegistryClient
-from imaged.registry_client.manifest import Platform
+from imaged.registry_client.manifest import Descriptor, Platform
 from imaged.registry_client.reference import parse_reference
+from imaged.store import check
+from imaged.store.check import container_key
 from imaged.store.gc import collect, release
 from imaged.store.leases import Leases
 from imaged.store.lock import Waiting
@@ -190,18 +194,19 @@ class Service:
     async def _create(self, image_id: Digest, name: str, quota: int | None,
                       read_only: bool) -> None:
         driver = self.store.driver()
-        self.store.meta.insert_container(ContainerRow(
-            name, image_id, driver.name, quota, read_only, "creating", None, Target.OWN,
-            time.time()))
-        try:
-            await trio.to_thread.run_sync(driver.create_container, name,
-                                          self._layers_of(image_id), quota, read_only)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(driver.remove_container, name)
-            self.store.meta.delete_container(name)
-            raise
-        self.store.meta.update_container(name, state="ready")
+        with self.leases.hold([container_key(name)]):  # 'creating' is not a crash's leftover
+            self.store.meta.insert_container(ContainerRow(
+                name, image_id, driver.name, quota, read_only, "creating", None, Target.OWN,
+                time.time()))
+            try:
+                await trio.to_thread.run_sync(driver.create_container, name,
+                                              self._layers_of(image_id), quota, read_only)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(driver.remove_container, name)
+                self.store.meta.delete_container(name)
+                raise
+            self.store.meta.update_container(name, state="ready")
 
     async def mount(self, image_text: str | None, name: str | None, quota: int | None,
                     read_only: bool, target: Path | None,
@@ -303,10 +308,11 @@ class Service:
                 raise ConflictError(f"container {name} is mounted at {row.mount_path}; "
                                     "unmount it first or use --force")
             await self.umount(name)
-        self.store.meta.update_container(name, state="removing")
-        pause_point("mid-removal")
-        await trio.to_thread.run_sync(self.store.driver().remove_container, name)
-        freed = self._release(self.store.meta.delete_container(name))
+        with self.leases.hold([container_key(name)]):  # 'removing' is not a crash's leftover
+            self.store.meta.update_container(name, state="removing")
+            pause_point("mid-removal")
+            await trio.to_thread.run_sync(self.store.driver().remove_container, name)
+            freed = self._release(self.store.meta.delete_container(name))
         return {"ok": True, "name": name, "freed_bytes": freed}
 
     async def update(self, name: str, quota: int) -> dict[str, Any]:
@@ -324,6 +330,94 @@ class Service:
     async def ps(self) -> list[dict[str, Any]]:
         return await self._describe([row for row in self.store.meta.containers()
                                      if row.state == "ready"])
+
+    # check
+
+    async def check(self, verify_data: bool = False, repair: bool = False) -> dict[str, Any]:
+        """The store-wide consistency check (``imaged.store.check``), and with ``repair`` the
+        repair of what can be repaired: ``{ok, findings, recovered}``.
+
+        ``ok`` is whether nothing was found, repaired or not (DESIGN §4: exit 1 when anything
+        is found); a run after a repair says whether it all held. ``recovered`` is what opening
+        the root repaired before the check looked (``Store.recover``): a crash's leftovers that
+        the check can no longer see. Repair is for the embedded CLI only (DESIGN §5)."""
+        store = self.store
+        if repair:
+            store.make_room()
+        records = check.Records.read(store.meta)
+        driver = store.recorded_driver()
+        found = await trio.to_thread.run_sync(functools.partial(
+            check.inspect, records, store.content, driver, store.root, self.leases.held,
+            verify_data))
+        found = [f for f in found if not check.explained(store.meta, self.leases, f)]
+        if repair:
+            found = [await self._repair(f) for f in sorted(found, key=self._repair_order())]
+        return {"ok": not found, "findings": [f.to_json() for f in found],
+                "recovered": list(store.recovered)}
+
+    def _repair_order(self) -> Callable[[Finding], tuple[int, int]]:
+        """``check.REPAIR_ORDER``; layers base first, since each is applied on its parent."""
+        positions = {str(layer.chain_id): layer.position for image in self.store.meta.images()
+                     for layer in image.layers}
+        order = {kind: rank for rank, kind in enumerate(check.REPAIR_ORDER)}
+        return lambda f: (order.get(f.kind, len(order)), positions.get(f.subject, 0))
+
+    async def _repair(self, finding: Finding) -> Finding:
+        try:
+            if finding.kind in check.BLOB_DAMAGE:
+                await self._refetch(finding)
+            elif finding.kind == check.LAYER_MISSING:
+                await self._restore_layer(Digest.parse(finding.subject))
+            else:
+                # Synchronous, as gc is: no pull may lease what is being removed meanwhile.
+                check.repair(self.store, self.leases, finding)
+        except (ImagedError, OSError) as exc:
+            return dataclasses.replace(finding, error=str(getattr(exc, "strerror", None) or exc))
+        return dataclasses.replace(finding, repaired=True)
+
+    async def _refetch(self, finding: Finding) -> None:
+        """A damaged or missing blob fetched again from a repository of an image that uses
+        it, trying each until one answers. Damaged bytes go first so nothing reads them; a
+        short file goes back to ingest, where the download resumes from it once re-hashed."""
+        digest = Digest.parse(finding.subject)
+        content, meta = self.store.content, self.store.meta
+        if finding.kind == check.BLOB_SIZE:
+            await trio.to_thread.run_sync(content.uncommit, digest)
+        else:
+            await trio.to_thread.run_sync(content.remove, digest)
+        row = meta.blob_rows().get(finding.subject)
+        if row is None:
+            raise NotFoundError(f"blob {digest} is no longer recorded")
+        records = check.Records.read(meta)
+        refs = records.refs_using_blob(finding.subject)
+        if not refs:
+            raise NotFoundError(f"no image that uses blob {digest} has a name to fetch it by")
+        desc = Descriptor(row[1], digest, row[0])
+        errors = []
+        for ref in refs:
+            try:
+                await self._puller.refetch(parse_reference(ref), desc,
+                                           finding.subject in records.manifests())
+                return
+            except ImagedError as exc:
+                errors.append(f"{ref}: {exc}")
+        raise RegistryError(f"could not fetch blob {digest} again ({'; '.join(errors)})")
+
+    async def _restore_layer(self, chain: Digest) -> None:
+        """A layer the driver lost, applied again from its blob: the first recorded image
+        that has it says its parent, DiffID and blob."""
+        for image in self.store.meta.images():
+            for layer in image.layers:
+                if layer.chain_id != chain:
+                    continue
+                parent = image.layers[layer.position - 1].chain_id if layer.position else None
+                if not self.store.content.has(layer.blob_digest, layer.size):
+                    raise NotFoundError(f"its blob {layer.blob_digest} is not in the store")
+                await self._puller.restore_layer(
+                    chain, parent, layer.diff_id,
+                    Descriptor(layer.media_type, layer.blob_digest, layer.size))
+                return
+        raise NotFoundError(f"no recorded image has layer {chain}")
 
     def info(self) -> dict[str, Any]:
         backing = backing_filesystem(self.store.root)

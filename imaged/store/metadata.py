@@ -226,6 +226,11 @@ class Metadata:
     def blob_digests(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT digest FROM blobs")}
 
+    def blob_rows(self) -> dict[str, tuple[int, str]]:
+        """Every recorded blob: digest → (size, media type)."""
+        return {r[0]: (int(r[1]), str(r[2])) for r in self.db.execute(
+            "SELECT digest, size, media_type FROM blobs")}
+
     def has_blob(self, digest: Digest) -> bool:
         """Whether the blob is recorded (its file flushed); a file alone may be a pull's work."""
         return self.db.execute("SELECT 1 FROM blobs WHERE digest=?",
@@ -305,6 +310,11 @@ class Metadata:
             "SELECT chain_id FROM image_layers WHERE image_id=? ORDER BY position",
             (str(image_id),))]
 
+    def index_refs(self) -> list[tuple[str, str]]:
+        """(name, index digest) of every name that resolved through an index."""
+        return [(r[0], r[1]) for r in self.db.execute(
+            "SELECT name, index_digest FROM refs WHERE index_digest IS NOT NULL ORDER BY name")]
+
     def ref_target(self, name: str) -> Digest | None:
         row = self.db.execute("SELECT image_id FROM refs WHERE name=?", (name,)).fetchone()
         return None if row is None else Digest.parse(row[0])
@@ -376,6 +386,11 @@ class Metadata:
     def layers_in_state(self, state: str) -> list[str]:
         return [r[0] for r in self.db.execute(
             "SELECT chain_id FROM layers WHERE state=? ORDER BY rowid DESC", (state,))]
+
+    def layer_rows(self) -> dict[str, str]:
+        """Every layer row: chain ID → state, children before parents (see above)."""
+        return {r[0]: r[1] for r in self.db.execute(
+            "SELECT chain_id, state FROM layers ORDER BY rowid DESC")}
 
     def unused_layers(self) -> list[str]:
         """Ready layers no image references (images pin every layer of their chain)."""

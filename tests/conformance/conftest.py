@@ -21,7 +21,7 @@ import pytest
 from imaged.testing.images import Entry, OCILayout, file, push
 from imaged.testing.registry import LocalRegistry, local_registry, start_registry
 from tests.cache import user_cache
-from tests.conftest import Result, unmount_below
+from tests.conftest import CLI, Result, unmount_below
 
 
 @dataclass
@@ -120,7 +120,10 @@ def _fill_deep_storage(layout: OCILayout, storage: Path, workdir: Path) -> None:
 
 @pytest.fixture
 def bed(driver: str, root: Path, registry: LocalRegistry, layout: OCILayout,
-        imaged: Any) -> Iterator[Bed]:
-    yield Bed(driver, root, registry, layout, imaged)
-    # Whatever a test left mounted under its root goes, even when the test failed.
-    unmount_below(root)
+        imaged: CLI) -> Iterator[Bed]:
+    try:
+        yield Bed(driver, root, registry, layout, imaged)
+        imaged.finish()  # the store checked before its mounts go
+    finally:
+        # Whatever a test left mounted under its root goes, even when the test failed.
+        unmount_below(root)

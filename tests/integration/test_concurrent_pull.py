@@ -121,12 +121,11 @@ def keys_of(image: Image) -> list[str]:
             *(layer.blob.digest for layer in image.layers), *(str(c) for c in chains)]
 
 
-def assert_consistent(service: Service) -> None:
-    """No half-applied layer, no directory without a row, no lease left over."""
-    meta = service.store.meta
-    assert meta.layers_in_state("creating") == []
-    ready = {Digest.parse(c).hex for c in meta.layers_in_state("ready")}
-    assert service.store.driver().list_layers() == ready
+async def assert_consistent(service: Service) -> None:
+    """The store checks clean (``imaged check``: no half-applied layer, no layer or blob
+    without a row, …), and no lease is left over."""
+    report = await service.check()
+    assert report["findings"] == [], report
     assert not service.leases._held
 
 
@@ -176,7 +175,7 @@ async def test_concurrent_pulls_fetch_and_unpack_shared_content_once(
             assert sum(f"/blobs/{digest} " in line for line in gets) == 1, digest
         assert set(unpacked.values()) == {1}, unpacked
         assert len(unpacked) == 1 + len(repos)
-        assert_consistent(service)
+        await assert_consistent(service)
         for name, repo in repos.items():
             mounted = await service.mount(f"{registry.host}/{repo}:v1", f"c-{name}",
                                           None, True, None)
@@ -221,7 +220,7 @@ async def test_cancelled_pull_leaves_shared_download_to_the_other(
         assert str(second.result.id) == image.id
         assert len(faulty.requests_for(blob_path(repo, top.digest))) == 1
         assert set(unpacked.values()) == {1}
-        assert_consistent(service)
+        await assert_consistent(service)
 
 
 @pytest.mark.parametrize("during", ["download", "unpack"])
@@ -246,7 +245,7 @@ async def test_cancelling_the_only_pull_leaves_nothing(
 
         assert pull.result is None and pull.error is None
         assert service.store.meta.layers_in_state("ready") == []
-        assert_consistent(service)
+        await assert_consistent(service)
         assert service.images() == []
         assert list(service.store.content.iter_blobs()) == []
 
@@ -277,7 +276,7 @@ async def test_leases_cover_a_pull_until_it_ends(
         else:
             assert pull.error is not None and top.digest in pull.error.message
         assert [key for key in keys_of(image) if service.leases.held(key)] == []
-        assert_consistent(service)
+        await assert_consistent(service)
 
 
 async def test_waiters_on_a_failed_download_all_get_its_error(
@@ -298,7 +297,7 @@ async def test_waiters_on_a_failed_download_all_get_its_error(
 
         for pull in pulls:
             assert pull.error is not None and "failed verification" in pull.error.message
-        assert_consistent(service)
+        await assert_consistent(service)
         assert list(service.store.content.iter_blobs()) == []
 
 
@@ -343,4 +342,4 @@ async def test_failed_pull_keeps_the_layer_another_pull_relies_on(
         assert not service.store.content.has(Digest.parse(bad.config.digest))
         assert not service.store.content.has(Digest.parse(bad_top.blob.digest))
         assert [img["id"] for img in service.images()] == [good.id]
-        assert_consistent(service)
+        await assert_consistent(service)
