@@ -342,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (imaged ps | head): not an error of ours; silence the
         # interpreter's own complaint when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+    verb = _VERBS.get(args.command)
+    return 1 if verb is not None and verb.failed(result) else 0
 
 
 def _fail(args: argparse.Namespace, exc: ImagedError) -> int:

@@ -83,3 +83,10 @@ def freed(result: dict[str, Any]) -> str:
 
 def not_removed(result: dict[str, Any]) -> list[str]:
     return [f"not removed: {line}" for line in result.get("failed", [])]
+
+
+def findings(result: dict[str, Any]) -> str:
+    """One line per finding (kind first, for grep), then what opening the root repaired."""
+    lines = [f"{found['kind']}: {found['message']}" for found in result["findings"]]
+    lines += [f"recovered at open: {line}" for line in result["recovered"]]
+    return "\n".join(lines) if lines else "no findings"

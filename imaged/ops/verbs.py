@@ -219,7 +219,16 @@ CONTAINER = Verb("container", "describe one container", lambda s, a, c: s.contai
                  (_CONTAINER,), Route("GET", "containers/{name}"), command=False)
 GC = Verb("gc", "remove blobs and layers nothing references", lambda s, a, c: _sync(s.gc()),
           route=Route("POST", "gc"), show=render.freed, warnings=render.not_removed)
+CHECK = Verb(
+    "check", "check the store's consistency: metadata, blobs, driver, mounts, quotas",
+    lambda s, a, c: s.check(a["verify_data"], a["repair"]),
+    (Param("verify_data", bool, "query", "re-hash every blob", option="--verify-data"),
+     # Repair wants the root to itself, so it is the embedded CLI's alone (DESIGN §5).
+     Param("repair", bool, "query", "repair what can be repaired (refetch damaged blobs, "
+           "re-apply lost layers, drop dead records); not through the daemon",
+           option="--repair", api=False)),
+    Route("GET", "check"), show=render.findings, failed=lambda result: not result["ok"])
 
 # In the order ``imaged --help`` lists them.
 VERBS: tuple[Verb, ...] = (PULL, IMAGES, IMAGE, RMI, INFO, CREATE, MOUNT, UPDATE, UMOUNT, RM, PS,
-                           CONTAINER, GC)
+                           CONTAINER, GC, CHECK)

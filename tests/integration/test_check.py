@@ -21,7 +21,7 @@ from imaged.ops.service import Service
 from imaged.store import check
 from imaged.testing.images import OCILayout
 from imaged.testing.registry import LocalRegistry, start_registry
-from tests.conftest import Pushed, loop_filesystem, need_tools, push_simple, unmount_below
+from tests.conftest import CLI, Pushed, loop_filesystem, need_tools, push_simple, unmount_below
 
 
 @pytest.fixture
@@ -338,3 +338,31 @@ async def test_btrfs_finds_a_writable_layer(root: Path, pushed: Pushed, tmp_path
                 await assert_image_works(service, pushed)
         finally:
             unmount_below(root)
+
+
+@pytest.mark.cli_modes
+def test_the_command_prints_a_line_per_finding_and_exits_1(
+        imaged: CLI, pushed: Pushed, root: Path, cli_mode: str, clean_up: None) -> None:
+    """The CLI, embedded and through the daemon's ``GET /v1/check``; repair is embedded only
+    (the daemon holds the root), so in daemon mode it is refused until the daemon stops."""
+    assert imaged("pull", pushed.ref).code == 0
+    clean = imaged("check", "--verify-data")
+    assert (clean.code, clean.out) == (0, "no findings\n")
+    assert imaged("--json", "check").json() == {"ok": True, "findings": [], "recovered": []}
+    digest = pushed.manifest_digest
+    blob_file(root, digest).unlink()
+    found = imaged("check")
+    assert found.code == 1
+    assert found.out == (f"blob-missing: blob {digest} is missing from content/blobs; images: "
+                         f"{pushed.ref}\n")
+    as_json = imaged("--json", "check")
+    assert as_json.code == 1 and as_json.json()["ok"] is False
+    if cli_mode == "daemon":
+        refused = imaged("check", "--repair")
+        assert refused.code == 1 and "--repair works only without a daemon" in refused.err
+        assert imaged.daemon is not None
+        imaged.daemon.stop()  # the next commands find no daemon and run embedded
+    repaired = imaged("check", "--repair")
+    assert repaired.code == 1 and repaired.out.endswith(" (repaired)\n"), repaired
+    after = imaged("check", "--verify-data")
+    assert (after.code, after.out) == (0, "no findings\n")
