@@ -6,6 +6,8 @@ routes, records every request it parses, and follows a per-route script of fault
 
 - ``Drop(after)``: send the full headers (Content-Length of the whole body), ``after`` bytes of
   the body, then close the socket;
+- ``Reset(after)``: the same, but the socket is aborted with a TCP RST, so the client's read
+  fails (``ECONNRESET``) instead of seeing the body end early; unread bytes may be lost with it;
 - ``Fail(status, retry_after)``: an error status, optionally with ``Retry-After``;
 - ``Hangup()``: close the connection without any response;
 - ``Endless(chunked)``: a body that never ends (chunked, or close-delimited without a length);
@@ -32,6 +34,7 @@ import hashlib
 import json
 import re
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -64,6 +67,11 @@ class Drop:
 
 
 @dataclass(frozen=True)
+class Reset:
+    after: int  # body bytes sent before the connection is reset
+
+
+@dataclass(frozen=True)
 class Fail:
     status: int
     retry_after: str | None = None
@@ -90,7 +98,7 @@ class Oversized:
     length: int
 
 
-Action = Serve | Drop | Gate | Fail | Hangup | Endless | Oversized
+Action = Serve | Drop | Reset | Gate | Fail | Hangup | Endless | Oversized
 
 
 @dataclass
@@ -363,7 +371,8 @@ class _Handler(BaseHTTPRequestHandler):
                                      "Content-Length": str(len(body)), **(extra or {})})
         self.wfile.write(body)
 
-    def _body(self, record: Recorded, route: Route, action: Serve | Drop | Gate) -> None:
+    def _body(self, record: Recorded, route: Route, action: Serve | Drop | Reset | Gate
+              ) -> None:
         data = route.data
         status, body = 200, data
         headers = {"Content-Type": route.content_type, **route.headers}
@@ -385,6 +394,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             # A clean FIN (not an RST: the request was read whole) after a short body.
             self.connection.shutdown(socket.SHUT_WR)
+            return
+        if isinstance(action, Reset):
+            self.wfile.write(body[:action.after])
+            self.wfile.flush()
+            # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.connection.close()
             return
         if isinstance(action, Gate):
             self.wfile.write(body[:action.after])
