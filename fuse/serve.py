@@ -1,0 +1,144 @@
+"""The server process: ``python -m imaged.fuse.serve --upper DIR --work DIR [--lower DIR ...]
+[--quota BYTES] [--read-only] [--ready-fd N] MOUNTPOINT``.
+
+One process per mounted container, since ``pyfuse3.init`` serves one filesystem per process.
+``--lower`` is repeated top first, as overlay's lowerdir. The parent learns the outcome on
+``--ready-fd``: ``ready`` once the mount is made, or one ``error: ...`` line and exit status 1,
+so ``imaged mount`` can return only once the mount answers, or say why it failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import stat
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from imaged.fuse.server import Server
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class StartError(Exception):
+    """A refusal at start, said in one line on the ready fd."""
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m imaged.fuse.serve")
+    parser.add_argument("--upper", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--lower", type=Path, action="append", default=[],
+                        help="a lower layer directory; repeated, top first")
+    parser.add_argument("--quota", type=int, default=None, help="bytes the upper may allocate")
+    parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--ready-fd", type=int, default=None)
+    parser.add_argument("mountpoint", type=Path)
+    return parser.parse_args(argv)
+
+
+def _inside(path: Path, mountpoint: Path) -> bool:
+    return path == mountpoint or mountpoint in path.parents
+
+
+def open_layers(args: argparse.Namespace) -> tuple[int, int, list[int]]:
+    """The upper, work and lower descriptors, refusing a layout the mount would break: a
+    layer under the mount point would be served through itself (a deadlock, fuse-overlayfs
+    #277/#386), and copy-up renames from work into upper need one filesystem."""
+    if not args.lower:
+        raise StartError("at least one --lower is needed")
+    if args.quota is not None and args.quota < 0:
+        raise StartError("--quota must be a number of bytes")
+    mountpoint = args.mountpoint.resolve()
+    for path in (args.upper, args.work, *args.lower):
+        if _inside(path.resolve(), mountpoint):
+            raise StartError(f"{path} is the mount point or lies under it")
+    fds = []
+    for path in (args.upper, args.work, *args.lower):
+        try:
+            fds.append(os.open(path, _DIR_FLAGS))
+        except OSError as exc:
+            raise StartError(f"{path}: {exc.strerror}") from exc
+    upper, work, *lowers = fds
+    if os.fstat(upper).st_dev != os.fstat(work).st_dev:
+        raise StartError(f"{args.work} is not on the filesystem of {args.upper}")
+    return upper, work, lowers
+
+
+def usage_of(upper: int) -> int:
+    """Bytes allocated under the upper (st_blocks, each inode once), walked once at start;
+    the server keeps it current from then on."""
+    seen: set[int] = set()
+    total = 0
+    for _, dirs, files, dir_fd in os.fwalk(".", dir_fd=upper):
+        for name in (*dirs, *files):
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512
+    return total
+
+
+def _say(fd: int | None, line: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+async def _serve() -> None:
+    """Serve until SIGTERM or SIGINT, which end the main loop; the caller unmounts."""
+    async with trio.open_nursery() as nursery:
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    os.umask(0)  # every mode the server sets is the caller's mode with the caller's umask
+    try:
+        upper, work, lowers = open_layers(args)
+        server = Server(upper, work, lowers, quota=args.quota, read_only=args.read_only,
+                        usage=usage_of(upper))
+        options = {"fsname=imaged", "subtype=imaged", "default_permissions", "allow_other"}
+        if args.read_only:
+            options.add("ro")
+        if not stat.S_ISDIR(os.stat(args.mountpoint).st_mode):
+            raise StartError(f"{args.mountpoint} is not a directory")
+        pyfuse3.init(server, str(args.mountpoint), options)
+    except (StartError, OSError, RuntimeError) as exc:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOENT and exc.filename:
+            message = f"{exc.filename}: {message}"
+        _say(args.ready_fd, f"error: {message}\n")
+        print(f"imaged.fuse.serve: {message}", file=sys.stderr)
+        return 1
+    _say(args.ready_fd, "ready\n")
+    try:
+        trio.run(_serve)
+    finally:
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

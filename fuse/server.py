@@ -1,0 +1,906 @@
+"""The pyfuse3 ``Operations`` shell over the pure union modules: it gathers facts with ``*at``
+calls on directory descriptors, asks ``imaged.fuse.union``/``changes`` what they mean, and
+performs the answer in the upper, again with ``*at`` calls (s3ql's ``fs.py`` shape).
+
+pyfuse3 runs every request as a trio task in one OS thread, so a blocking syscall stalls the
+whole mount. Metadata syscalls are microseconds and stay inline (a thread hop per lookup would
+cost more than the syscall); only data copies, fsync and large reads and writes go to worker
+threads, under one ``CapacityLimiter``. A copy-up runs under its node's lock, so concurrent
+opens copy once and requests on other files never wait behind it.
+
+Slice 1 of issue 14: full copy-up only, writeback cache off (``write(2)`` returns once the
+upper has the data, and a quota refusal is its own ENOSPC). Inode numbers are stable within a
+mount (the node table keeps a copied-up file's number); across remounts a copied-up file shows
+its upper inode's number, since no origin is recorded in the upper yet.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from imaged.fuse import changes, union
+from imaged.fuse.changes import Access
+from imaged.fuse.nodes import ROOT_ID, Node, NodeTable, Origin
+from imaged.fuse.union import UPPER, Entry, FileType, Listing, Resolution
+
+TIMEOUT = 1.0  # entry and attribute cache: uppers change, and only this server changes them
+BIG_IO = 128 << 10  # reads and writes above this go to a worker thread
+WORKERS = 4
+_FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SUID_BITS = stat.S_ISUID | stat.S_ISGID
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+
+
+def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) -> None:
+    """renameat2(2), for RENAME_WHITEOUT/EXCHANGE/NOREPLACE, which ``os.rename`` cannot ask."""
+    if _libc.renameat2(src_dir, src, dst_dir, dst, flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def check_name(name: bytes) -> None:
+    """A name the kernel hands over is never trusted to stay inside the directory."""
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise pyfuse3.FUSEError(errno.EINVAL)
+
+
+def _proc(dir_fd: int, name: bytes = b"") -> bytes:
+    """A path naming ``name`` in the directory behind ``dir_fd`` (or the fd's own object) for
+    the xattr calls Python offers only by path; the name is checked, so it cannot escape."""
+    path = b"/proc/self/fd/%d" % dir_fd
+    return path + b"/" + name if name else path
+
+
+@dataclass(slots=True)
+class Place:
+    """Where a node's object is now: ``name`` in ``dir_fd`` of ``layer``, with its stat."""
+
+    layer: int
+    dir_fd: int
+    name: bytes
+    st: os.stat_result
+
+
+@dataclass(slots=True)
+class Handle:
+    """An open file: the backing descriptor and what a write must still check."""
+
+    fd: int
+    node: int
+    uid: int
+    killpriv_checked: bool = False
+
+
+@dataclass(slots=True)
+class DirHandle:
+    node: int
+    listing: Listing
+    layers: tuple[tuple[int, int], ...]
+
+
+class Server(pyfuse3.Operations):
+    """One mounted container: an upper over lowers (top first), with an optional quota."""
+
+    def __init__(self, upper: int, work: int, lowers: list[int], *, quota: int | None,
+                 read_only: bool, usage: int) -> None:
+        super().__init__()
+        self.upper, self.work, self.lowers = upper, work, lowers
+        self.read_only = read_only
+        self.quota = quota
+        self.usage = usage
+        self.nlowers = len(lowers)
+        top = os.fstat(upper)
+        self.nodes = NodeTable(Origin(top.st_dev, top.st_ino))
+        for fd in (upper, *lowers):  # devices in stack order, so st_ino stays stable
+            self.nodes.device_index(os.fstat(fd).st_dev)
+        root = union.root(self.nlowers)
+        self._dirs: dict[int, tuple[tuple[int, int], ...]] = {
+            ROOT_ID: tuple(zip(root.layers, (upper, *lowers), strict=True))}
+        self._owned: set[int] = set()  # descriptors in _dirs this server opened (not roots)
+        self._where: dict[int, tuple[int, bytes]] = {}
+        self._index: dict[Origin, int] = {}  # lower hard-link origin -> O_PATH fd of its copy
+        self._locks: dict[int, trio.Lock] = {}
+        self._handles: dict[int, Handle] = {}
+        self._dir_handles: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self._tmp = 0
+        self.limiter = trio.CapacityLimiter(WORKERS)
+
+    # facts
+
+    def _entry(self, dir_fd: int, name: bytes) -> tuple[Entry, os.stat_result] | None:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+        kind = union.file_type(st.st_mode, st.st_rdev)
+        opaque = False
+        if kind is FileType.DIRECTORY:
+            opaque = any(union.is_opaque(self._xattr(_proc(dir_fd, name), n))
+                         for n in union.OPAQUE_XATTRS)
+        return Entry(kind, opaque, Origin(st.st_dev, st.st_ino)), st
+
+    @staticmethod
+    def _xattr(path: bytes, name: bytes) -> bytes | None:
+        try:
+            return os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                return None
+            raise
+
+    def _resolve(self, parent: int, name: bytes, *, complete: bool = False
+                 ) -> tuple[Resolution, dict[int, os.stat_result]]:
+        """``name`` in directory node ``parent`` through its layers, with each layer's stat."""
+        layers = self._dir_layers(parent)
+        stats: dict[int, os.stat_result] = {}
+
+        def found() -> Iterator[tuple[int, Entry | None]]:
+            for layer, fd in layers:
+                got = self._entry(fd, name)
+                if got is not None:
+                    stats[layer] = got[1]
+                yield layer, got[0] if got else None
+
+        return union.resolve(found(), complete=complete), stats
+
+    def _dir_layers(self, node_id: int) -> tuple[tuple[int, int], ...]:
+        """(layer, fd) of every layer a directory node merges, opened once and kept: the
+        descriptors follow the directories through renames, and only this server changes
+        which layers a directory has (copy-up adds the upper, removal drops the node)."""
+        cached = self._dirs.get(node_id)
+        if cached is not None:
+            return cached
+        where = self._where.get(node_id)
+        if where is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        parent, name = where
+        res, _ = self._resolve(parent, name)
+        if not res.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        parents = dict(self._dir_layers(parent))
+        opened = []
+        for layer in res.layers:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parents[layer])
+            self._owned.add(fd)
+            opened.append((layer, fd))
+        self._dirs[node_id] = tuple(opened)
+        return self._dirs[node_id]
+
+    def _drop_dir(self, node_id: int) -> None:
+        for _, fd in self._dirs.pop(node_id, ()):
+            if fd in self._owned:
+                self._owned.discard(fd)
+                os.close(fd)
+
+    def _place(self, node_id: int) -> Place:
+        """Where the node's object is now, a lower hard link already copied up linked first."""
+        if node_id == ROOT_ID:
+            layer, fd = self._dir_layers(ROOT_ID)[0]
+            return Place(layer, fd, b"", os.fstat(fd))
+        where = self._where.get(node_id)
+        if where is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        parent, name = where
+        res, stats = self._resolve(parent, name)
+        if not res.exists:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        layer = res.top
+        if layer != UPPER and res.entry.origin in self._index and not self.read_only:
+            self._link_up(parent, name, self._index[res.entry.origin])
+            return self._place(node_id)
+        return Place(layer, dict(self._dir_layers(parent))[layer], name, stats[layer])
+
+    # replies
+
+    def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        # pyfuse3 replies st_ino as the FUSE node id too (fuse_entry_param.ino), so the number
+        # stat shows is the node's id: stable across copy-up and for hard links, but not across
+        # FORGET or remounts until the protocol layer can send the two apart.
+        attr.st_ino = node.id
+        attr.generation = node.generation
+        attr.entry_timeout = attr.attr_timeout = TIMEOUT
+        attr.st_mode, attr.st_nlink = st.st_mode, st.st_nlink
+        attr.st_uid, attr.st_gid, attr.st_rdev = st.st_uid, st.st_gid, st.st_rdev
+        attr.st_size, attr.st_blksize, attr.st_blocks = st.st_size, st.st_blksize, st.st_blocks
+        attr.st_atime_ns, attr.st_mtime_ns = st.st_atime_ns, st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        return attr
+
+    def _known(self, parent: int, name: bytes, st: os.stat_result
+               ) -> tuple[Node, pyfuse3.EntryAttributes]:
+        """Count a lookup of the object ``st`` under ``name``, and its attributes: those of
+        the copy when it is a lower hard link another name of which was copied up."""
+        key = Origin(st.st_dev, st.st_ino)
+        upper = self._index.get(key)
+        if upper is not None:
+            st = os.stat(upper)
+            node = self.nodes.lookup(key, Origin(st.st_dev, st.st_ino))
+        else:
+            node = self.nodes.lookup(key)
+        self._where[node.id] = (parent, name)
+        return node, self._attrs(node, st)
+
+    def _forgotten(self, node_id: int, count: int) -> None:
+        self.nodes.forget(node_id, count)
+        if node_id not in self.nodes:
+            self._drop_dir(node_id)
+            self._where.pop(node_id, None)
+            self._locks.pop(node_id, None)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    # lookup and attributes
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        check_name(name)
+        with _errors():
+            res, stats = self._resolve(parent_inode, name)
+            if not res.exists:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._known(parent_inode, name, stats[res.top])[1]
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for node_id, count in inode_list:
+            self._forgotten(node_id, count)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.EntryAttributes:
+        with _errors():
+            return self._attrs(self.nodes.get(inode), self._place(inode).st)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable()
+        with _errors():
+            truncate_to = attr.st_size if fields.update_size else None
+            place = await self._copied_up(inode, Access.SETATTR, truncate_to=truncate_to)
+            d, n = place.dir_fd, place.name
+            if fields.update_size:
+                before = place.st.st_blocks
+                handle = self._handles.get(fh) if fh is not None else None
+                if handle is not None:
+                    os.ftruncate(handle.fd, attr.st_size)
+                else:
+                    fd = os.open(n, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+                    try:
+                        os.ftruncate(fd, attr.st_size)
+                    finally:
+                        os.close(fd)
+                self._clear_privs(d, n, ctx)
+                self.usage += (self._stat(d, n).st_blocks - before) * 512
+            if fields.update_uid or fields.update_gid:
+                os.chown(n, attr.st_uid if fields.update_uid else -1,
+                         attr.st_gid if fields.update_gid else -1,
+                         dir_fd=d, follow_symlinks=False)
+            if fields.update_mode and not stat.S_ISLNK(place.st.st_mode):
+                os.chmod(n, stat.S_IMODE(attr.st_mode), dir_fd=d)
+            if fields.update_atime or fields.update_mtime:
+                current = self._stat(d, n)
+                os.utime(n, ns=(attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
+                                attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns),
+                         dir_fd=d, follow_symlinks=False)
+            return self._attrs(self.nodes.get(inode), self._stat(d, n))
+
+    @staticmethod
+    def _stat(dir_fd: int, name: bytes) -> os.stat_result:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False) if name \
+            else os.fstat(dir_fd)
+
+    def _clear_privs(self, dir_fd: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """The kernel leaves suid/sgid clearing to the server (libfuse asks HANDLE_KILLPRIV):
+        a change of contents by anyone but root drops them, sgid only with group execute."""
+        if ctx.uid == 0:
+            return
+        mode = self._stat(dir_fd, name).st_mode
+        drop = mode & stat.S_ISUID
+        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+            drop |= stat.S_ISGID
+        if drop:
+            os.chmod(name, stat.S_IMODE(mode) & ~drop, dir_fd=dir_fd)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        with _errors():
+            place = self._place(inode)
+            return os.readlink(place.name, dir_fd=place.dir_fd)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        with _errors():
+            vfs = os.fstatvfs(self.upper)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize, data.f_frsize = vfs.f_bsize, vfs.f_frsize
+        data.f_blocks, data.f_bfree, data.f_bavail = vfs.f_blocks, vfs.f_bfree, vfs.f_bavail
+        if self.quota is not None:
+            free = max(0, self.quota - self.usage) // vfs.f_frsize
+            data.f_blocks = self.quota // vfs.f_frsize
+            data.f_bfree = data.f_bavail = min(free, vfs.f_bavail)
+        data.f_files, data.f_ffree, data.f_favail = vfs.f_files, vfs.f_ffree, vfs.f_favail
+        data.f_namemax = vfs.f_namemax - 4  # room for overlay's ".wh." names
+        return data
+
+    # directories
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        with _errors():
+            listing = self._listing(inode)
+        fh = self._fh()
+        self._dir_handles[fh] = DirHandle(inode, listing, self._dir_layers(inode))
+        return fh
+
+    def _listing(self, inode: int) -> Listing:
+        def contents(fd: int) -> Iterator[tuple[bytes, Entry]]:
+            with os.scandir(fd) as entries:
+                for item in entries:
+                    name = os.fsencode(item.name)
+                    if item.is_dir(follow_symlinks=False):  # opaque or not
+                        got = self._entry(fd, name)
+                        if got is not None:
+                            yield name, got[0]
+                    elif item.is_file(follow_symlinks=False):
+                        yield name, Entry(FileType.REGULAR)
+                    elif item.is_symlink():
+                        yield name, Entry(FileType.SYMLINK)
+                    else:  # devices (whiteouts among them), fifos, sockets
+                        st = item.stat(follow_symlinks=False)
+                        yield name, Entry(union.file_type(st.st_mode, st.st_rdev))
+
+        return union.merge((layer, list(contents(fd))) for layer, fd in self._dir_layers(inode))
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dir_handles[fh]
+        layers = dict(handle.layers)
+        with _errors():
+            for offset, listed in handle.listing.resume(start_id):
+                try:
+                    st = os.stat(listed.name, dir_fd=layers[listed.layer],
+                                 follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed since opendir: skipped, the offsets stay the same
+                node, attr = self._known(handle.node, listed.name, st)
+                if not pyfuse3.readdir_reply(token, listed.name, attr, offset):
+                    self._forgotten(node.id, 1)  # the kernel did not take this entry
+                    return
+
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._make(parent_inode, name, FileType.DIRECTORY, mode, ctx)[1]
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        kind = union.file_type(mode, rdev)
+        if kind is FileType.WHITEOUT:
+            raise pyfuse3.FUSEError(errno.EPERM)  # a 0/0 device would read as a whiteout
+        return self._make(parent_inode, name, kind, mode, ctx, rdev=rdev)[1]
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._make(parent_inode, name, FileType.SYMLINK, 0o777, ctx,
+                                  target=target)[1]
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        node, attr = self._make(parent_inode, name, FileType.REGULAR, mode, ctx)
+        with _errors():
+            place = self._place(node.id)
+            fd = os.open(place.name, changes.open_flags(flags, writeback=False),
+                         dir_fd=place.dir_fd)
+        fh = self._fh()
+        self._handles[fh] = Handle(fd, node.id, ctx.uid)
+        return pyfuse3.FileInfo(fh=fh), attr
+
+    def _make(self, parent: int, name: bytes, kind: FileType, mode: int,
+              ctx: pyfuse3.RequestContext, *, rdev: int = 0,
+              target: bytes = b"") -> tuple[Node, pyfuse3.EntryAttributes]:
+        """Make a new object as the caller would: their uid, their gid or the setgid
+        directory's, their umask, made aside and renamed over an upper whiteout if one is
+        there, so the name never shows the lower object it hid."""
+        check_name(name)
+        self._writable()
+        with _errors():
+            res, _ = self._resolve(parent, name)
+            plan = changes.plan_create(self._parent_res(parent), res, kind)
+            if kind is FileType.DIRECTORY:
+                self._charge(4096)
+            pdir = self._upper_dir(parent)
+            pst = os.fstat(pdir)
+            gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
+            mode = stat.S_IMODE(mode) & ~ctx.umask
+            if kind is FileType.DIRECTORY and pst.st_mode & stat.S_ISGID:
+                mode |= stat.S_ISGID
+            where, made = (self.work, self._tmp_name()) if plan.over_whiteout else (pdir, name)
+            if kind is FileType.DIRECTORY:
+                os.mkdir(made, 0o700, dir_fd=where)
+                if plan.opaque:
+                    os.setxattr(_proc(where, made), union.OPAQUE_XATTRS[0], union.OPAQUE_VALUE,
+                                follow_symlinks=False)
+            elif kind is FileType.SYMLINK:
+                os.symlink(target, made, dir_fd=where)
+            elif kind is FileType.REGULAR:
+                os.close(os.open(made, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
+                                 0o600, dir_fd=where))
+            else:
+                os.mknod(made, stat.S_IFMT(_MODES[kind]) | 0o600, rdev, dir_fd=where)
+            os.chown(made, ctx.uid, gid, dir_fd=where, follow_symlinks=False)
+            if kind is not FileType.SYMLINK:
+                os.chmod(made, mode, dir_fd=where)
+            if plan.over_whiteout:
+                renameat2(self.work, made, pdir, name, changes.RENAME_EXCHANGE)
+                os.unlink(made, dir_fd=self.work)
+            st = os.stat(name, dir_fd=pdir, follow_symlinks=False)
+            self.usage += st.st_blocks * 512
+            return self._known(parent, name, st)
+
+    def _parent_res(self, parent: int) -> Resolution:
+        layers = tuple(layer for layer, _ in self._dir_layers(parent))
+        return Resolution(layers, tuple(Entry(FileType.DIRECTORY) for _ in layers),
+                          lower_positive=False)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, directory=False)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, directory=True)
+
+    async def _remove(self, parent: int, name: bytes, *, directory: bool) -> None:
+        check_name(name)
+        self._writable()
+        with _errors():
+            res, stats = self._resolve(parent, name, complete=True)
+            node = self.nodes.find(res.entry.origin) if res.exists else None  # type: ignore[arg-type]
+            if directory:
+                listing = self._listing(node.id) if node else self._listing_of(parent, name)
+                plan = changes.plan_rmdir(self._parent_res(parent), res, listing)
+            else:
+                plan = changes.plan_unlink(self._parent_res(parent), res)
+            pdir = self._upper_dir(parent)
+            freed = 0
+            if res.in_upper:
+                st = stats[UPPER]
+                freed = st.st_blocks * 512 if directory or st.st_nlink == 1 else 0
+            if plan.clear:
+                child = os.open(name, _DIR_FLAGS, dir_fd=pdir)
+                try:
+                    for whiteout in plan.clear:
+                        os.unlink(whiteout, dir_fd=child)
+                finally:
+                    os.close(child)
+            if plan.action is changes.Removal.REMOVE:
+                if directory:
+                    os.rmdir(name, dir_fd=pdir)
+                else:
+                    os.unlink(name, dir_fd=pdir)
+            elif plan.action is changes.Removal.WHITEOUT:
+                os.mknod(name, stat.S_IFCHR, 0, dir_fd=pdir)
+            else:
+                self._replace_with_whiteout(pdir, name, directory)
+            self.usage -= freed
+            if node is not None:
+                self.nodes.detach(node.id)
+                if directory:
+                    self._drop_dir(node.id)
+
+    def _listing_of(self, parent: int, name: bytes) -> Listing:
+        """The merged listing of a child directory the kernel has no node for."""
+        res, stats = self._resolve(parent, name)
+        node = self.nodes.lookup(Origin(stats[res.top].st_dev, stats[res.top].st_ino))
+        self._where[node.id] = (parent, name)
+        try:
+            return self._listing(node.id)
+        finally:
+            self.nodes.forget(node.id, 1)
+            if node.id not in self.nodes:
+                self._drop_dir(node.id)
+                self._where.pop(node.id, None)
+
+    def _replace_with_whiteout(self, pdir: int, name: bytes, directory: bool) -> None:
+        """Swap the upper entry for a whiteout in one step (made in work, exchanged in), so
+        the lower object never shows through meanwhile."""
+        tmp = self._tmp_name()
+        os.mknod(tmp, stat.S_IFCHR, 0, dir_fd=self.work)
+        renameat2(self.work, tmp, pdir, name, changes.RENAME_EXCHANGE)
+        if directory:
+            os.rmdir(tmp, dir_fd=self.work)
+        else:
+            os.unlink(tmp, dir_fd=self.work)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        check_name(name_old)
+        check_name(name_new)
+        self._writable()
+        with _errors():
+            old, _ = self._resolve(parent_inode_old, name_old, complete=True)
+            new, new_stats = self._resolve(parent_inode_new, name_new, complete=True)
+            listing = None
+            if new.is_dir and not flags & changes.RENAME_EXCHANGE:
+                listing = self._listing_of(parent_inode_new, name_new)
+            plan = changes.plan_rename(self._parent_res(parent_inode_old), old,
+                                       self._parent_res(parent_inode_new), new, flags, listing)
+            moved = self.nodes.find(old.entry.origin)  # type: ignore[arg-type]
+            target = self.nodes.find(new.entry.origin) if new.exists else None  # type: ignore[arg-type]
+            if plan.copy_up_old and moved is not None:
+                await self._copied_up(moved.id, Access.WRITE)
+            elif plan.copy_up_old:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            if plan.copy_up_new and target is not None:
+                await self._copied_up(target.id, Access.WRITE)
+            old_dir = self._upper_dir(parent_inode_old)
+            new_dir = self._upper_dir(parent_inode_new)
+            if plan.clear:
+                child = os.open(name_new, _DIR_FLAGS, dir_fd=new_dir)
+                try:
+                    for whiteout in plan.clear:
+                        os.unlink(whiteout, dir_fd=child)
+                finally:
+                    os.close(child)
+            for mark, where, name in ((plan.opaque_old, old_dir, name_old),
+                                      (plan.opaque_new, new_dir, name_new)):
+                if mark:
+                    os.setxattr(_proc(where, name), union.OPAQUE_XATTRS[0], union.OPAQUE_VALUE,
+                                follow_symlinks=False)
+            freed = 0
+            if plan.replaces and new.in_upper:
+                st = new_stats[UPPER]
+                freed = st.st_blocks * 512 if new.is_dir or st.st_nlink == 1 else 0
+            renameat2(old_dir, name_old, new_dir, name_new, plan.flags)
+            if plan.remove_whiteout_after:
+                os.unlink(name_old, dir_fd=old_dir)
+            self.usage -= freed
+            if target is not None and plan.replaces:
+                self.nodes.detach(target.id)
+                self._drop_dir(target.id)
+            if moved is not None:
+                self._where[moved.id] = (parent_inode_new, name_new)
+            if target is not None and flags & changes.RENAME_EXCHANGE:
+                self._where[target.id] = (parent_inode_old, name_old)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        check_name(new_name)
+        self._writable()
+        with _errors():
+            place = self._place(inode)
+            src_parent, src_name = self._where[inode]
+            source, _ = self._resolve(src_parent, src_name)
+            res, _ = self._resolve(new_parent_inode, new_name)
+            plan = changes.plan_link(source, self._parent_res(new_parent_inode), res)
+            if plan.copy_up_source:
+                place = await self._copied_up(inode, Access.LINK)
+            pdir = self._upper_dir(new_parent_inode)
+            if plan.over_whiteout:
+                tmp = self._tmp_name()
+                os.link(place.name, tmp, src_dir_fd=place.dir_fd, dst_dir_fd=self.work,
+                        follow_symlinks=False)
+                renameat2(self.work, tmp, pdir, new_name, changes.RENAME_EXCHANGE)
+                os.unlink(tmp, dir_fd=self.work)
+            else:
+                os.link(place.name, new_name, src_dir_fd=place.dir_fd, dst_dir_fd=pdir,
+                        follow_symlinks=False)
+            node = self.nodes.get(inode)
+            node.lookups += 1
+            return self._attrs(node, self._stat(pdir, new_name))
+
+    # files
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        access = changes.open_access(flags)
+        if access is Access.WRITE:
+            self._writable()
+        with _errors():
+            truncate_to = 0 if flags & os.O_TRUNC else None
+            place = await self._copied_up(inode, access, truncate_to=truncate_to)
+            fd = os.open(place.name, changes.open_flags(flags, writeback=False),
+                         dir_fd=place.dir_fd)
+            if flags & os.O_TRUNC and place.st.st_blocks:
+                os.ftruncate(fd, 0)
+                self.usage -= place.st.st_blocks * 512
+        fh = self._fh()
+        self._handles[fh] = Handle(fd, inode, ctx.uid)
+        # Lower-only files never change under the mount: keep their pages across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=place.layer != UPPER)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        fd = self._handles[fh].fd
+        with _errors():
+            if size > BIG_IO:
+                return await trio.to_thread.run_sync(os.pread, fd, size, off,
+                                                     limiter=self.limiter)
+            return os.pread(fd, size, off)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        with _errors():
+            before = os.fstat(handle.fd)
+            if self.quota is not None:
+                self._charge(self._growth(handle.fd, before, off, len(buf)))
+            if not handle.killpriv_checked:
+                handle.killpriv_checked = True
+                if handle.uid != 0 and before.st_mode & _SUID_BITS:
+                    drop = before.st_mode & stat.S_ISUID
+                    if before.st_mode & stat.S_ISGID and before.st_mode & stat.S_IXGRP:
+                        drop |= stat.S_ISGID
+                    os.fchmod(handle.fd, stat.S_IMODE(before.st_mode) & ~drop)
+            if len(buf) > BIG_IO:
+                written = await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off,
+                                                        limiter=self.limiter)
+            else:
+                written = os.pwrite(handle.fd, buf, off)
+            self.usage += (os.fstat(handle.fd).st_blocks - before.st_blocks) * 512
+            return written
+
+    @staticmethod
+    def _growth(fd: int, st: os.stat_result, off: int, size: int) -> int:
+        """The most a write can add to the upper's allocation: nothing where the range is
+        allocated already, else the blocks it spans plus one for the extent tree."""
+        if size == 0:
+            return 0
+        if off + size <= st.st_size:
+            try:
+                if os.lseek(fd, off, os.SEEK_HOLE) >= off + size:
+                    return 0
+            except OSError:
+                pass
+        block = 4096
+        return (off + size + block - 1) // block * block - off // block * block + block
+
+    def _charge(self, more: int) -> None:
+        if self.quota is not None and more > 0 and self.usage + more > self.quota:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self._handles[fh].fd
+        with _errors():
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd,
+                                          limiter=self.limiter)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        handle = self._dir_handles[fh]
+        top_layer, fd = handle.layers[0]
+        if top_layer == UPPER:
+            with _errors():
+                await trio.to_thread.run_sync(os.fsync, fd, limiter=self.limiter)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            os.close(handle.fd)
+
+    # xattrs
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        with _errors():
+            union.check_xattr_name(name)
+            place = self._place(inode)
+            return os.getxattr(_proc(place.dir_fd, place.name), name, follow_symlinks=False)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        with _errors():
+            place = self._place(inode)
+            names = [os.fsencode(n) for n in
+                     os.listxattr(_proc(place.dir_fd, place.name), follow_symlinks=False)]
+            return union.visible_xattrs(names, privileged=ctx.uid == 0)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        with _errors():
+            union.check_xattr_name(name)
+            place = await self._copied_up(inode, Access.SETXATTR)
+            os.setxattr(_proc(place.dir_fd, place.name), name, value, follow_symlinks=False)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        with _errors():
+            union.check_xattr_name(name)
+            place = await self._copied_up(inode, Access.SETXATTR)
+            os.removexattr(_proc(place.dir_fd, place.name), name, follow_symlinks=False)
+
+    # copy-up
+
+    def _fh(self) -> int:
+        self._next_fh += 1
+        return self._next_fh
+
+    def _tmp_name(self) -> bytes:
+        self._tmp += 1
+        return b"#imaged-%d-%d" % (os.getpid(), self._tmp)
+
+    def _upper_dir(self, node_id: int) -> int:
+        """The upper descriptor of a directory node, its chain copied up first: inline and
+        without a lock, since a directory's copy-up is metadata only and never awaits."""
+        layers = self._dir_layers(node_id)
+        if layers[0][0] == UPPER:
+            return layers[0][1]
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        parent, name = self._where[node_id]
+        pdir = self._upper_dir(parent)
+        lower_fd = layers[0][1]
+        st = os.fstat(lower_fd)
+        self._charge(st.st_blocks * 512)
+        tmp = self._tmp_name()
+        os.mkdir(tmp, 0o700, dir_fd=self.work)
+        self._copy_meta(self.work, tmp, st, _proc(lower_fd))
+        os.rename(tmp, name, src_dir_fd=self.work, dst_dir_fd=pdir)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=pdir)
+        self._owned.add(fd)
+        self._dirs[node_id] = ((UPPER, fd), *layers)
+        new = os.fstat(fd)
+        self.usage += new.st_blocks * 512
+        self.nodes.copied_up(node_id, Origin(new.st_dev, new.st_ino))
+        return fd
+
+    def _copy_meta(self, dir_fd: int, name: bytes, st: os.stat_result, source: bytes) -> None:
+        """Owner, mode, xattrs (but overlay's own and what the upper refuses) and times."""
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
+        target = _proc(dir_fd, name)
+        try:
+            names = os.listxattr(source, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+            names = []
+        for xname in names:
+            raw = os.fsencode(xname)
+            if union.is_private_xattr(raw):
+                continue
+            try:
+                os.setxattr(target, raw, os.getxattr(source, raw, follow_symlinks=False),
+                            follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                    raise
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd,
+                 follow_symlinks=False)
+
+    async def _copied_up(self, node_id: int, access: Access, *,
+                         truncate_to: int | None = None) -> Place:
+        """The node's place, copied up first if ``access`` changes it: once, under the
+        node's lock, into a temporary file in work renamed in."""
+        place = self._place(node_id)
+        if place.layer == UPPER or access is Access.READ:
+            return place
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if stat.S_ISDIR(place.st.st_mode):
+            self._upper_dir(node_id)
+            return self._place(node_id)
+        lock = self._locks.setdefault(node_id, trio.Lock())
+        async with lock:
+            place = self._place(node_id)
+            if place.layer == UPPER:
+                return place
+            parent, name = self._where[node_id]
+            self._upper_dir(parent)
+            st = place.st
+            mode = changes.choose_copy_up(changes.CopyUpPolicy(changes.CopyUpSetting.FULL),
+                                          union.file_type(st.st_mode, st.st_rdev), st.st_size,
+                                          can_reflink=True, truncate_to=truncate_to)
+            tmp = self._tmp_name()
+            if mode is changes.CopyUp.METADATA:
+                self._make_like(tmp, st, place)
+            else:
+                self._charge(st.st_blocks * 512)
+                src = os.open(place.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=place.dir_fd)
+                try:
+                    dst = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
+                                  0o600, dir_fd=self.work)
+                    try:
+                        await trio.to_thread.run_sync(_copy_data, src, dst, st.st_size,
+                                                      limiter=self.limiter)
+                    finally:
+                        os.close(dst)
+                finally:
+                    os.close(src)
+            self._copy_meta(self.work, tmp, st, _proc(place.dir_fd, place.name))
+            parent, name = self._where[node_id]  # a rename may have moved it meanwhile
+            pdir = self._upper_dir(parent)
+            os.rename(tmp, name, src_dir_fd=self.work, dst_dir_fd=pdir)
+            new = os.stat(name, dir_fd=pdir, follow_symlinks=False)
+            self.usage += new.st_blocks * 512
+            self.nodes.copied_up(node_id, Origin(new.st_dev, new.st_ino))
+            if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                self._index[Origin(st.st_dev, st.st_ino)] = os.open(
+                    name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pdir)
+            return self._place(node_id)
+
+    def _make_like(self, tmp: bytes, st: os.stat_result, place: Place) -> None:
+        """A data-less copy in work: an empty file, a symlink, a device, fifo or socket."""
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(place.name, dir_fd=place.dir_fd), tmp, dir_fd=self.work)
+        elif stat.S_ISREG(st.st_mode):
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600,
+                             dir_fd=self.work))
+        else:
+            os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=self.work)
+
+    def _link_up(self, parent: int, name: bytes, upper_fd: int) -> None:
+        """Another name of a lower hard link already copied up: link the copy under it, so
+        every name shows one file (overlay's ``index=on``). Inline: metadata only, and the
+        parent chain is copied up synchronously (directories have no data)."""
+        pdir = self._upper_dir(parent)
+        os.link(_proc(upper_fd), name, dst_dir_fd=pdir, follow_symlinks=True)
+
+
+_MODES = {FileType.CHARDEV: stat.S_IFCHR, FileType.BLOCKDEV: stat.S_IFBLK,
+          FileType.FIFO: stat.S_IFIFO, FileType.SOCKET: stat.S_IFSOCK}
+
+
+def _copy_data(src: int, dst: int, size: int) -> None:
+    """FICLONE where the filesystem shares extents, else ``copy_file_range`` over the data
+    segments only (SEEK_DATA/SEEK_HOLE), so sparse files stay sparse."""
+    try:
+        fcntl.ioctl(dst, _FICLONE, src)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+            raise
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            raise
+        hole = os.lseek(src, data, os.SEEK_HOLE)
+        pos = data
+        while pos < hole:
+            copied = os.copy_file_range(src, dst, hole - pos, pos, pos)
+            if copied == 0:
+                break
+            pos += copied
+        offset = hole
+    os.ftruncate(dst, size)
+
+
+class _errors:
+    """``OSError`` (a syscall's or a union rule's ``Refused``) out of a handler becomes
+    ``FUSEError`` with its errno: the one edge where errors are translated for FUSE."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if exc is None or isinstance(exc, (pyfuse3.FUSEError, trio.Cancelled)):
+            return
+        if isinstance(exc, OSError) and exc.errno:
+            raise pyfuse3.FUSEError(exc.errno) from exc
+        # pyfuse3 lets any other exception end the main loop, which would leave ENOTCONN
+        # behind for every process using the mount: one request fails instead, and says why.
+        traceback.print_exception(exc, file=sys.stderr)
+        raise pyfuse3.FUSEError(errno.EIO) from exc

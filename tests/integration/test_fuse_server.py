@@ -1,0 +1,396 @@
+"""The fuse server on real mounts (root, /dev/fuse): overlay's semantics over layers in
+overlay's on-disk form, checked through the mount and in the upper it leaves behind, and
+finally by kernel overlay mounting that same upper over the same lowers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
+
+_TIMEOUT = 20.0
+
+
+@dataclass
+class Mount:
+    path: Path
+    upper: Path
+    work: Path
+    lowers: list[Path]
+    proc: subprocess.Popen[bytes]
+
+
+def _make_layers(tmp: Path) -> list[Path]:
+    """Two lowers, top first: the top one whites out ``gone`` and makes ``opq`` opaque."""
+    top, base = tmp / "l1", tmp / "l2"
+    for layer in (top, base):
+        layer.mkdir()
+    (base / "a").write_text("base a\n")
+    (base / "gone").write_text("hidden\n")
+    (base / "keep").write_text("keep\n")
+    (base / "dir" / "sub").mkdir(parents=True)
+    (base / "dir" / "sub" / "deep").write_text("deep\n")
+    (base / "dir" / "low").write_text("low\n")
+    (base / "opq").mkdir()
+    (base / "opq" / "old").write_text("old\n")
+    (base / "h1").write_text("hard\n")
+    os.link(base / "h1", base / "h2")
+    (base / "pub").mkdir()
+    os.chmod(base / "pub", 0o1777)  # noqa: S103 (a /tmp-like dir for the non-root caller)
+    (base / "suid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(base / "suid", 0o4777)  # noqa: S103 (suid to be cleared by a write)
+    (top / "a").write_text("top a\n")
+    os.mknod(top / "gone", stat.S_IFCHR, 0)
+    (top / "dir").mkdir()
+    (top / "dir" / "upperlayer").write_text("l1\n")
+    (top / "opq").mkdir()
+    os.setxattr(top / "opq", "trusted.overlay.opaque", b"y")
+    (top / "opq" / "new").write_text("new\n")
+    os.setxattr(base / "keep", "user.color", b"blue")
+    os.setxattr(base / "keep", "trusted.overlay.origin", b"private")
+    return [top, base]
+
+
+def _start(tmp: Path, *extra: str) -> Mount:
+    lowers = _make_layers(tmp) if not (tmp / "l1").exists() else [tmp / "l1", tmp / "l2"]
+    upper, work, mnt = tmp / "upper", tmp / "work", tmp / "mnt"
+    for path in (upper, work, mnt):
+        path.mkdir(exist_ok=True)
+    argv = [sys.executable, "-m", "imaged.fuse.serve", "--upper", str(upper), "--work",
+            str(work)]
+    for lower in lowers:
+        argv += ["--lower", str(lower)]
+    reader, writer = os.pipe()
+    proc = subprocess.Popen([*argv, *extra, "--ready-fd", str(writer), str(mnt)],
+                            pass_fds=(writer,))
+    os.close(writer)
+    try:
+        with os.fdopen(reader, "rb") as ready:
+            line = ready.readline()
+        if line != b"ready\n":
+            raise AssertionError(f"server said {line!r}")
+    except BaseException:
+        _stop(Mount(mnt, upper, work, lowers, proc))
+        raise
+    return Mount(mnt, upper, work, lowers, proc)
+
+
+def _stop(mount: Mount) -> None:
+    if mount.proc.poll() is None:
+        mount.proc.send_signal(signal.SIGTERM)
+        try:
+            mount.proc.wait(timeout=_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            mount.proc.kill()
+            mount.proc.wait()
+    if os.path.ismount(mount.path):
+        subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False)
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Mount]:
+    mount = _start(tmp_path)
+    try:
+        yield mount
+    finally:
+        _stop(mount)
+
+
+def _errno(call: object, *args: object) -> int:
+    try:
+        call(*args)  # type: ignore[operator]
+    except OSError as exc:
+        return exc.errno or 0
+    return 0
+
+
+def test_lookup_and_read_through_the_stack(mounted: Mount) -> None:
+    m = mounted.path
+    assert (m / "a").read_text() == "top a\n"
+    assert (m / "dir" / "sub" / "deep").read_text() == "deep\n"
+    assert (m / "dir" / "upperlayer").read_text() == "l1\n"
+
+
+def test_whiteout_and_opaque_hide(mounted: Mount) -> None:
+    m = mounted.path
+    assert not (m / "gone").exists()
+    assert sorted(os.listdir(m / "opq")) == ["new"]
+    assert not (m / "opq" / "old").exists()
+
+
+def test_readdir_merges_without_duplicates(mounted: Mount) -> None:
+    m = mounted.path
+    assert sorted(os.listdir(m)) == ["a", "dir", "h1", "h2", "keep", "opq", "pub", "suid"]
+    assert sorted(os.listdir(m / "dir")) == ["low", "sub", "upperlayer"]
+
+
+def test_write_copies_up(mounted: Mount) -> None:
+    m = mounted.path
+    with open(m / "dir" / "low", "a") as f:
+        f.write("more\n")
+    assert (m / "dir" / "low").read_text() == "low\nmore\n"
+    assert (mounted.lowers[1] / "dir" / "low").read_text() == "low\n"
+    assert (mounted.upper / "dir" / "low").read_text() == "low\nmore\n"
+    assert (mounted.upper / "dir" / "low").stat().st_mode == \
+        (mounted.lowers[1] / "dir" / "low").stat().st_mode
+
+
+def _is_whiteout(path: Path) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def test_remove_and_make_leave_overlay_marks(mounted: Mount) -> None:
+    m, up = mounted.path, mounted.upper
+    os.unlink(m / "a")
+    assert _is_whiteout(up / "a") and not (m / "a").exists()
+    assert _errno(os.rmdir, m / "dir") == errno.ENOTEMPTY
+    for name in ("deep",):
+        os.unlink(m / "dir" / "sub" / name)
+    os.rmdir(m / "dir" / "sub")
+    assert _is_whiteout(up / "dir" / "sub")
+    os.mkdir(m / "dir" / "sub")
+    assert os.getxattr(up / "dir" / "sub", "trusted.overlay.opaque") == b"y"
+    assert os.listdir(m / "dir" / "sub") == []
+    (m / "fresh").write_text("x")
+    os.unlink(m / "fresh")
+    assert not os.path.lexists(up / "fresh")
+
+
+def test_rename(mounted: Mount) -> None:
+    m, up = mounted.path, mounted.upper
+    assert _errno(os.rename, m / "dir", m / "moved") == errno.EXDEV
+    os.rename(m / "keep", m / "kept")
+    assert (m / "kept").read_text() == "keep\n" and not (m / "keep").exists()
+    assert _is_whiteout(up / "keep")
+    os.mkdir(m / "mine")
+    (m / "mine" / "f").write_text("f")
+    os.rename(m / "mine", m / "yours")
+    assert (m / "yours" / "f").read_text() == "f"
+
+
+def test_hard_links_survive_copy_up(mounted: Mount) -> None:
+    m = mounted.path
+    before = os.stat(m / "h1").st_ino
+    with open(m / "h1", "a") as f:
+        f.write("more\n")
+    assert (m / "h2").read_text() == "hard\nmore\n"
+    assert os.stat(m / "h1").st_ino == os.stat(m / "h2").st_ino == before
+    os.link(m / "h2", m / "h3")
+    assert os.stat(m / "h3").st_ino == before
+
+
+def test_special_files(mounted: Mount) -> None:
+    m, up = mounted.path, mounted.upper
+    os.symlink("a", m / "ln")
+    assert os.readlink(m / "ln") == "a" and (m / "ln").read_text() == "top a\n"
+    os.mkfifo(m / "fifo")
+    assert stat.S_ISFIFO(os.lstat(m / "fifo").st_mode)
+    os.mknod(m / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    assert os.lstat(m / "null").st_rdev == os.makedev(1, 3)
+    assert os.lstat(up / "null").st_rdev == os.makedev(1, 3)
+    assert _errno(os.mknod, m / "wh", stat.S_IFCHR | 0o600, 0) == errno.EPERM
+
+
+def test_xattrs_hide_overlay_private_names(mounted: Mount) -> None:
+    m = mounted.path
+    names = os.listxattr(m / "keep")
+    assert "user.color" in names and not any("overlay" in n for n in names)
+    assert os.getxattr(m / "keep", "user.color") == b"blue"
+    assert _errno(os.getxattr, m / "keep", "trusted.overlay.origin") == errno.EOPNOTSUPP
+    os.setxattr(m / "a", "user.x", b"1")
+    assert os.getxattr(mounted.upper / "a", "user.x") == b"1"
+    assert _errno(os.setxattr, m / "a", "trusted.overlay.opaque", b"y") == errno.EOPNOTSUPP
+
+
+def test_setattr_copies_up(mounted: Mount) -> None:
+    m, up = mounted.path, mounted.upper
+    os.chmod(m / "keep", 0o600)
+    assert stat.S_IMODE(os.stat(m / "keep").st_mode) == 0o600
+    assert os.getxattr(up / "keep", "user.color") == b"blue"
+    with pytest.raises(OSError):
+        os.getxattr(up / "keep", "trusted.overlay.origin")
+    os.chown(m / "dir" / "low", 123, 456)
+    assert (os.stat(up / "dir" / "low").st_uid, os.stat(up / "dir" / "low").st_gid) == \
+        (123, 456)
+    os.truncate(m / "a", 2)
+    assert (m / "a").read_text() == "to" and (up / "a").read_text() == "to"
+
+
+def test_statfs(mounted: Mount) -> None:
+    assert os.statvfs(mounted.path).f_blocks == os.statvfs(mounted.upper).f_blocks
+
+
+def _upper_bytes(upper: Path) -> int:
+    seen: set[int] = set()
+    total = 0
+    for path in upper.rglob("*"):
+        st = os.lstat(path)
+        if st.st_ino not in seen:
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512
+    return total
+
+
+def test_quota_enospc_from_write(tmp_path: Path) -> None:
+    quota = 1 << 20
+    mount = _start(tmp_path, "--quota", str(quota))
+    try:
+        vfs = os.statvfs(mount.path)
+        assert vfs.f_blocks * vfs.f_frsize == quota
+        fd = os.open(mount.path / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            chunk = b"x" * (64 << 10)
+            with pytest.raises(OSError) as raised:
+                for _ in range(32):
+                    os.write(fd, chunk)
+            assert raised.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        assert _upper_bytes(mount.upper) <= quota
+        vfs = os.statvfs(mount.path)
+        assert vfs.f_bfree * vfs.f_frsize < 128 << 10
+    finally:
+        _stop(mount)
+
+
+def test_read_only_refuses_changes(tmp_path: Path) -> None:
+    mount = _start(tmp_path, "--read-only")
+    try:
+        m = mount.path
+        assert (m / "a").read_text() == "top a\n"
+        assert _errno(os.open, m / "a", os.O_WRONLY) == errno.EROFS
+        assert _errno(os.mkdir, m / "new") == errno.EROFS
+        assert _errno(os.unlink, m / "a") == errno.EROFS
+        assert os.listdir(mount.upper) == []
+    finally:
+        _stop(mount)
+
+
+def test_caller_credentials_and_umask(mounted: Mount) -> None:
+    m = mounted.path
+    for above in (m.parent, m.parent.parent):  # pytest makes its temporary dirs 0700
+        os.chmod(above, 0o755)  # noqa: S103 (let uid 65534 reach the mount)
+    script = textwrap.dedent(f"""
+        import os
+        os.setgid(65534); os.setgroups([]); os.setuid(65534)
+        os.umask(0o027)
+        with open({str(m / "pub" / "f")!r}, "w") as f:
+            f.write("mine")
+        os.mkdir({str(m / "pub" / "d")!r})
+        fd = os.open({str(m / "suid")!r}, os.O_WRONLY)
+        os.write(fd, b"#")
+        os.close(fd)
+        try:
+            os.open({str(m / "a")!r}, os.O_WRONLY)
+        except PermissionError:
+            pass
+        else:
+            raise SystemExit("wrote a root-owned 0644 file")
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=_TIMEOUT)
+    up = mounted.upper / "pub"
+    st = os.stat(up / "f")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o640)
+    assert stat.S_IMODE(os.stat(up / "d").st_mode) == 0o750
+    assert not os.stat(mounted.upper / "suid").st_mode & stat.S_ISUID
+
+
+def test_setgid_directory_inheritance(mounted: Mount) -> None:
+    m = mounted.path
+    os.mkdir(m / "sg")
+    os.chown(m / "sg", 0, 4242)
+    os.chmod(m / "sg", 0o2775)  # noqa: S103 (setgid inheritance)
+    (m / "sg" / "f").write_text("x")
+    os.mkdir(m / "sg" / "d")
+    assert os.stat(m / "sg" / "f").st_gid == 4242
+    assert os.stat(m / "sg" / "d").st_gid == 4242
+    assert os.stat(m / "sg" / "d").st_mode & stat.S_ISGID
+
+
+def test_refuses_a_lower_under_the_mount_point(tmp_path: Path) -> None:
+    (tmp_path / "mnt" / "inside").mkdir(parents=True)
+    for name in ("upper", "work"):
+        (tmp_path / name).mkdir()
+    reader, writer = os.pipe()
+    proc = subprocess.run(
+        [sys.executable, "-m", "imaged.fuse.serve", "--upper", str(tmp_path / "upper"),
+         "--work", str(tmp_path / "work"), "--lower", str(tmp_path / "mnt" / "inside"),
+         "--ready-fd", str(writer), str(tmp_path / "mnt")],
+        pass_fds=(writer,), capture_output=True, timeout=_TIMEOUT, check=False)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as ready:
+        said = ready.read()
+    assert proc.returncode == 1
+    assert said.startswith(b"error: ") and b"mount point" in said
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
+def _walk(root: Path) -> dict[str, tuple[object, ...]]:
+    tree: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            body: object = None
+            if stat.S_ISREG(st.st_mode):
+                body = path.read_bytes()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            tree[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_rdev,
+                                                 body)
+    return tree
+
+
+def test_kernel_overlay_shows_the_same_tree(tmp_path: Path) -> None:
+    mount = _start(tmp_path)
+    try:
+        m = mount.path
+        os.unlink(m / "a")
+        with open(m / "dir" / "low", "a") as f:
+            f.write("more\n")
+        os.unlink(m / "dir" / "sub" / "deep")
+        os.rmdir(m / "dir" / "sub")
+        os.mkdir(m / "dir" / "sub")
+        (m / "dir" / "sub" / "again").write_text("again\n")
+        os.rename(m / "keep", m / "kept")
+        os.mkdir(m / "opq" / "nd")
+        os.symlink("kept", m / "ln")
+        os.chmod(m / "pub", 0o700)
+        seen = _walk(m)
+    finally:
+        _stop(mount)
+    merged, work2 = tmp_path / "merged", tmp_path / "work2"
+    merged.mkdir()
+    work2.mkdir()
+    lowerdir = ":".join(str(p) for p in mount.lowers)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lowerdir},upperdir={mount.upper},workdir={work2}",
+                    str(merged)], check=True)
+    try:
+        assert _walk(merged) == seen
+    finally:
+        subprocess.run(["umount", "-l", str(merged)], check=False)
+
+
+def test_sigterm_unmounts(tmp_path: Path) -> None:
+    mount = _start(tmp_path)
+    try:
+        assert os.path.ismount(mount.path)
+        mount.proc.send_signal(signal.SIGTERM)
+        assert mount.proc.wait(timeout=_TIMEOUT) == 0
+        assert not os.path.ismount(mount.path)
+    finally:
+        _stop(mount)
