@@ -59,10 +59,11 @@ def check_name(name: bytes) -> None:
         raise pyfuse3.FUSEError(errno.EINVAL)
 
 
-def _proc(dir_fd: int, name: bytes = b"") -> bytes:
-    """A path naming ``name`` in the directory behind ``dir_fd`` (or the fd's own object) for
-    the xattr calls Python offers only by path; the name is checked, so it cannot escape."""
-    path = b"/proc/self/fd/%d" % dir_fd
+def _proc(fd: int, name: bytes = b"") -> bytes:
+    """A path naming ``name`` in the directory behind ``fd`` (or, without a name, the fd's
+    own object, to be followed) for the xattr and link calls Python offers only by path; the
+    name is checked, so it cannot escape."""
+    path = b"/proc/self/fd/%d" % fd
     return path + b"/" + name if name else path
 
 
@@ -90,7 +91,6 @@ class Handle:
 class DirHandle:
     node: int
     listing: Listing
-    layers: tuple[tuple[int, int], ...]
 
 
 class Server(pyfuse3.Operations):
@@ -106,8 +106,6 @@ class Server(pyfuse3.Operations):
         self.nlowers = len(lowers)
         top = os.fstat(upper)
         self.nodes = NodeTable(Origin(top.st_dev, top.st_ino))
-        for fd in (upper, *lowers):  # devices in stack order, so st_ino stays stable
-            self.nodes.device_index(os.fstat(fd).st_dev)
         root = union.root(self.nlowers)
         self._dirs: dict[int, tuple[tuple[int, int], ...]] = {
             ROOT_ID: tuple(zip(root.layers, (upper, *lowers), strict=True))}
@@ -194,7 +192,7 @@ class Server(pyfuse3.Operations):
         """Where the node's object is now, a lower hard link already copied up linked first."""
         if node_id == ROOT_ID:
             layer, fd = self._dir_layers(ROOT_ID)[0]
-            return Place(layer, fd, b"", os.fstat(fd))
+            return Place(layer, fd, b".", os.fstat(fd))  # "." names the directory itself
         where = self._where.get(node_id)
         if where is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
@@ -306,8 +304,7 @@ class Server(pyfuse3.Operations):
 
     @staticmethod
     def _stat(dir_fd: int, name: bytes) -> os.stat_result:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False) if name \
-            else os.fstat(dir_fd)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
 
     def _clear_privs(self, dir_fd: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """The kernel leaves suid/sgid clearing to the server (libfuse asks HANDLE_KILLPRIV):
@@ -346,7 +343,7 @@ class Server(pyfuse3.Operations):
         with _errors():
             listing = self._listing(inode)
         fh = self._fh()
-        self._dir_handles[fh] = DirHandle(inode, listing, self._dir_layers(inode))
+        self._dir_handles[fh] = DirHandle(inode, listing)
         return fh
 
     def _listing(self, inode: int) -> Listing:
@@ -370,9 +367,13 @@ class Server(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dir_handles[fh]
-        layers = dict(handle.layers)
+        # The directory's layers now: a copy-up since opendir adds the upper and keeps the
+        # lowers' descriptors; a removed directory has none, and lists nothing more.
+        layers = dict(self._dirs.get(handle.node, ()))
         with _errors():
             for offset, listed in handle.listing.resume(start_id):
+                if listed.layer not in layers:
+                    return
                 try:
                     st = os.stat(listed.name, dir_fd=layers[listed.layer],
                                  follow_symlinks=False)
@@ -502,8 +503,9 @@ class Server(pyfuse3.Operations):
             self.usage -= freed
             if node is not None:
                 self.nodes.detach(node.id)
-                if directory:
+                if directory:  # its name may soon be a new directory's
                     self._drop_dir(node.id)
+                    self._where.pop(node.id, None)
 
     def _listing_of(self, parent: int, name: bytes) -> Listing:
         """The merged listing of a child directory the kernel has no node for."""
@@ -574,7 +576,9 @@ class Server(pyfuse3.Operations):
             self.usage -= freed
             if target is not None and plan.replaces:
                 self.nodes.detach(target.id)
-                self._drop_dir(target.id)
+                if new.is_dir:
+                    self._drop_dir(target.id)
+                    self._where.pop(target.id, None)
             if moved is not None:
                 self._where[moved.id] = (parent_inode_new, name_new)
             if target is not None and flags & changes.RENAME_EXCHANGE:
@@ -684,9 +688,9 @@ class Server(pyfuse3.Operations):
                                           limiter=self.limiter)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        handle = self._dir_handles[fh]
-        top_layer, fd = handle.layers[0]
-        if top_layer == UPPER:
+        layers = self._dirs.get(self._dir_handles[fh].node, ())
+        if layers and layers[0][0] == UPPER:
+            fd = layers[0][1]
             with _errors():
                 await trio.to_thread.run_sync(os.fsync, fd, limiter=self.limiter)
 
@@ -750,7 +754,7 @@ class Server(pyfuse3.Operations):
         self._charge(st.st_blocks * 512)
         tmp = self._tmp_name()
         os.mkdir(tmp, 0o700, dir_fd=self.work)
-        self._copy_meta(self.work, tmp, st, _proc(lower_fd))
+        self._copy_meta(self.work, tmp, st, _proc(lower_fd, b"."))
         os.rename(tmp, name, src_dir_fd=self.work, dst_dir_fd=pdir)
         fd = os.open(name, _DIR_FLAGS, dir_fd=pdir)
         self._owned.add(fd)

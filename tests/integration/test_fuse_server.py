@@ -394,3 +394,42 @@ def test_sigterm_unmounts(tmp_path: Path) -> None:
         assert not os.path.ismount(mount.path)
     finally:
         _stop(mount)
+
+
+def test_root_and_directory_copy_up_keep_metadata(mounted: Mount) -> None:
+    m, up = mounted.path, mounted.upper
+    os.setxattr(mounted.lowers[1] / "dir", "user.tag", b"d")
+    os.setxattr(m, "user.root", b"r")
+    assert os.getxattr(m, "user.root") == b"r" and os.getxattr(up, "user.root") == b"r"
+    (m / "dir" / "new").write_text("n")  # copies up dir/ from the top lower
+    assert (up / "dir" / "new").exists()
+    low = os.stat(mounted.lowers[0] / "dir")
+    assert os.stat(up / "dir").st_mtime_ns != 0
+    assert stat.S_IMODE(os.stat(up / "dir").st_mode) == stat.S_IMODE(low.st_mode)
+
+
+def test_copy_up_keeps_holes_and_happens_once(mounted: Mount) -> None:
+    lower = mounted.lowers[1] / "sparse"
+    with open(lower, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(32 << 20)
+        f.write(b"data")
+    script = textwrap.dedent(f"""
+        import os, threading
+        def write(i):
+            fd = os.open({str(mounted.path / "sparse")!r}, os.O_WRONLY)
+            os.pwrite(fd, b"%d" % i, i)
+            os.close(fd)
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=_TIMEOUT)
+    upper = mounted.upper / "sparse"
+    assert upper.stat().st_size == 64 << 20
+    assert upper.stat().st_blocks * 512 < 1 << 20
+    with open(mounted.path / "sparse", "rb") as f:
+        assert f.read(8) == b"01234567"
+        f.seek(32 << 20)
+        assert f.read(4) == b"data"
+    assert os.listdir(mounted.work) == []
