@@ -21,7 +21,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from imaged.fuse.server import Server
+from imaged.fuse.server import Server, clear_work
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0)  # every mode the server sets is the caller's mode with the caller's umask
     try:
         upper, work, lowers = open_layers(args)
+        if not args.read_only:
+            clear_work(work)
         server = Server(upper, work, lowers, quota=args.quota, read_only=args.read_only,
                         usage=usage_of(upper))
         options = {"fsname=imaged", "subtype=imaged", "default_permissions", "allow_other"}

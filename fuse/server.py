@@ -40,6 +40,20 @@ WORKERS = 4
 _FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUID_BITS = stat.S_ISUID | stat.S_ISGID
+TMP_PREFIX = b"#imaged-"  # copy-ups and swaps in progress in work; leftovers of a crash
+
+
+def clear_work(work: int) -> None:
+    """Remove what a killed server left half made in work: nothing there is visible in the
+    union (a copy-up becomes visible only by its rename into the upper)."""
+    for name in os.listdir(work):
+        raw = os.fsencode(name)
+        if not raw.startswith(TMP_PREFIX):
+            continue
+        if stat.S_ISDIR(os.stat(raw, dir_fd=work, follow_symlinks=False).st_mode):
+            os.rmdir(raw, dir_fd=work)
+        else:
+            os.unlink(raw, dir_fd=work)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
@@ -737,7 +751,7 @@ class Server(pyfuse3.Operations):
 
     def _tmp_name(self) -> bytes:
         self._tmp += 1
-        return b"#imaged-%d-%d" % (os.getpid(), self._tmp)
+        return TMP_PREFIX + b"%d-%d" % (os.getpid(), self._tmp)
 
     def _upper_dir(self, node_id: int) -> int:
         """The upper descriptor of a directory node, its chain copied up first: inline and

@@ -433,3 +433,14 @@ def test_copy_up_keeps_holes_and_happens_once(mounted: Mount) -> None:
         f.seek(32 << 20)
         assert f.read(4) == b"data"
     assert os.listdir(mounted.work) == []
+
+
+def test_start_clears_a_crashed_copy_up(tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "#imaged-1-1").write_bytes(b"half a copy")
+    (tmp_path / "work" / "#imaged-1-2").mkdir()
+    mount = _start(tmp_path)
+    try:
+        assert os.listdir(mount.work) == []
+    finally:
+        _stop(mount)
