@@ -24,6 +24,7 @@ import trio
 from imaged.fuse.server import Server, clear_work
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class StartError(Exception):
@@ -102,7 +103,8 @@ async def _serve() -> None:
     """Serve until SIGTERM or SIGINT, which end the main loop; the caller unmounts."""
     async with trio.open_nursery() as nursery:
         async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
                 async for _ in signals:
                     pyfuse3.terminate()
                     return
@@ -134,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(args.ready_fd, f"error: {message}\n")
         print(f"imaged.fuse.serve: {message}", file=sys.stderr)
         return 1
+    # A parent may stop the server as soon as it reads "ready": the signal waits, blocked,
+    # until the receiver is in place, instead of killing the process and leaving the mount
+    # dead (ENOTCONN) behind it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     _say(args.ready_fd, "ready\n")
     try:
         trio.run(_serve)

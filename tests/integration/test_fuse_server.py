@@ -95,8 +95,9 @@ def _stop(mount: Mount) -> None:
         except subprocess.TimeoutExpired:
             mount.proc.kill()
             mount.proc.wait()
-    if os.path.ismount(mount.path):
-        subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False)
+    # Unconditionally: a dead server's mount fails lstat (ENOTCONN), so ismount misses it.
+    subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False,
+                   stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture
@@ -444,3 +445,20 @@ def test_start_clears_a_crashed_copy_up(tmp_path: Path) -> None:
         assert os.listdir(mount.work) == []
     finally:
         _stop(mount)
+
+
+def test_names_over_upper_whiteouts(mounted: Mount) -> None:
+    m, up = mounted.path, mounted.upper
+    for name in ("a", "keep", "h1"):
+        os.unlink(m / name)
+    (m / "f").write_text("f")
+    os.rename(m / "f", m / "a")  # onto a whiteout: the file replaces it
+    assert (m / "a").read_text() == "f" and (up / "a").read_text() == "f"
+    os.mkdir(m / "d")
+    os.rename(m / "d", m / "keep")  # a directory cannot replace a device: swapped, then gone
+    assert stat.S_ISDIR(os.stat(up / "keep").st_mode) and os.listdir(m / "keep") == []
+    os.link(m / "a", m / "h1")
+    assert os.stat(m / "h1").st_ino == os.stat(m / "a").st_ino
+    os.rename(m / "dir" / "low", m / "opq" / "low")  # a lower file: a whiteout stays behind
+    assert _is_whiteout(up / "dir" / "low") and (m / "opq" / "low").read_text() == "low\n"
+    assert sorted(os.listdir(m)) == ["a", "dir", "h1", "h2", "keep", "opq", "pub", "suid"]
