@@ -141,6 +141,13 @@ def test_write_copies_up(mounted: Mount) -> None:
     m = mounted.path
     with open(m / "dir" / "low", "a") as f:
         f.write("more\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(m / "dir", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     assert (m / "dir" / "low").read_text() == "low\nmore\n"
     assert (mounted.lowers[1] / "dir" / "low").read_text() == "low\n"
     assert (mounted.upper / "dir" / "low").read_text() == "low\nmore\n"
