@@ -20,7 +20,6 @@ import trio
 from imaged.bench.report import Series, machine_facts, write_report
 from imaged.bench.scratch import scratch_fs, settle
 from imaged.bench.stores import DriverStore, driver_store
-from imaged.config import Config
 from imaged.drivers import registry
 from imaged.ops.service import Service
 from imaged.testing.images import OCILayout, file, push, streamed
@@ -130,12 +129,8 @@ def run(out: Path, runs: int, drivers: list[str]) -> list[Path]:
             local_registry(scratch / "registry") as reg, contextlib.ExitStack() as stack:
         refs, space_ref = _push_images(OCILayout(scratch / "layout"), reg.host)
         stores = []
-        for name, (probe, factory) in registry().items():
+        for name, (probe, _) in registry().items():
             if name not in drivers:
-                continue
-            if factory is None:
-                reason = probe(Config(root=scratch / "probe")).reason
-                notes.append(f"{name}: not measured ({reason})")
                 continue
             try:
                 store = stack.enter_context(driver_store(name, scratch, where))

@@ -34,6 +34,7 @@ class QuotaMode(StrEnum):
     SIMPLE = "simple"  # btrfs simple quotas (squota)
     DATASET = "quota"  # the ZFS dataset's quota property
     DEVICE = "device size"  # devmapper: the thin device's size
+    FUSE = "fuse"  # the fuse driver's server refuses writes past it (imaged.fuse)
 
 
 @dataclass(frozen=True)
@@ -186,19 +187,13 @@ ProbeFn = Callable[[Config], Probe]
 Factory = Callable[[Config, Path], Driver]
 
 
-def _not_built(name: str, issue: str) -> ProbeFn:
-    def probe(config: Config) -> Probe:
-        return Probe(name, False, f"not implemented in this version of imaged ({issue})")
-
-    return probe
-
-
-def registry() -> dict[str, tuple[ProbeFn, Factory | None]]:
+def registry() -> dict[str, tuple[ProbeFn, Factory]]:
     """Every driver of DESIGN §3, in auto-selection order after the root-filesystem rule."""
     from imaged.drivers import (  # noqa: PLC0415 - they import this module
         aufs,
         btrfs,
         devmapper,
+        fuse,
         overlay,
         vfs,
         zfs,
@@ -210,7 +205,7 @@ def registry() -> dict[str, tuple[ProbeFn, Factory | None]]:
         "overlay": (overlay.probe, overlay.OverlayDriver),
         "aufs": (aufs.probe, aufs.AufsDriver),
         "devmapper": (devmapper.probe, devmapper.DevmapperDriver),
-        "fuse": (_not_built("fuse", "a later issue"), None),
+        "fuse": (fuse.probe, fuse.FuseDriver),
         "vfs": (vfs.probe, vfs.VfsDriver),
     }
 
@@ -222,13 +217,20 @@ def probe_all(config: Config) -> list[Probe]:
 def disk_usage(path: Path) -> int:
     """Allocated bytes of ``path`` and everything under it (what ``du -s`` reports), hardlinks
     counted once."""
+    return tree_usage(path)[0]
+
+
+def tree_usage(path: Path) -> tuple[int, int]:
+    """(allocated bytes, inodes) of ``path`` and everything under it; none if it is missing."""
+    if not path.exists():
+        return 0, 0
     seen: set[tuple[int, int]] = set()
     total = 0
     for st in walk_lstat(path):
         if (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512
-    return total
+    return total, len(seen)
 
 
 def loop_usage(fs: loopquota.LoopFS) -> Usage:
@@ -252,7 +254,7 @@ def choose(config: Config, root_fstype: str, recorded: str | None) -> str:
     """The driver for a root: the recorded one, else the configured one, else DESIGN's order.
 
     Auto-selection: a btrfs root → btrfs, a ZFS dataset → zfs, else overlay, fuse, vfs; the
-    first that is built and supported here wins.
+    first that is supported here wins.
     """
     drivers = registry()
     if recorded is not None:
@@ -261,15 +263,13 @@ def choose(config: Config, root_fstype: str, recorded: str | None) -> str:
                                 f"first use); it cannot be used with {config.driver}")
         return recorded
     if config.driver is not None:
-        probe, factory = drivers[config.driver]
-        result = probe(config)
-        if factory is None or not result.supported:
+        result = drivers[config.driver][0](config)
+        if not result.supported:
             raise InvalidError(f"driver {config.driver} cannot be used here: {result.reason}")
         return config.driver
     order = [name for name, fstypes in _ROOT_FSTYPES.items() if root_fstype in fstypes]
     order += ["overlay", "fuse", "vfs"]
     for name in order:
-        probe, factory = drivers[name]
-        if factory is not None and probe(config).supported:
+        if drivers[name][0](config).supported:
             return name
     raise InvalidError("no storage driver is usable on this host (see imaged info)")

@@ -1,10 +1,12 @@
 """The server process: ``python -m imaged.fuse.serve --upper DIR --work DIR [--lower DIR ...]
-[--quota BYTES] [--read-only] [--ready-fd N] MOUNTPOINT``.
+[--quota BYTES] [--read-only] [--control DIR] [--ready-fd N] MOUNTPOINT``.
 
 One process per mounted container, since ``pyfuse3.init`` serves one filesystem per process.
 ``--lower`` is repeated top first, as overlay's lowerdir. The parent learns the outcome on
 ``--ready-fd``: ``ready`` once the mount is made, or one ``error: ...`` line and exit status 1,
-so ``imaged mount`` can return only once the mount answers, or say why it failed.
+so ``imaged mount`` can return only once the mount answers, or say why it failed. With
+``--control``, the server answers usage and quota requests on ``DIR/control``
+(``imaged.fuse.control``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from imaged.fuse import control
 from imaged.fuse.server import Server, clear_work
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -39,6 +42,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="a lower layer directory; repeated, top first")
     parser.add_argument("--quota", type=int, default=None, help="bytes the upper may allocate")
     parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--control", type=Path, default=None,
+                        help="directory for the control socket")
     parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("mountpoint", type=Path)
     return parser.parse_args(argv)
@@ -99,9 +104,11 @@ def _say(fd: int | None, line: str) -> None:
         os.close(fd)
 
 
-async def _serve() -> None:
+async def _serve(server: Server, control_dir: Path | None) -> None:
     """Serve until SIGTERM or SIGINT, which end the main loop; the caller unmounts."""
     async with trio.open_nursery() as nursery:
+        if control_dir is not None:
+            nursery.start_soon(control.serve, server, control_dir)
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -142,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     _say(args.ready_fd, "ready\n")
     try:
-        trio.run(_serve)
+        trio.run(_serve, server, args.control)
     finally:
         pyfuse3.close(unmount=True)
     return 0

@@ -103,7 +103,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry
         reg.stop()
 
 
-DRIVERS = [name for name, (_, factory) in driver_registry().items() if factory is not None]
+DRIVERS = list(driver_registry())
 # Drivers whose root must be on a filesystem of their own: the mkfs that makes it.
 ROOT_MKFS = {"btrfs": ["mkfs.btrfs", "--quiet"]}
 ROOT_FS_SIZE = 4 << 30  # sparse: the host pays only for what a test writes

@@ -77,8 +77,6 @@ class Store:
             recorded = self.meta.get_setting("driver")
             name = choose(self.config, backing_filesystem(self.root).fstype, recorded)
             _, factory = registry()[name]
-            if factory is None:  # pragma: no cover - choose() returns built drivers only
-                raise NotFoundError(f"driver {name} is not built")
             self._driver = factory(self.config, self.root / "drivers" / name)
             if recorded is None:
                 self.meta.set_setting("driver", name)

@@ -74,6 +74,8 @@ EXPECTED_CAPABILITIES: dict[str, dict[str, Any]] = {
     "devmapper": {"family": "snapshot", "whiteouts": "delete", "quota_mode": "device size",
                   "quota_semantics": "total", "rename_lower_dirs": True, "xattrs": True,
                   "max_layers": 500},
+    "fuse": {"family": "stacked", "whiteouts": "overlay", "quota_mode": "fuse",
+             "quota_semantics": "writable", "rename_lower_dirs": False, "xattrs": True},
 }
 
 
@@ -246,9 +248,10 @@ def test_quota_refuses_past_limit_and_frees_on_delete(bed: Bed) -> None:
 
 # What ``ps`` says about inodes, by quota mode: (counts those in use, knows the total). Loop
 # and devmapper containers have a filesystem of their own; a project quota counts inodes
-# without limiting them; qgroups and ZFS quotas count bytes only.
+# without limiting them; qgroups, ZFS quotas and the fuse server count bytes only.
 INODE_REPORTING = {"loop": (True, True), "device size": (True, True), "project": (True, False),
-                   "qgroup": (False, False), "simple": (False, False), "quota": (False, False)}
+                   "qgroup": (False, False), "simple": (False, False), "quota": (False, False),
+                   "fuse": (False, False)}
 
 
 def test_ps_shows_inode_use_where_the_driver_counts_it(bed: Bed) -> None:

@@ -1,0 +1,229 @@
+"""The fuse driver: overlay's layers, stacked by a userspace copy-on-write filesystem.
+
+Where kernel overlay is missing or refuses the backing filesystem, this driver gives the same
+tree from the same on-disk form (``imaged.fuse``): layers are ``layers/<chainid>/diff`` with
+overlay's whiteouts and opaque marks, and a container's writes go to ``containers/<name>/upper``
+in the form kernel overlay reads, so the upper stays usable by it.
+
+Each mounted container is served by its own process (``python -m imaged.fuse.serve``; pyfuse3
+serves one filesystem per process), started in a session of its own so that neither the CLI
+exiting nor the daemon restarting ends it, and ended by unmounting. The mount returns once the
+server says the mount answers. The server enforces the quota itself (quota mode ``fuse``): a
+write past it fails with ENOSPC from write(2).
+
+Layout under ``ROOT/drivers/fuse``::
+
+    layers/<chainid>/diff       the layer's own files, as the overlay driver keeps them
+    containers/<name>/upper     the container's writes; work/ for copy-up's temporary files
+    containers/<name>/quota     the quota in bytes, when it has one (the server's --quota)
+    containers/<name>/server    "PID STARTTIME" of the server while mounted; server.log
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from imaged.config import Config
+from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage, tree_usage
+from imaged.drivers.base import DirectoryDriver
+from imaged.errors import InternalError, InvalidError, QuotaUnsupportedError
+from imaged.fuse import control
+from imaged.host.mounts import MountSpec, kernel_filesystems
+from imaged.layers.unpack import WhiteoutMode
+from imaged.sizes import format_size
+
+_START_TIMEOUT = 30.0  # for the server to mount: a Python process importing trio and pyfuse3
+_STOP_TIMEOUT = 10.0  # for the server to exit once its mount is gone
+
+
+def _capabilities() -> Capabilities:
+    return Capabilities("stacked", WhiteoutMode.OVERLAY, QuotaMode.FUSE, "writable",
+                        rename_lower_dirs=False, xattrs=True)
+
+
+def probe(config: Config) -> Probe:
+    if importlib.util.find_spec("pyfuse3") is None:
+        return Probe("fuse", False, "pyfuse3 is not installed (scripts/setup builds it)")
+    if not Path("/dev/fuse").exists() or "fuse" not in kernel_filesystems():
+        return Probe("fuse", False, "no FUSE in this kernel (/dev/fuse; modprobe fuse)")
+    return Probe("fuse", True, "FUSE available; layers stacked by imaged's own server; quota "
+                 "mode fuse (enforced by the server); lower directories rename with EXDEV",
+                 _capabilities())
+
+
+class FuseDriver(DirectoryDriver):
+    """A directory driver for its layers; its quota is the server's, not a loop filesystem's
+    or a project's, so the base's quota machinery is left unused."""
+
+    name = "fuse"
+    project_quotas = False
+
+    def capabilities(self) -> Capabilities:
+        return _capabilities()
+
+    def prepare_layer(self, key: str, parent: str | None) -> Path:
+        diff = super().prepare_layer(key, parent) / "diff"
+        diff.mkdir(mode=0o755)
+        return diff
+
+    def create_container(self, name: str, layers: Sequence[str], quota: int | None,
+                         read_only: bool) -> None:
+        home = self._new_container_home(name)
+        (home / "upper").mkdir(mode=0o755)
+        (home / "work").mkdir(mode=0o700)
+        if quota is not None:
+            (home / "quota").write_text(f"{quota}\n")
+
+    def _quota(self, name: str) -> int | None:
+        try:
+            return int((self._container(name) / "quota").read_text())
+        except FileNotFoundError:
+            return None
+
+    def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
+        """Through the server while mounted (it alone knows what its writes hold), else
+        against the upper as it lies on disk."""
+        if self._quota(name) is None:
+            raise QuotaUnsupportedError(f"container {name} was created without a quota; "
+                                        "its quota cannot be set afterwards")
+        if mounted:
+            reply = control.ask(self._container(name), {"op": "set_quota", "quota": quota})
+            if "error" in reply:
+                raise InvalidError(f"container {name}: {reply['error']}")
+        else:
+            used = tree_usage(self._container(name) / "upper")[0]
+            if quota < used:
+                raise InvalidError(f"container {name} uses {format_size(used)}, more than the "
+                                   f"new quota of {format_size(quota)}: delete files first")
+        (self._container(name) / "quota").write_text(f"{quota}\n")
+
+    def _mount_at(self, path: Path, name: str, layers: Sequence[str],
+                  read_only: bool) -> Mounted:
+        if not layers:
+            raise InvalidError("an image without layers cannot be mounted")
+        home = self._container(name)
+        argv = [sys.executable, "-m", "imaged.fuse.serve", "--upper", str(home / "upper"),
+                "--work", str(home / "work"), "--control", str(home)]
+        for key in reversed(layers):  # top first, as overlay's lowerdir
+            argv += ["--lower", str(self._layer(key) / "diff")]
+        quota = self._quota(name)
+        if quota is not None:
+            argv += ["--quota", str(quota)]
+        if read_only:
+            argv.append("--read-only")
+        self._start(home, argv, path)
+        return Mounted(path, (MountSpec("fuse.imaged", "imaged",
+                                        ("ro" if read_only else "rw", "default_permissions",
+                                         "allow_other")),))
+
+    def _start(self, home: Path, argv: list[str], path: Path) -> None:
+        """Start the server and wait for the line it writes once the mount answers.
+
+        posix_spawn, not Popen: the server outlives this call (and the CLI) by design, and a
+        Popen object dropped with its process running is a leak warning."""
+        ready, writer = os.pipe()
+        try:
+            os.set_inheritable(writer, True)
+            log = str(home / "server.log")
+            pid = os.posix_spawn(argv[0], [*argv, "--ready-fd", str(writer), str(path)],
+                                 os.environ, setsid=True, file_actions=[
+                                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                     (os.POSIX_SPAWN_OPEN, 1, log,
+                                      os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
+                                     (os.POSIX_SPAWN_DUP2, 1, 2)])
+            os.close(writer)
+            writer = -1
+            said = _read_line(ready, _START_TIMEOUT)
+        finally:
+            os.close(ready)
+            if writer != -1:
+                os.close(writer)
+        if said != "ready":
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            detail = said.removeprefix("error: ") if said else _tail(home / "server.log")
+            raise InternalError(f"the fuse server did not mount {path}: {detail}")
+        (home / "server").write_text(f"{pid} {_start_time(pid)}\n")
+
+    def unmount(self, name: str, target: Path | None) -> None:
+        """Unmount (EBUSY while files are open, as for the other drivers); the server, whose
+        /dev/fuse connection that ends, then exits by itself."""
+        super().unmount(name, target)
+        record = self._container(name) / "server"
+        try:
+            pid, started = (int(n) for n in record.read_text().split())
+        except (FileNotFoundError, ValueError):
+            return
+        _wait_gone(pid, started)
+        record.unlink(missing_ok=True)
+
+    def usage(self, name: str) -> Usage:
+        """The running server's count (O(1)), else the upper walked as ``du`` would."""
+        home = self._container(name)
+        if (home / "server").exists():
+            with contextlib.suppress(InternalError):
+                reply = control.ask(home, {"op": "usage"})
+                return Usage(int(reply["used"]), self._quota(name))
+        return Usage(tree_usage(home / "upper")[0], self._quota(name))
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    """What the server wrote on its ready pipe before closing it, or "" if nothing in time."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _tail(log: Path) -> str:
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    return lines[-1] if lines else "it said nothing (server.log is empty)"
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks (/proc/PID/stat field 22): with the PID it names
+    one process, never a later one that reuses the number."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _wait_gone(pid: int, started: int) -> None:
+    """Wait for the server to exit, reaping it where it is our child (the daemon's); one still
+    there after the timeout is killed."""
+    deadline = time.monotonic() + _STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            try:
+                if _start_time(pid) != started:
+                    return
+            except (FileNotFoundError, ProcessLookupError):
+                return
+        time.sleep(0.02)
+    try:
+        if _start_time(pid) == started:
+            os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)

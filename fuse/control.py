@@ -1,0 +1,119 @@
+"""The server's control socket: the driver asks a running server for its usage and changes its
+quota there, since the server alone knows what the upper holds while it writes (issue 14).
+
+One JSON request line per connection, one JSON answer line: ``{"op": "usage"}`` answers
+``{"used": BYTES, "quota": BYTES|null}``; ``{"op": "set_quota", "quota": BYTES}`` answers
+``{"ok": true}`` or ``{"error": "..."}`` (a quota below what the upper already holds is
+refused, as the other drivers refuse such a shrink).
+
+The socket lives in the container's directory, which only root may enter. Its path would often
+pass AF_UNIX's 108 bytes under a deep root, so both ends name it through a descriptor of that
+directory (``/proc/self/fd/N/control``), which is short whatever the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from imaged.errors import InternalError
+from imaged.sizes import format_size
+
+NAME = "control"
+_MAX_LINE = 4096
+_CLIENT_TIMEOUT = 10.0
+
+
+class Quota(Protocol):
+    quota: int | None
+    usage: int
+
+
+def answer(server: Quota, request: Any) -> dict[str, Any]:
+    """What the server says to one request (pure, so the rules are tested without a mount)."""
+    if not isinstance(request, dict):
+        return {"error": "a request is a JSON object"}
+    op = request.get("op")
+    if op == "usage":
+        return {"used": server.usage, "quota": server.quota}
+    if op == "set_quota":
+        quota = request.get("quota")
+        if not isinstance(quota, int) or isinstance(quota, bool) or quota < 0:
+            return {"error": "quota must be a number of bytes"}
+        if quota < server.usage:
+            return {"error": f"the container uses {format_size(server.usage)}, more than the "
+                             f"new quota of {format_size(quota)}: delete files first"}
+        server.quota = quota
+        return {"ok": True}
+    return {"error": f"unknown op {op!r}"}
+
+
+@contextlib.contextmanager
+def _short_path(directory: Path) -> Iterator[str]:
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{NAME}"
+    finally:
+        os.close(fd)
+
+
+async def serve(server: Quota, directory: Path) -> None:
+    """Answer requests on ``directory/control`` until cancelled."""
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with listener:
+        with _short_path(directory) as path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            await listener.bind(path)
+        listener.listen(8)
+        while True:
+            conn, _ = await listener.accept()
+            with conn:
+                await _one(server, conn)
+
+
+async def _one(server: Quota, conn: trio.socket.SocketType) -> None:
+    data = b""
+    with trio.move_on_after(_CLIENT_TIMEOUT):
+        while b"\n" not in data and len(data) < _MAX_LINE:
+            chunk = await conn.recv(_MAX_LINE)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        reply = answer(server, json.loads(data.split(b"\n", 1)[0]))
+    except ValueError:
+        reply = {"error": "a request is one line of JSON"}
+    with contextlib.suppress(OSError):
+        await conn.send((json.dumps(reply) + "\n").encode())
+
+
+def ask(directory: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """One request to the server of the container in ``directory`` (blocking, bounded)."""
+    with _short_path(directory) as path, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(_CLIENT_TIMEOUT)
+        try:
+            sock.connect(path)
+            sock.sendall((json.dumps(request) + "\n").encode())
+            data = b""
+            while b"\n" not in data:
+                chunk = sock.recv(_MAX_LINE)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise InternalError(f"the fuse server of {directory.name} did not answer: "
+                                f"{exc.strerror or exc}") from None
+    try:
+        reply: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise InternalError(f"the fuse server of {directory.name} answered nonsense") from None
+    return reply
