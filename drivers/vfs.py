@@ -25,12 +25,12 @@ from imaged.drivers import (
 )
 from imaged.drivers.base import DirectoryDriver, nearest_directory, quota_mode
 from imaged.errors import InternalError, QuotaUnsupportedError
+from imaged.fsutil import FICLONE
 from imaged.host.mounts import MountSpec, bind_mount
 from imaged.layers.unpack import WhiteoutMode
 from imaged.quota import loopquota
 
 _COPY_TIMEOUT = 3600
-_FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 
 
 def reflink_supported(directory: Path) -> bool:
@@ -42,7 +42,7 @@ def reflink_supported(directory: Path) -> bool:
     with tempfile.TemporaryFile(dir=directory) as src, \
             tempfile.TemporaryFile(dir=directory) as dst:
         try:
-            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
         except OSError:
             return False
         return True

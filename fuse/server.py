@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from imaged.fsutil import FICLONE
 from imaged.fuse import changes, union
 from imaged.fuse.changes import Access
 from imaged.fuse.nodes import ROOT_ID, Node, NodeTable, Origin
@@ -37,7 +38,6 @@ from imaged.fuse.union import UPPER, Entry, FileType, Listing, Resolution
 TIMEOUT = 1.0  # entry and attribute cache: uppers change, and only this server changes them
 BIG_IO = 128 << 10  # reads and writes above this go to a worker thread
 WORKERS = 4
-_FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUID_BITS = stat.S_ISUID | stat.S_ISGID
 TMP_PREFIX = b"#imaged-"  # copy-ups and swaps in progress in work; leftovers of a crash
@@ -180,10 +180,7 @@ class Server(pyfuse3.Operations):
         cached = self._dirs.get(node_id)
         if cached is not None:
             return cached
-        where = self._where.get(node_id)
-        if where is None:
-            raise pyfuse3.FUSEError(errno.ESTALE)
-        parent, name = where
+        parent, name = self._located(node_id)
         res, _ = self._resolve(parent, name)
         if not res.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -196,6 +193,13 @@ class Server(pyfuse3.Operations):
         self._dirs[node_id] = tuple(opened)
         return self._dirs[node_id]
 
+    def _located(self, node_id: int) -> tuple[int, bytes]:
+        """(parent node, name) the node was last seen under; ESTALE once it is gone."""
+        where = self._where.get(node_id)
+        if where is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return where
+
     def _drop_dir(self, node_id: int) -> None:
         for _, fd in self._dirs.pop(node_id, ()):
             if fd in self._owned:
@@ -207,10 +211,7 @@ class Server(pyfuse3.Operations):
         if node_id == ROOT_ID:
             layer, fd = self._dir_layers(ROOT_ID)[0]
             return Place(layer, fd, b".", os.fstat(fd))  # "." names the directory itself
-        where = self._where.get(node_id)
-        if where is None:
-            raise pyfuse3.FUSEError(errno.ESTALE)
-        parent, name = where
+        parent, name = self._located(node_id)
         res, stats = self._resolve(parent, name)
         if not res.exists:
             raise pyfuse3.FUSEError(errno.ESTALE)
@@ -881,7 +882,7 @@ def _copy_data(src: int, dst: int, size: int) -> None:
     """FICLONE where the filesystem shares extents, else ``copy_file_range`` over the data
     segments only (SEEK_DATA/SEEK_HOLE), so sparse files stay sparse."""
     try:
-        fcntl.ioctl(dst, _FICLONE, src)
+        fcntl.ioctl(dst, FICLONE, src)
         return
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):

@@ -1,5 +1,5 @@
 """Filesystem primitives: flushing a directory entry or a whole filesystem, and measuring
-trees the way ``du`` does."""
+trees the way ``du`` does; the reflink ioctl."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h: share a file's extents (reflink)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
