@@ -499,13 +499,7 @@ class Server(pyfuse3.Operations):
             if res.in_upper:
                 st = stats[UPPER]
                 freed = st.st_blocks * 512 if directory or st.st_nlink == 1 else 0
-            if plan.clear:
-                child = os.open(name, _DIR_FLAGS, dir_fd=pdir)
-                try:
-                    for whiteout in plan.clear:
-                        os.unlink(whiteout, dir_fd=child)
-                finally:
-                    os.close(child)
+            _clear_whiteouts(pdir, name, plan.clear)
             if plan.action is changes.Removal.REMOVE:
                 if directory:
                     os.rmdir(name, dir_fd=pdir)
@@ -569,13 +563,7 @@ class Server(pyfuse3.Operations):
                 await self._copied_up(target.id, Access.WRITE)
             old_dir = self._upper_dir(parent_inode_old)
             new_dir = self._upper_dir(parent_inode_new)
-            if plan.clear:
-                child = os.open(name_new, _DIR_FLAGS, dir_fd=new_dir)
-                try:
-                    for whiteout in plan.clear:
-                        os.unlink(whiteout, dir_fd=child)
-                finally:
-                    os.close(child)
+            _clear_whiteouts(new_dir, name_new, plan.clear)
             for mark, where, name in ((plan.opaque_old, old_dir, name_old),
                                       (plan.opaque_new, new_dir, name_new)):
                 if mark:
@@ -876,6 +864,19 @@ class Server(pyfuse3.Operations):
 
 _MODES = {FileType.CHARDEV: stat.S_IFCHR, FileType.BLOCKDEV: stat.S_IFBLK,
           FileType.FIFO: stat.S_IFIFO, FileType.SOCKET: stat.S_IFSOCK}
+
+
+def _clear_whiteouts(parent: int, name: bytes, whiteouts: Sequence[bytes]) -> None:
+    """Remove the upper directory's whiteouts before it is removed or replaced: overlay sees
+    such a directory as empty, the filesystem does not."""
+    if not whiteouts:
+        return
+    child = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    try:
+        for whiteout in whiteouts:
+            os.unlink(whiteout, dir_fd=child)
+    finally:
+        os.close(child)
 
 
 def _copy_data(src: int, dst: int, size: int) -> None:
