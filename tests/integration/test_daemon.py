@@ -110,6 +110,8 @@ def test_second_daemon_on_the_root_is_refused(daemon: Daemon, start_daemon: Any)
     (b"GET /v1/images/%ff HTTP/1.1\r\nHost: x\r\n\r\n", 400, "UTF-8"),
     (b"GET /v1/images/" + b"a" * 600 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400, "invalid image"),
     (b"DELETE /v1/images/x?force=maybe HTTP/1.1\r\nHost: x\r\n\r\n", 400, "true or false"),
+    (b"GET /v1/check?verify_data= HTTP/1.1\r\nHost: x\r\n\r\n", 400, "true or false"),
+    (b"GET /v1/check?verify_data=1 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "true or false"),
     (b"GET /v1/images?color=red HTTP/1.1\r\nHost: x\r\n\r\n", 400, "unknown query"),
     (b"POST /v1/images/pull HTTP/1.1\r\nHost: x\r\nContent-Length: 18\r\n\r\n"
      b'{"ref": "a b:c d"}', 400, "invalid reference"),

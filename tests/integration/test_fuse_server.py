@@ -288,21 +288,21 @@ def test_read_only_refuses_changes(tmp_path: Path) -> None:
 
 
 def test_caller_credentials_and_umask(mounted: Mount) -> None:
-    m = mounted.path
-    for above in (m.parent, m.parent.parent):  # pytest makes its temporary dirs 0700
-        os.chmod(above, 0o755)  # noqa: S103 (let uid 65534 reach the mount)
+    # The child enters the mount as root, then drops to uid 65534: pytest's temporary
+    # directories are 0700 all the way up, and only the mount is under test here.
     script = textwrap.dedent(f"""
         import os
+        os.chdir({str(mounted.path)!r})
         os.setgid(65534); os.setgroups([]); os.setuid(65534)
         os.umask(0o027)
-        with open({str(m / "pub" / "f")!r}, "w") as f:
+        with open("pub/f", "w") as f:
             f.write("mine")
-        os.mkdir({str(m / "pub" / "d")!r})
-        fd = os.open({str(m / "suid")!r}, os.O_WRONLY)
+        os.mkdir("pub/d")
+        fd = os.open("suid", os.O_WRONLY)
         os.write(fd, b"#")
         os.close(fd)
         try:
-            os.open({str(m / "a")!r}, os.O_WRONLY)
+            os.open("a", os.O_WRONLY)
         except PermissionError:
             pass
         else:
