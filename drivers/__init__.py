@@ -18,7 +18,6 @@ from typing import Any, Literal, Protocol
 
 from imaged.config import Config
 from imaged.errors import ConflictError, InvalidError
-from imaged.fsutil import walk_lstat
 from imaged.host.mounts import MountSpec, is_mounted
 from imaged.layers.unpack import WhiteoutMode
 from imaged.quota import loopquota
@@ -212,25 +211,6 @@ def registry() -> dict[str, tuple[ProbeFn, Factory]]:
 
 def probe_all(config: Config) -> list[Probe]:
     return [probe(config) for probe, _ in registry().values()]
-
-
-def disk_usage(path: Path) -> int:
-    """Allocated bytes of ``path`` and everything under it (what ``du -s`` reports), hardlinks
-    counted once."""
-    return tree_usage(path)[0]
-
-
-def tree_usage(path: Path) -> tuple[int, int]:
-    """(allocated bytes, inodes) of ``path`` and everything under it; none if it is missing."""
-    if not path.exists():
-        return 0, 0
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for st in walk_lstat(path):
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
-    return total, len(seen)
 
 
 def loop_usage(fs: loopquota.LoopFS) -> Usage:

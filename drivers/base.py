@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import ClassVar
 
 from imaged.config import Config
-from imaged.drivers import Finding, Mounted, QuotaMode, Usage, disk_usage, loop_usage
+from imaged.drivers import Finding, Mounted, QuotaMode, Usage, loop_usage
 from imaged.errors import InvalidError, QuotaUnsupportedError
-from imaged.fsutil import remove_tree
+from imaged.fsutil import disk_usage, remove_tree
 from imaged.host.mounts import is_mounted, unmount
 from imaged.quota import loopquota, projquota
-from imaged.sizes import format_size
+from imaged.sizes import shrink_refused
 
 
 def nearest_directory(path: Path) -> Path:
@@ -213,15 +213,14 @@ class DirectoryDriver(BaseDriver):
         project = self._project_dir(name)
         if project is not None:
             return Usage(*projquota.usage(project, projquota.project_of(project)))
-        return Usage(disk_usage(data) if data.exists() else 0, None)
+        return Usage(disk_usage(data), None)
 
     def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
         project = self._project_dir(name)
         if project is not None:
             used, _, _ = projquota.usage(project, projquota.project_of(project))
-            if quota < used:
-                raise InvalidError(f"container {name} uses {format_size(used)}, more than the "
-                                   f"new quota of {format_size(quota)}: delete files first")
+            if (why := shrink_refused(used, quota)) is not None:
+                raise InvalidError(f"container {name} {why}")
             projquota.set_limit(project, projquota.project_of(project), quota)
             return
         if not self._has_quota(name):

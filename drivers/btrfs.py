@@ -54,10 +54,10 @@ from imaged.drivers import (
     Probe,
     QuotaMode,
     Usage,
-    disk_usage,
 )
 from imaged.drivers.base import BaseDriver
 from imaged.errors import ConflictError, InternalError, InvalidError, QuotaUnsupportedError
+from imaged.fsutil import disk_usage
 from imaged.host.mounts import MountSpec, backing_filesystem, bind_mount
 from imaged.layers.unpack import WhiteoutMode
 from imaged.sizes import format_size

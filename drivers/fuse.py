@@ -32,13 +32,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imaged.config import Config
-from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage, tree_usage
+from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import DirectoryDriver
 from imaged.errors import InternalError, InvalidError, QuotaUnsupportedError
+from imaged.fsutil import disk_usage
 from imaged.fuse import control
-from imaged.host.mounts import MountSpec, kernel_filesystems
+from imaged.host.mounts import kernel_filesystems
 from imaged.layers.unpack import WhiteoutMode
-from imaged.sizes import format_size
+from imaged.sizes import shrink_refused
 
 _START_TIMEOUT = 30.0  # for the server to mount: a Python process importing trio and pyfuse3
 _STOP_TIMEOUT = 10.0  # for the server to exit once its mount is gone
@@ -99,10 +100,9 @@ class FuseDriver(DirectoryDriver):
             if "error" in reply:
                 raise InvalidError(f"container {name}: {reply['error']}")
         else:
-            used = tree_usage(self._container(name) / "upper")[0]
-            if quota < used:
-                raise InvalidError(f"container {name} uses {format_size(used)}, more than the "
-                                   f"new quota of {format_size(quota)}: delete files first")
+            used = disk_usage(self._container(name) / "upper")
+            if (why := shrink_refused(used, quota)) is not None:
+                raise InvalidError(f"container {name} {why}")
         (self._container(name) / "quota").write_text(f"{quota}\n")
 
     def _mount_at(self, path: Path, name: str, layers: Sequence[str],
@@ -120,9 +120,7 @@ class FuseDriver(DirectoryDriver):
         if read_only:
             argv.append("--read-only")
         self._start(home, argv, path)
-        return Mounted(path, (MountSpec("fuse.imaged", "imaged",
-                                        ("ro" if read_only else "rw", "default_permissions",
-                                         "allow_other")),))
+        return Mounted(path)  # no spec: mount(2) cannot replay a FUSE mount; a runtime binds path
 
     def _start(self, home: Path, argv: list[str], path: Path) -> None:
         """Start the server and wait for the line it writes once the mount answers.
@@ -172,7 +170,7 @@ class FuseDriver(DirectoryDriver):
             with contextlib.suppress(InternalError):
                 reply = control.ask(home, {"op": "usage"})
                 return Usage(int(reply["used"]), self._quota(name))
-        return Usage(tree_usage(home / "upper")[0], self._quota(name))
+        return Usage(disk_usage(home / "upper"), self._quota(name))
 
 
 def _read_line(fd: int, timeout: float) -> str:

@@ -66,7 +66,7 @@ from imaged.drivers.base import BaseDriver
 from imaged.errors import ConflictError, ImagedError, InternalError, InvalidError
 from imaged.host.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted
 from imaged.layers.unpack import WhiteoutMode
-from imaged.sizes import format_size
+from imaged.sizes import shrink_refused
 
 ZFS_TIMEOUT = 120.0
 BUSY_WAIT = 5.0
@@ -416,9 +416,8 @@ class ZfsDriver(BaseDriver):
 
     def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
         used = self.usage(name).used
-        if quota < used:
-            raise InvalidError(f"container {name} uses {format_size(used)}, more than the "
-                               f"new quota of {format_size(quota)}: delete files first")
+        if (why := shrink_refused(used, quota)) is not None:
+            raise InvalidError(f"container {name} {why}")
         zfs("set", f"quota={quota}", self._dataset("containers", name))
 
     def _mount_at(self, path: Path, name: str, layers: Sequence[str],

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import trio
 
 from imaged.errors import InternalError
-from imaged.sizes import format_size
+from imaged.sizes import shrink_refused
 
 NAME = "control"
 _MAX_LINE = 4096
@@ -47,9 +47,9 @@ def answer(server: Quota, request: Any) -> dict[str, Any]:
         quota = request.get("quota")
         if not isinstance(quota, int) or isinstance(quota, bool) or quota < 0:
             return {"error": "quota must be a number of bytes"}
-        if quota < server.usage:
-            return {"error": f"the container uses {format_size(server.usage)}, more than the "
-                             f"new quota of {format_size(quota)}: delete files first"}
+        why = shrink_refused(server.usage, quota)
+        if why is not None:
+            return {"error": f"the container {why}"}
         server.quota = quota
         return {"ok": True}
     return {"error": f"unknown op {op!r}"}

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from imaged.fsutil import disk_usage
 from imaged.fuse import control
 from imaged.fuse.server import Server, clear_work
 
@@ -77,24 +78,6 @@ def open_layers(args: argparse.Namespace) -> tuple[int, int, list[int]]:
     return upper, work, lowers
 
 
-def usage_of(upper: int) -> int:
-    """Bytes allocated under the upper (st_blocks, each inode once), walked once at start;
-    the server keeps it current from then on."""
-    seen: set[int] = set()
-    total = 0
-    for _, dirs, files, dir_fd in os.fwalk(".", dir_fd=upper):
-        for name in (*dirs, *files):
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if st.st_ino in seen:
-                continue
-            seen.add(st.st_ino)
-            total += st.st_blocks * 512
-    return total
-
-
 def _say(fd: int | None, line: str) -> None:
     if fd is None:
         return
@@ -129,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.read_only:
             clear_work(work)
         server = Server(upper, work, lowers, quota=args.quota, read_only=args.read_only,
-                        usage=usage_of(upper))
+                        usage=disk_usage(args.upper))
         options = {"fsname=imaged", "subtype=imaged", "default_permissions", "allow_other"}
         if args.read_only:
             options.add("ro")

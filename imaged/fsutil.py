@@ -76,6 +76,18 @@ def walk_lstat(path: Path) -> Iterator[os.stat_result]:
                 continue
 
 
+def disk_usage(path: Path) -> int:
+    """Allocated bytes of ``path`` and everything under it (what ``du -s`` reports), hardlinks
+    counted once; none for a missing ``path``."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for st in walk_lstat(path):
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
 def freed_by_removing(paths: Iterable[Path]) -> int:
     """Bytes ``du`` stops seeing once these trees are removed: allocated blocks
     (``st_blocks * 512``, not apparent sizes, since blocks are what the disk gets back),

@@ -53,6 +53,15 @@ def check_quota(n: int) -> int:
     return n
 
 
+def shrink_refused(used: int, quota: int) -> str | None:
+    """Why a quota below what a container already holds is refused (every driver refuses it:
+    the container could not even rewrite what it has), or None when the quota is not."""
+    if quota >= used:
+        return None
+    return (f"uses {format_size(used)}, more than the new quota of {format_size(quota)}: "
+            "delete files first")
+
+
 def format_size(n: int) -> str:
     """Render bytes for tables: three significant digits, binary units."""
     if n < 1024:
