@@ -209,11 +209,11 @@ def test_usage_is_kept_across_a_clean_exit_and_walked_after_a_kill(
     _cli(imaged, "umount", "c4")
     _wait_gone(pid)
     assert control.saved_usage(home) == served  # the server's own count, left at exit
-    assert _state(imaged, "c4")["used_bytes"] == served
-    # The next server starts from the saved count, not from a walk: a count no walk would
-    # give shows through it. It removes the count before serving, so none is left to trust
-    # after a SIGKILL, and the upper is walked again.
+    # ps, and then the next server, read the saved count instead of walking the upper: a
+    # count no walk would give shows through both. The server removes the count before
+    # serving, so none is left to trust after a SIGKILL, and the upper is walked again.
     (home / control.USAGE).write_text(f"{served + (5 << 20)}\n")
+    assert _state(imaged, "c4")["used_bytes"] == served + (5 << 20)
     _cli(imaged, "mount", image, "--name", "c4")
     assert control.saved_usage(home) is None
     assert _state(imaged, "c4")["used_bytes"] == served + (5 << 20)
