@@ -43,6 +43,10 @@ from imaged.store.metadata import ContainerRow, ImageRow, Target
 from imaged.store.root import Store
 
 log = logging.getLogger("imaged.ops.service")
+# A container whose server dies this often within the window is left broken by the daemon
+# instead of revived again: a server that cannot stay up would otherwise be restarted forever.
+MAX_REVIVALS = 3
+REVIVAL_WINDOW = 600.0
 
 
 def image_json(row: ImageRow) -> dict[str, Any]:
@@ -71,6 +75,8 @@ class Service:
         self._container_locks: collections.defaultdict[str, trio.Lock] = \
             collections.defaultdict(trio.Lock)
         self._watching = False
+        self._revivals: collections.defaultdict[str, list[float]] = \
+            collections.defaultdict(list)
 
     @classmethod
     @asynccontextmanager
@@ -359,6 +365,14 @@ class Service:
             why = await trio.to_thread.run_sync(self.store.driver().broken, name)
             if why is None:
                 return
+            now = trio.current_time()
+            recent = [at for at in self._revivals[name] if now - at < REVIVAL_WINDOW]
+            if len(recent) >= MAX_REVIVALS:
+                log.error("container %s is broken (%s) and stays so: mounted again %d times "
+                          "in %d s already; imaged mount mounts it again", name, why,
+                          len(recent), REVIVAL_WINDOW)
+                return
+            self._revivals[name] = [*recent, now]
             log.warning("container %s is broken (%s): mounting it again at %s", name, why,
                         row.mount_path)
             try:
@@ -374,7 +388,10 @@ class Service:
         driver = self.store.driver()
         path = Path(row.mount_path or "")
         if row.target is Target.ATTACHED:
-            detach(path, self.store.config.mount_prefixes)
+            # The clone of a dead mount is as dead: detached whoever holds it, as the driver
+            # detaches its own.
+            detach(path, self.store.config.mount_prefixes,
+                   lazy=driver.broken(row.name) is not None)
             driver.unmount(row.name, None)
         else:
             driver.unmount(row.name, path if row.target is Target.GIVEN else None)

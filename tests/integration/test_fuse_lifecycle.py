@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import select
 import signal
@@ -29,9 +30,11 @@ from imaged.config import Config
 from imaged.drivers.fuse import probe
 from imaged.fuse import control
 from imaged.host.mounts import is_mounted
+from imaged.ops.service import MAX_REVIVALS
 from imaged.testing.images import OCILayout
 from imaged.testing.registry import LocalRegistry
-from tests.conftest import CLI, Daemon, push_simple, unmount_below
+from tests.conftest import CLI, Daemon, add_config, push_simple, unmount_below
+from tests.integration.test_daemon import _admin_group, _as_nobody
 
 _WAIT = 30.0  # for a process to end or a daemon to revive a mount: generous, never a timing
 
@@ -66,7 +69,9 @@ def _kill_servers(root: Path) -> None:
 
 
 @pytest.fixture
-def fuse_root(root: Path) -> Iterator[Path]:
+def fuse_root(root: Path, tmp_path: Path) -> Iterator[Path]:
+    """The root, for the fuse driver; at teardown its servers are killed and whatever is
+    mounted under the test's directory (the root, targets given or attached) is detached."""
     if os.geteuid() != 0:
         pytest.skip("fuse mounts need root")
     found = probe(Config(root=root))
@@ -76,7 +81,7 @@ def fuse_root(root: Path) -> Iterator[Path]:
         yield root
     finally:
         _kill_servers(root)
-        unmount_below(root)
+        unmount_below(tmp_path)
 
 
 @pytest.fixture
@@ -293,3 +298,69 @@ def test_the_daemon_revives_a_killed_server_and_a_restart_leaves_servers_serving
         assert api.call("GET", "/v1/containers/d1")["state"] == "unmounted"
     finally:
         api.close()
+
+
+def test_a_broken_container_comes_back_at_the_target_it_was_given(
+        fuse_root: Path, image: str, imaged: CLI, tmp_path: Path) -> None:
+    target = tmp_path / "given"
+    target.mkdir()
+    assert _cli(imaged, "mount", image, "--name", "c7", "--target", str(target)).out.strip() \
+        == str(target)
+    (target / "kept").write_text("at the given target\n")
+    old, _ = _server(fuse_root, "c7")
+    _kill(old)
+    assert _state(imaged, "c7")["state"] == "broken"
+    assert _cli(imaged, "mount", image, "--name", "c7").out.strip() == str(target)
+    assert (target / "kept").read_text() == "at the given target\n"
+    _cli(imaged, "umount", "c7")
+    assert not is_mounted(target)
+
+
+def test_the_daemon_revives_an_attached_target_and_gives_up_on_a_server_that_keeps_dying(
+        fuse_root: Path, image: str, start_daemon: Any, tmp_path: Path) -> None:
+    """A member of group imaged mounts beneath a prefix (the daemon's own mount, attached
+    there); the revival detaches the dead clone at the target even while a file is open on it,
+    and attaches the new mount at the same target. A server that keeps dying is left broken
+    after MAX_REVIVALS revivals, until someone mounts it again."""
+    prefix = tmp_path / "run-containers"
+    prefix.mkdir()
+    add_config(tmp_path, f'[api]\nmount_prefixes = ["{prefix}"]\n')
+    target = prefix / "a1" / "rootfs"
+    with _admin_group() as gid:
+        daemon: Daemon = start_daemon("fuse")
+        code, body = _as_nobody(daemon, "-X", "POST", "-d", json.dumps({"target": str(target)}),
+                                "http://x/v1/containers/a1/mount", groups=str(gid))
+        assert code == 404, body  # not created yet: root creates it, the member mounts it
+        api = DaemonClient(daemon.socket, timeout=60)
+        try:
+            api.call("POST", "/v1/containers", {"name": "a1", "image": image})
+            code, body = _as_nobody(daemon, "-X", "POST", "-d",
+                                    json.dumps({"target": str(target)}),
+                                    "http://x/v1/containers/a1/mount", groups=str(gid))
+            assert code == 200 and body["path"] == str(target), body
+            (target / "kept").write_text("attached\n")
+            pid, _ = _server(fuse_root, "a1")
+            held = os.open(target / "kept", os.O_RDONLY)
+            try:
+                for _ in range(MAX_REVIVALS):
+                    _kill(pid)
+                    pid, _ = _wait_revived(fuse_root, "a1", pid)
+                    assert (target / "kept").read_text() == "attached\n"
+            finally:
+                with contextlib.suppress(OSError):  # ENOTCONN: its flush reached a dead mount
+                    os.close(held)
+            assert api.call("GET", "/v1/containers/a1")["path"] == str(target)
+            _kill(pid)
+            deadline = time.monotonic() + _WAIT
+            while "stays so" not in daemon.output() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "a1 is broken (its fuse server" in daemon.output()
+            assert "stays so" in daemon.output()
+            assert api.call("GET", "/v1/containers/a1")["state"] == "broken"
+            assert _enotconn(target)
+            assert api.call("POST", "/v1/containers/a1/mount", {})["path"] == str(target)
+            assert (target / "kept").read_text() == "attached\n"
+            api.call("POST", "/v1/containers/a1/unmount", {})
+            assert not is_mounted(target)
+        finally:
+            api.close()
