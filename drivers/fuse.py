@@ -99,11 +99,12 @@ class FuseDriver(DirectoryDriver):
 
     def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
         """Through the server while mounted (it alone knows what its writes hold), else
-        against the upper as it lies on disk."""
+        against the upper as it lies on disk: also where the server died, whose successor
+        starts with the quota recorded here."""
         if self._quota(name) is None:
             raise QuotaUnsupportedError(f"container {name} was created without a quota; "
                                         "its quota cannot be set afterwards")
-        if mounted:
+        if mounted and self.broken(name) is None:
             reply = control.ask(self._container(name), {"op": "set_quota", "quota": quota})
             if "error" in reply:
                 raise InvalidError(f"container {name}: {reply['error']}")

@@ -264,15 +264,16 @@ class Service:
                     return {"name": row.name, "path": row.mount_path, "mounts": []}
                 log.warning("container %s is broken (%s): clearing its dead mount at %s to "
                             "mount it again there", row.name, why, row.mount_path)
-                row, target, confined = await self._clear(row)
+                return await self._revive(row)
             return await self._mount_row(row, target, confined)
 
-    async def _clear(self, row: ContainerRow) -> tuple[ContainerRow, Path | None, bool]:
-        """Unmount a broken container; what to mount it again with, at the same place."""
+    async def _revive(self, row: ContainerRow) -> dict[str, Any]:
+        """Unmount a broken container and mount it again at the same place, attached again
+        if it was (the caller holds its lock)."""
         await trio.to_thread.run_sync(self._unmount, row)
         self.store.meta.update_container(row.name, mount_path=None, target=Target.OWN)
         target = None if row.target is Target.OWN else Path(row.mount_path or "")
-        return self._get(row.name), target, row.target is Target.ATTACHED
+        return await self._mount_row(self._get(row.name), target, row.target is Target.ATTACHED)
 
     async def _mount_row(self, row: ContainerRow, target: Path | None,
                          confined: bool) -> dict[str, Any]:
@@ -376,8 +377,7 @@ class Service:
             log.warning("container %s is broken (%s): mounting it again at %s", name, why,
                         row.mount_path)
             try:
-                row, target, confined = await self._clear(row)
-                await self._mount_row(row, target, confined)
+                await self._revive(row)
             except ImagedError as exc:
                 log.error("container %s could not be mounted again: %s", name, exc)
                 return
@@ -464,6 +464,9 @@ class Service:
                 await self._refetch(finding)
             elif finding.kind == check.LAYER_MISSING:
                 await self._restore_layer(Digest.parse(finding.subject))
+            elif finding.kind == check.MOUNT_BROKEN:
+                async with self._container_locks[finding.subject]:
+                    await self._revive(self._get(finding.subject))
             else:
                 # Synchronous, as gc is: no pull may lease what is being removed meanwhile.
                 check.repair(self.store, self.leases, finding)

@@ -149,6 +149,10 @@ def test_a_killed_server_leaves_a_broken_container_that_umount_clears(
         row = _state(imaged, "c1")
         assert row["state"] == "broken" and row["mounted"] and row["path"] == str(merged)
         assert f"{merged} (broken)" in _cli(imaged, "ps").out
+        checked = imaged("--driver", "fuse", "check")
+        assert checked.code == 1
+        assert f"mount-broken: container c1 is mounted at {merged}, but its fuse server" \
+            in checked.out
         # A dead mount with a file still open on it: a plain umount2 says EBUSY on this kernel,
         # so the driver detaches it; the holder keeps a dead descriptor.
         _cli(imaged, "umount", "c1")
@@ -163,6 +167,7 @@ def test_a_killed_server_leaves_a_broken_container_that_umount_clears(
     row = _state(imaged, "c1")
     assert row["state"] == "unmounted" and row["path"] is None
     assert row["used_bytes"] > 0  # walked: a killed server leaves no count to trust
+    assert _cli(imaged, "check").out.strip() == "no findings"
 
 
 def test_mount_brings_a_broken_container_back_with_its_acknowledged_writes(
@@ -182,8 +187,15 @@ def test_mount_brings_a_broken_container_back_with_its_acknowledged_writes(
     assert not (merged / "hello.txt").exists() and (merged / "dir").is_dir()
     assert (merged / "etc" / "os-release").read_bytes() == b"ID=imaged-test\n"
     assert _state(imaged, "c2")["state"] == "mounted"
+    # imaged check --repair revives it the same way.
+    _kill(new)
+    repaired = imaged("--driver", "fuse", "check", "--repair")
+    assert "mount-broken: container c2" in repaired.out and "(repaired)" in repaired.out
+    assert _state(imaged, "c2")["state"] == "mounted"
+    assert (merged / "big.bin").read_bytes() == data
+    last, _ = _server(fuse_root, "c2")
     _cli(imaged, "umount", "c2")
-    _wait_gone(new)
+    _wait_gone(last)
 
 
 def test_umount_with_a_file_open_is_busy_and_changes_nothing(
@@ -224,6 +236,13 @@ def test_usage_is_kept_across_a_clean_exit_and_walked_after_a_kill(
     assert _state(imaged, "c4")["used_bytes"] == served + (5 << 20)
     _kill(_server(fuse_root, "c4")[0])
     assert _state(imaged, "c4")["used_bytes"] == served
+    # A broken container's quota changes as an unmounted one's; its next server enforces it.
+    assert imaged("--driver", "fuse", "update", "c4", "--quota", "512K").code == 1
+    _cli(imaged, "update", "c4", "--quota", "3M")
+    _cli(imaged, "mount", image, "--name", "c4")
+    with pytest.raises(OSError) as full:
+        (merged / "two.bin").write_bytes(b"\2" * (3 << 20))
+    assert full.value.errno in (errno.ENOSPC, errno.EDQUOT)
     _cli(imaged, "umount", "c4")
 
 
