@@ -32,6 +32,8 @@ from imaged.bench.daemon import imaged_daemon
 from imaged.bench.report import Series, machine_facts, write_report
 from imaged.bench.scratch import scratch_fs, settle
 from imaged.bench.stores import DriverStore, driver_store, unmount_under
+from imaged.config import Config
+from imaged.drivers import registry
 from imaged.testing.images import Entry, Layer, OCILayout, directory, file, push, streamed
 from imaged.testing.registry import local_registry
 
@@ -297,11 +299,14 @@ def _imaged_pull(tool: str, ref: str, work: Path, env: dict[str, str],
     (work / "imaged.toml").write_text("")
     env["IMAGED_CONFIG"] = str(work / "imaged.toml")
     root = work / "root"
+    driver: list[str] = []
     store = stores.get(tool.removeprefix("imaged-"))
     if store is not None:
         root = store.base / "bench-root"
         (work / "imaged.toml").write_text(store.config_toml())
-    command = [sys.executable, "-m", "imaged", "--root", str(root), "pull", ref]
+        # Named: on fuse's ext4, auto-selection would pick overlay.
+        driver = ["--driver", store.driver]
+    command = [sys.executable, "-m", "imaged", "--root", str(root), *driver, "pull", ref]
     try:
         if tool != "imaged-daemon":
             return _timed([command], env)
@@ -326,13 +331,21 @@ def _available(notes: list[str]) -> list[str]:
     return tools
 
 
-def _snapshot_drivers(notes: list[str]) -> list[str]:
-    """The snapshot drivers measured beside the auto-chosen one, each on a store of its own."""
+def _other_drivers(notes: list[str]) -> list[str]:
+    """The drivers measured beside the auto-chosen one (overlay), each on a store of its own:
+    the snapshot drivers, and fuse, whose layers unpack as overlay's do but which a host
+    without overlay would pull into."""
     need = {"btrfs": "mkfs.btrfs", "zfs": "zfs-fuse"}
     missing = [d for d, tool in need.items() if shutil.which(tool) is None]
     notes += [f"imaged-{d}: not measured ({need[d]} not installed: run scripts/setup)"
               for d in missing]
-    return [d for d in need if d not in missing]
+    drivers = [d for d in need if d not in missing]
+    fuse = registry()["fuse"][0](Config())
+    if fuse.supported:
+        drivers.append("fuse")
+    else:
+        notes.append(f"imaged-fuse: not measured ({fuse.reason})")
+    return drivers
 
 
 def _versions(tools: list[str]) -> dict[str, str]:
@@ -365,7 +378,7 @@ def run(out: Path, runs: int, shapes: list[str]) -> list[Path]:
     with scratch_fs(24 << 30) as (scratch, where), \
             local_registry(scratch / "registry") as reg, contextlib.ExitStack() as stack:
         stores = {driver: stack.enter_context(driver_store(driver, scratch, where))
-                  for driver in _snapshot_drivers(notes)}
+                  for driver in _other_drivers(notes)}
         tools += [f"imaged-{driver}" for driver in stores]
         refs = {}
         for shape in shapes:
@@ -419,7 +432,8 @@ def run(out: Path, runs: int, shapes: list[str]) -> list[Path]:
         "timed) and stopped by PID after it; its snapshotter is overlayfs; podman uses the "
         "overlay driver, imaged and imaged-daemon their auto-chosen driver (overlay); "
         "imaged-btrfs and imaged-zfs are embedded pulls into a root on a loop-mounted btrfs "
-        "and on a zfs-fuse pool (a sparse file on the same ext4), wiped after each sample",
+        "and on a zfs-fuse pool (a sparse file on the same ext4), imaged-fuse into a root of "
+        "the fuse driver on the same ext4, each wiped after each sample",
         "ratios are like for like: embedded imaged (no daemon) against the faster of the "
         "daemonless peers, podman and skopeo+umoci; imaged-daemon against containerd; below 1, "
         "imaged is faster",
