@@ -4,7 +4,9 @@ quota there, since the server alone knows what the upper holds while it writes (
 One JSON request line per connection, one JSON answer line: ``{"op": "usage"}`` answers
 ``{"used": BYTES, "quota": BYTES|null}``; ``{"op": "set_quota", "quota": BYTES}`` answers
 ``{"ok": true}`` or ``{"error": "..."}`` (a quota below what the upper already holds is
-refused, as the other drivers refuse such a shrink).
+refused, as the other drivers refuse such a shrink); ``{"op": "materialize"}`` completes the
+partial files (``Server.materialize``) and answers ``{"ok": true, "files": N, "bytes": N}`` or
+``{"error": "..."}`` when they do not fit in the quota.
 
 The socket lives in the container's directory, which only root may enter. Its path would often
 pass AF_UNIX's 108 bytes under a deep root, so both ends name it through a descriptor of that
@@ -36,6 +38,10 @@ class Quota(Protocol):
     usage: int
 
 
+class Controlled(Quota, Protocol):
+    async def materialize(self) -> dict[str, Any]: ...
+
+
 def answer(server: Quota, request: Any) -> dict[str, Any]:
     """What the server says to one request (pure, so the rules are tested without a mount)."""
     if not isinstance(request, dict):
@@ -64,8 +70,9 @@ def _short_path(directory: Path) -> Iterator[str]:
         os.close(fd)
 
 
-async def serve(server: Quota, directory: Path) -> None:
-    """Answer requests on ``directory/control`` until cancelled."""
+async def serve(server: Controlled, directory: Path) -> None:
+    """Answer requests on ``directory/control`` until cancelled, each connection in its own
+    task, so a long ``materialize`` does not hold up ``usage``."""
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with listener:
         with _short_path(directory) as path:
@@ -73,13 +80,18 @@ async def serve(server: Quota, directory: Path) -> None:
                 os.unlink(path)
             await listener.bind(path)
         listener.listen(8)
-        while True:
-            conn, _ = await listener.accept()
-            with conn:
-                await _one(server, conn)
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(_one, server, conn)
 
 
-async def _one(server: Quota, conn: trio.socket.SocketType) -> None:
+async def _one(server: Controlled, conn: trio.socket.SocketType) -> None:
+    with conn:
+        await _answer(server, conn)
+
+
+async def _answer(server: Controlled, conn: trio.socket.SocketType) -> None:
     data = b""
     with trio.move_on_after(_CLIENT_TIMEOUT):
         while b"\n" not in data and len(data) < _MAX_LINE:
@@ -88,18 +100,23 @@ async def _one(server: Quota, conn: trio.socket.SocketType) -> None:
                 break
             data += chunk
     try:
-        reply = answer(server, json.loads(data.split(b"\n", 1)[0]))
+        request = json.loads(data.split(b"\n", 1)[0])
+        if isinstance(request, dict) and request.get("op") == "materialize":
+            reply = await server.materialize()
+        else:
+            reply = answer(server, request)
     except ValueError:
         reply = {"error": "a request is one line of JSON"}
     with contextlib.suppress(OSError):
         await conn.send((json.dumps(reply) + "\n").encode())
 
 
-def ask(directory: Path, request: dict[str, Any]) -> dict[str, Any]:
+def ask(directory: Path, request: dict[str, Any], timeout: float = _CLIENT_TIMEOUT
+        ) -> dict[str, Any]:
     """One request to the server of the container in ``directory`` (blocking, bounded)."""
     with _short_path(directory) as path, \
             socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(_CLIENT_TIMEOUT)
+        sock.settimeout(timeout)
         try:
             sock.connect(path)
             sock.sendall((json.dumps(request) + "\n").encode())

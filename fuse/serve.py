@@ -1,5 +1,6 @@
 """The server process: ``python -m imaged.fuse.serve --upper DIR --work DIR [--lower DIR ...]
-[--quota BYTES] [--read-only] [--control DIR] [--ready-fd N] MOUNTPOINT``.
+[--quota BYTES] [--read-only] [--copy-up auto|full|partial] [--partial-threshold BYTES]
+[--writeback] [--control DIR] [--ready-fd N] MOUNTPOINT``.
 
 One process per mounted container, since ``pyfuse3.init`` serves one filesystem per process.
 ``--lower`` is repeated top first, as overlay's lowerdir. The parent learns the outcome on
@@ -7,6 +8,15 @@ One process per mounted container, since ``pyfuse3.init`` serves one filesystem 
 so ``imaged mount`` can return only once the mount answers, or say why it failed. With
 ``--control``, the server answers usage and quota requests on ``DIR/control``
 (``imaged.fuse.control``).
+
+``--writeback`` turns on the kernel's writeback cache (``drivers.fuse.writeback``). Without it
+(the default) ``write(2)`` returns once this server has written the data to the upper file
+(and, for a partial file, made data and range record durable): an acknowledged write survives
+a kill of the server, and a quota refusal is that write's own ENOSPC. With it, ``write(2)``
+returns once the data is in the kernel's page cache, before this server has seen it: the
+kernel writes it back later in large WRITEs, a failure (ENOSPC included) shows only at
+``fsync(2)`` or ``close(2)``, and whatever is dirty when the server dies is lost. Only
+``fsync(2)`` returning means the server has the data.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ import pyfuse3
 import trio
 
 from imaged.fsutil import disk_usage
-from imaged.fuse import control
+from imaged.fuse import control, partial
+from imaged.fuse.changes import DEFAULT_PARTIAL_THRESHOLD, CopyUpPolicy, CopyUpSetting
 from imaged.fuse.server import Server, clear_work
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -43,6 +54,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="a lower layer directory; repeated, top first")
     parser.add_argument("--quota", type=int, default=None, help="bytes the upper may allocate")
     parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--copy-up", type=CopyUpSetting, default=CopyUpSetting.AUTO,
+                        choices=list(CopyUpSetting), metavar="auto|full|partial")
+    parser.add_argument("--partial-threshold", type=int, default=DEFAULT_PARTIAL_THRESHOLD,
+                        help="auto: lower files at least this big are copied up by range")
+    parser.add_argument("--writeback", action="store_true",
+                        help="the kernel's writeback cache (see the module docstring)")
     parser.add_argument("--control", type=Path, default=None,
                         help="directory for the control socket")
     parser.add_argument("--ready-fd", type=int, default=None)
@@ -62,6 +79,8 @@ def open_layers(args: argparse.Namespace) -> tuple[int, int, list[int]]:
         raise StartError("at least one --lower is needed")
     if args.quota is not None and args.quota < 0:
         raise StartError("--quota must be a number of bytes")
+    if args.partial_threshold < 1:
+        raise StartError("--partial-threshold must be a positive number of bytes")
     mountpoint = args.mountpoint.resolve()
     for path in (args.upper, args.work, *args.lower):
         if _inside(path.resolve(), mountpoint):
@@ -111,8 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         upper, work, lowers = open_layers(args)
         if not args.read_only:
             clear_work(work)
+            records = partial.records_dir(work, create=False)
+            if records is not None:
+                try:
+                    partial.sweep(upper, records)
+                finally:
+                    os.close(records)
         server = Server(upper, work, lowers, quota=args.quota, read_only=args.read_only,
-                        usage=disk_usage(args.upper))
+                        usage=disk_usage(args.upper),
+                        copy_up=CopyUpPolicy(args.copy_up, args.partial_threshold),
+                        writeback=args.writeback)
         options = {"fsname=imaged", "subtype=imaged", "default_permissions", "allow_other"}
         if args.read_only:
             options.add("ro")
