@@ -51,9 +51,24 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+@dataclass
+class Panel:
+    """A plot of medians (with min/max bars) against a measured-at value, one line per label:
+    what a bench shows when its question is how a cost grows (latency against file size), not
+    how tools rank on one case."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    lines: dict[str, list[tuple[float, Series]]]
+    log: bool = True
+
+
 def write_report(out: Path, name: str, title: str, series: list[Series],
-                 facts: dict[str, Any], ratios: dict[str, float], notes: list[str]) -> list[Path]:
-    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` (medians with min/max bars)."""
+                 facts: dict[str, Any], ratios: dict[str, float], notes: list[str],
+                 panels: Sequence[Panel] = (), summary: Sequence[str] = ()) -> list[Path]:
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png``: the PNG draws ``panels`` when
+    given, else medians with min/max bars; ``summary`` is markdown put before the full table."""
     # matplotlib takes half a second to import: only a bench that writes a report pays it.
     import matplotlib  # noqa: PLC0415
 
@@ -67,6 +82,28 @@ def write_report(out: Path, name: str, title: str, series: list[Series],
         "series": {s.name: s.summary() for s in series},
     }, indent=2))
 
+    if panels:
+        _draw_panels(plt, panels, title, png_path)
+    else:
+        _draw_bars(plt, series, title, png_path)
+
+    lines = [f"# {title}", "", f"![{title}]({png_path.name})", "", *summary]
+    if summary:
+        lines.append("")
+    lines += ["| measure | median | min | max | unit | runs |", "|---|---:|---:|---:|---|---:|"]
+    for s in series:
+        lines.append(f"| {s.name} | {s.median:.3f} | {min(s.samples):.3f} | "
+                     f"{max(s.samples):.3f} | {s.unit} | {len(s.samples)} |")
+    if ratios:
+        lines += ["", "| ratio (same run, medians) | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items())]
+    lines += [f"- {note}" for note in notes]
+    md_path.write_text("\n".join(lines) + "\n")
+    return [json_path, md_path, png_path]
+
+
+def _draw_bars(plt: Any, series: list[Series], title: str, png_path: Path) -> None:
     # One panel per unit: milliseconds, cycles/s and megabytes on one axis would hide all but
     # the largest.
     units = list(dict.fromkeys(s.unit for s in series))
@@ -87,15 +124,31 @@ def write_report(out: Path, name: str, title: str, series: list[Series],
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
 
-    lines = [f"# {title}", "", f"![{title}]({png_path.name})", "",
-             "| measure | median | min | max | unit | runs |", "|---|---:|---:|---:|---|---:|"]
-    for s in series:
-        lines.append(f"| {s.name} | {s.median:.3f} | {min(s.samples):.3f} | "
-                     f"{max(s.samples):.3f} | {s.unit} | {len(s.samples)} |")
-    if ratios:
-        lines += ["", "| ratio (same run, medians) | value |", "|---|---:|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
-    lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items())]
-    lines += [f"- {note}" for note in notes]
-    md_path.write_text("\n".join(lines) + "\n")
-    return [json_path, md_path, png_path]
+
+def _draw_panels(plt: Any, panels: Sequence[Panel], title: str, png_path: Path) -> None:
+    from matplotlib import ticker  # noqa: PLC0415 - with pyplot, only when a report is drawn
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for label, points in panel.lines.items():
+            ordered = sorted(points, key=lambda p: p[0])
+            medians = [s.median for _, s in ordered]
+            lows = [s.median - min(s.samples) for _, s in ordered]
+            highs = [max(s.samples) - s.median for _, s in ordered]
+            ax.errorbar([x for x, _ in ordered], medians, yerr=[lows, highs], marker="o",
+                        capsize=3, label=label)
+        if panel.log:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            # Plain numbers (1, 16, 1024), not powers: a reader compares sizes, not exponents.
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)

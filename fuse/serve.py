@@ -6,8 +6,15 @@ One process per mounted container, since ``pyfuse3.init`` serves one filesystem 
 ``--lower`` is repeated top first, as overlay's lowerdir. The parent learns the outcome on
 ``--ready-fd``: ``ready`` once the mount is made, or one ``error: ...`` line and exit status 1,
 so ``imaged mount`` can return only once the mount answers, or say why it failed. With
-``--control``, the server answers usage and quota requests on ``DIR/control``
-(``imaged.fuse.control``).
+``--control``, the server answers usage, quota and shutdown requests on ``DIR/control``
+(``imaged.fuse.control``) and keeps its usage count across runs in ``DIR/usage``.
+
+The count in ``DIR/usage`` is trusted only because of when it exists: the server writes it
+when it exits cleanly (its mount gone, so nothing can write any more) and removes it, durably,
+before it mounts. A server killed with SIGKILL therefore leaves no count behind, and the next
+start (or a ``ps`` with no server running) walks the upper as ``du`` would. A count written
+while serving would be stale after a kill as soon as the next write landed, so none is
+written; a running server is asked over the control socket instead.
 
 ``--writeback`` turns on the kernel's writeback cache (``drivers.fuse.writeback``). Without it
 (the default) ``write(2)`` returns once this server has written the data to the upper file
@@ -29,11 +36,12 @@ import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
-from imaged.fsutil import disk_usage
+from imaged.fsutil import disk_usage, fsync_dir
 from imaged.fuse import control, partial
 from imaged.fuse.changes import DEFAULT_PARTIAL_THRESHOLD, CopyUpPolicy, CopyUpSetting
 from imaged.fuse.server import Server, clear_work
@@ -106,11 +114,61 @@ def _say(fd: int | None, line: str) -> None:
         os.close(fd)
 
 
+class Served:
+    """The server behind its control socket: its count and quota, and the shutdown that a
+    stop signal would also cause."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    @property
+    def quota(self) -> int | None:
+        return self.server.quota
+
+    @quota.setter
+    def quota(self, value: int | None) -> None:
+        self.server.quota = value
+
+    @property
+    def usage(self) -> int:
+        return self.server.usage
+
+    @usage.setter
+    def usage(self, value: int) -> None:
+        self.server.usage = value
+
+    def shutdown(self) -> None:
+        pyfuse3.terminate()
+
+    async def materialize(self) -> dict[str, Any]:
+        return await self.server.materialize()
+
+
+def _forget_usage(control_dir: Path) -> None:
+    """Remove the saved count before serving, durably: after a crash it would be stale."""
+    try:
+        (control_dir / control.USAGE).unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(control_dir)
+
+
+def _save_usage(control_dir: Path, used: int) -> None:
+    temporary = control_dir / f"{control.USAGE}.tmp"
+    with temporary.open("w") as out:
+        out.write(f"{used}\n")
+        out.flush()
+        os.fsync(out.fileno())
+    temporary.rename(control_dir / control.USAGE)
+    fsync_dir(control_dir)
+
+
 async def _serve(server: Server, control_dir: Path | None) -> None:
-    """Serve until SIGTERM or SIGINT, which end the main loop; the caller unmounts."""
+    """Serve until SIGTERM, SIGINT or a shutdown request, which end the main loop; the caller
+    unmounts."""
     async with trio.open_nursery() as nursery:
         if control_dir is not None:
-            nursery.start_soon(control.serve, server, control_dir)
+            nursery.start_soon(control.serve, Served(server), control_dir)
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -136,8 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     partial.sweep(upper, records)
                 finally:
                     os.close(records)
+        saved = control.saved_usage(args.control) if args.control is not None else None
+        if args.control is not None:
+            _forget_usage(args.control)
         server = Server(upper, work, lowers, quota=args.quota, read_only=args.read_only,
-                        usage=disk_usage(args.upper),
+                        usage=disk_usage(args.upper) if saved is None else saved,
                         copy_up=CopyUpPolicy(args.copy_up, args.partial_threshold),
                         writeback=args.writeback)
         options = {"fsname=imaged", "subtype=imaged", "default_permissions", "allow_other"}
@@ -162,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(_serve, server, args.control)
     finally:
         pyfuse3.close(unmount=True)
+    if args.control is not None:
+        _save_usage(args.control, server.usage)
     return 0
 
 

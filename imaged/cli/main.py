@@ -37,6 +37,8 @@ LOCK_WAIT_SECONDS = 600  # for another embedded command to let go of the root
 BENCHMARKS = {
     "api": "the daemon through its socket: info requests/s, container cycles/s, memory",
     "btrfs-quota": "btrfs containers under no quota, full qgroups and simple quotas",
+    "copyup": "first-write (copy-up) cost against file size, reads, untar and stat on ext4: "
+              "kernel overlay, imaged's fuse server and fuse-overlayfs on the same layers",
     "fetch": "one large blob: imaged's download against curl",
     "mount": "mount latency for 1-500 layers, container cycles and the space of 10 containers, "
              "per driver",
@@ -95,6 +97,7 @@ def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 _size_arg = _checked(parse_size)
+_sizes_arg = _checked(lambda text: [parse_size(part) for part in text.split(",")])
 _VERBS = {verb.name: verb for verb in VERBS if verb.command}
 
 
@@ -125,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--shapes", nargs="+", choices=["debian", "layers128", "big"],
                            default=["debian", "layers128", "big"],
                            help="images to pull (default: all three)")
+        elif name == "copyup":
+            p.add_argument("--sizes", type=_sizes_arg, default=None,
+                           help="lower file sizes, comma-separated (default 1M,16M,256M,1G)")
+            p.add_argument("--quick", action="store_true",
+                           help="one run of 1M and 16M files and a 1,000-file tree (minutes)")
         elif name == "mount":
             p.add_argument("--drivers", nargs="+", choices=DRIVER_NAMES,
                            default=list(DRIVER_NAMES),
@@ -173,12 +181,15 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
     from imaged.ops.service import Service  # noqa: PLC0415
 
     if args.command == "bench":
-        from imaged.bench import api, btrfsquota, fetch, mount, pull  # noqa: PLC0415
+        from imaged.bench import api, btrfsquota, copyup, fetch, mount, pull  # noqa: PLC0415
 
         if args.benchmark == "api":
             paths = await trio.to_thread.run_sync(api.run, args.out, args.runs)
         elif args.benchmark == "btrfs-quota":
             paths = await trio.to_thread.run_sync(btrfsquota.run, args.out, args.runs)
+        elif args.benchmark == "copyup":
+            paths = await trio.to_thread.run_sync(copyup.run, args.out, args.runs, args.sizes,
+                                                  args.quick)
         elif args.benchmark == "fetch":
             paths = await trio.to_thread.run_sync(fetch.run, args.out, args.size, args.runs)
         elif args.benchmark == "pull":
