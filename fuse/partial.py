@@ -36,6 +36,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -96,6 +97,14 @@ def recorded(records: int | None) -> set[int]:
     if records is None:
         return set()
     return {int(name) for name in os.listdir(records) if name.isdigit()}
+
+
+def count(work: Path) -> int:
+    """How many partial files a container's work directory records (``ps``)."""
+    try:
+        return sum(1 for name in os.listdir(work / os.fsdecode(RECORDS)) if name.isdigit())
+    except FileNotFoundError:
+        return 0
 
 
 def is_marked(fd: int) -> bool:

@@ -1051,7 +1051,8 @@ class Server(pyfuse3.Operations):
                 loaded.append(part)
             need = sum(partial.cost(partial.missing(p)) for p in loaded if not p.done)
             if self.quota is not None and self.usage + need > self.quota:
-                return {"error": str(partial.NoRoom(need, max(0, self.quota - self.usage)))}
+                left = max(0, self.quota - self.usage)
+                return {"error": str(partial.NoRoom(need, left)), "need": need, "left": left}
             files = copied = 0
             for part in loaded:
                 async with part.lock:
