@@ -49,6 +49,7 @@ LOWER_XATTR = b"trusted.imaged.lower"
 RECORDS = b"ranges"  # under work
 BLOCK = 4096  # the unit writes are widened to, so the record stays a few ranges per region
 _COPY_CHUNK = 8 << 20
+_COMPACT_SLACK = 64 << 10  # a log this much longer than its compacted form is rewritten at load
 _RDONLY = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -181,14 +182,39 @@ def load(records: int, upper: int, lowers: list[int], *, writable: bool) -> Part
             got = ranges.replay(data)
         except ranges.CorruptLog as exc:
             raise Damaged(f"range log of inode {ino}: {exc}") from None
-        if got.torn and writable:
+        ref = os.getxattr(b"/proc/self/fd/%d" % log, LOWER_XATTR)
+        if writable and got.length > 2 * len(ranges.encode(got.ranges)) + _COMPACT_SLACK:
+            os.close(log)
+            log = -1
+            log = _compact(records, ino, got.ranges, ref)
+        elif got.torn and writable:
             os.ftruncate(log, got.length)
             os.fsync(log)
-        lower = open_lower(lowers, os.getxattr(b"/proc/self/fd/%d" % log, LOWER_XATTR))
+        lower = open_lower(lowers, ref)
     except BaseException:
-        os.close(log)
+        if log != -1:
+            os.close(log)
         raise
     return Partial(ino, got.ranges, upper, lower, log)
+
+
+def _compact(records: int, ino: int, record: RangeSet, ref: bytes) -> int:
+    """Replace a log grown long by many writes with one entry per range (ranges.py's
+    compaction: a temporary file, fsync, rename over the log), so opens stay quick; the
+    rewritten log, open for appending."""
+    name, tmp = b"%d" % ino, b"%d.compact" % ino
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR | os.O_APPEND | os.O_CLOEXEC, 0o600,
+                 dir_fd=records)
+    try:
+        os.setxattr(b"/proc/self/fd/%d" % fd, LOWER_XATTR, ref)
+        os.write(fd, ranges.encode(record))
+        os.fsync(fd)
+        os.rename(tmp, name, src_dir_fd=records, dst_dir_fd=records)
+        os.fsync(records)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _append(p: Partial, start: int, end: int) -> None:
@@ -309,10 +335,13 @@ def marked_files(upper: int, inos: set[int]) -> Iterator[int]:
     seen: set[int] = set()
     for _, _, files, dir_fd in os.fwalk(b".", dir_fd=upper):
         for name in files:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode) or st.st_ino not in inos or st.st_ino in seen:
+            try:  # a mounted upper changes during the walk: what went is not partial
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or st.st_ino not in inos or st.st_ino in seen:
+                    continue
+                fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except FileNotFoundError:
                 continue
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
             if is_marked(fd):
                 seen.add(st.st_ino)
                 yield fd
@@ -321,8 +350,12 @@ def marked_files(upper: int, inos: set[int]) -> Iterator[int]:
 
 
 def sweep(upper: int, records: int) -> int:
-    """Remove the logs no marked file owns (a crash between a file's unlink and its log's);
-    how many partial files there are. Blocking: walks the upper when any log exists."""
+    """Remove the logs no marked file owns (a crash between a file's unlink and its log's)
+    and half-made compactions; how many partial files there are. Blocking: walks the upper
+    when any log exists."""
+    for name in os.listdir(records):
+        if not name.isdigit():
+            os.unlink(name, dir_fd=records)
     logs = recorded(records)
     if not logs:
         return 0

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from imaged.fuse import control, partial
+from imaged.config import Config
+from imaged.drivers.fuse import FuseDriver
+from imaged.errors import NoSpaceError
+from imaged.fuse import control, partial, ranges
 from imaged.fuse.server import can_reflink
 from tests.integration.test_fuse_server import Mount, _start, _stop, _walk
 
@@ -137,14 +140,29 @@ def test_remount_keeps_partial_state(tmp_path: Path) -> None:
     finally:
         _stop(mount)
     assert _is_partial(mount, "dir/big")
+    log = mount.work / "ranges" / str((mount.upper / "dir" / "big").stat().st_ino)
+    with open(log, "ab") as f:  # a long history of writes, then half an entry: a kill's
+        f.write(ranges.encode_add(300_000 // 4096 * 4096, 303_104) * 4000)
+        f.write(ranges.encode_add(0, 4096)[:10])
     mount, _ = _mount(tmp_path)
     try:
         big = mount.path / "dir" / "big"
-        assert big.read_bytes() == model
+        assert big.read_bytes() == model  # the torn entry recorded nothing
+        assert log.stat().st_size < 1024  # compacted as it was replayed
         _pwrite(big, model, 5, b"after")
         assert big.read_bytes() == model
     finally:
         _stop(mount)
+    with open(log, "ab") as f:
+        f.write(ranges.encode_add(0, 4096)[:10])  # torn again, in a short log: cut, not lost
+    for _ in range(2):
+        mount, _ = _mount(tmp_path)
+        try:
+            big = mount.path / "dir" / "big"
+            assert big.read_bytes() == model
+            _pwrite(big, model, 600_000, b"appended after the cut")
+        finally:
+            _stop(mount)
 
 
 _WRITER = textwrap.dedent("""
@@ -337,3 +355,38 @@ def test_writeback_cache(tmp_path: Path) -> None:
         assert big.read_bytes() == model
     finally:
         _stop(mount)
+
+
+def test_the_driver_counts_and_materializes(tmp_path: Path) -> None:
+    """drivers/fuse.py: the settings reach the server, ps counts partial files, and update
+    --materialize completes them mounted (refused while the quota is too small) and not."""
+    config = Config(root=tmp_path, drivers={"fuse": {"copy_up": "partial"}})
+    driver = FuseDriver(config, tmp_path / "fuse")
+    data = random.Random(3).randbytes(4 << 20)  # noqa: S311 - reproducible data, not a secret
+    (driver.prepare_layer("base", None) / "big").write_bytes(data)
+    model = bytearray(data)
+    model[100:104] = b"edit"
+    for name, mounted in (("online", True), ("offline", False)):
+        driver.create_container(name, ["base"], quota=1 << 20, read_only=False)
+        path = driver.mount(name, ["base"], False, None).path
+        try:
+            with open(path / "big", "r+b") as f:
+                f.seek(100)
+                f.write(b"edit")
+            assert driver.usage(name).partial_files == 1
+            if mounted:
+                with pytest.raises(NoSpaceError, match="grow the quota"):
+                    driver.materialize(name, ["base"], True)
+                driver.resize_quota(name, 8 << 20, True)
+                driver.materialize(name, ["base"], True)
+        finally:
+            driver.unmount(name, None)
+        if not mounted:
+            with pytest.raises(NoSpaceError, match="grow the quota"):
+                driver.materialize(name, ["base"], False)
+            driver.resize_quota(name, 8 << 20, False)
+            driver.materialize(name, ["base"], False)
+        usage = driver.usage(name)
+        assert usage.partial_files == 0 and usage.used >= len(data)
+        upper = tmp_path / "fuse" / "containers" / name / "upper" / "big"
+        assert upper.read_bytes() == model
