@@ -31,17 +31,34 @@ SPACE_CONTAINERS = 10
 _SPACE_FILES = 30  # ten-MiB files: a realistic image is many files, not one blob
 
 
-async def _latency(service: Service, ref: str, count: int, i: int) -> float:
+async def _latency(service: Service, root: Path, ref: str, count: int,
+                   i: int) -> tuple[float, float | None]:
     """Milliseconds to mount a container of ``ref`` made and mounted once before (so the
-    first mount's setup is not what is timed)."""
+    first mount's setup is not what is timed), and the MiB its server holds once mounted, for
+    a driver that serves each container from a process of its own."""
     name = f"m{count}-{i}"
     await service.mount(ref, name, None, False, None)
     await service.umount(name)
     start = time.perf_counter()
     await service.mount(ref, name, None, False, None)
     elapsed = (time.perf_counter() - start) * 1000
+    rss = _server_rss(root / "drivers" / service.store.driver().name / "containers" / name /
+                      "server")
     await service.rm(name, force=True)
-    return elapsed
+    return elapsed, rss
+
+
+def _server_rss(record: Path) -> float | None:
+    """VmRSS in MiB of the process named by a container's ``server`` file ("PID STARTTIME",
+    the fuse driver's), or None where the driver keeps no such process."""
+    try:
+        pid = int(record.read_text().split()[0])
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    kib = next(int(line.split()[1]) for line in status.splitlines()
+               if line.startswith("VmRSS:"))
+    return kib / 1024
 
 
 async def _cycles(service: Service, ref: str, i: int) -> float:
@@ -75,8 +92,9 @@ async def _measure(stores: list[DriverStore], refs: dict[int, str], space_ref: s
     while (this VM does) then slows every driver alike instead of the one measured then."""
     async with contextlib.AsyncExitStack() as stack:
         services = {}
+        roots = {}
         for store in stores:
-            root = store.base / f"root-{store.driver}"
+            root = roots[store.driver] = store.base / f"root-{store.driver}"
             stack.callback(store.wipe, root)  # after its service has closed
             services[store.driver] = await stack.enter_async_context(
                 Service.open(store.config(root), "imaged bench mount"))
@@ -95,8 +113,12 @@ async def _measure(stores: list[DriverStore], refs: dict[int, str], space_ref: s
             for store in stores[i % len(stores):] + stores[:i % len(stores)]:
                 service = services[store.driver]
                 for count, ref in refs.items():
-                    table[store.driver, f"l{count}"].samples.append(
-                        await _latency(service, ref, count, i))
+                    elapsed, rss = await _latency(service, roots[store.driver], ref, count, i)
+                    table[store.driver, f"l{count}"].samples.append(elapsed)
+                    if rss is not None:
+                        table.setdefault((store.driver, f"rss{count}"), Series(
+                            f"{store.driver}: server RSS, {count} layer"
+                            f"{'s' * (count > 1)} mounted", "MiB")).samples.append(rss)
                 table[store.driver, "cycles"].samples.append(await _cycles(service, refs[16], i))
                 table[store.driver, "space"].samples.append(
                     await _space(service, store, space_ref, i))
@@ -151,5 +173,10 @@ def run(out: Path, runs: int, drivers: list[str]) -> list[Path]:
                      "random data in one gzip layer; space is the growth of the driver's "
                      "backing storage (statvfs, or the dataset's `used` on zfs) after sync, "
                      "containers mounted, no quota")
+        if any(s.unit == "MiB" for s in series):
+            notes.append("a driver with a server per container (fuse): its mount latency is "
+                         "the server's start, from spawn to the mount answering; server RSS is "
+                         "VmRSS of the PID in the container's server file, read just after "
+                         "the timed mount")
     return write_report(out, "mount", "Mount latency, container cycles and space per driver",
                         series, machine_facts(), {}, notes)

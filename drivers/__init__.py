@@ -170,6 +170,16 @@ class Driver(Protocol):
 
     def unmount(self, name: str, target: Path | None) -> None: ...
 
+    def broken(self, name: str) -> str | None:
+        """Why the container's recorded mount no longer serves (a fuse server that died
+        leaves ENOTCONN behind), or None: ``ps`` shows it broken, and unmounting or mounting
+        it again clears the dead mount."""
+
+    def serving_fd(self, name: str) -> int | None:
+        """A new descriptor that turns readable when the container's mount stops being
+        served (the pidfd of a fuse server), for the daemon to remount it by; None where no
+        process serves the mount, or none is alive. The caller closes it."""
+
     def usage(self, name: str) -> Usage: ...
 
     def usages(self, names: Sequence[str]) -> dict[str, Usage]:

@@ -111,6 +111,13 @@ class BaseDriver(ABC):
     def unmount(self, name: str, target: Path | None) -> None:
         unmount(target or self._container(name) / "merged")
 
+    def broken(self, name: str) -> str | None:
+        """None: the kernel serves these drivers' mounts, which cannot die on their own."""
+        return None
+
+    def serving_fd(self, name: str) -> int | None:
+        return None
+
     def remove_container(self, name: str) -> None:
         """The container's directory, once whatever the driver keeps elsewhere is gone."""
         remove_tree(self._container(name))

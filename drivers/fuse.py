@@ -11,12 +11,20 @@ exiting nor the daemon restarting ends it, and ended by unmounting. The mount re
 server says the mount answers. The server enforces the quota itself (quota mode ``fuse``): a
 write past it fails with ENOSPC from write(2).
 
+A server that dies leaves its mount behind, answering ENOTCONN: the container is *broken*
+(``broken``) until it is unmounted or mounted again. The dead mount is detached (MNT_DETACH):
+a plain umount2 works on this kernel only while nothing holds the mount, and whatever holds it
+gets ENOTCONN either way. ``serving_fd`` gives the daemon a pidfd of the server to notice a
+death by.
+
 Layout under ``ROOT/drivers/fuse``::
 
     layers/<chainid>/diff       the layer's own files, as the overlay driver keeps them
     containers/<name>/upper     the container's writes; work/ for copy-up's temporary files
     containers/<name>/quota     the quota in bytes, when it has one (the server's --quota)
     containers/<name>/server    "PID STARTTIME" of the server while mounted; server.log
+    containers/<name>/usage     the server's count of the upper's bytes, left by a clean exit
+                                (imaged.fuse.serve says why only then)
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from imaged.drivers.base import DirectoryDriver
 from imaged.errors import InternalError, InvalidError, NoSpaceError, QuotaUnsupportedError
 from imaged.fsutil import disk_usage
 from imaged.fuse import control, partial
-from imaged.host.mounts import kernel_filesystems
+from imaged.host.mounts import kernel_filesystems, unmount
 from imaged.layers.unpack import WhiteoutMode
 from imaged.sizes import shrink_refused
 
@@ -92,16 +100,17 @@ class FuseDriver(DirectoryDriver):
 
     def resize_quota(self, name: str, quota: int, mounted: bool) -> None:
         """Through the server while mounted (it alone knows what its writes hold), else
-        against the upper as it lies on disk."""
+        against the upper as it lies on disk: also where the server died, whose successor
+        starts with the quota recorded here."""
         if self._quota(name) is None:
             raise QuotaUnsupportedError(f"container {name} was created without a quota; "
                                         "its quota cannot be set afterwards")
-        if mounted:
+        if mounted and self.broken(name) is None:
             reply = control.ask(self._container(name), {"op": "set_quota", "quota": quota})
             if "error" in reply:
                 raise InvalidError(f"container {name}: {reply['error']}")
         else:
-            used = disk_usage(self._container(name) / "upper")
+            used = self.usage(name).used
             if (why := shrink_refused(used, quota)) is not None:
                 raise InvalidError(f"container {name} {why}")
         (self._container(name) / "quota").write_text(f"{quota}\n")
@@ -158,34 +167,68 @@ class FuseDriver(DirectoryDriver):
             raise InternalError(f"the fuse server did not mount {path}: {detail}")
         (home / "server").write_text(f"{pid} {_start_time(pid)}\n")
 
+    def _server(self, name: str) -> tuple[int, int] | None:
+        """The recorded server's PID and start time, if one was started and not unmounted."""
+        try:
+            pid, started = (int(n) for n in (self._container(name) / "server").read_text().split())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid, started
+
+    def broken(self, name: str) -> str | None:
+        server = self._server(name)
+        if server is None or _alive(*server):
+            return None
+        return f"its fuse server (pid {server[0]}) is gone"
+
+    def serving_fd(self, name: str) -> int | None:
+        server = self._server(name)
+        if server is None:
+            return None
+        try:
+            fd = os.pidfd_open(server[0])
+        except ProcessLookupError:
+            return None
+        if not _alive(*server):  # checked after the open: the descriptor names this process
+            os.close(fd)
+            return None
+        return fd
+
     def unmount(self, name: str, target: Path | None) -> None:
         """Unmount (EBUSY while files are open, as for the other drivers); the server, whose
-        /dev/fuse connection that ends, then exits by itself."""
-        super().unmount(name, target)
-        record = self._container(name) / "server"
-        try:
-            pid, started = (int(n) for n in record.read_text().split())
-        except (FileNotFoundError, ValueError):
-            return
-        _wait_gone(pid, started)
-        record.unlink(missing_ok=True)
+        /dev/fuse connection that ends, then exits by itself. A broken container's dead mount
+        is detached, whoever holds it (module docstring)."""
+        server = self._server(name)
+        if server is not None and not _alive(*server):
+            unmount(target or self._container(name) / "merged", lazy=True)
+        else:
+            super().unmount(name, target)
+        if server is not None:
+            _wait_gone(*server)
+            (self._container(name) / "server").unlink(missing_ok=True)
 
     def usage(self, name: str) -> Usage:
-        """The running server's count (O(1)), else the upper walked as ``du`` would; and how
-        many files are partial (one listing of their logs)."""
+        """The running server's count, else the count its clean exit left: both O(1). The
+        upper is walked as ``du`` would only where neither is there (a server that was killed).
+        And how many files are partial: one listing of their logs."""
         home = self._container(name)
         partials = partial.count(home / "work")
-        if (home / "server").exists():
+        server = self._server(name)
+        if server is not None and _alive(*server):
             with contextlib.suppress(InternalError):
                 reply = control.ask(home, {"op": "usage"})
                 return Usage(int(reply["used"]), self._quota(name), partial_files=partials)
-        return Usage(disk_usage(home / "upper"), self._quota(name), partial_files=partials)
+        saved = control.saved_usage(home)
+        used = disk_usage(home / "upper") if saved is None else saved
+        return Usage(used, self._quota(name), partial_files=partials)
 
     def materialize(self, name: str, layers: Sequence[str], mounted: bool) -> None:
-        """Through the server while mounted (its writes and its count stay exact), else
-        directly on disk, where the count a clean exit saved no longer holds."""
+        """Through the server while one serves the container (its writes and its count stay
+        exact), else directly on disk (a broken container's dead server writes nothing), where
+        the count a clean exit saved no longer holds."""
         home = self._container(name)
-        if mounted:
+        server = self._server(name)
+        if server is not None and _alive(*server):
             reply = control.ask(home, {"op": "materialize"}, timeout=_MATERIALIZE_TIMEOUT)
             if "need" in reply:
                 raise NoSpaceError(f"container {name}: {reply['error']}")
@@ -237,6 +280,16 @@ def _start_time(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def _alive(pid: int, started: int) -> bool:
+    """Whether that process still runs: a zombie, which no one has reaped yet, has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] != "Z" and int(fields[19]) == started
+
+
 def _wait_gone(pid: int, started: int) -> None:
     """Wait for the server to exit, reaping it where it is our child (the daemon's); one still
     there after the timeout is killed."""
@@ -246,16 +299,12 @@ def _wait_gone(pid: int, started: int) -> None:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return
         except ChildProcessError:
-            try:
-                if _start_time(pid) != started:
-                    return
-            except (FileNotFoundError, ProcessLookupError):
+            if not _alive(pid, started):  # another's zombie is for its parent to reap
                 return
         time.sleep(0.02)
-    try:
-        if _start_time(pid) == started:
-            os.kill(pid, signal.SIGKILL)
-    except (FileNotFoundError, ProcessLookupError):
+    if not _alive(pid, started):
         return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--sizes", type=_sizes_arg, default=None,
                            help="lower file sizes, comma-separated (default 1M,16M,256M,1G)")
             p.add_argument("--quick", action="store_true",
-                           help="one run of 1M and 16M files and a 1,000-file tree (minutes)")
+                           help="one run of 1M and 16M files and a 1,000-file tree (seconds)")
         elif name == "mount":
             p.add_argument("--drivers", nargs="+", choices=DRIVER_NAMES,
                            default=list(DRIVER_NAMES),

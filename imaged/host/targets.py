@@ -133,15 +133,17 @@ def attach(source: Path, target_fd: int, target: Path) -> None:
         os.close(tree)
 
 
-def detach(target: Path, prefixes: Sequence[Path]) -> None:
+def detach(target: Path, prefixes: Sequence[Path], lazy: bool = False) -> None:
     """Unmount what ``attach`` put at ``target``: its parent is found again beneath the prefix
     (the path is not trusted to lead where it did then) and the last name is not followed. A
     descriptor of the target itself would keep its mount busy. A target no longer beneath any
-    prefix (the configuration changed) is unmounted by path, the last name not followed."""
+    prefix (the configuration changed) is unmounted by path, the last name not followed.
+    ``lazy`` detaches it even while in use (a dead fuse mount: nothing left to protect)."""
     try:
         with _open_parent(target, prefixes, create=False) as (parent, name):
-            unmount(Path(f"/proc/self/fd/{parent}") / name, follow=False, shown_as=target)
+            unmount(Path(f"/proc/self/fd/{parent}") / name, lazy=lazy, follow=False,
+                    shown_as=target)
     except ForbiddenError:
-        unmount(target, follow=False)
+        unmount(target, lazy=lazy, follow=False)
     except InvalidError:  # a directory above it is gone: nothing is mounted there any more
         return

@@ -61,11 +61,19 @@ def info(result: dict[str, Any]) -> str:
 
 
 def containers(result: list[dict[str, Any]]) -> str:
-    rows = [[c["name"], (c["image_refs"] or [c["image"]])[0], c["driver"], c["path"] or "-",
+    rows = [[c["name"], (c["image_refs"] or [c["image"]])[0], c["driver"], _mounted_at(c),
              format_size(c["quota"]) if c["quota"] else "-", c["quota_mode"] or "-",
              format_size(c["used_bytes"]), _inodes(c)] for c in result]
     return table(rows, ["NAME", "IMAGE", "DRIVER", "MOUNTED AT", "QUOTA", "QUOTA MODE", "USED",
                         "INODES"])
+
+
+def _mounted_at(container: dict[str, Any]) -> str:
+    """The path, marked where nothing serves the mount any more (``imaged mount`` revives it)."""
+    path: str | None = container["path"]
+    if path is None:
+        return "-"
+    return path + (" (broken)" if container["state"] == "broken" else "")
 
 
 def _inodes(container: dict[str, Any]) -> str:

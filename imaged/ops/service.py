@@ -6,8 +6,11 @@ print the same facts.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import logging
+import os
 import platform as _platform
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +27,7 @@ from imaged.drivers import Capabilities, Finding, Mounted, Usage, probe_all
 from imaged.errors import ConflictError, ImagedError, InvalidError, NotFoundError, RegistryError
 from imaged.events import Reporter
 from imaged.faults import pause_point
-from imaged.host.mounts import backing_filesystem
+from imaged.host.mounts import backing_filesystem, is_mounted
 from imaged.host.targets import attach, beneath, detach, open_target
 from imaged.names import name_or_new
 from imaged.ops.pull import Puller, PullResult
@@ -38,6 +41,12 @@ from imaged.store.leases import Leases
 from imaged.store.lock import Waiting
 from imaged.store.metadata import ContainerRow, ImageRow, Target
 from imaged.store.root import Store
+
+log = logging.getLogger("imaged.ops.service")
+# A container whose server dies this often within the window is left broken by the daemon
+# instead of revived again: a server that cannot stay up would otherwise be restarted forever.
+MAX_REVIVALS = 3
+REVIVAL_WINDOW = 600.0
 
 
 def image_json(row: ImageRow) -> dict[str, Any]:
@@ -60,6 +69,14 @@ class Service:
         self.client = client
         self.leases = Leases()
         self._puller = Puller(store, client, self.leases, nursery)
+        self._nursery = nursery
+        # One mount, unmount or revival of a container at a time: a server that exits because
+        # it was unmounted must not look like one that died to the watch (watch_mounts).
+        self._container_locks: collections.defaultdict[str, trio.Lock] = \
+            collections.defaultdict(trio.Lock)
+        self._watching = False
+        self._revivals: collections.defaultdict[str, list[float]] = \
+            collections.defaultdict(list)
 
     @classmethod
     @asynccontextmanager
@@ -143,13 +160,21 @@ class Service:
         """Containers as the API shows them; the driver reads all their usage in one batch (one
         ``zfs list`` or ``qgroup show`` for a whole ``ps``), off the event loop."""
         driver = self.store.driver()
-        usages = await trio.to_thread.run_sync(
-            driver.usages, [row.name for row in rows if row.state == "ready"])
+
+        def facts() -> tuple[dict[str, Usage], dict[str, str | None]]:
+            ready = [row for row in rows if row.state == "ready"]
+            return (driver.usages([row.name for row in ready]),
+                    {row.name: driver.broken(row.name) for row in ready if row.mount_path})
+
+        usages, broken = await trio.to_thread.run_sync(facts)
         caps = driver.capabilities()
-        return [self._container_row(row, usages.get(row.name), caps) for row in rows]
+        return [self._container_row(row, usages.get(row.name), caps, broken.get(row.name))
+                for row in rows]
 
     def _container_row(self, row: ContainerRow, usage: Usage | None,
-                       caps: Capabilities) -> dict[str, Any]:
+                       caps: Capabilities, broken: str | None) -> dict[str, Any]:
+        state = "broken" if broken is not None else \
+            "unmounted" if row.mount_path is None else "mounted"
         return {
             "name": row.name,
             "image": str(row.image_id),
@@ -164,6 +189,7 @@ class Service:
             "read_only": row.read_only,
             "mounted": row.mount_path is not None,
             "path": row.mount_path,
+            "state": state,
         }
 
     async def _container_json(self, row: ContainerRow) -> dict[str, Any]:
@@ -228,11 +254,31 @@ class Service:
         else:
             row = await self._ensure(image_text, name, quota, read_only)
         pause_point("created-not-mounted")
-        if row.mount_path is not None:
-            if target is not None and Path(row.mount_path) != target:
-                raise ConflictError(f"container {row.name} is already mounted at "
-                                    f"{row.mount_path}")
-            return {"name": row.name, "path": row.mount_path, "mounts": []}
+        async with self._container_locks[row.name]:
+            row = self._get(row.name)  # as it is now that nothing else changes it
+            if row.mount_path is not None:
+                if target is not None and Path(row.mount_path) != target:
+                    raise ConflictError(f"container {row.name} is already mounted at "
+                                        f"{row.mount_path}")
+                why = await trio.to_thread.run_sync(self.store.driver().broken, row.name)
+                if why is None:
+                    return {"name": row.name, "path": row.mount_path, "mounts": []}
+                log.warning("container %s is broken (%s): clearing its dead mount at %s to "
+                            "mount it again there", row.name, why, row.mount_path)
+                return await self._revive(row)
+            return await self._mount_row(row, target, confined)
+
+    async def _revive(self, row: ContainerRow) -> dict[str, Any]:
+        """Unmount a broken container and mount it again at the same place, attached again
+        if it was (the caller holds its lock)."""
+        await trio.to_thread.run_sync(self._unmount, row)
+        self.store.meta.update_container(row.name, mount_path=None, target=Target.OWN)
+        target = None if row.target is Target.OWN else Path(row.mount_path or "")
+        return await self._mount_row(self._get(row.name), target, row.target is Target.ATTACHED)
+
+    async def _mount_row(self, row: ContainerRow, target: Path | None,
+                         confined: bool) -> dict[str, Any]:
+        prefixes = self.store.config.mount_prefixes
         driver = self.store.driver()
         layers = self._layers_of(row.image_id)
         if confined and target is not None:
@@ -243,6 +289,8 @@ class Service:
                                                     row.read_only, target)
             kind = Target.OWN if target is None else Target.GIVEN
         self.store.meta.update_container(row.name, mount_path=str(mounted.path), target=kind)
+        if self._watching:
+            self._nursery.start_soon(self._watch, row.name)
         return {"name": row.name, "path": str(mounted.path),
                 "mounts": [spec.to_json() for spec in mounted.mounts]}
 
@@ -286,17 +334,65 @@ class Service:
 
     async def umount(self, name: str) -> dict[str, Any]:
         self.store.make_room()
-        row = self._get(name)
-        if row.mount_path is not None:
-            await trio.to_thread.run_sync(self._unmount, row)
-            self.store.meta.update_container(name, mount_path=None, target=Target.OWN)
+        async with self._container_locks[name]:
+            row = self._get(name)
+            if row.mount_path is not None:
+                await trio.to_thread.run_sync(self._unmount, row)
+                self.store.meta.update_container(name, mount_path=None, target=Target.OWN)
         return {"ok": True, "name": name}
+
+    def watch_mounts(self) -> None:
+        """From now on, remount a container whose mount stops being served (a fuse server
+        that died), at the same place: every container mounted now, and every one mounted
+        later. The daemon's; an embedded CLI lives too short to watch anything."""
+        self._watching = True
+        for row in self.store.meta.containers():
+            if row.state == "ready" and row.mount_path is not None:
+                self._nursery.start_soon(self._watch, row.name)
+
+    async def _watch(self, name: str) -> None:
+        """Wait for the server of ``name`` to end, then revive the container if its mount is
+        still recorded and dead. One already dead when the watch starts is revived at once."""
+        fd = await trio.to_thread.run_sync(self.store.driver().serving_fd, name)
+        if fd is not None:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+        async with self._container_locks[name]:
+            row = self.store.meta.container(name)
+            if row is None or row.state != "ready" or row.mount_path is None or \
+                    not is_mounted(Path(row.mount_path)):
+                return  # unmounted meanwhile, by imaged or by hand (imaged check reports that)
+            why = await trio.to_thread.run_sync(self.store.driver().broken, name)
+            if why is None:
+                return
+            now = trio.current_time()
+            recent = [at for at in self._revivals[name] if now - at < REVIVAL_WINDOW]
+            if len(recent) >= MAX_REVIVALS:
+                log.error("container %s is broken (%s) and stays so: mounted again %d times "
+                          "in %d s already; imaged mount mounts it again", name, why,
+                          len(recent), REVIVAL_WINDOW)
+                return
+            self._revivals[name] = [*recent, now]
+            log.warning("container %s is broken (%s): mounting it again at %s", name, why,
+                        row.mount_path)
+            try:
+                await self._revive(row)
+            except ImagedError as exc:
+                log.error("container %s could not be mounted again: %s", name, exc)
+                return
+        log.info("container %s is mounted again at %s; files opened on the dead mount stay "
+                 "dead", name, row.mount_path)
 
     def _unmount(self, row: ContainerRow) -> None:
         driver = self.store.driver()
         path = Path(row.mount_path or "")
         if row.target is Target.ATTACHED:
-            detach(path, self.store.config.mount_prefixes)
+            # The clone of a dead mount is as dead: detached whoever holds it, as the driver
+            # detaches its own.
+            detach(path, self.store.config.mount_prefixes,
+                   lazy=driver.broken(row.name) is not None)
             driver.unmount(row.name, None)
         else:
             driver.unmount(row.name, path if row.target is Target.GIVEN else None)
@@ -379,6 +475,9 @@ class Service:
                 await self._refetch(finding)
             elif finding.kind == check.LAYER_MISSING:
                 await self._restore_layer(Digest.parse(finding.subject))
+            elif finding.kind == check.MOUNT_BROKEN:
+                async with self._container_locks[finding.subject]:
+                    await self._revive(self._get(finding.subject))
             else:
                 # Synchronous, as gc is: no pull may lease what is being removed meanwhile.
                 check.repair(self.store, self.leases, finding)

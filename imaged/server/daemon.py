@@ -4,8 +4,9 @@ The daemon is the embedded service plus three things: a socket (made 0660, group
 when that group exists, or handed over by systemd's socket activation), a check of every peer's
 credentials before its first request is read, and a shutdown that lets requests in flight finish
 (for a grace period, then cancels them: a cancelled pull rolls back like a failed one). Mounts
-stay in place when the daemon stops, as containerd's do; the next start reconciles them
-(``Store.recover``).
+stay in place when the daemon stops, as containerd's do, and so do the fuse servers that serve
+some of them; the next start reconciles them (``Store.recover``) and watches every mount a
+process serves, remounting one whose server dies (``Service.watch_mounts``).
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ async def serve(config: Config, limits: Limits | None = None) -> None:
         async with Service.open(config, "imaged serve") as service:
             for note in service.store.recovered:
                 log.info("recovery: %s", note)
+            service.watch_mounts()
             with _listening(config) as sock:
                 log.info("serving root %s on %s", config.root, sock.getsockname())
                 await Server(service, sock, limits or Limits()).run(signals)

@@ -50,6 +50,7 @@ CONTAINER_MISSING = "container-missing"  # a ready container the driver does not
 CONTAINER_INTERRUPTED = "container-interrupted"  # left in state 'creating' or 'removing'
 CONTAINER_UNRECORDED = "container-unrecorded"  # a driver container no row records
 MOUNT_STALE = "mount-stale"  # recorded as mounted, nothing mounted there
+MOUNT_BROKEN = "mount-broken"  # mounted, but nothing serves it (a fuse server that died)
 MOUNT_UNRECORDED = "mount-unrecorded"  # mounted under the root, nothing records it
 LOOP_UNRECORDED = "loop-unrecorded"  # a loop device on a file under the root, used by nothing
 QUOTA_MISMATCH = "quota-mismatch"  # a container's enforced quota differs from its record
@@ -61,7 +62,7 @@ BLOB_DAMAGE = frozenset({BLOB_MISSING, BLOB_SIZE, BLOB_DIGEST})
 # Repairs go in this order: mounts before the containers they belong to, containers before the
 # layers they sit on, blobs before the layers re-applied from them; any other kind (a driver's)
 # last, when the store around it is whole again.
-REPAIR_ORDER = (MOUNT_STALE, MOUNT_UNRECORDED, LOOP_UNRECORDED, CONTAINER_INTERRUPTED,
+REPAIR_ORDER = (MOUNT_STALE, MOUNT_BROKEN, MOUNT_UNRECORDED, LOOP_UNRECORDED, CONTAINER_INTERRUPTED,
                 CONTAINER_UNRECORDED, CONTAINER_MISSING, LAYER_INTERRUPTED, LAYER_UNRECORDED,
                 BLOB_UNRECORDED, BLOB_MISSING, BLOB_SIZE, BLOB_DIGEST, LAYER_MISSING,
                 QUOTA_MISMATCH)
@@ -265,7 +266,7 @@ def _own_mount_point(driver: Driver, name: str) -> Path:
 
 def mount_findings(records: Records, driver: Driver, root: Path,
                    held: Callable[[str], bool]) -> list[Finding]:
-    """Recorded mounts that are gone, and mounts under the root nothing records.
+    """Recorded mounts that are gone or dead, and mounts under the root nothing records.
 
     A container's own directory may hold mounts of the driver's (a loop quota's filesystem, a
     ZFS dataset): those are the driver's business, except the container's default mount point,
@@ -282,6 +283,11 @@ def mount_findings(records: Records, driver: Driver, root: Path,
             found.append(Finding(MOUNT_STALE, row.name,
                                  f"container {row.name} is recorded as mounted at "
                                  f"{row.mount_path}, but nothing is mounted there"))
+        elif row.state == "ready" and (why := driver.broken(row.name)) is not None:
+            found.append(Finding(MOUNT_BROKEN, row.name,
+                                 f"container {row.name} is mounted at {row.mount_path}, but "
+                                 f"{why}: its files answer ENOTCONN; a repair mounts it again "
+                                 "there"))
         expected.append(path)
         if row.target is Target.ATTACHED:  # a clone of the driver's own mount
             expected.append(_own_mount_point(driver, row.name))

@@ -105,3 +105,6 @@ def test_each_benchmark_has_its_own_flags(imaged_proc: Any) -> None:
     assert "--size" in fetch and "--shapes" not in fetch and "--drivers" not in fetch
     assert "--drivers" in mount and "--size" not in mount
     assert imaged_proc("bench", "mount", "--out", "/tmp/x", "--size", "1G").code == 2
+    copyup = imaged_proc("bench", "copyup", "--help").out
+    assert "--sizes" in copyup and "--quick" in copyup and "--quick" not in mount
+    assert imaged_proc("bench", "copyup", "--out", "/tmp/x", "--sizes", "1M,lots").code == 2
