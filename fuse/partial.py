@@ -42,6 +42,7 @@ import trio
 
 from imaged.fuse import ranges
 from imaged.fuse.ranges import END, RangeSet
+from imaged.sizes import format_size
 
 MARKER = b"trusted.overlay.metacopy"
 MARKER_VALUE = b"p"  # shorter than overlay's metacopy header: "corrupt" to kernel overlay
@@ -378,8 +379,8 @@ class NoRoom(Exception):
     """Completing the partial files needs more than the quota leaves."""
 
     def __init__(self, need: int, left: int) -> None:
-        super().__init__(f"completing its partial files needs up to {need} bytes, and its "
-                         f"quota leaves {left}: grow the quota first")
+        super().__init__(f"completing its partial files needs up to {format_size(need)}, "
+                         f"and its quota leaves {format_size(left)}: grow the quota first")
         self.need, self.left = need, left
 
 
