@@ -8,8 +8,11 @@ cost more than the syscall); only data copies, fsync and large reads and writes 
 threads, under one ``CapacityLimiter``. A copy-up runs under its node's lock, so concurrent
 opens copy once and requests on other files never wait behind it.
 
-Slice 1 of issue 14: full copy-up only, writeback cache off (``write(2)`` returns once the
-upper has the data, and a quota refusal is its own ENOSPC). Inode numbers are stable within a
+Copy-up is whole, reflinked or partial as ``CopyUpPolicy`` chooses per file; a partial file
+(``imaged.fuse.partial``) is served through its range record, and its writes and truncates
+take its own lock, since each must leave data and record in ranges.py's order. The writeback
+cache is off unless asked for (``imaged.fuse.serve`` says what acknowledgement then means).
+Inode numbers are stable within a
 mount (the node table keeps a copied-up file's number); across remounts a copied-up file shows
 its upper inode's number, since no origin is recorded in the upper yet.
 """
@@ -656,16 +659,21 @@ class Server(pyfuse3.Operations):
             place = await self._copied_up(inode, access, truncate_to=truncate_to)
             fd = os.open(place.name, changes.open_flags(flags, writeback=self.writeback),
                          dir_fd=place.dir_fd)
+            part = None
             try:
                 part = self._partial_of(place)
                 if flags & os.O_TRUNC and part is not None:
-                    await self._truncate_partial(part, 0)
-                    self._unuse(part)
-                    part = None
+                    truncated, part = part, None
+                    try:
+                        await self._truncate_partial(truncated, 0)
+                    finally:
+                        self._unuse(truncated)
                 elif flags & os.O_TRUNC and place.st.st_blocks:
                     os.ftruncate(fd, 0)
                     self.usage -= place.st.st_blocks * 512
             except BaseException:
+                if part is not None:
+                    self._unuse(part)
                 os.close(fd)
                 raise
         fh = self._fh()
