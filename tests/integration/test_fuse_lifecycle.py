@@ -260,16 +260,20 @@ def test_the_control_sockets_shutdown_unmounts_and_ends_the_server(
     assert _state(imaged, "c5")["state"] == "unmounted"
 
 
-def _wait_revived(root: Path, name: str, old: int) -> tuple[int, int]:
-    """The server the daemon started in place of ``old``, once it serves."""
+def _wait_logged(daemon: Daemon, text: str, times: int = 1) -> None:
     deadline = time.monotonic() + _WAIT
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            pid, started = _server(root, name)
-            if pid != old and _same_process(pid, started):
-                return pid, started
+    while daemon.output().count(text) < times:
+        assert time.monotonic() < deadline, f"{text!r} not logged {times}x: {daemon.output()}"
         time.sleep(0.05)
-    raise AssertionError(f"no new server for {name} after {_WAIT} s")
+
+
+def _wait_revived(daemon: Daemon, root: Path, name: str, times: int = 1) -> tuple[int, int]:
+    """The server of the daemon's ``times``-th revival of ``name``, once the revival is done
+    (logged after the mount is recorded, and attached where it was)."""
+    _wait_logged(daemon, f"container {name} is mounted again at", times)
+    pid, started = _server(root, name)
+    assert _same_process(pid, started)
+    return pid, started
 
 
 def test_the_daemon_revives_a_killed_server_and_a_restart_leaves_servers_serving(
@@ -282,10 +286,11 @@ def test_the_daemon_revives_a_killed_server_and_a_restart_leaves_servers_serving
         (merged / "before.txt").write_text("one\n")
         old, _ = _server(fuse_root, "d1")
         _kill(old)
-        pid, started = _wait_revived(fuse_root, "d1", old)
+        pid, started = _wait_revived(first, fuse_root, "d1")
+        assert pid != old
         assert (merged / "before.txt").read_text() == "one\n"
         assert api.call("GET", "/v1/containers/d1")["state"] == "mounted"
-        assert "d1 is broken" in first.output() and "mounted again" in first.output()
+        assert "container d1 is broken (its fuse server" in first.output()
     finally:
         api.close()
     # Stopped as systemd stops it (SIGTERM to the main process only, KillMode=process): the
@@ -298,16 +303,16 @@ def test_the_daemon_revives_a_killed_server_and_a_restart_leaves_servers_serving
     try:
         assert api.call("GET", "/v1/containers/d1")["state"] == "mounted"
         _kill(pid)
-        again, _ = _wait_revived(fuse_root, "d1", pid)
+        again, _ = _wait_revived(second, fuse_root, "d1")
         assert (merged / "between.txt").read_text() == "two\n"
-        assert "d1 is broken" in second.output()
+        assert "container d1 is broken (its fuse server" in second.output()
     finally:
         api.close()
     # A server that dies while no daemon runs is revived by the next daemon as it starts.
     assert second.stop() == 0
     _kill(again)
     third: Daemon = start_daemon("fuse")
-    last, _ = _wait_revived(fuse_root, "d1", again)
+    last, _ = _wait_revived(third, fuse_root, "d1")
     assert (merged / "between.txt").read_text() == "two\n"
     api = DaemonClient(third.socket, timeout=60)
     try:
@@ -361,20 +366,17 @@ def test_the_daemon_revives_an_attached_target_and_gives_up_on_a_server_that_kee
             pid, _ = _server(fuse_root, "a1")
             held = os.open(target / "kept", os.O_RDONLY)
             try:
-                for _ in range(MAX_REVIVALS):
+                for times in range(1, MAX_REVIVALS + 1):
                     _kill(pid)
-                    pid, _ = _wait_revived(fuse_root, "a1", pid)
+                    pid, _ = _wait_revived(daemon, fuse_root, "a1", times)
                     assert (target / "kept").read_text() == "attached\n"
             finally:
                 with contextlib.suppress(OSError):  # ENOTCONN: its flush reached a dead mount
                     os.close(held)
             assert api.call("GET", "/v1/containers/a1")["path"] == str(target)
             _kill(pid)
-            deadline = time.monotonic() + _WAIT
-            while "stays so" not in daemon.output() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert "a1 is broken (its fuse server" in daemon.output()
-            assert "stays so" in daemon.output()
+            _wait_logged(daemon, "and stays so")
+            assert "container a1 is broken (its fuse server" in daemon.output()
             assert api.call("GET", "/v1/containers/a1")["state"] == "broken"
             assert _enotconn(target)
             assert api.call("POST", "/v1/containers/a1/mount", {})["path"] == str(target)
