@@ -87,6 +87,9 @@ class Usage:
     # container's own (loop, devmapper) knows both; a project quota counts only the used.
     inodes_used: int | None = None
     inodes: int | None = None
+    # Files copied up only in part (fuse), which kernel overlay cannot show until they are
+    # materialised; None where the driver never copies up by range.
+    partial_files: int | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,10 @@ class Driver(Protocol):
                          read_only: bool) -> None: ...
 
     def resize_quota(self, name: str, quota: int, mounted: bool) -> None: ...
+
+    def materialize(self, name: str, layers: Sequence[str], mounted: bool) -> None:
+        """Complete the container's partially copied-up files, charged to its quota
+        (``update --materialize``); only a driver that copies up by range has any."""
 
     def mount(self, name: str, layers: Sequence[str], read_only: bool,
               target: Path | None) -> Mounted: ...

@@ -122,6 +122,10 @@ class BaseDriver(ABC):
         """The container's directory, once whatever the driver keeps elsewhere is gone."""
         remove_tree(self._container(name))
 
+    def materialize(self, name: str, layers: Sequence[str], mounted: bool) -> None:
+        """Nothing to complete: copy-up is whole-file everywhere but in fuse."""
+        return
+
     def check(self, layers: Set[str]) -> list[Finding]:
         """Nothing by default: the store checks what every driver shares (its rows against
         ``list_layers`` and ``list_containers``, mounts, loop devices, quotas); a driver adds

@@ -42,15 +42,16 @@ from pathlib import Path
 from imaged.config import Config
 from imaged.drivers import Capabilities, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import DirectoryDriver
-from imaged.errors import InternalError, InvalidError, QuotaUnsupportedError
+from imaged.errors import InternalError, InvalidError, NoSpaceError, QuotaUnsupportedError
 from imaged.fsutil import disk_usage
-from imaged.fuse import control
+from imaged.fuse import control, partial
 from imaged.host.mounts import kernel_filesystems, unmount
 from imaged.layers.unpack import WhiteoutMode
 from imaged.sizes import shrink_refused
 
 _START_TIMEOUT = 30.0  # for the server to mount: a Python process importing trio and pyfuse3
 _STOP_TIMEOUT = 10.0  # for the server to exit once its mount is gone
+_MATERIALIZE_TIMEOUT = 3600.0  # copying what partial files lack: a disk's speed, not a reply's
 
 
 def _capabilities() -> Capabilities:
@@ -128,6 +129,12 @@ class FuseDriver(DirectoryDriver):
             argv += ["--quota", str(quota)]
         if read_only:
             argv.append("--read-only")
+        settings = self.config.drivers.get("fuse", {})
+        argv += ["--copy-up", settings.get("copy_up", "auto")]
+        if "partial_threshold" in settings:
+            argv += ["--partial-threshold", str(settings["partial_threshold"])]
+        if settings.get("writeback", False):
+            argv.append("--writeback")
         self._start(home, argv, path)
         return Mounted(path)  # no spec: mount(2) cannot replay a FUSE mount; a runtime binds path
 
@@ -202,16 +209,45 @@ class FuseDriver(DirectoryDriver):
 
     def usage(self, name: str) -> Usage:
         """The running server's count, else the count its clean exit left: both O(1). The
-        upper is walked as ``du`` would only where neither is there (a server that was killed)."""
+        upper is walked as ``du`` would only where neither is there (a server that was killed).
+        And how many files are partial: one listing of their logs."""
         home = self._container(name)
+        partials = partial.count(home / "work")
         server = self._server(name)
         if server is not None and _alive(*server):
             with contextlib.suppress(InternalError):
                 reply = control.ask(home, {"op": "usage"})
-                return Usage(int(reply["used"]), self._quota(name))
+                return Usage(int(reply["used"]), self._quota(name), partial_files=partials)
         saved = control.saved_usage(home)
         used = disk_usage(home / "upper") if saved is None else saved
-        return Usage(used, self._quota(name))
+        return Usage(used, self._quota(name), partial_files=partials)
+
+    def materialize(self, name: str, layers: Sequence[str], mounted: bool) -> None:
+        """Through the server while one serves the container (its writes and its count stay
+        exact), else directly on disk (a broken container's dead server writes nothing), where
+        the count a clean exit saved no longer holds."""
+        home = self._container(name)
+        server = self._server(name)
+        if server is not None and _alive(*server):
+            reply = control.ask(home, {"op": "materialize"}, timeout=_MATERIALIZE_TIMEOUT)
+            if "need" in reply:
+                raise NoSpaceError(f"container {name}: {reply['error']}")
+            if "error" in reply:
+                raise InternalError(f"container {name}: {reply['error']}")
+            return
+        paths = [home / "upper", home / "work",
+                 *(self._layer(key) / "diff" for key in reversed(layers))]
+        with contextlib.ExitStack() as stack:
+            fds = []
+            for path in paths:
+                fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                stack.callback(os.close, fds[-1])
+            stack.callback((home / control.USAGE).unlink, missing_ok=True)
+            try:
+                partial.materialize(fds[0], fds[1], fds[2:], quota=self._quota(name),
+                                    usage=disk_usage(home / "upper"))
+            except partial.NoRoom as exc:
+                raise NoSpaceError(f"container {name}: {exc}") from None
 
 
 def _read_line(fd: int, timeout: float) -> str:

@@ -7,7 +7,9 @@ One JSON request line per connection, one JSON answer line: ``{"op": "usage"}`` 
 refused, as the other drivers refuse such a shrink); ``{"op": "shutdown"}`` answers
 ``{"ok": true}``, then the server unmounts (detached, as libfuse unmounts: files still open
 on it fail with ENOTCONN from then on) and exits as it does on SIGTERM. Each op is one entry
-of ``OPS``.
+of ``OPS``, but ``{"op": "materialize"}``, which copies: it completes the partial files
+(``Server.materialize``) and answers ``{"ok": true, "files": N, "bytes": N}``, or
+``{"error": "..."}`` when they do not all fit in the quota.
 
 The socket lives in the container's directory, which only root may enter. Its path would often
 pass AF_UNIX's 108 bytes under a deep root, so both ends name it through a descriptor of that
@@ -43,6 +45,11 @@ class Served(Protocol):
 
     def shutdown(self) -> None:
         """Unmount and exit once the answer is sent."""
+
+
+class Materializing(Served, Protocol):
+    async def materialize(self) -> dict[str, Any]:
+        """Complete the partial files, or say why not."""
 
 
 def _usage(server: Served, request: dict[str, Any]) -> dict[str, Any]:
@@ -97,10 +104,11 @@ def _short_path(directory: Path) -> Iterator[str]:
         os.close(fd)
 
 
-async def serve(server: Served, directory: Path) -> None:
-    """Answer requests on ``directory/control`` until cancelled. A request under way is
-    answered even so: a shutdown cancels this task as it ends the server, and its client
-    waits for the ``ok``."""
+async def serve(server: Materializing, directory: Path) -> None:
+    """Answer requests on ``directory/control`` until cancelled, each connection in its own
+    task so a long ``materialize`` holds up no other request. A request under way is answered
+    even so: a shutdown cancels this task as it ends the server, and its client waits for the
+    ``ok``."""
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with listener:
         with _short_path(directory) as path:
@@ -108,13 +116,18 @@ async def serve(server: Served, directory: Path) -> None:
                 os.unlink(path)
             await listener.bind(path)
         listener.listen(8)
-        while True:
-            conn, _ = await listener.accept()
-            with conn, trio.CancelScope(shield=True):
-                await _one(server, conn)
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(_one, server, conn)
 
 
-async def _one(server: Served, conn: trio.socket.SocketType) -> None:
+async def _one(server: Materializing, conn: trio.socket.SocketType) -> None:
+    with conn, trio.CancelScope(shield=True):
+        await _answer(server, conn)
+
+
+async def _answer(server: Materializing, conn: trio.socket.SocketType) -> None:
     data = b""
     with trio.move_on_after(_CLIENT_TIMEOUT):
         while b"\n" not in data and len(data) < _MAX_LINE:
@@ -123,18 +136,26 @@ async def _one(server: Served, conn: trio.socket.SocketType) -> None:
                 break
             data += chunk
     try:
-        reply = answer(server, json.loads(data.split(b"\n", 1)[0]))
+        request = json.loads(data.split(b"\n", 1)[0])
+        if isinstance(request, dict) and request.get("op") == "materialize":
+            try:
+                reply = await server.materialize()
+            except OSError as exc:  # a damaged record or a failing disk: said, not fatal
+                reply = {"error": f"materialize failed: {exc.strerror or exc}"}
+        else:
+            reply = answer(server, request)
     except ValueError:
         reply = {"error": "a request is one line of JSON"}
     with contextlib.suppress(OSError):
         await conn.send((json.dumps(reply) + "\n").encode())
 
 
-def ask(directory: Path, request: dict[str, Any]) -> dict[str, Any]:
+def ask(directory: Path, request: dict[str, Any], timeout: float = _CLIENT_TIMEOUT
+        ) -> dict[str, Any]:
     """One request to the server of the container in ``directory`` (blocking, bounded)."""
     with _short_path(directory) as path, \
             socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(_CLIENT_TIMEOUT)
+        sock.settimeout(timeout)
         try:
             sock.connect(path)
             sock.sendall((json.dumps(request) + "\n").encode())

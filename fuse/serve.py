@@ -1,5 +1,6 @@
 """The server process: ``python -m imaged.fuse.serve --upper DIR --work DIR [--lower DIR ...]
-[--quota BYTES] [--read-only] [--control DIR] [--ready-fd N] MOUNTPOINT``.
+[--quota BYTES] [--read-only] [--copy-up auto|full|partial] [--partial-threshold BYTES]
+[--writeback] [--control DIR] [--ready-fd N] MOUNTPOINT``.
 
 One process per mounted container, since ``pyfuse3.init`` serves one filesystem per process.
 ``--lower`` is repeated top first, as overlay's lowerdir. The parent learns the outcome on
@@ -14,6 +15,15 @@ before it mounts. A server killed with SIGKILL therefore leaves no count behind,
 start (or a ``ps`` with no server running) walks the upper as ``du`` would. A count written
 while serving would be stale after a kill as soon as the next write landed, so none is
 written; a running server is asked over the control socket instead.
+
+``--writeback`` turns on the kernel's writeback cache (``drivers.fuse.writeback``). Without it
+(the default) ``write(2)`` returns once this server has written the data to the upper file
+(and, for a partial file, made data and range record durable): an acknowledged write survives
+a kill of the server, and a quota refusal is that write's own ENOSPC. With it, ``write(2)``
+returns once the data is in the kernel's page cache, before this server has seen it: the
+kernel writes it back later in large WRITEs, a failure (ENOSPC included) shows only at
+``fsync(2)`` or ``close(2)``, and whatever is dirty when the server dies is lost. Only
+``fsync(2)`` returning means the server has the data.
 """
 
 from __future__ import annotations
@@ -26,12 +36,14 @@ import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
 from imaged.fsutil import disk_usage, fsync_dir
-from imaged.fuse import control
+from imaged.fuse import control, partial
+from imaged.fuse.changes import DEFAULT_PARTIAL_THRESHOLD, CopyUpPolicy, CopyUpSetting
 from imaged.fuse.server import Server, clear_work
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -50,6 +62,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="a lower layer directory; repeated, top first")
     parser.add_argument("--quota", type=int, default=None, help="bytes the upper may allocate")
     parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--copy-up", type=CopyUpSetting, default=CopyUpSetting.AUTO,
+                        choices=list(CopyUpSetting), metavar="auto|full|partial")
+    parser.add_argument("--partial-threshold", type=int, default=DEFAULT_PARTIAL_THRESHOLD,
+                        help="auto: lower files at least this big are copied up by range")
+    parser.add_argument("--writeback", action="store_true",
+                        help="the kernel's writeback cache (see the module docstring)")
     parser.add_argument("--control", type=Path, default=None,
                         help="directory for the control socket")
     parser.add_argument("--ready-fd", type=int, default=None)
@@ -69,6 +87,8 @@ def open_layers(args: argparse.Namespace) -> tuple[int, int, list[int]]:
         raise StartError("at least one --lower is needed")
     if args.quota is not None and args.quota < 0:
         raise StartError("--quota must be a number of bytes")
+    if args.partial_threshold < 1:
+        raise StartError("--partial-threshold must be a positive number of bytes")
     mountpoint = args.mountpoint.resolve()
     for path in (args.upper, args.work, *args.lower):
         if _inside(path.resolve(), mountpoint):
@@ -120,6 +140,9 @@ class Served:
     def shutdown(self) -> None:
         pyfuse3.terminate()
 
+    async def materialize(self) -> dict[str, Any]:
+        return await self.server.materialize()
+
 
 def _forget_usage(control_dir: Path) -> None:
     """Remove the saved count before serving, durably: after a crash it would be stale."""
@@ -165,11 +188,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         upper, work, lowers = open_layers(args)
         if not args.read_only:
             clear_work(work)
+            records = partial.records_dir(work, create=False)
+            if records is not None:
+                try:
+                    partial.sweep(upper, records)
+                finally:
+                    os.close(records)
         saved = control.saved_usage(args.control) if args.control is not None else None
         if args.control is not None:
             _forget_usage(args.control)
         server = Server(upper, work, lowers, quota=args.quota, read_only=args.read_only,
-                        usage=disk_usage(args.upper) if saved is None else saved)
+                        usage=disk_usage(args.upper) if saved is None else saved,
+                        copy_up=CopyUpPolicy(args.copy_up, args.partial_threshold),
+                        writeback=args.writeback)
         options = {"fsname=imaged", "subtype=imaged", "default_permissions", "allow_other"}
         if args.read_only:
             options.add("ro")

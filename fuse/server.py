@@ -8,14 +8,18 @@ cost more than the syscall); only data copies, fsync and large reads and writes 
 threads, under one ``CapacityLimiter``. A copy-up runs under its node's lock, so concurrent
 opens copy once and requests on other files never wait behind it.
 
-Slice 1 of issue 14: full copy-up only, writeback cache off (``write(2)`` returns once the
-upper has the data, and a quota refusal is its own ENOSPC). Inode numbers are stable within a
+Copy-up is whole, reflinked or partial as ``CopyUpPolicy`` chooses per file; a partial file
+(``imaged.fuse.partial``) is served through its range record, and its writes and truncates
+take its own lock, since each must leave data and record in ranges.py's order. The writeback
+cache is off unless asked for (``imaged.fuse.serve`` says what acknowledgement then means).
+Inode numbers are stable within a
 mount (the node table keeps a copied-up file's number); across remounts a copied-up file shows
 its upper inode's number, since no origin is recorded in the upper yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -25,13 +29,14 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyfuse3
 import trio
 
 from imaged.fsutil import FICLONE
-from imaged.fuse import changes, union
-from imaged.fuse.changes import Access
+from imaged.fuse import changes, partial, ranges, union
+from imaged.fuse.changes import Access, CopyUp, CopyUpPolicy, CopyUpSetting
 from imaged.fuse.nodes import ROOT_ID, Node, NodeTable, Origin
 from imaged.fuse.union import UPPER, Entry, FileType, Listing, Resolution
 
@@ -40,6 +45,7 @@ BIG_IO = 128 << 10  # reads and writes above this go to a worker thread
 WORKERS = 4
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUID_BITS = stat.S_ISUID | stat.S_ISGID
+_DEFAULT_POLICY = CopyUpPolicy()
 TMP_PREFIX = b"#imaged-"  # copy-ups and swaps in progress in work; leftovers of a crash
 
 
@@ -99,6 +105,7 @@ class Handle:
     node: int
     uid: int
     killpriv_checked: bool = False
+    partial: partial.Partial | None = None
 
 
 @dataclass(slots=True)
@@ -111,12 +118,24 @@ class Server(pyfuse3.Operations):
     """One mounted container: an upper over lowers (top first), with an optional quota."""
 
     def __init__(self, upper: int, work: int, lowers: list[int], *, quota: int | None,
-                 read_only: bool, usage: int) -> None:
+                 read_only: bool, usage: int, copy_up: CopyUpPolicy = _DEFAULT_POLICY,
+                 writeback: bool = False) -> None:
         super().__init__()
         self.upper, self.work, self.lowers = upper, work, lowers
         self.read_only = read_only
         self.quota = quota
         self.usage = usage
+        self.copy_up = copy_up
+        # pyfuse3 reads this attribute at init; see imaged.fuse.serve for what it changes.
+        self.enable_writeback_cache = writeback
+        # By layer (0, the upper, never copies up): only ``auto`` asks, and only before
+        # choosing partial over a reflink, so the probe runs for it alone.
+        self.reflink: tuple[bool, ...] = (False, *(
+            can_reflink(work, lowers) if copy_up.setting is CopyUpSetting.AUTO and not read_only
+            else [False] * len(lowers)))
+        self._records = partial.records_dir(work, create=False)
+        self._recorded = partial.recorded(self._records)  # inode numbers with a range log
+        self._partials: dict[int, partial.Partial] = {}
         self.nlowers = len(lowers)
         top = os.fstat(upper)
         self.nodes = NodeTable(Origin(top.st_dev, top.st_ino))
@@ -291,7 +310,14 @@ class Server(pyfuse3.Operations):
             truncate_to = attr.st_size if fields.update_size else None
             place = await self._copied_up(inode, Access.SETATTR, truncate_to=truncate_to)
             d, n = place.dir_fd, place.name
-            if fields.update_size:
+            part = self._partial_of(place) if fields.update_size else None
+            if part is not None:
+                try:
+                    await self._truncate_partial(part, attr.st_size)
+                finally:
+                    self._unuse(part)
+                self._clear_privs(d, n, ctx)
+            elif fields.update_size:
                 before = place.st.st_blocks
                 handle = self._handles.get(fh) if fh is not None else None
                 if handle is not None:
@@ -424,7 +450,7 @@ class Server(pyfuse3.Operations):
         node, attr = self._make(parent_inode, name, FileType.REGULAR, mode, ctx)
         with _errors():
             place = self._place(node.id)
-            fd = os.open(place.name, changes.open_flags(flags, writeback=False),
+            fd = os.open(place.name, changes.open_flags(flags, writeback=self.writeback),
                          dir_fd=place.dir_fd)
         fh = self._fh()
         self._handles[fh] = Handle(fd, node.id, ctx.uid)
@@ -496,9 +522,11 @@ class Server(pyfuse3.Operations):
                 plan = changes.plan_unlink(self._parent_res(parent), res)
             pdir = self._upper_dir(parent)
             freed = 0
+            gone = None
             if res.in_upper:
                 st = stats[UPPER]
                 freed = st.st_blocks * 512 if directory or st.st_nlink == 1 else 0
+                gone = st if not directory and st.st_nlink == 1 else None
             _clear_whiteouts(pdir, name, plan.clear)
             if plan.action is changes.Removal.REMOVE:
                 if directory:
@@ -510,6 +538,8 @@ class Server(pyfuse3.Operations):
             else:
                 self._replace_with_whiteout(pdir, name, directory)
             self.usage -= freed
+            if gone is not None:
+                self._unlinked(gone)
             if node is not None:
                 self.nodes.detach(node.id)
                 if directory:  # its name may soon be a new directory's
@@ -570,13 +600,17 @@ class Server(pyfuse3.Operations):
                     os.setxattr(_proc(where, name), union.OPAQUE_XATTRS[0], union.OPAQUE_VALUE,
                                 follow_symlinks=False)
             freed = 0
+            gone = None
             if plan.replaces and new.in_upper:
                 st = new_stats[UPPER]
                 freed = st.st_blocks * 512 if new.is_dir or st.st_nlink == 1 else 0
+                gone = st if not new.is_dir and st.st_nlink == 1 else None
             renameat2(old_dir, name_old, new_dir, name_new, plan.flags)
             if plan.remove_whiteout_after:
                 os.unlink(name_old, dir_fd=old_dir)
             self.usage -= freed
+            if gone is not None:
+                self._unlinked(gone)
             if target is not None and plan.replaces:
                 self.nodes.detach(target.id)
                 if new.is_dir:
@@ -623,19 +657,44 @@ class Server(pyfuse3.Operations):
         with _errors():
             truncate_to = 0 if flags & os.O_TRUNC else None
             place = await self._copied_up(inode, access, truncate_to=truncate_to)
-            fd = os.open(place.name, changes.open_flags(flags, writeback=False),
+            fd = os.open(place.name, changes.open_flags(flags, writeback=self.writeback),
                          dir_fd=place.dir_fd)
-            if flags & os.O_TRUNC and place.st.st_blocks:
-                os.ftruncate(fd, 0)
-                self.usage -= place.st.st_blocks * 512
+            part = None
+            try:
+                part = self._partial_of(place)
+                if flags & os.O_TRUNC and part is not None:
+                    truncated, part = part, None
+                    try:
+                        await self._truncate_partial(truncated, 0)
+                    finally:
+                        self._unuse(truncated)
+                elif flags & os.O_TRUNC and place.st.st_blocks:
+                    os.ftruncate(fd, 0)
+                    self.usage -= place.st.st_blocks * 512
+            except BaseException:
+                if part is not None:
+                    self._unuse(part)
+                os.close(fd)
+                raise
         fh = self._fh()
-        self._handles[fh] = Handle(fd, inode, ctx.uid)
-        # Lower-only files never change under the mount: keep their pages across opens.
+        self._handles[fh] = Handle(fd, inode, ctx.uid, partial=part)
+        # Lower-only files never change under the mount: keep their pages across opens. Upper
+        # files, partial ones among them, start from what the server says at each open.
         return pyfuse3.FileInfo(fh=fh, keep_cache=place.layer != UPPER)
 
+    @property
+    def writeback(self) -> bool:
+        return bool(self.enable_writeback_cache)
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        fd = self._handles[fh].fd
+        handle = self._handles[fh]
+        fd, part = handle.fd, handle.partial
         with _errors():
+            if part is not None and not part.done:
+                if size > BIG_IO:
+                    return await trio.to_thread.run_sync(partial.read, part, off, size,
+                                                         limiter=self.limiter)
+                return partial.read(part, off, size)
             if size > BIG_IO:
                 return await trio.to_thread.run_sync(os.pread, fd, size, off,
                                                      limiter=self.limiter)
@@ -643,17 +702,16 @@ class Server(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
+        part = handle.partial
         with _errors():
+            if part is not None:
+                async with part.lock:
+                    if not part.done:
+                        return await self._write_partial(handle, part, off, buf)
             before = os.fstat(handle.fd)
             if self.quota is not None:
                 self._charge(self._growth(handle.fd, before, off, len(buf)))
-            if not handle.killpriv_checked:
-                handle.killpriv_checked = True
-                if handle.uid != 0 and before.st_mode & _SUID_BITS:
-                    drop = before.st_mode & stat.S_ISUID
-                    if before.st_mode & stat.S_ISGID and before.st_mode & stat.S_IXGRP:
-                        drop |= stat.S_ISGID
-                    os.fchmod(handle.fd, stat.S_IMODE(before.st_mode) & ~drop)
+            self._kill_privs(handle, before)
             if len(buf) > BIG_IO:
                 written = await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off,
                                                         limiter=self.limiter)
@@ -661,6 +719,49 @@ class Server(pyfuse3.Operations):
                 written = os.pwrite(handle.fd, buf, off)
             self.usage += (os.fstat(handle.fd).st_blocks - before.st_blocks) * 512
             return written
+
+    def _kill_privs(self, handle: Handle, before: os.stat_result) -> None:
+        """A non-root writer's first write drops suid (and sgid with group execute)."""
+        if handle.killpriv_checked:
+            return
+        handle.killpriv_checked = True
+        if handle.uid != 0 and before.st_mode & _SUID_BITS:
+            drop = before.st_mode & stat.S_ISUID
+            if before.st_mode & stat.S_ISGID and before.st_mode & stat.S_IXGRP:
+                drop |= stat.S_ISGID
+            os.fchmod(handle.fd, stat.S_IMODE(before.st_mode) & ~drop)
+
+    async def _write_partial(self, handle: Handle, part: partial.Partial, off: int,
+                             buf: bytes) -> int:
+        """A write to a partial file, under its lock: charged for the whole blocks it makes
+        the upper hold (what it writes and what it fills from the lower), acknowledged only
+        once data and record are durable (``partial.write``)."""
+        before = os.fstat(part.upper)
+        low, high = ranges.aligned(off, off + len(buf), partial.BLOCK)
+        self._charge(self._growth(part.upper, before, low, high - low))
+        self._kill_privs(handle, before)
+        written = await trio.to_thread.run_sync(partial.write, part, off, buf,
+                                                limiter=self.limiter)
+        self.usage += (os.fstat(part.upper).st_blocks - before.st_blocks) * 512
+        if part.ranges.complete:
+            await trio.to_thread.run_sync(partial.finish, part, self.records,
+                                          limiter=self.limiter)
+            self._retire(part)
+        return written
+
+    async def _truncate_partial(self, part: partial.Partial, size: int) -> None:
+        async with part.lock:
+            before = os.fstat(part.upper).st_blocks
+            if part.done:
+                os.ftruncate(part.upper, size)
+            else:
+                await trio.to_thread.run_sync(partial.truncate, part, size,
+                                              limiter=self.limiter)
+                if part.ranges.complete:
+                    await trio.to_thread.run_sync(partial.finish, part, self.records,
+                                                  limiter=self.limiter)
+                    self._retire(part)
+            self.usage += (os.fstat(part.upper).st_blocks - before) * 512
 
     @staticmethod
     def _growth(fd: int, st: os.stat_result, off: int, size: int) -> int:
@@ -701,6 +802,8 @@ class Server(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None:
             os.close(handle.fd)
+            if handle.partial is not None:
+                self._unuse(handle.partial)
 
     # xattrs
 
@@ -812,12 +915,19 @@ class Server(pyfuse3.Operations):
             parent, name = self._where[node_id]
             self._upper_dir(parent)
             st = place.st
-            mode = changes.choose_copy_up(changes.CopyUpPolicy(changes.CopyUpSetting.FULL),
-                                          union.file_type(st.st_mode, st.st_rdev), st.st_size,
-                                          can_reflink=True, truncate_to=truncate_to)
+            mode = changes.choose_copy_up(self.copy_up, union.file_type(st.st_mode, st.st_rdev),
+                                          st.st_size, can_reflink=self.reflink[place.layer],
+                                          truncate_to=truncate_to)
             tmp = self._tmp_name()
-            if mode is changes.CopyUp.METADATA:
+            if mode is CopyUp.METADATA:
                 self._make_like(tmp, st, place)
+            elif mode is CopyUp.PARTIAL:
+                fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600,
+                             dir_fd=self.work)
+                try:
+                    os.ftruncate(fd, st.st_size)
+                finally:
+                    os.close(fd)
             else:
                 self._charge(st.st_blocks * 512)
                 src = os.open(place.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -833,6 +943,11 @@ class Server(pyfuse3.Operations):
                 finally:
                     os.close(src)
             self._copy_meta(self.work, tmp, st, _proc(place.dir_fd, place.name))
+            if mode is CopyUp.PARTIAL:
+                ref = partial.lower_ref(place.layer, self._path(node_id))
+                self._recorded.add(await trio.to_thread.run_sync(
+                    partial.start, self.work, self.records, tmp, st.st_size, ref,
+                    limiter=self.limiter))
             parent, name = self._where[node_id]  # a rename may have moved it meanwhile
             pdir = self._upper_dir(parent)
             os.rename(tmp, name, src_dir_fd=self.work, dst_dir_fd=pdir)
@@ -843,6 +958,126 @@ class Server(pyfuse3.Operations):
                 self._index[Origin(st.st_dev, st.st_ino)] = os.open(
                     name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pdir)
             return self._place(node_id)
+
+    def _path(self, node_id: int) -> bytes:
+        """The node's path from the root of the union: for a lower file, also its path in
+        its layer (lower directories never move, and a moved file was copied up)."""
+        names = []
+        while node_id != ROOT_ID:
+            node_id, name = self._located(node_id)
+            names.append(name)
+        return b"/".join(reversed(names))
+
+    # partial files
+
+    @property
+    def records(self) -> int:
+        """work/ranges, made at the first partial copy-up."""
+        if self._records is None:
+            self._records = partial.records_dir(self.work, create=True)
+            assert self._records is not None  # noqa: S101 - just made
+        return self._records
+
+    def _partial_of(self, place: Place) -> partial.Partial | None:
+        """The loaded record of an upper file with a range log, counted as used (``_unuse``
+        when done with it); None for a whole file. A log whose inode is not marked is stale
+        (module ``imaged.fuse.partial``) and goes."""
+        st = place.st
+        if place.layer != UPPER or not stat.S_ISREG(st.st_mode) or \
+                st.st_ino not in self._recorded:
+            return None
+        part = self._partials.get(st.st_ino)
+        if part is None:
+            flags = os.O_RDONLY if self.read_only else os.O_RDWR
+            fd = os.open(place.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=place.dir_fd)
+            try:
+                if not partial.is_marked(fd):
+                    os.close(fd)
+                    if not self.read_only:
+                        partial.forget(self.records, st.st_ino)
+                    self._recorded.discard(st.st_ino)
+                    return None
+                part = partial.load(self.records, fd, self.lowers, writable=not self.read_only)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                raise
+            self._partials[st.st_ino] = part
+        part.users += 1
+        return part
+
+    def _unuse(self, part: partial.Partial) -> None:
+        part.users -= 1
+        if part.users == 0 and part.unlinked and not part.done:
+            partial.forget(self.records, part.ino)
+            part.done = True
+            self._retire(part)
+        elif part.users == 0 and part.done:
+            part.close()
+
+    def _retire(self, part: partial.Partial) -> None:
+        """A completed (or unlinked and closed) partial file is a plain file from now on."""
+        self._partials.pop(part.ino, None)
+        self._recorded.discard(part.ino)
+        if part.users == 0:
+            part.close()
+
+    def _unlinked(self, st: os.stat_result) -> None:
+        """The last name of an upper file went: its log goes too, once nobody has the file
+        open (an open one still reads through its record)."""
+        if st.st_ino not in self._recorded:
+            return
+        part = self._partials.get(st.st_ino)
+        if part is not None and part.users:
+            part.unlinked = True
+            return
+        partial.forget(self.records, st.st_ino)
+        self._recorded.discard(st.st_ino)
+        if part is not None:
+            part.done = True
+            self._retire(part)
+
+    async def materialize(self) -> dict[str, Any]:
+        """Complete every partial file (the control socket's ``materialize``), or none if
+        they do not all fit in the quota: the copies are charged like writes."""
+        if self.read_only:
+            return {"error": "the container is read-only"}
+        found = await trio.to_thread.run_sync(
+            lambda: list(partial.marked_files(self.upper, set(self._recorded))),
+            limiter=self.limiter)
+        loaded: list[partial.Partial] = []
+        try:
+            for fd in found:
+                ino = os.fstat(fd).st_ino
+                part = self._partials.get(ino)
+                if part is None:
+                    part = partial.load(self.records, fd, self.lowers, writable=True)
+                    self._partials[ino] = part
+                else:
+                    os.close(fd)
+                part.users += 1
+                loaded.append(part)
+            need = sum(partial.cost(partial.missing(p)) for p in loaded if not p.done)
+            if self.quota is not None and self.usage + need > self.quota:
+                left = max(0, self.quota - self.usage)
+                return {"error": str(partial.NoRoom(need, left)), "need": need, "left": left}
+            files = copied = 0
+            for part in loaded:
+                async with part.lock:
+                    if part.done:
+                        continue
+                    before = os.fstat(part.upper).st_blocks
+                    await trio.to_thread.run_sync(partial.complete, part, self.records,
+                                                  limiter=self.limiter)
+                    grown = (os.fstat(part.upper).st_blocks - before) * 512
+                    self.usage += grown
+                    copied += grown
+                    files += 1
+                    self._retire(part)
+            return {"ok": True, "files": files, "bytes": copied}
+        finally:
+            for part in loaded:
+                self._unuse(part)
 
     def _make_like(self, tmp: bytes, st: os.stat_result, place: Place) -> None:
         """A data-less copy in work: an empty file, a symlink, a device, fifo or socket."""
@@ -877,6 +1112,34 @@ def _clear_whiteouts(parent: int, name: bytes, whiteouts: Sequence[bytes]) -> No
             os.unlink(whiteout, dir_fd=child)
     finally:
         os.close(child)
+
+
+def can_reflink(work: int, lowers: list[int]) -> list[bool]:
+    """Per lower, whether a copy-up can share its extents: work's filesystem must clone
+    (tried once, on a one-block file) and the lower must be on that same filesystem, since
+    FICLONE never crosses filesystems."""
+    src, dst = (TMP_PREFIX + b"%d-probe-%s" % (os.getpid(), end) for end in (b"src", b"dst"))
+    clones = True
+    try:
+        a = os.open(src, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=work)
+        try:
+            os.write(a, b"\0" * 4096)
+            b = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600,
+                        dir_fd=work)
+            try:
+                fcntl.ioctl(b, FICLONE, a)
+            except OSError:
+                clones = False
+            finally:
+                os.close(b)
+        finally:
+            os.close(a)
+    finally:
+        for name in (src, dst):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=work)
+    dev = os.fstat(work).st_dev
+    return [clones and os.fstat(fd).st_dev == dev for fd in lowers]
 
 
 def _copy_data(src: int, dst: int, size: int) -> None:

@@ -131,7 +131,8 @@ _DRIVER_KEYS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "fill_threshold": _fraction,
     },
     "aufs": {},
-    "fuse": {},
+    "fuse": {"copy_up": _choice("auto", "full", "partial"), "partial_threshold": _size,
+             "writeback": _bool},
     "vfs": {"quota": _choice("auto", "project", "loop")},
 }
 

@@ -63,9 +63,17 @@ def info(result: dict[str, Any]) -> str:
 def containers(result: list[dict[str, Any]]) -> str:
     rows = [[c["name"], (c["image_refs"] or [c["image"]])[0], c["driver"], _mounted_at(c),
              format_size(c["quota"]) if c["quota"] else "-", c["quota_mode"] or "-",
-             format_size(c["used_bytes"]), _inodes(c)] for c in result]
+             _used(c), _inodes(c)] for c in result]
     return table(rows, ["NAME", "IMAGE", "DRIVER", "MOUNTED AT", "QUOTA", "QUOTA MODE", "USED",
                         "INODES"])
+
+
+def _used(container: dict[str, Any]) -> str:
+    """The bytes, and how many files are only partly copied up (``update --materialize``
+    completes them), where there are any."""
+    used = format_size(container["used_bytes"])
+    partials = container["partial_files"]
+    return f"{used} ({partials} partial)" if partials else used
 
 
 def _mounted_at(container: dict[str, Any]) -> str:

@@ -185,6 +185,7 @@ class Service:
             "used_bytes": usage.used if usage else 0,
             "used_inodes": usage.inodes_used if usage else None,
             "inodes": usage.inodes if usage else None,
+            "partial_files": usage.partial_files if usage else None,
             "read_only": row.read_only,
             "mounted": row.mount_path is not None,
             "path": row.mount_path,
@@ -411,13 +412,23 @@ class Service:
             freed = self._release(self.store.meta.delete_container(name))
         return {"ok": True, "name": name, "freed_bytes": freed}
 
-    async def update(self, name: str, quota: int) -> dict[str, Any]:
+    async def update(self, name: str, quota: int | None,
+                     materialize: bool = False) -> dict[str, Any]:
+        """A new quota first, then the partial files completed, so one call can make room for
+        them and fill it."""
+        if quota is None and not materialize:
+            raise InvalidError("nothing to update: give a quota, materialize, or both")
         row = self._get(name)
         if row.read_only:
-            raise InvalidError(f"container {name} is read-only: it has no quota")
-        await trio.to_thread.run_sync(self.store.driver().resize_quota, name, quota,
-                                      row.mount_path is not None)
-        self.store.meta.update_container(name, quota=quota)
+            raise InvalidError(f"container {name} is read-only: it has no writable layer")
+        driver = self.store.driver()
+        mounted = row.mount_path is not None
+        if quota is not None:
+            await trio.to_thread.run_sync(driver.resize_quota, name, quota, mounted)
+            self.store.meta.update_container(name, quota=quota)
+        if materialize:
+            await trio.to_thread.run_sync(driver.materialize, name,
+                                          self._layers_of(row.image_id), mounted)
         return await self._container_json(self._get(name))
 
     async def container(self, name: str) -> dict[str, Any]:

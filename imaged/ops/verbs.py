@@ -202,9 +202,12 @@ MOUNT = Verb(
      Param("target", str, "body", "mount here instead", option="--target", metavar="DIR",
            check=_absolute, parse=lambda text: str(Path(text).absolute()))),
     Route("POST", "containers/{name}/mount"), show=render.mounted, remote=_mount_remote)
-UPDATE = Verb("update", "grow or shrink a container's quota",
-              lambda s, a, c: s.update(a["name"], a["quota"]),
-              (_CONTAINER, _quota(required=True)), Route("PATCH", "containers/{name}"))
+UPDATE = Verb("update", "grow or shrink a container's quota, or complete its partial files",
+              lambda s, a, c: s.update(a["name"], a["quota"], a["materialize"]),
+              (_CONTAINER, _quota(),
+               Param("materialize", bool, "body", "complete the files a fuse container copied "
+                     "up only in part (charged to its quota)", option="--materialize")),
+              Route("PATCH", "containers/{name}"))
 UMOUNT = Verb("umount", "unmount a container, keep its data",
               lambda s, a, c: s.umount(a["name"]),
               (_CONTAINER,), Route("POST", "containers/{name}/unmount"),

@@ -416,7 +416,15 @@ def test_root_and_directory_copy_up_keep_metadata(mounted: Mount) -> None:
     assert stat.S_IMODE(os.stat(up / "dir").st_mode) == stat.S_IMODE(low.st_mode)
 
 
-def test_copy_up_keeps_holes_and_happens_once(mounted: Mount) -> None:
+def test_copy_up_keeps_holes_and_happens_once(tmp_path: Path) -> None:
+    mounted = _start(tmp_path, "--copy-up", "full")
+    try:
+        _check_full_copy_up(mounted)
+    finally:
+        _stop(mounted)
+
+
+def _check_full_copy_up(mounted: Mount) -> None:
     lower = mounted.lowers[1] / "sparse"
     with open(lower, "wb") as f:
         f.truncate(64 << 20)

@@ -185,7 +185,7 @@ def test_full_document() -> None:
             "devmapper": {"pool": "imaged-pool", "data_size": "100G", "metadata_size": "2G",
                           "basesize": "10G", "fs": "xfs", "fill_threshold": 0.9},
             "aufs": {},
-            "fuse": {},
+            "fuse": {"copy_up": "partial", "partial_threshold": "32M", "writeback": True},
             "vfs": {},
         },
     }
@@ -210,6 +210,8 @@ def test_full_document() -> None:
         "basesize": 10 * G, "fs": "xfs", "fill_threshold": 0.9}
     assert config.drivers["zfs"] == {"dataset": "tank/imaged"}
     assert config.drivers["vfs"] == {}
+    assert config.drivers["fuse"] == {"copy_up": "partial", "partial_threshold": 32 * M,
+                                      "writeback": True}
     assert config.source == Path("/etc/imaged/imaged.toml")
 
 
@@ -291,6 +293,14 @@ def test_defaults() -> None:
         ({"drivers": {"devmapper": {"fill_threshold": 0}}}, ["fill_threshold must be a number"]),
         ({"drivers": {"devmapper": {"fill_threshold": True}}}, ["fill_threshold must be"]),
         ({"drivers": {"devmapper": {"fill_threshold": "0.5"}}}, ["fill_threshold must be"]),
+        ({"drivers": {"fuse": {"copy_up": "lazy"}}},
+         ["drivers.fuse.copy_up must be one of auto, full, partial, not 'lazy'"]),
+        ({"drivers": {"fuse": {"partial_threshold": "big"}}},
+         ["drivers.fuse.partial_threshold:", "invalid size 'big'"]),
+        ({"drivers": {"fuse": {"partial_threshold": 0}}},
+         ["drivers.fuse.partial_threshold must be positive"]),
+        ({"drivers": {"fuse": {"writeback": "on"}}},
+         ["drivers.fuse.writeback must be true or false, not 'on'"]),
         ({"registries": []}, ["registries must be a table"]),
         ({"registries": {"r.example": True}}, ['registries."r.example" must be a table']),
         ({"registries": {"r.example": {"insecure": "yes"}}},

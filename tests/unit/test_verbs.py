@@ -90,6 +90,9 @@ def test_every_command_verb_is_a_cli_command_and_only_those() -> None:
     (["pull", "x:1", "--platform", "linux/arm64"],
      ("POST", "/v1/images/pull", {"ref": "x:1", "platform": "linux/arm64"})),
     (["gc"], ("POST", "/v1/gc", None)),
+    (["update", "c1", "--quota", "1G"], ("PATCH", "/v1/containers/c1", {"quota": 1 << 30})),
+    (["update", "c1", "--materialize"],
+     ("PATCH", "/v1/containers/c1", {"materialize": True})),
     (["ps"], ("GET", "/v1/containers", None)),
 ])
 def test_the_cli_sends_the_routes_request(argv: list[str],
