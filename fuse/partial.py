@@ -274,7 +274,7 @@ def read(p: Partial, off: int, size: int) -> bytes:
     return b"".join(parts)
 
 
-def _data_in(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     """The data segments of ``[start, end)`` in ``fd`` (holes need no copy: the upper's
     own holes read as the same zeros)."""
     at = start
@@ -295,7 +295,7 @@ def _data_in(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
 def missing(p: Partial) -> list[tuple[int, int]]:
     """What completing the file copies: the lower's data in the ranges the upper lacks."""
     size = os.fstat(p.upper).st_size
-    return [seg for gap in p.ranges.gaps(0, size) for seg in _data_in(p.lower, *gap)]
+    return [seg for gap in p.ranges.gaps(0, size) for seg in data_segments(p.lower, *gap)]
 
 
 def cost(segments: Iterable[tuple[int, int]]) -> int:

@@ -1151,22 +1151,13 @@ def _copy_data(src: int, dst: int, size: int) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
             raise
-    offset = 0
-    while offset < size:
-        try:
-            data = os.lseek(src, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break
-            raise
-        hole = os.lseek(src, data, os.SEEK_HOLE)
+    for data, hole in partial.data_segments(src, 0, size):
         pos = data
         while pos < hole:
             copied = os.copy_file_range(src, dst, hole - pos, pos, pos)
             if copied == 0:
                 break
             pos += copied
-        offset = hole
     os.ftruncate(dst, size)
 
 
