@@ -300,13 +300,9 @@ class CopyUp(enum.Enum):
     PARTIAL = "partial"  # a sparse upper and a range record (imaged.fuse.ranges)
 
 
-# Measured here through the server on a loop ext4 (docs/drivers.md has the table and method):
-# the first 4 KiB write into a lower file took, full / partial, 2.8 / 11.8 ms at 1 MiB, 14 /
-# 12.7 ms at 16 MiB, 253 / 8.8 ms at 256 MiB and 2.6 s / 13 ms at 1 GiB (medians of 3, a noisy
-# disk whose fdatasync alone took 0.7-22 ms). Partial costs a few syncs whatever the size and
-# two more on every later write (5.3 ms against 0.37); full grows with the size. They meet
-# near 16 MiB, and a file below it is better whole: no record, no syncs per write, nothing to
-# materialise.
+# From docs/bench/copyup.md (imaged bench copyup; docs/drivers.md quotes it): partial's first
+# write costs a few syncs whatever the size, full grows with it, and they meet near 16 MiB; a
+# file below it is better whole: no record, no syncs per write, nothing to materialise.
 DEFAULT_PARTIAL_THRESHOLD = 16 << 20
 
 
