@@ -8,15 +8,21 @@ until FORGET brings its lookup count back to zero. The rules kept here:
   keeps its node: the origin moves with it, and its upper (st_dev, st_ino) becomes an alias
   (``copied_up``), so the next lookup finds the same node whether the shell reports the upper
   file's recorded origin or the upper inode itself.
-- An id is not reused while the kernel may still send it: only after its lookups are all
-  forgotten. A reused id gets a new generation, so (id, generation) never repeats within a
-  mount, which is what the kernel and NFS export require of ``EntryAttributes.generation``.
+- The node id *is* ``st_ino``: pyfuse3 replies one number for both (``fuse_entry_param.ino``),
+  so the id is derived from the origin as overlay's ``xino`` derives st_ino: the inode number
+  on the first filesystem, with a device index in the high bits for the others. ``stat`` then
+  gives a file the same number across FORGET, copy-up and remounts (fuse-overlayfs #391, #192
+  are what reused ids do to ``find`` and ``tar``).
+- Two live nodes never share an id: when the derived id is still held by the kernel (an
+  unlinked file kept open, whose inode number the filesystem gave to a new file), the new node
+  takes a *spare* id from a range no filesystem index reaches. Only that file's number is then
+  unstable, and only until the old node is forgotten.
+- Every node gets a fresh generation, so (id, generation) never repeats within a mount, which
+  is what the kernel checks on a lookup that names a live id (``fuse_stale_inode``).
 - Node id 1 is the root (``pyfuse3.ROOT_INODE``) and nothing else; its lookups are not counted,
   since the kernel never forgets the root of a live mount.
-
-``st_ino`` is not the node id: node ids are reused and die with the mount, while ``stat`` must
-give a file the same number across FORGET, copy-up and remounts (fuse-overlayfs #391, #192).
-``inode_number`` derives it from the origin instead, as overlay's ``xino`` does.
+- A node keeps every (parent, name) it was seen under, most recent last: a hard link's node
+  is still reachable through its other names after one is removed.
 
 Pure bookkeeping, no I/O: the server calls ``lookup`` for every reply carrying
 ``EntryAttributes`` (lookup, create, mknod, mkdir, symlink, link, and each readdirplus entry the
@@ -25,15 +31,17 @@ kernel accepted) and ``forget`` from its ``forget`` handler.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 ROOT_ID = 1  # pyfuse3.ROOT_INODE
-_FIRST_ID = 2
 _XINO_SHIFT = 56  # low 56 bits for the inode, high 8 for which filesystem it is on
 _XINO_LIMIT = 1 << _XINO_SHIFT
+_SPARE_INDEX = 0xFF  # the device index no filesystem gets: ids for collisions
+_GENERATIONS = 1 << 32  # the kernel keeps a generation in 32 bits (inode.i_generation)
+
+Name = tuple[int, bytes]  # (parent node id, name)
 
 
 class Origin(NamedTuple):
@@ -49,7 +57,8 @@ class Node:
 
     ``upper`` is the upper inode once copied up (where data and attributes now come from, for
     every name of it: overlay with ``index=on`` serves a lower hard link's other names from the
-    copy too). ``lookups`` is the kernel's reference count on the id.
+    copy too). ``lookups`` is the kernel's reference count on the id. ``names`` are the places
+    it was seen, as an ordered set, most recent last.
     """
 
     id: int
@@ -57,20 +66,23 @@ class Node:
     origin: Origin
     upper: Origin | None = None
     lookups: int = 0
+    names: dict[Name, None] = field(default_factory=dict)
 
 
 class NodeTable:
     """Node ids by origin, with lookup counts and FORGET (module docstring)."""
 
-    def __init__(self, root: Origin) -> None:
+    def __init__(self, root: Origin, devices: Sequence[int] = ()) -> None:
+        """``devices``: the st_dev of the upper and the lowers in stack order, so that their
+        device indexes, and with them every id, are the same at every mount of the stack."""
         self.root = Node(ROOT_ID, 0, root, lookups=1)
         self._by_id: dict[int, Node] = {ROOT_ID: self.root}
         self._by_origin: dict[Origin, Node] = {root: self.root}
-        self._next_id = _FIRST_ID
-        # Freed ids with the generation their next holder gets, oldest first: the longest time
-        # between an id's uses makes a stale handle the least likely to meet its successor.
-        self._free: deque[tuple[int, int]] = deque()
         self._devices: dict[int, int] = {}
+        for dev in devices:
+            self.device_index(dev)
+        self._generation = 0
+        self._spare = _SPARE_INDEX << _XINO_SHIFT
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -104,12 +116,15 @@ class NodeTable:
         return node
 
     def _new(self, origin: Origin) -> Node:
-        if self._free:
-            node_id, generation = self._free.popleft()
-        else:
-            node_id, generation = self._next_id, 0
-            self._next_id += 1
-        node = Node(node_id, generation, origin)
+        try:
+            node_id = self.inode_number(origin)
+        except ValueError:
+            node_id = ROOT_ID
+        if node_id == ROOT_ID or node_id in self._by_id:
+            self._spare += 1
+            node_id = self._spare
+        self._generation = self._generation % (_GENERATIONS - 1) + 1
+        node = Node(node_id, self._generation, origin)
         self._by_id[node_id] = node
         self._by_origin[origin] = node
         return node
@@ -125,6 +140,24 @@ class NodeTable:
         # wins, the stale node keeps its id until forgotten but is no longer found by it.
         self._by_origin[upper] = node
 
+    def named(self, node: Node, parent: int, name: bytes) -> None:
+        """The node was seen as ``name`` in directory node ``parent``."""
+        node.names.pop((parent, name), None)
+        node.names[parent, name] = None
+
+    def unnamed(self, node_id: int, parent: int, name: bytes) -> None:
+        """``name`` in ``parent`` no longer names the node (removed, renamed or replaced)."""
+        node = self._by_id.get(node_id)
+        if node is not None:
+            node.names.pop((parent, name), None)
+
+    def where(self, node_id: int) -> Name | None:
+        """The place the node was last seen under that still names it; None once none does."""
+        node = self._by_id.get(node_id)
+        if node is None or not node.names:
+            return None
+        return next(reversed(node.names))
+
     def detach(self, node_id: int) -> None:
         """The node's last name is gone (unlink, rmdir, rename over it): it stays valid for
         the kernel until forgotten, but its origin and alias are no longer looked up, since
@@ -132,6 +165,7 @@ class NodeTable:
         node = self._by_id.get(node_id)
         if node is None or node is self.root:
             return
+        node.names.clear()
         for key in (node.origin, node.upper):
             if key is not None and self._by_origin.get(key) is node:
                 del self._by_origin[key]
@@ -152,7 +186,6 @@ class NodeTable:
         for key in (node.origin, node.upper):
             if key is not None and self._by_origin.get(key) is node:
                 del self._by_origin[key]
-        self._free.append((node_id, node.generation + 1))
 
     def forget_many(self, forgets: Iterable[tuple[int, int]]) -> None:
         """pyfuse3's ``forget(inode_list)``: (id, count) pairs."""
@@ -161,12 +194,8 @@ class NodeTable:
 
     def inode_number(self, origin: Origin) -> int:
         """``st_ino`` for a file of this origin: its own inode number on the first filesystem
-        seen (the common case of layers and upper on one filesystem), with a device index in
-        the top 8 bits for the others, so two filesystems' inodes never collide.
-
-        Stable as long as devices are met in the same order: the server registers its layers'
-        and upper's devices (``device_index``) at mount, in stack order, before any lookup.
-        """
+        registered (the common case of layers and upper on one filesystem), with a device
+        index in the top 8 bits for the others, so two filesystems' inodes never collide."""
         index = self.device_index(origin.dev)
         if origin.ino >= _XINO_LIMIT:
             raise ValueError(f"inode {origin.ino} does not fit {_XINO_SHIFT} bits")
@@ -174,6 +203,6 @@ class NodeTable:
 
     def device_index(self, dev: int) -> int:
         index = self._devices.setdefault(dev, len(self._devices))
-        if index >= 1 << (64 - _XINO_SHIFT):
+        if index >= _SPARE_INDEX:
             raise ValueError("more filesystems under one mount than st_ino can tell apart")
         return index

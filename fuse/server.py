@@ -12,9 +12,9 @@ Copy-up is whole, reflinked or partial as ``CopyUpPolicy`` chooses per file; a p
 (``imaged.fuse.partial``) is served through its range record, and its writes and truncates
 take its own lock, since each must leave data and record in ranges.py's order. The writeback
 cache is off unless asked for (``imaged.fuse.serve`` says what acknowledgement then means).
-Inode numbers are stable within a
-mount (the node table keeps a copied-up file's number); across remounts a copied-up file shows
-its upper inode's number, since no origin is recorded in the upper yet.
+Inode numbers are the node ids (``imaged.fuse.nodes``), derived from each file's origin. A copy
+records its origin in ``trusted.imaged.origin`` (layer and inode number), so after a remount
+the copy still shows its lower file's number, as overlay's ``trusted.overlay.origin`` does.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import trio
 from imaged.fsutil import FICLONE
 from imaged.fuse import changes, partial, ranges, union
 from imaged.fuse.changes import Access, CopyUp, CopyUpPolicy, CopyUpSetting
+from imaged.fuse.index import LinkIndex
 from imaged.fuse.nodes import ROOT_ID, Node, NodeTable, Origin
 from imaged.fuse.union import UPPER, Entry, FileType, Listing, Resolution
 
@@ -46,6 +47,7 @@ WORKERS = 4
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUID_BITS = stat.S_ISUID | stat.S_ISGID
 _DEFAULT_POLICY = CopyUpPolicy()
+ORIGIN_XATTR = b"trusted.imaged.origin"  # "<layer>-<inode>" of a copy's lower file
 TMP_PREFIX = b"#imaged-"  # copy-ups and swaps in progress in work; leftovers of a crash
 
 
@@ -138,13 +140,13 @@ class Server(pyfuse3.Operations):
         self._partials: dict[int, partial.Partial] = {}
         self.nlowers = len(lowers)
         top = os.fstat(upper)
-        self.nodes = NodeTable(Origin(top.st_dev, top.st_ino))
+        self._layer_devs = [os.fstat(fd).st_dev for fd in (upper, *lowers)]
+        self.nodes = NodeTable(Origin(top.st_dev, top.st_ino), self._layer_devs)
         root = union.root(self.nlowers)
         self._dirs: dict[int, tuple[tuple[int, int], ...]] = {
             ROOT_ID: tuple(zip(root.layers, (upper, *lowers), strict=True))}
         self._owned: set[int] = set()  # descriptors in _dirs this server opened (not roots)
-        self._where: dict[int, tuple[int, bytes]] = {}
-        self._index: dict[Origin, int] = {}  # lower hard-link origin -> O_PATH fd of its copy
+        self.index = LinkIndex(work, lowers)
         self._locks: dict[int, trio.Lock] = {}
         self._handles: dict[int, Handle] = {}
         self._dir_handles: dict[int, DirHandle] = {}
@@ -214,7 +216,7 @@ class Server(pyfuse3.Operations):
 
     def _located(self, node_id: int) -> tuple[int, bytes]:
         """(parent node, name) the node was last seen under; ESTALE once it is gone."""
-        where = self._where.get(node_id)
+        where = self.nodes.where(node_id)
         if where is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
         return where
@@ -230,52 +232,81 @@ class Server(pyfuse3.Operations):
         if node_id == ROOT_ID:
             layer, fd = self._dir_layers(ROOT_ID)[0]
             return Place(layer, fd, b".", os.fstat(fd))  # "." names the directory itself
-        parent, name = self._located(node_id)
+        return self._place_at(*self._located(node_id))
+
+    def _place_at(self, parent: int, name: bytes) -> Place:
         res, stats = self._resolve(parent, name)
         if not res.exists:
             raise pyfuse3.FUSEError(errno.ESTALE)
         layer = res.top
-        if layer != UPPER and res.entry.origin in self._index and not self.read_only:
-            self._link_up(parent, name, self._index[res.entry.origin])
-            return self._place(node_id)
+        if layer != UPPER and not self.read_only:
+            key = self.index.find(stats[layer])
+            if key is not None:
+                self._link_up(parent, name, key)
+                return self._place_at(parent, name)
         return Place(layer, dict(self._dir_layers(parent))[layer], name, stats[layer])
 
     # replies
 
-    def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node: Node, st: os.stat_result, nlink: int | None = None
+               ) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
-        # pyfuse3 replies st_ino as the FUSE node id too (fuse_entry_param.ino), so the number
-        # stat shows is the node's id: stable across copy-up and for hard links, but not across
-        # FORGET or remounts until the protocol layer can send the two apart.
-        attr.st_ino = node.id
+        attr.st_ino = node.id  # also the node id (imaged.fuse.nodes)
         attr.generation = node.generation
         attr.entry_timeout = attr.attr_timeout = TIMEOUT
-        attr.st_mode, attr.st_nlink = st.st_mode, st.st_nlink
+        attr.st_mode, attr.st_nlink = st.st_mode, st.st_nlink if nlink is None else nlink
         attr.st_uid, attr.st_gid, attr.st_rdev = st.st_uid, st.st_gid, st.st_rdev
         attr.st_size, attr.st_blksize, attr.st_blocks = st.st_size, st.st_blksize, st.st_blocks
         attr.st_atime_ns, attr.st_mtime_ns = st.st_atime_ns, st.st_mtime_ns
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
-    def _known(self, parent: int, name: bytes, st: os.stat_result
+    def _known(self, parent: int, name: bytes, st: os.stat_result, layer: int
                ) -> tuple[Node, pyfuse3.EntryAttributes]:
         """Count a lookup of the object ``st`` under ``name``, and its attributes: those of
         the copy when it is a lower hard link another name of which was copied up."""
-        key = Origin(st.st_dev, st.st_ino)
-        upper = self._index.get(key)
-        if upper is not None:
-            st = os.stat(upper)
-            node = self.nodes.lookup(key, Origin(st.st_dev, st.st_ino))
+        here = Origin(st.st_dev, st.st_ino)
+        if layer == UPPER:
+            pdir = self._dir_layers(parent)[0][1]
+            origin = self._recorded_origin(pdir, name)
+            node = self.nodes.lookup(here) if origin is None else self.nodes.lookup(origin, here)
+            nlink: int | None = self.index.nlink(pdir, name, st)
         else:
-            node = self.nodes.lookup(key)
-        self._where[node.id] = (parent, name)
-        return node, self._attrs(node, st)
+            indexed = self.index.find(st)
+            if indexed is None:
+                node, nlink = self.nodes.lookup(here), None
+            else:
+                st = os.stat(indexed, dir_fd=self.index.fd, follow_symlinks=False)
+                node = self.nodes.lookup(here, Origin(st.st_dev, st.st_ino))
+                nlink = self.index.nlink(self.index.fd, indexed, st)
+        self.nodes.named(node, parent, name)
+        return node, self._attrs(node, st, nlink)
+
+    def _recorded_origin(self, pdir: int, name: bytes) -> Origin | None:
+        """The lower origin a copy recorded at copy-up, in any earlier mount."""
+        value = self._xattr(_proc(pdir, name), ORIGIN_XATTR)
+        if value is None:
+            return None
+        layer, _, ino = value.partition(b"-")
+        try:
+            return Origin(self._layer_devs[int(layer)], int(ino))
+        except (ValueError, IndexError):
+            return None  # not ours to trust: the copy then keeps its own number
+
+    def _record_origin(self, dir_fd: int, name: bytes, layer: int, st: os.stat_result
+                       ) -> None:
+        os.setxattr(_proc(dir_fd, name), ORIGIN_XATTR, b"%d-%d" % (layer, st.st_ino),
+                    follow_symlinks=False)
+
+    def _placed_attrs(self, node_id: int, place: Place) -> pyfuse3.EntryAttributes:
+        nlink = self.index.nlink(place.dir_fd, place.name, place.st) \
+            if place.layer == UPPER else None
+        return self._attrs(self.nodes.get(node_id), place.st, nlink)
 
     def _forgotten(self, node_id: int, count: int) -> None:
         self.nodes.forget(node_id, count)
         if node_id not in self.nodes:
             self._drop_dir(node_id)
-            self._where.pop(node_id, None)
             self._locks.pop(node_id, None)
 
     def _writable(self) -> None:
@@ -291,7 +322,7 @@ class Server(pyfuse3.Operations):
             res, stats = self._resolve(parent_inode, name)
             if not res.exists:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._known(parent_inode, name, stats[res.top])[1]
+            return self._known(parent_inode, name, stats[res.top], res.top)[1]
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for node_id, count in inode_list:
@@ -300,7 +331,7 @@ class Server(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
         with _errors():
-            return self._attrs(self.nodes.get(inode), self._place(inode).st)
+            return self._placed_attrs(inode, self._place(inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
@@ -341,7 +372,7 @@ class Server(pyfuse3.Operations):
                 os.utime(n, ns=(attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
                                 attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns),
                          dir_fd=d, follow_symlinks=False)
-            return self._attrs(self.nodes.get(inode), self._stat(d, n))
+            return self._placed_attrs(inode, Place(place.layer, d, n, self._stat(d, n)))
 
     @staticmethod
     def _stat(dir_fd: int, name: bytes) -> os.stat_result:
@@ -420,7 +451,7 @@ class Server(pyfuse3.Operations):
                                  follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # removed since opendir: skipped, the offsets stay the same
-                node, attr = self._known(handle.node, listed.name, st)
+                node, attr = self._known(handle.node, listed.name, st, listed.layer)
                 if not pyfuse3.readdir_reply(token, listed.name, attr, offset):
                     self._forgotten(node.id, 1)  # the kernel did not take this entry
                     return
@@ -496,7 +527,7 @@ class Server(pyfuse3.Operations):
                 os.unlink(made, dir_fd=self.work)
             st = os.stat(name, dir_fd=pdir, follow_symlinks=False)
             self.usage += st.st_blocks * 512
-            return self._known(parent, name, st)
+            return self._known(parent, name, st, UPPER)
 
     def _parent_res(self, parent: int) -> Resolution:
         layers = tuple(layer for layer, _ in self._dir_layers(parent))
@@ -515,6 +546,12 @@ class Server(pyfuse3.Operations):
         with _errors():
             res, stats = self._resolve(parent, name, complete=True)
             node = self.nodes.find(res.entry.origin) if res.exists else None  # type: ignore[arg-type]
+            if not directory and node is not None and res.top != UPPER and \
+                    self.index.key(stats[res.top]) is not None:
+                # overlay's index=on copies a lower hard link up before removing a name of
+                # it, so that the index can count the names left
+                await self._copied_up_as(node, parent, name)
+                res, stats = self._resolve(parent, name, complete=True)
             if directory:
                 listing = self._listing(node.id) if node else self._listing_of(parent, name)
                 plan = changes.plan_rmdir(self._parent_res(parent), res, listing)
@@ -523,10 +560,14 @@ class Server(pyfuse3.Operations):
             pdir = self._upper_dir(parent)
             freed = 0
             gone = None
+            last = True  # the union's last name of the object
             if res.in_upper:
                 st = stats[UPPER]
                 freed = st.st_blocks * 512 if directory or st.st_nlink == 1 else 0
                 gone = st if not directory and st.st_nlink == 1 else None
+                if not directory:
+                    last = self.index.nlink(pdir, name, st) <= 1
+                    self.index.adjust(pdir, name, st, -1)
             _clear_whiteouts(pdir, name, plan.clear)
             if plan.action is changes.Removal.REMOVE:
                 if directory:
@@ -541,23 +582,21 @@ class Server(pyfuse3.Operations):
             if gone is not None:
                 self._unlinked(gone)
             if node is not None:
-                self.nodes.detach(node.id)
+                self.nodes.unnamed(node.id, parent, name)
+                if last:
+                    self.nodes.detach(node.id)
                 if directory:  # its name may soon be a new directory's
                     self._drop_dir(node.id)
-                    self._where.pop(node.id, None)
 
     def _listing_of(self, parent: int, name: bytes) -> Listing:
         """The merged listing of a child directory the kernel has no node for."""
         res, stats = self._resolve(parent, name)
         node = self.nodes.lookup(Origin(stats[res.top].st_dev, stats[res.top].st_ino))
-        self._where[node.id] = (parent, name)
+        self.nodes.named(node, parent, name)
         try:
             return self._listing(node.id)
         finally:
-            self.nodes.forget(node.id, 1)
-            if node.id not in self.nodes:
-                self._drop_dir(node.id)
-                self._where.pop(node.id, None)
+            self._forgotten(node.id, 1)
 
     def _replace_with_whiteout(self, pdir: int, name: bytes, directory: bool) -> None:
         """Swap the upper entry for a whiteout in one step (made in work, exchanged in), so
@@ -578,19 +617,24 @@ class Server(pyfuse3.Operations):
         with _errors():
             old, _ = self._resolve(parent_inode_old, name_old, complete=True)
             new, new_stats = self._resolve(parent_inode_new, name_new, complete=True)
+            target = self.nodes.find(new.entry.origin) if new.exists else None  # type: ignore[arg-type]
+            if target is not None and not flags & changes.RENAME_EXCHANGE and \
+                    new.top != UPPER and self.index.key(new_stats[new.top]) is not None:
+                # as unlink does: the index counts the lower hard link's names left
+                await self._copied_up_as(target, parent_inode_new, name_new)
+                new, new_stats = self._resolve(parent_inode_new, name_new, complete=True)
             listing = None
             if new.is_dir and not flags & changes.RENAME_EXCHANGE:
                 listing = self._listing_of(parent_inode_new, name_new)
             plan = changes.plan_rename(self._parent_res(parent_inode_old), old,
                                        self._parent_res(parent_inode_new), new, flags, listing)
             moved = self.nodes.find(old.entry.origin)  # type: ignore[arg-type]
-            target = self.nodes.find(new.entry.origin) if new.exists else None  # type: ignore[arg-type]
             if plan.copy_up_old and moved is not None:
-                await self._copied_up(moved.id, Access.WRITE)
+                await self._copied_up_as(moved, parent_inode_old, name_old)
             elif plan.copy_up_old:
                 raise pyfuse3.FUSEError(errno.ESTALE)
             if plan.copy_up_new and target is not None:
-                await self._copied_up(target.id, Access.WRITE)
+                await self._copied_up_as(target, parent_inode_new, name_new)
             old_dir = self._upper_dir(parent_inode_old)
             new_dir = self._upper_dir(parent_inode_new)
             _clear_whiteouts(new_dir, name_new, plan.clear)
@@ -601,10 +645,14 @@ class Server(pyfuse3.Operations):
                                 follow_symlinks=False)
             freed = 0
             gone = None
+            last = True
             if plan.replaces and new.in_upper:
                 st = new_stats[UPPER]
                 freed = st.st_blocks * 512 if new.is_dir or st.st_nlink == 1 else 0
                 gone = st if not new.is_dir and st.st_nlink == 1 else None
+                if not new.is_dir:
+                    last = self.index.nlink(new_dir, name_new, st) <= 1
+                    self.index.adjust(new_dir, name_new, st, -1)
             renameat2(old_dir, name_old, new_dir, name_new, plan.flags)
             if plan.remove_whiteout_after:
                 os.unlink(name_old, dir_fd=old_dir)
@@ -612,14 +660,17 @@ class Server(pyfuse3.Operations):
             if gone is not None:
                 self._unlinked(gone)
             if target is not None and plan.replaces:
-                self.nodes.detach(target.id)
+                self.nodes.unnamed(target.id, parent_inode_new, name_new)
+                if last:
+                    self.nodes.detach(target.id)
                 if new.is_dir:
                     self._drop_dir(target.id)
-                    self._where.pop(target.id, None)
             if moved is not None:
-                self._where[moved.id] = (parent_inode_new, name_new)
+                self.nodes.unnamed(moved.id, parent_inode_old, name_old)
+                self.nodes.named(moved, parent_inode_new, name_new)
             if target is not None and flags & changes.RENAME_EXCHANGE:
-                self._where[target.id] = (parent_inode_old, name_old)
+                self.nodes.unnamed(target.id, parent_inode_new, name_new)
+                self.nodes.named(target, parent_inode_old, name_old)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -627,7 +678,7 @@ class Server(pyfuse3.Operations):
         self._writable()
         with _errors():
             place = self._place(inode)
-            src_parent, src_name = self._where[inode]
+            src_parent, src_name = self._located(inode)
             source, _ = self._resolve(src_parent, src_name)
             res, _ = self._resolve(new_parent_inode, new_name)
             plan = changes.plan_link(source, self._parent_res(new_parent_inode), res)
@@ -643,9 +694,12 @@ class Server(pyfuse3.Operations):
             else:
                 os.link(place.name, new_name, src_dir_fd=place.dir_fd, dst_dir_fd=pdir,
                         follow_symlinks=False)
+            self.index.adjust(pdir, new_name, place.st, +1)
             node = self.nodes.get(inode)
             node.lookups += 1
-            return self._attrs(node, self._stat(pdir, new_name))
+            self.nodes.named(node, new_parent_inode, new_name)
+            return self._placed_attrs(inode, Place(UPPER, pdir, new_name,
+                                                   self._stat(pdir, new_name)))
 
     # files
 
@@ -853,7 +907,7 @@ class Server(pyfuse3.Operations):
             return layers[0][1]
         if self.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
-        parent, name = self._where[node_id]
+        parent, name = self._located(node_id)
         pdir = self._upper_dir(parent)
         lower_fd = layers[0][1]
         st = os.fstat(lower_fd)
@@ -861,6 +915,7 @@ class Server(pyfuse3.Operations):
         tmp = self._tmp_name()
         os.mkdir(tmp, 0o700, dir_fd=self.work)
         self._copy_meta(self.work, tmp, st, _proc(lower_fd, b"."))
+        self._record_origin(self.work, tmp, layers[0][0], st)
         os.rename(tmp, name, src_dir_fd=self.work, dst_dir_fd=pdir)
         fd = os.open(name, _DIR_FLAGS, dir_fd=pdir)
         self._owned.add(fd)
@@ -912,7 +967,7 @@ class Server(pyfuse3.Operations):
             place = self._place(node_id)
             if place.layer == UPPER:
                 return place
-            parent, name = self._where[node_id]
+            parent, name = self._located(node_id)
             self._upper_dir(parent)
             st = place.st
             mode = changes.choose_copy_up(self.copy_up, union.file_type(st.st_mode, st.st_rdev),
@@ -943,21 +998,28 @@ class Server(pyfuse3.Operations):
                 finally:
                     os.close(src)
             self._copy_meta(self.work, tmp, st, _proc(place.dir_fd, place.name))
+            self._record_origin(self.work, tmp, place.layer, st)
             if mode is CopyUp.PARTIAL:
                 ref = partial.lower_ref(place.layer, self._path(node_id))
                 self._recorded.add(await trio.to_thread.run_sync(
                     partial.start, self.work, self.records, tmp, st.st_size, ref,
                     limiter=self.limiter))
-            parent, name = self._where[node_id]  # a rename may have moved it meanwhile
+            self.index.add(self.work, tmp, st)
+            parent, name = self._located(node_id)  # a rename may have moved it meanwhile
             pdir = self._upper_dir(parent)
             os.rename(tmp, name, src_dir_fd=self.work, dst_dir_fd=pdir)
             new = os.stat(name, dir_fd=pdir, follow_symlinks=False)
             self.usage += new.st_blocks * 512
             self.nodes.copied_up(node_id, Origin(new.st_dev, new.st_ino))
-            if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
-                self._index[Origin(st.st_dev, st.st_ino)] = os.open(
-                    name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pdir)
             return self._place(node_id)
+
+    async def _copied_up_as(self, node: Node, parent: int, name: bytes) -> None:
+        """Copy the node up under this name of it, which a request is about to change: a
+        hard link's node may have been seen last under another name, and this one must be in
+        the upper afterwards (linked to the copy when another name was copied up first)."""
+        self.nodes.named(node, parent, name)
+        await self._copied_up(node.id, Access.WRITE)
+        self._place_at(parent, name)
 
     def _path(self, node_id: int) -> bytes:
         """The node's path from the root of the union: for a lower file, also its path in
@@ -1089,12 +1151,13 @@ class Server(pyfuse3.Operations):
         else:
             os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=self.work)
 
-    def _link_up(self, parent: int, name: bytes, upper_fd: int) -> None:
-        """Another name of a lower hard link already copied up: link the copy under it, so
-        every name shows one file (overlay's ``index=on``). Inline: metadata only, and the
-        parent chain is copied up synchronously (directories have no data)."""
+    def _link_up(self, parent: int, name: bytes, key: bytes) -> None:
+        """Another name of a lower hard link already copied up: link the copy (index entry
+        ``key``) under it, so every name shows one file (overlay's ``index=on``; the union's
+        link count does not change). Inline: metadata only, and the parent chain is copied
+        up synchronously (directories have no data)."""
         pdir = self._upper_dir(parent)
-        os.link(_proc(upper_fd), name, dst_dir_fd=pdir, follow_symlinks=True)
+        os.link(key, name, src_dir_fd=self.index.fd, dst_dir_fd=pdir, follow_symlinks=False)
 
 
 _MODES = {FileType.CHARDEV: stat.S_IFCHR, FileType.BLOCKDEV: stat.S_IFBLK,

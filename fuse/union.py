@@ -44,7 +44,8 @@ UPPER = 0
 # metacopy, ...). Both prefixes are private whichever the mount uses: the unpacker refuses both
 # in layers (layerplan.check_xattr), and a user who set user.overlay.opaque in the upper would
 # steer a later kernel overlay mount with userxattr.
-PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+# trusted.imaged. is the fuse server's own bookkeeping (imaged.fuse.index), private alike.
+PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"trusted.imaged.")
 _TRUSTED_PREFIX = b"trusted."
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 OPAQUE_VALUE = b"y"

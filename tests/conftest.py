@@ -58,8 +58,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("cli_mode", modes)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests under tests/unit are the ``unit`` tier unless marked otherwise."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests under tests/unit are the ``unit`` tier unless marked otherwise. ``long`` runs
+    are deselected (not skipped: nothing is missing) unless ``-m`` names them."""
+    if "long" not in (config.option.markexpr or ""):
+        long_runs = [item for item in items if item.get_closest_marker("long")]
+        if long_runs:
+            config.hook.pytest_deselected(items=long_runs)
+            items[:] = [item for item in items if not item.get_closest_marker("long")]
     for item in items:
         tiers = {"unit", "integration", "guest"}
         if not any(item.get_closest_marker(t) for t in tiers):

@@ -24,7 +24,10 @@ from imaged.drivers.fuse import FuseDriver
 from imaged.errors import NoSpaceError
 from imaged.fuse import control, partial, ranges
 from imaged.fuse.server import can_reflink
-from tests.integration.test_fuse_server import Mount, _start, _stop, _walk
+from tests.integration.fusebed import Mount
+from tests.integration.fusebed import stop as _stop
+from tests.integration.fusebed import walk as _walk
+from tests.integration.test_fuse_server import _start
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")

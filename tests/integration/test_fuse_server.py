@@ -12,24 +12,18 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.integration.fusebed import Mount, overlay_view, serve
+from tests.integration.fusebed import stop as _stop
+from tests.integration.fusebed import walk as _walk
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
 
 _TIMEOUT = 20.0
-
-
-@dataclass
-class Mount:
-    path: Path
-    upper: Path
-    work: Path
-    lowers: list[Path]
-    proc: subprocess.Popen[bytes]
 
 
 def _make_layers(tmp: Path) -> list[Path]:
@@ -65,39 +59,7 @@ def _make_layers(tmp: Path) -> list[Path]:
 
 def _start(tmp: Path, *extra: str) -> Mount:
     lowers = _make_layers(tmp) if not (tmp / "l1").exists() else [tmp / "l1", tmp / "l2"]
-    upper, work, mnt = tmp / "upper", tmp / "work", tmp / "mnt"
-    for path in (upper, work, mnt):
-        path.mkdir(exist_ok=True)
-    argv = [sys.executable, "-m", "imaged.fuse.serve", "--upper", str(upper), "--work",
-            str(work)]
-    for lower in lowers:
-        argv += ["--lower", str(lower)]
-    reader, writer = os.pipe()
-    proc = subprocess.Popen([*argv, *extra, "--ready-fd", str(writer), str(mnt)],
-                            pass_fds=(writer,))
-    os.close(writer)
-    try:
-        with os.fdopen(reader, "rb") as ready:
-            line = ready.readline()
-        if line != b"ready\n":
-            raise AssertionError(f"server said {line!r}")
-    except BaseException:
-        _stop(Mount(mnt, upper, work, lowers, proc))
-        raise
-    return Mount(mnt, upper, work, lowers, proc)
-
-
-def _stop(mount: Mount) -> None:
-    if mount.proc.poll() is None:
-        mount.proc.send_signal(signal.SIGTERM)
-        try:
-            mount.proc.wait(timeout=_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            mount.proc.kill()
-            mount.proc.wait()
-    # Unconditionally: a dead server's mount fails lstat (ENOTCONN), so ismount misses it.
-    subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False,
-                   stderr=subprocess.DEVNULL)
+    return serve(lowers, tmp, *extra)
 
 
 @pytest.fixture
@@ -346,22 +308,6 @@ def test_refuses_a_lower_under_the_mount_point(tmp_path: Path) -> None:
     assert not os.path.ismount(tmp_path / "mnt")
 
 
-def _walk(root: Path) -> dict[str, tuple[object, ...]]:
-    tree: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in (*dirnames, *filenames):
-            path = Path(dirpath) / name
-            st = os.lstat(path)
-            body: object = None
-            if stat.S_ISREG(st.st_mode):
-                body = path.read_bytes()
-            elif stat.S_ISLNK(st.st_mode):
-                body = os.readlink(path)
-            tree[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_rdev,
-                                                 body)
-    return tree
-
-
 def test_kernel_overlay_shows_the_same_tree(tmp_path: Path) -> None:
     mount = _start(tmp_path)
     try:
@@ -380,17 +326,8 @@ def test_kernel_overlay_shows_the_same_tree(tmp_path: Path) -> None:
         seen = _walk(m)
     finally:
         _stop(mount)
-    merged, work2 = tmp_path / "merged", tmp_path / "work2"
-    merged.mkdir()
-    work2.mkdir()
-    lowerdir = ":".join(str(p) for p in mount.lowers)
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={lowerdir},upperdir={mount.upper},workdir={work2}",
-                    str(merged)], check=True)
-    try:
+    with overlay_view(mount, tmp_path / "kernel") as merged:
         assert _walk(merged) == seen
-    finally:
-        subprocess.run(["umount", "-l", str(merged)], check=False)
 
 
 def test_sigterm_unmounts(tmp_path: Path) -> None:

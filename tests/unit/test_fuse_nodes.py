@@ -54,15 +54,52 @@ def test_lookup_counts_and_forget() -> None:
         table.get(node.id)
 
 
-def test_ids_are_reused_only_after_forget_with_a_new_generation() -> None:
+def test_ids_are_the_inode_numbers_across_forget_with_a_new_generation() -> None:
+    """The id is st_ino (pyfuse3 sends one number for both), so it comes from the origin: a
+    file forgotten and looked up again has the same number, and (id, generation) is new."""
     table = NodeTable(ROOT)
     a = table.lookup(A)
-    b = table.lookup(B)
-    assert table.lookup(C).id not in (a.id, b.id)
+    assert a.id == table.inode_number(A) == 10
     table.forget(a.id, 1)
-    again = table.lookup(Origin(1, 99))
-    assert (again.id, again.generation) == (a.id, a.generation + 1)
-    assert table.lookup(Origin(1, 98)).id not in (a.id, b.id)
+    again = table.lookup(A)
+    assert again is not a and again.id == a.id and again.generation != a.generation
+
+
+def test_a_held_id_is_never_given_to_another_file() -> None:
+    """An unlinked file still open keeps its id; a new file the filesystem gave the same
+    inode number gets a spare id, beyond every device index, until the old one is forgotten."""
+    table = NodeTable(ROOT, devices=[1, 9])
+    old = table.lookup(A)
+    table.detach(old.id)
+    new = table.lookup(A)
+    assert new.id != old.id and new.id >= 0xFF << 56 and table.get(old.id) is old
+    assert table.lookup(Origin(1, ROOT_ID)).id not in (ROOT_ID, new.id)  # never the root's id
+    table.forget(old.id, 1)
+    table.forget(new.id, 1)
+    assert table.lookup(A).id == 10
+
+
+def test_devices_are_indexed_in_stack_order() -> None:
+    """The upper's and lowers' devices are registered at mount in stack order, so a file on
+    the second filesystem has the same number at every mount, whichever is met first."""
+    first, second = NodeTable(ROOT, devices=[1, 9]), NodeTable(ROOT, devices=[1, 9])
+    first.lookup(A)
+    assert second.lookup(UP).id == first.lookup(UP).id == 1 << 56 | 500
+
+
+def test_a_node_keeps_every_name_it_was_seen_under() -> None:
+    """A hard link's node stays reachable by its other names after one is removed; the most
+    recent name is the one used."""
+    table = NodeTable(ROOT)
+    node = table.lookup(A)
+    table.named(node, ROOT_ID, b"h1")
+    table.named(node, ROOT_ID, b"h2")
+    table.named(node, ROOT_ID, b"h1")
+    assert table.where(node.id) == (ROOT_ID, b"h1")
+    table.unnamed(node.id, ROOT_ID, b"h1")
+    assert table.where(node.id) == (ROOT_ID, b"h2")
+    table.detach(node.id)
+    assert table.where(node.id) is None and table.where(12345) is None
 
 
 def test_forget_tolerates_what_a_kernel_never_sends() -> None:
@@ -153,7 +190,7 @@ def test_ids_against_a_model(ops: list[tuple[str, int, int]]) -> None:
             else:
                 assert (node.id, node.generation) not in issued
                 issued.add((node.id, node.generation))
-            assert node.id != ROOT_ID
+            assert node.id == table.inode_number(origin) != ROOT_ID
             ids[origin] = node.id
             held[origin] = held.get(origin, 0) + 1
         elif origin in held:
