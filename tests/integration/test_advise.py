@@ -62,7 +62,8 @@ def _pushed(layout: OCILayout, registry: LocalRegistry, repo: str) -> str:
 
 @pytest.fixture
 def pulled(registry: LocalRegistry, layout: OCILayout, imaged: Any, request: Any) -> str:
-    ref = _pushed(layout, registry, f"advise/{request.node.name.split('[')[0][5:30]}")
+    test = request.node.originalname.removeprefix("test_").replace("_", "-")
+    ref = _pushed(layout, registry, f"advise/{test}")
     result = imaged("pull", ref)
     assert result.code == 0, result.err
     return ref

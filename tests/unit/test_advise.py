@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from imaged.config import Config
+from imaged.errors import ForbiddenError
 from imaged.ops import copycost
-from imaged.ops.advise import Place, costs, load_model, not_measured, recommend
+from imaged.ops.advise import Place, advise, costs, load_model, not_measured, recommend
 from imaged.ops.copycost import ModelError, Prediction
 from imaged.ops.writable import Candidate
+from imaged.store.root import Store
 
 MIB = 1 << 20
 DB = Candidate("/var/lib/mysql/ibdata1", 512 * MIB, "MySQL data", "/var/lib/mysql")
@@ -88,3 +91,9 @@ def test_report_files_that_cannot_be_used(tmp_path: Path) -> None:
     good = tmp_path / "model.json"
     good.write_text(json.dumps(copycost.calibrated(1e8, "ext4", {}, "0").to_json()))
     assert load_model(good).source == "calibrated"
+
+
+def test_a_confined_peer_may_not_name_a_report() -> None:
+    """The daemon would read the path with its own rights: refused before anything is read."""
+    with pytest.raises(ForbiddenError, match="only root may name a report file"):
+        advise(cast(Store, None), "img", Path("/etc/shadow"), confined=True)
