@@ -146,12 +146,13 @@ def layer_listings(store: Store, image_text: str) -> tuple[str, list[list[LayerE
                           store.config.limits.max_layer_entries)
     listings = []
     for layer in row.layers:
-        blob = store.content.path(layer.blob_digest)
-        if not blob.exists():
+        try:
+            listings.append(list_layer(store.content.path(layer.blob_digest), layer.media_type,
+                                       layer.diff_id, limits))
+        except FileNotFoundError:  # lost, or removed since (rmi and gc in the daemon)
             raise NotFoundError(f"layer blob {layer.blob_digest} of image {row.id.short} is "
-                                "missing from the content store (imaged check --repair fetches "
-                                "it again)")
-        listings.append(list_layer(blob, layer.media_type, layer.diff_id, limits))
+                                "not in the content store (imaged check --repair fetches it "
+                                "again)") from None
     return str(row.id), listings
 
 

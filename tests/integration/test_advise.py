@@ -172,3 +172,16 @@ def test_the_api_route(registry: LocalRegistry, layout: OCILayout, daemon: Daemo
             client.call("GET", f"/v1/images/{segment(registry.host + '/no/such:v1')}/advice")
     finally:
         client.close()
+
+
+def test_a_lost_layer_blob_is_one_line(pulled: str, imaged: Any, root: Path) -> None:
+    images = imaged("--json", "images").json()
+    layers = sorted((root / "content" / "blobs" / "sha256").iterdir(),
+                    key=lambda p: p.stat().st_size)
+    layers[-1].unlink()  # the largest blob: the database's layer
+    result = imaged("advise", pulled)
+    assert result.code == 1
+    assert result.err.startswith(f"imaged: error: layer blob sha256:{layers[-1].name} of image "
+                                 f"{images[0]['id'][7:19]}")
+    assert result.err.strip().endswith("is not in the content store (imaged check --repair "
+                                       "fetches it again)")
