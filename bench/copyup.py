@@ -23,6 +23,7 @@ operations extend this module (issue 15) rather than replace it.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -35,10 +36,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from imaged import __version__
 from imaged.bench.report import Panel, Series, machine_facts, write_report
 from imaged.bench.scratch import scratch_fs, settle
-from imaged.fsutil import syncfs
+from imaged.fsutil import fsync_dir, syncfs
 from imaged.host.mounts import MountSpec, kernel_filesystems, mount_with_command, mountinfo, unmount
+from imaged.ops import advise, copycost
 
 SIZES = (1 << 20, 16 << 20, 256 << 20, 1 << 30)
 QUICK_SIZES = (1 << 20, 16 << 20)
@@ -503,6 +506,25 @@ def _version(cmd: list[str]) -> str:
     return next((line for line in text if line.startswith(cmd[0])), "?")
 
 
+def keep_model(report: Path, root: Path) -> Path | None:
+    """Keep the report's model where ``imaged advise`` looks for it, ``ROOT/bench/copyup.json``
+    (written atomically: an advisor never reads half a model), when ``root`` holds a store;
+    the path, or None when there is no store there to advise on."""
+    if not (root / "metadata.db").exists():
+        return None
+    model = copycost.from_report(json.loads(report.read_text()), str(report))
+    target = root / advise.MODEL_PATH
+    target.parent.mkdir(exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    with partial.open("w") as fh:
+        json.dump(model.to_json(), fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(partial, target)
+    fsync_dir(target.parent)
+    return target
+
+
 def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
         filesystem: str = "ext4") -> list[Path]:
     if os.geteuid() != 0:
@@ -529,6 +551,7 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
     table = _Table()
     failed: set[str] = set()
     facts = machine_facts()
+    facts["imaged"] = __version__
     scratch_size = max(8 << 30, 4 * sum(sizes) + (4 << 30))
     with scratch_fs(scratch_size, filesystem) as (scratch, where):
         layers = _make_layers(scratch, sizes, tree_files)

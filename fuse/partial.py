@@ -40,6 +40,7 @@ from pathlib import Path
 
 import trio
 
+from imaged.fsutil import data_segments
 from imaged.fuse import ranges
 from imaged.fuse.ranges import END, RangeSet
 from imaged.sizes import format_size
@@ -272,24 +273,6 @@ def read(p: Partial, off: int, size: int) -> bytes:
         got = os.pread(fd, span.end - span.start, span.start)
         parts.append(got.ljust(span.end - span.start, b"\0"))
     return b"".join(parts)
-
-
-def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """The data segments of ``[start, end)`` in ``fd`` (holes need no copy: the upper's
-    own holes read as the same zeros)."""
-    at = start
-    while at < end:
-        try:
-            data = os.lseek(fd, at, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            raise
-        if data >= end:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, hole
-        at = hole
 
 
 def missing(p: Partial) -> list[tuple[int, int]]:

@@ -34,7 +34,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from imaged.fsutil import FICLONE
+from imaged.fsutil import FICLONE, copy_data
 from imaged.fuse import changes, partial, ranges, union
 from imaged.fuse.changes import Access, CopyUp, CopyUpPolicy, CopyUpSetting
 from imaged.fuse.index import LinkIndex
@@ -991,7 +991,7 @@ class Server(pyfuse3.Operations):
                     dst = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
                                   0o600, dir_fd=self.work)
                     try:
-                        await trio.to_thread.run_sync(_copy_data, src, dst, st.st_size,
+                        await trio.to_thread.run_sync(copy_data, src, dst, st.st_size,
                                                       limiter=self.limiter)
                     finally:
                         os.close(dst)
@@ -1203,25 +1203,6 @@ def can_reflink(work: int, lowers: list[int]) -> list[bool]:
                 os.unlink(name, dir_fd=work)
     dev = os.fstat(work).st_dev
     return [clones and os.fstat(fd).st_dev == dev for fd in lowers]
-
-
-def _copy_data(src: int, dst: int, size: int) -> None:
-    """FICLONE where the filesystem shares extents, else ``copy_file_range`` over the data
-    segments only (SEEK_DATA/SEEK_HOLE), so sparse files stay sparse."""
-    try:
-        fcntl.ioctl(dst, FICLONE, src)
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
-            raise
-    for data, hole in partial.data_segments(src, 0, size):
-        pos = data
-        while pos < hole:
-            copied = os.copy_file_range(src, dst, hole - pos, pos, pos)
-            if copied == 0:
-                break
-            pos += copied
-    os.ftruncate(dst, size)
 
 
 class _errors:

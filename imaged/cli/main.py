@@ -38,7 +38,8 @@ BENCHMARKS = {
     "api": "the daemon through its socket: info requests/s, container cycles/s, memory",
     "btrfs-quota": "btrfs containers under no quota, full qgroups and simple quotas",
     "copyup": "first-write (copy-up) cost against file size, reads, untar and stat on ext4: "
-              "kernel overlay, imaged's fuse server and fuse-overlayfs on the same layers",
+              "kernel overlay, imaged's fuse server and fuse-overlayfs on the same layers; "
+              "keeps the model imaged advise reads in ROOT/bench/copyup.json",
     "fetch": "one large blob: imaged's download against curl",
     "mount": "mount latency for 1-500 layers, container cycles and the space of 10 containers, "
              "per driver",
@@ -190,6 +191,13 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
         elif args.benchmark == "copyup":
             paths = await trio.to_thread.run_sync(copyup.run, args.out, args.runs, args.sizes,
                                                   args.quick)
+            assert config is not None  # noqa: S101 - loaded for copyup: it keeps a model
+            kept = await trio.to_thread.run_sync(copyup.keep_model, paths[0], config.root)
+            if kept is None:
+                print(f"imaged: no store at {config.root}: the model for imaged advise is not "
+                      "kept (give --root)", file=sys.stderr)
+            else:
+                paths.append(kept)
         elif args.benchmark == "fetch":
             paths = await trio.to_thread.run_sync(fetch.run, args.out, args.size, args.runs)
         elif args.benchmark == "pull":
@@ -197,7 +205,7 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
         else:
             paths = await trio.to_thread.run_sync(mount.run, args.out, args.runs, args.drivers)
         return {"reports": [str(p) for p in paths]}
-    assert config is not None  # noqa: S101 - every command but bench loads it
+    assert config is not None  # noqa: S101 - every command but bench (copyup aside) loads it
     verb = _VERBS[args.command]
     waiting = None if args.no_wait else Waiting(
         LOCK_WAIT_SECONDS, lambda line: print(f"imaged: {line}", file=sys.stderr, flush=True))
@@ -229,14 +237,15 @@ def _run_remote(args: argparse.Namespace, client: DaemonClient) -> Any:
 
 def request_for(verb: Verb, given: Args) -> tuple[str, str, Args | None]:
     """The request of a verb's route for these arguments: path parameters in the path, true
-    flags in the query, the rest in the body (values left at their defaults omitted)."""
+    flags and given strings in the query, the rest in the body (values left at their defaults
+    omitted)."""
     if verb.route is None:
         raise InternalError(f"{verb.name} has no route for the daemon")
     args = verb.args(given)
     path = verb.route.path.format_map({p.name: segment(args[p.name]) for p in verb.params
                                        if p.where == "path"})
-    flags = [f"{p.name}=true" for p in verb.params
-             if p.where == "query" and p.api and args[p.name]]
+    flags = [f"{p.name}=true" if p.kind is bool else f"{p.name}={segment(args[p.name])}"
+             for p in verb.params if p.where == "query" and p.api and args[p.name]]
     fields = [p for p in verb.params if p.where == "body" and p.api]
     body = {p.name: args[p.name] for p in fields if args[p.name] != p.default}
     target = f"/v1/{path}" + (f"?{'&'.join(flags)}" if flags else "")
@@ -289,12 +298,16 @@ def _serve(config: Config, debug: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> Any:
-    if args.command == "bench":
+    if args.command == "bench" and args.benchmark != "copyup":
         import trio  # noqa: PLC0415
 
         return trio.run(_run_embedded, args, None)
     config = load_config(Overrides(config=args.config, root=args.root, driver=args.driver,
                                    socket=args.socket))
+    if args.command == "bench":  # copyup keeps its model in the root
+        import trio  # noqa: PLC0415
+
+        return trio.run(_run_embedded, args, config)
     if args.command == "serve":
         if args.json:
             raise InvalidError("serve does not take --json: it logs to stderr")

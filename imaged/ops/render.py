@@ -106,3 +106,26 @@ def findings(result: dict[str, Any]) -> str:
     lines = [f"{found['kind']}: {found['message']}" for found in result["findings"]]
     lines += [f"recovered at open: {line}" for line in result["recovered"]]
     return "\n".join(lines) if lines else "no findings"
+
+
+def advice(result: dict[str, Any]) -> str:
+    """Per file: path, size and why, each configuration's predicted first write, the advice;
+    then the configurations the model cannot price, and where its numbers came from."""
+    model = result["model"]
+    lines = [f"image {result['image']}: driver {result['driver']} on {result['filesystem']}; "
+             f"costs {model['source']} ({model['from']})"]
+    if not result["files"]:
+        lines.append("no large files that containers are likely to write")
+    for file in result["files"]:
+        lines += ["", f"{file['path']}  {format_size(file['size'])}  {file['reason']}"]
+        for cost in file["costs"]:
+            here = "  (this root)" if cost["config"] == file["configuration"] else ""
+            mark = ", extrapolated" if cost["extrapolated"] else ""
+            lines.append(f"  {cost['config']} on {cost['filesystem']}: "
+                         f"{cost['seconds'] * 1000:.1f} ms ({cost['source']}{mark}){here}")
+        lines.append(f"  advice: {file['advice']}")
+    if result["not_measured"]:
+        lines += ["", "not priced:"]
+        lines += [f"  {row['config']} on {row['filesystem']}: {row['why']}"
+                  for row in result["not_measured"]]
+    return "\n".join(lines)

@@ -30,6 +30,7 @@ from imaged.faults import pause_point
 from imaged.host.mounts import backing_filesystem, is_mounted
 from imaged.host.targets import attach, beneath, detach, open_target
 from imaged.names import name_or_new
+from imaged.ops import advise
 from imaged.ops.pull import Puller, PullResult
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.manifest import Descriptor, Platform
@@ -437,6 +438,13 @@ class Service:
     async def ps(self) -> list[dict[str, Any]]:
         return await self._describe([row for row in self.store.meta.containers()
                                      if row.state == "ready"])
+
+    async def advise(self, text: str, report: str | None, confined: bool) -> dict[str, Any]:
+        """The large files of an image a container will likely write, with their predicted
+        first-write costs and advice (``imaged.ops.advise``); reads every layer blob, so in a
+        thread."""
+        return await trio.to_thread.run_sync(
+            advise.advise, self.store, text, None if report is None else Path(report), confined)
 
     # check
 

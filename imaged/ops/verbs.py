@@ -231,7 +231,17 @@ CHECK = Verb(
            "re-apply lost layers, drop dead records); not through the daemon",
            option="--repair", api=False)),
     Route("GET", "check"), show=render.findings, failed=lambda result: not result["ok"])
+ADVISE = Verb(
+    "advise", "large files of an image that containers will likely write: their first-write "
+    "(copy-up) cost here and under the alternatives, and what to do",
+    lambda s, a, c: s.advise(a["ref"], a["report"], c.confined),
+    (_IMAGE_REF,
+     Param("report", str, "query", "predict from this imaged bench copyup report or model "
+           "(default: ROOT/bench/copyup.json, else a calibration of this root's copy "
+           "throughput); read by the daemon, so root only", option="--report", metavar="FILE",
+           check=_absolute, parse=lambda text: str(Path(text).absolute()))),
+    Route("GET", "images/{ref}/advice"), show=render.advice)
 
 # In the order ``imaged --help`` lists them.
 VERBS: tuple[Verb, ...] = (PULL, IMAGES, IMAGE, RMI, INFO, CREATE, MOUNT, UPDATE, UMOUNT, RM, PS,
-                           CONTAINER, GC, CHECK)
+                           CONTAINER, GC, CHECK, ADVISE)

@@ -89,6 +89,14 @@ def flag(request: Request, name: str) -> bool:
     return values[0] == "true"
 
 
+def text(request: Request, name: str) -> str | None:
+    """A string query parameter, given at most once."""
+    values = request.query.get(name, [])
+    if len(values) > 1:
+        raise InvalidError(f"query parameter {name!r} is given more than once")
+    return values[0] if values else None
+
+
 @dataclass(frozen=True)
 class _Endpoint:
     verb: Verb
@@ -167,11 +175,15 @@ class Api:
         checks its own."""
         verb = endpoint.verb
         args = _path_args(endpoint, parts)
-        flags = {p.name for p in verb.params if p.where == "query" and p.api}
-        unknown = set(request.query) - flags
+        query = {p.name: p for p in verb.params if p.where == "query" and p.api}
+        unknown = set(request.query) - set(query)
         if unknown:
             raise InvalidError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
-        args.update({name: flag(request, name) for name in flags})
+        for name, param in query.items():
+            if param.kind is bool:
+                args[name] = flag(request, name)
+            elif (value := text(request, name)) is not None:
+                args[name] = _checked(param, value)
         body = parse_body(request, {p.name: Field(p.kind, p.required) for p in verb.params
                                     if p.where == "body" and p.api})
         for param in verb.params:

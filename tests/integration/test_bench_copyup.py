@@ -1,5 +1,6 @@
-"""``imaged bench copyup --quick`` end to end: the report it writes, and nothing it mounted
-left behind (loop ext4, overlays, FUSE servers)."""
+"""``imaged bench copyup --quick`` end to end: the report it writes, the model it keeps in the
+root for ``imaged advise``, and nothing it mounted left behind (loop ext4, overlays, FUSE
+servers)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,24 @@ from pathlib import Path
 from typing import Any
 
 from imaged.host.mounts import mountinfo
+from imaged.ops import copycost
 
 
 def _bench_mounts() -> list[str]:
     return [m.mount_point for m in mountinfo() if "imaged-bench-" in m.mount_point]
 
 
-def test_quick_copyup_report(imaged_proc: Any, tmp_path: Path) -> None:
+def test_quick_copyup_report(imaged_proc: Any, tmp_path: Path, root: Path) -> None:
     before = _bench_mounts()
+    assert imaged_proc("images").code == 0  # a store on the root: the model is kept there
     result = imaged_proc("bench", "copyup", "--quick", "--out", str(tmp_path / "out"))
     assert result.code == 0, result.err
+    kept = root / "bench" / "copyup.json"
+    assert result.out.splitlines()[-1] == str(kept)
+    model = copycost.load(json.loads(kept.read_text()), str(kept))
+    assert model.source == "measured" and model.imaged
+    overlay = model.predict("overlay", "ext4", 4 << 20)
+    assert overlay is not None and overlay.seconds > 0 and not overlay.extrapolated
     report = json.loads((tmp_path / "out" / "copyup.json").read_text())
     series = report["series"]
     for config in ("overlay", "fuse full"):

@@ -113,6 +113,10 @@ def test_second_daemon_on_the_root_is_refused(daemon: Daemon, start_daemon: Any)
     (b"GET /v1/check?verify_data= HTTP/1.1\r\nHost: x\r\n\r\n", 400, "true or false"),
     (b"GET /v1/check?verify_data=1 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "true or false"),
     (b"GET /v1/images?color=red HTTP/1.1\r\nHost: x\r\n\r\n", 400, "unknown query"),
+    (b"GET /v1/images/x/advice?report=/a&report=/b HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+     "given more than once"),
+    (b"GET /v1/images/x/advice?report=relative.json HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+     "must be an absolute path"),
     (b"POST /v1/images/pull HTTP/1.1\r\nHost: x\r\nContent-Length: 18\r\n\r\n"
      b'{"ref": "a b:c d"}', 400, "invalid reference"),
     (b"POST /v1/gc HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n", 413, "limit"),

@@ -94,6 +94,9 @@ def test_every_command_verb_is_a_cli_command_and_only_those() -> None:
     (["update", "c1", "--materialize"],
      ("PATCH", "/v1/containers/c1", {"materialize": True})),
     (["ps"], ("GET", "/v1/containers", None)),
+    (["advise", "x:1"], ("GET", "/v1/images/x%3A1/advice", None)),
+    (["advise", "x:1", "--report", "/r/copy up.json"],
+     ("GET", "/v1/images/x%3A1/advice?report=%2Fr%2Fcopy%20up.json", None)),
 ])
 def test_the_cli_sends_the_routes_request(argv: list[str],
                                           expected: tuple[str, str, Any]) -> None:

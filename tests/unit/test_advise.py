@@ -1,0 +1,99 @@
+"""What ``imaged advise`` recommends from predicted costs, which configuration a root's driver
+runs, what it cannot price, and report files that cannot be read (imaged.ops.advise)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from imaged.config import Config
+from imaged.errors import ForbiddenError
+from imaged.ops import copycost
+from imaged.ops.advise import Place, advise, costs, load_model, not_measured, recommend
+from imaged.ops.copycost import ModelError, Prediction
+from imaged.ops.writable import Candidate
+from imaged.store.root import Store
+
+MIB = 1 << 20
+DB = Candidate("/var/lib/mysql/ibdata1", 512 * MIB, "MySQL data", "/var/lib/mysql")
+STATUS = Candidate("/var/lib/dpkg/status", 64 * MIB, "the dpkg package database", None)
+
+
+def cost(config: str, seconds: float, filesystem: str = "ext4") -> Prediction:
+    return Prediction(config, filesystem, seconds, "measured", False)
+
+
+@pytest.mark.parametrize(("candidate", "predictions", "current", "advice"), [
+    (DB, [cost("overlay", 0.01)], "overlay", "nothing to do: copy-up of this file costs ~10 ms"),
+    (DB, [cost("overlay", 2.0), cost("fuse partial", 0.01)], "overlay",
+     "mount a volume at /var/lib/mysql"),
+    (STATUS, [cost("overlay", 0.5), cost("fuse partial", 0.01)], "overlay",
+     "use the fuse driver with partial copy-up"),
+    (STATUS, [cost("overlay", 0.5), cost("fuse reflink", 0.001, "xfs")], "overlay",
+     "put the root on xfs with reflink"),
+    (STATUS, [cost("overlay", 0.5), cost("overlay", 0.01, "xfs")], "overlay",
+     "put the root on xfs with reflink"),
+    (STATUS, [cost("overlay", 0.5), cost("overlay volatile", 0.1)], "overlay",
+     "mount the overlay with volatile (drivers.overlay.volatile): no fsync at copy-up"),
+    # Cheaper, but not by enough to be worth a change.
+    (STATUS, [cost("overlay", 0.5), cost("fuse partial", 0.3)], "overlay",
+     "nothing cheaper measured: copy-up of this file costs ~500 ms (overlay)"),
+    (STATUS, [cost("overlay", 0.5)], "btrfs",
+     "no prediction for this root's configuration (btrfs): run imaged bench copyup on this "
+     "root"),
+])
+def test_recommendations(candidate: Candidate, predictions: list[Prediction], current: str,
+                         advice: str) -> None:
+    assert recommend(candidate, predictions, current) == advice
+
+
+def test_the_configuration_a_root_runs() -> None:
+    def place(driver: str, **settings: object) -> Place:
+        return Place(driver, "ext4", Config(drivers={driver: settings}))
+
+    assert place("overlay").configuration(MIB) == "overlay"
+    assert place("overlay", volatile=True).configuration(MIB) == "overlay volatile"
+    assert place("fuse").configuration(MIB) == "fuse full"  # auto: whole below 16 MiB
+    assert place("fuse").configuration(64 * MIB) == "fuse partial"  # by range above
+    assert place("fuse", copy_up="full").configuration(64 * MIB) == "fuse full"
+    assert place("fuse", partial_threshold=128 * MIB).configuration(64 * MIB) == "fuse full"
+    assert place("btrfs").configuration(MIB) == "btrfs"
+
+
+def test_costs_put_this_roots_configuration_first_and_prefer_its_filesystem() -> None:
+    model = copycost.calibrated(100e6, "ext4", {}, "0")
+    place = Place("fuse", "ext4", Config(drivers={"fuse": {"copy_up": "full"}}))
+    assert [p.config for p in costs(model, place, MIB)] == ["fuse full", "overlay"]
+
+
+def test_what_a_model_cannot_price_is_named_with_why() -> None:
+    model = copycost.calibrated(100e6, "ext4", {}, "0")
+    rows = not_measured(model, Place("btrfs", "btrfs", Config()))
+    by_config = {(r["config"], r["filesystem"]): r["why"] for r in rows}
+    assert by_config[("btrfs", "btrfs")].startswith("not measured: this model has no btrfs rows "
+                                                    "on btrfs (it has fuse full on ext4")
+    assert ("fuse reflink", "xfs") in by_config
+    assert by_config[("fuse partial", "ext4")].startswith("not measured: a calibration")
+
+
+def test_report_files_that_cannot_be_used(tmp_path: Path) -> None:
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00")
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    for path, words in ((tmp_path / "missing", "cannot read the report"),
+                        (binary, "not text"), (empty, "not JSON"), (tmp_path, "cannot read")):
+        with pytest.raises(ModelError, match=words):
+            load_model(path)
+    good = tmp_path / "model.json"
+    good.write_text(json.dumps(copycost.calibrated(1e8, "ext4", {}, "0").to_json()))
+    assert load_model(good).source == "calibrated"
+
+
+def test_a_confined_peer_may_not_name_a_report() -> None:
+    """The daemon would read the path with its own rights: refused before anything is read."""
+    with pytest.raises(ForbiddenError, match="only root may name a report file"):
+        advise(cast(Store, None), "img", Path("/etc/shadow"), confined=True)
