@@ -175,12 +175,11 @@ def zfs_dataset(request: pytest.FixtureRequest, tmp_path: Path,
     return {"zfs": {"dataset": pool.dataset}}
 
 
-@pytest.fixture(params=DRIVERS)
-def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Each built driver in turn; for a driver that needs its own filesystem (ROOT_MKFS), the
-    ``root`` fixture's directory is a fresh one, mounted for the test and gone after it; zfs
+@contextlib.contextmanager
+def driver_bed(request: pytest.FixtureRequest, tmp_path: Path, name: str) -> Iterator[str]:
+    """The driver ``name`` ready on the ``root`` fixture's directory: for a driver that needs its
+    own filesystem (ROOT_MKFS), a fresh one mounted there for the test and gone after it; zfs
     gets a pool of its own, configured in the test's config file."""
-    name: str = request.param
     if os.geteuid() != 0:
         pytest.skip("drivers mount filesystems: needs root")
     with contextlib.ExitStack() as stack:
@@ -192,6 +191,13 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         result = probe(Config(root=tmp_path / "root", drivers=options))
         if not result.supported:
             pytest.skip(f"{name} not supported here: {result.reason}")
+        yield name
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each built driver in turn (see ``driver_bed``)."""
+    with driver_bed(request, tmp_path, request.param) as name:
         yield name
 
 
