@@ -35,16 +35,18 @@ import signal
 import stat
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
-from imaged.fsutil import disk_usage, fsync_dir
+from imaged.fsutil import FS_XFLAG_EXTSZINHERIT, disk_usage, fsync_dir, get_fsxattr, set_fsxattr
 from imaged.fuse import control, partial
 from imaged.fuse.changes import DEFAULT_PARTIAL_THRESHOLD, CopyUpPolicy, CopyUpSetting
 from imaged.fuse.server import Server, clear_work
+from imaged.host.mounts import backing_filesystem
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -103,6 +105,29 @@ def open_layers(args: argparse.Namespace) -> tuple[int, int, list[int]]:
     if os.fstat(upper).st_dev != os.fstat(work).st_dev:
         raise StartError(f"{args.work} is not on the filesystem of {args.upper}")
     return upper, work, lowers
+
+
+def allocate_exactly(directory: Path) -> None:
+    """On xfs, give ``directory`` an extent-size hint of one block, which the files and
+    directories made in it from now on inherit (``FS_XFLAG_EXTSZINHERIT``).
+
+    The server counts a write as the growth of the upper file's ``st_blocks``, and on xfs that
+    includes speculative preallocation: an appending write reserves blocks beyond EOF (as many
+    again as the file holds, up to 8 GiB), counted in ``st_blocks`` at once and trimmed at
+    close only when xfs thinks the file is not being appended to repeatedly. The quota would
+    then refuse writes at half of it, and the count drift above what ``du`` sees. A file with an
+    extent-size hint is allocated without delayed allocation, so without preallocation: its
+    ``st_blocks`` is the blocks written. ext4's preallocation does not show in ``st_blocks``,
+    so it needs no hint; files and directories made before the hint (an upper from an older
+    imaged) keep xfs's default."""
+    if backing_filesystem(directory).fstype != "xfs":
+        return
+    attrs = get_fsxattr(directory)
+    block = os.statvfs(directory).f_bsize
+    if attrs.xflags & FS_XFLAG_EXTSZINHERIT and attrs.extsize == block:
+        return
+    set_fsxattr(directory, replace(attrs, xflags=attrs.xflags | FS_XFLAG_EXTSZINHERIT,
+                                   extsize=block))
 
 
 def _say(fd: int | None, line: str) -> None:
@@ -187,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         upper, work, lowers = open_layers(args)
         if not args.read_only:
+            allocate_exactly(args.upper)
+            allocate_exactly(args.work)
             clear_work(work)
             records = partial.records_dir(work, create=False)
             if records is not None:

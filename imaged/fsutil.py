@@ -1,5 +1,6 @@
 """Filesystem primitives: flushing a directory entry or a whole filesystem, and measuring
-trees the way ``du`` does; the reflink ioctl and the data copy it stands in for."""
+trees the way ``du`` does; the reflink ioctl and the data copy it stands in for; a directory's
+``struct fsxattr`` (project ids, extent-size hints), which xfs and ext4 share."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ import fcntl
 import os
 import shutil
 import stat
+import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h: share a file's extents (reflink)
+# struct fsxattr: xflags extsize nextents projid cowextsize (u32 each), 8 bytes of padding.
+_FSXATTR = struct.Struct("=5I8x")
+_FS_IOC_FSGETXATTR = 0x801C581F
+_FS_IOC_FSSETXATTR = 0x401C5820
+FS_XFLAG_EXTSZINHERIT = 0x1000  # new files take the directory's extent-size hint
+FS_XFLAG_PROJINHERIT = 0x200  # new files and directories take the directory's project id
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -28,6 +37,38 @@ def syscall(number: int, *args: Any) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return result
+
+
+@dataclass(frozen=True)
+class FsXattr:
+    """The fields of ``struct fsxattr`` that FS_IOC_FSSETXATTR takes back."""
+
+    xflags: int
+    extsize: int
+    nextents: int
+    projid: int
+    cowextsize: int
+
+
+def get_fsxattr(directory: Path) -> FsXattr:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        attrs = bytearray(_FSXATTR.size)
+        fcntl.ioctl(fd, _FS_IOC_FSGETXATTR, attrs)
+        return FsXattr(*_FSXATTR.unpack(attrs))
+    finally:
+        os.close(fd)
+
+
+def set_fsxattr(directory: Path, attrs: FsXattr) -> None:
+    """Set a directory's fsxattr: read it with ``get_fsxattr`` and change only what is meant to
+    change, since the ioctl sets every field at once."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_FSSETXATTR, _FSXATTR.pack(
+            attrs.xflags, attrs.extsize, attrs.nextents, attrs.projid, attrs.cowextsize))
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:

@@ -151,6 +151,19 @@ def loop_filesystem(mkfs: list[str], image: Path, mount_point: Path,
 
 
 @pytest.fixture(scope="session")
+def xfs_filesystem(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One xfs filesystem for the session: a test that needs xfs takes a directory of it (the
+    conformance battery's ``fuse-xfs`` beds bind one as their root), which costs a mkdir where
+    an mkfs per test would cost a second or more. Private, so that mounts made under a bind of
+    it stay there (no propagation to the filesystem or other binds)."""
+    base = tmp_path_factory.mktemp("xfs")
+    with loop_filesystem(["mkfs.xfs", "-q"], base / "xfs.img", base / "mnt") as mounted:
+        subprocess.run(["mount", "--make-private", str(mounted)], check=True,
+                       capture_output=True, timeout=60)
+        yield mounted
+
+
+@pytest.fixture(scope="session")
 def zfs_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zfsfuse.Daemon]:
     """One zfs-fuse daemon for the session (each test gets a pool of its own in it)."""
     need_tools("zfs-fuse", "zfs", "zpool")

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import struct
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from imaged.errors import QuotaUnsupportedError
-from imaged.fsutil import syscall
+from imaged.fsutil import FS_XFLAG_PROJINHERIT, get_fsxattr, set_fsxattr, syscall
 from imaged.host.mounts import backing_filesystem
 
 FIRST_ID = 1_000_000
@@ -45,11 +45,6 @@ _BLOCK = 1024  # QIF_DQBLKSIZE: quota block limits are in KiB whatever the files
 # struct if_dqblk: bhardlimit bsoftlimit curspace ihardlimit isoftlimit curinodes btime itime
 # (u64 each) valid (u32), padded to 8 bytes.
 _DQBLK = struct.Struct("=8QI4x")
-# struct fsxattr: xflags extsize nextents projid cowextsize (u32 each), 8 bytes of padding.
-_FSXATTR = struct.Struct("=5I8x")
-_FS_IOC_FSGETXATTR = 0x801C581F
-_FS_IOC_FSSETXATTR = 0x401C5820
-_FS_XFLAG_PROJINHERIT = 0x200
 
 
 def qcmd(command: int, kind: int = _PRJQUOTA) -> int:
@@ -124,26 +119,13 @@ def enforced(path: Path) -> bool:
 
 def set_project(directory: Path, project_id: int) -> None:
     """Give ``directory`` the project id, inherited by everything created under it."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        attrs = bytearray(_FSXATTR.size)
-        fcntl.ioctl(fd, _FS_IOC_FSGETXATTR, attrs)
-        xflags, extsize, nextents, _projid, cowextsize = _FSXATTR.unpack(attrs)
-        fcntl.ioctl(fd, _FS_IOC_FSSETXATTR,
-                    _FSXATTR.pack(xflags | _FS_XFLAG_PROJINHERIT, extsize, nextents,
-                                  project_id, cowextsize))
-    finally:
-        os.close(fd)
+    attrs = get_fsxattr(directory)
+    set_fsxattr(directory, replace(attrs, xflags=attrs.xflags | FS_XFLAG_PROJINHERIT,
+                                   projid=project_id))
 
 
 def project_of(directory: Path) -> int:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        attrs = bytearray(_FSXATTR.size)
-        fcntl.ioctl(fd, _FS_IOC_FSGETXATTR, attrs)
-        return int(_FSXATTR.unpack(attrs)[3])
-    finally:
-        os.close(fd)
+    return get_fsxattr(directory).projid
 
 
 def set_limit(path: Path, project_id: int, quota: int | None) -> None:

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from tests.conftest import (
     Result,
     driver_bed,
     filesystem_type,
-    loop_filesystem,
     unmount_below,
 )
 
@@ -135,18 +133,6 @@ def _fill_deep_storage(layout: OCILayout, storage: Path, workdir: Path) -> None:
 # on (ext4 here), by id: the driver they run. Only fuse has one: its server counts the bytes the
 # upper's filesystem allocates (st_blocks), and xfs allocates its own way (docs/drivers.md).
 FILESYSTEM_AXIS = {"fuse-xfs": "fuse"}
-
-
-@pytest.fixture(scope="session")
-def xfs_filesystem(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One xfs filesystem for the session: each ``fuse-xfs`` test binds a directory of it as its
-    root, which costs a mkdir and a mount where an mkfs per test would cost a second or more.
-    Private, so that mounts made under a bind stay there (no propagation to the others)."""
-    base = tmp_path_factory.mktemp("xfs")
-    with loop_filesystem(["mkfs.xfs", "-q"], base / "xfs.img", base / "mnt") as mounted:
-        subprocess.run(["mount", "--make-private", str(mounted)], check=True,
-                       capture_output=True, timeout=60)
-        yield mounted
 
 
 @contextlib.contextmanager

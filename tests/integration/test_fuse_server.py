@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from imaged.fsutil import FS_XFLAG_EXTSZINHERIT, disk_usage, get_fsxattr, remove_tree
+from imaged.fuse.control import saved_usage
 from tests.integration.fusebed import Mount, overlay_view, serve
 from tests.integration.fusebed import stop as _stop
 from tests.integration.fusebed import walk as _walk
@@ -234,6 +236,39 @@ def test_quota_enospc_from_write(tmp_path: Path) -> None:
         assert vfs.f_bfree * vfs.f_frsize < 128 << 10
     finally:
         _stop(mount)
+
+
+def test_quota_and_count_on_xfs_are_the_blocks_written(tmp_path: Path,
+                                                       xfs_filesystem: Path) -> None:
+    """xfs counts speculative preallocation beyond EOF in ``st_blocks`` and keeps it past
+    close for a file appended to in separate opens (as a log is): the server's extent-size hint
+    on the upper keeps it out, so such appends fill the quota to its last chunk and the count
+    the server leaves is what ``du`` sees of the upper."""
+    home = xfs_filesystem / tmp_path.name
+    (home / "control").mkdir(parents=True)
+    quota = 16 << 20
+    try:
+        mount = serve(_make_layers(tmp_path), home, "--quota", str(quota), "--control",
+                      str(home / "control"))
+        try:
+            assert get_fsxattr(mount.upper).xflags & FS_XFLAG_EXTSZINHERIT
+            chunk, written = b"x" * (1 << 20), 0
+            with pytest.raises(OSError) as raised:
+                while written <= quota:
+                    fd = os.open(mount.path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                 0o644)
+                    try:
+                        written += os.write(fd, chunk)
+                    finally:
+                        os.close(fd)
+            assert raised.value.errno == errno.ENOSPC
+            assert quota - len(chunk) - (64 << 10) <= written < quota
+        finally:
+            _stop(mount)
+        assert mount.proc.returncode == 0
+        assert saved_usage(home / "control") == disk_usage(mount.upper)
+    finally:
+        remove_tree(home)
 
 
 def test_read_only_refuses_changes(tmp_path: Path) -> None:
