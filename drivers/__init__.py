@@ -137,6 +137,9 @@ class Driver(Protocol):
 
     name: str
     home: Path
+    # Copies up by range, leaving partial files that ``update --materialize`` completes; a
+    # driver without (all but fuse) has that refused, not answered with nothing done.
+    partial_copy_up: bool
 
     def capabilities(self) -> Capabilities: ...
 

@@ -60,6 +60,7 @@ class BaseDriver(ABC):
     nothing to do where something is mounted already (a container is mounted once)."""
 
     name: str
+    partial_copy_up: bool = False
 
     def __init__(self, config: Config, home: Path) -> None:
         self.config = config
@@ -123,7 +124,8 @@ class BaseDriver(ABC):
         remove_tree(self._container(name))
 
     def materialize(self, name: str, layers: Sequence[str], mounted: bool) -> None:
-        """Nothing to complete: copy-up is whole-file everywhere but in fuse."""
+        """Nothing to complete: copy-up is whole-file everywhere but in fuse (``update
+        --materialize`` is refused before it gets here: ``partial_copy_up``)."""
         return
 
     def check(self, layers: Set[str]) -> list[Finding]:

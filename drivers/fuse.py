@@ -75,6 +75,7 @@ class FuseDriver(DirectoryDriver):
 
     name = "fuse"
     project_quotas = False
+    partial_copy_up = True
 
     def capabilities(self) -> Capabilities:
         return _capabilities()

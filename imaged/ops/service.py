@@ -423,6 +423,10 @@ class Service:
         if row.read_only:
             raise InvalidError(f"container {name} is read-only: it has no writable layer")
         driver = self.store.driver()
+        if materialize and not driver.partial_copy_up:  # refused before the quota changes
+            raise InvalidError(f"container {name} has no partial files to materialize: the "
+                               f"{driver.name} driver copies up whole files (only fuse copies "
+                               "up by range)")
         mounted = row.mount_path is not None
         if quota is not None:
             await trio.to_thread.run_sync(driver.resize_quota, name, quota, mounted)
