@@ -1,9 +1,10 @@
 """``imaged update NAME --materialize`` end to end, through the CLI in both of its modes: it
 completes a fuse container's partial files (``ps`` says how many there are), after which kernel
 overlay over the same lowers and the upper shows the tree the server showed; it changes nothing
-when the quota has no room for the copies, and it is refused for a missing container and by a
-driver that copies up whole files. tests/integration/test_fuse_partial.py holds the server's and
-the driver's side of it (control socket, offline materialising, kill -9)."""
+when the quota has no room for the copies, succeeds doing nothing once there are no partial
+files, and is refused for a missing container and by a driver that copies up whole files.
+tests/integration/test_fuse_partial.py holds the server's and the driver's side of it (control
+socket, offline materialising, kill -9)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def _update(imaged: CLI, *args: str) -> Any:
 
 
 @pytest.mark.usefixtures("fuse_root")
-def test_materialize_completes_partial_files_and_kernel_overlay_agrees(
+def test_materialize_completes_partial_files_then_kernel_overlay_agrees(
         root: Path, tmp_path: Path, registry: LocalRegistry, layout: OCILayout,
         imaged: CLI, request: pytest.FixtureRequest) -> None:
     add_config(tmp_path, '[drivers.fuse]\ncopy_up = "partial"\n')
@@ -86,6 +87,14 @@ def test_materialize_completes_partial_files_and_kernel_overlay_agrees(
     assert done.json()["partial_files"] == 0 and done.json()["quota"] == 16 << 20
     listed = _state(imaged, "m")
     assert listed["partial_files"] == 0 and listed["used_bytes"] >= BIG, listed
+
+    # Without partial files (any more) it has nothing to do, and says so by succeeding; a
+    # container that does not exist is not found.
+    again = _update(imaged, "m", "--materialize")
+    assert again.code == 0 and again.json()["partial_files"] == 0, again.err
+    assert _state(imaged, "m")["used_bytes"] == listed["used_bytes"]
+    missing = _update(imaged, "nosuch", "--materialize")
+    assert missing.code == 1 and missing.json()["error"]["code"] == "not_found", missing.err
     seen = walk(merged)
     expected = bytearray(random.Random(5).randbytes(BIG))  # noqa: S311 - the image's bytes
     expected[BIG // 2:BIG // 2 + 6] = b"edited"
@@ -102,25 +111,6 @@ def test_materialize_completes_partial_files_and_kernel_overlay_agrees(
         assert walk(kernel) == seen
     finally:
         unmount(kernel, lazy=True)
-
-
-@pytest.mark.usefixtures("fuse_root")
-def test_materialize_without_partial_files_and_of_a_missing_container(
-        tmp_path: Path, registry: LocalRegistry, layout: OCILayout,
-        imaged: CLI, request: pytest.FixtureRequest) -> None:
-    ref = _image(layout, registry, request)
-    _cli(imaged, "pull", ref)
-    merged = Path(_cli(imaged, "mount", ref, "--name", "whole").out.strip())
-    (merged / "new").write_text("new\n")
-    before = _state(imaged, "whole")
-    assert before["partial_files"] == 0, before
-    done = _update(imaged, "whole", "--materialize")
-    assert done.code == 0, done.err
-    assert _state(imaged, "whole")["used_bytes"] == before["used_bytes"]
-    assert (merged / "new").read_text() == "new\n"
-
-    missing = _update(imaged, "nosuch", "--materialize")
-    assert missing.code == 1 and missing.json()["error"]["code"] == "not_found", missing.err
 
 
 @pytest.mark.parametrize("driver", ["vfs"], indirect=True)
