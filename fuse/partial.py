@@ -145,8 +145,10 @@ def open_lower(lowers: list[int], ref: bytes) -> int:
 
 def start(work: int, records: int, tmp: bytes, size: int, ref: bytes) -> int:
     """Make ``tmp`` in work (a fresh copy-up carrying the file's metadata, size ``size``)
-    partial: mark it, then write its log, all durable before the caller renames it into the
-    upper. Blocking (fsyncs). Returns its inode number."""
+    partial: mark it, then write its log, before the caller renames it into the upper. Nothing
+    is synced, as a full copy-up syncs nothing: a kill -9 leaves it all in the page cache, and
+    the first ``sync`` makes mark, log and both names durable (the three fsyncs this used to
+    wait on were most of a partial file's first write). Returns its inode number."""
     fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=work)
     try:
         os.setxattr(b"/proc/self/fd/%d" % fd, MARKER, MARKER_VALUE)
@@ -157,12 +159,9 @@ def start(work: int, records: int, tmp: bytes, size: int, ref: bytes) -> int:
         try:
             os.setxattr(b"/proc/self/fd/%d" % log, LOWER_XATTR, ref)
             os.write(log, ranges.encode(RangeSet.for_lower(size)))
-            os.fsync(log)
         finally:
             os.close(log)
         os.rename(log_tmp, b"%d" % ino, src_dir_fd=work, dst_dir_fd=records)
-        os.fsync(records)
-        os.fsync(fd)
         return ino
     finally:
         os.close(fd)
@@ -269,13 +268,15 @@ def truncate(p: Partial, size: int) -> None:
 
 def sync(p: Partial, records: int, upper_dir: int | None, *, datasync: bool) -> None:
     """fsync of a partial file: its data on disk, then a sync entry confirming the entries
-    before it; the first time since load also the directories of the log and of the upper
-    file (None once it has no name), so both names are as durable as the bytes. Blocking; the
-    caller holds ``p.lock``."""
-    (os.fdatasync if datasync else os.fsync)(p.upper)
+    before it. The first time since load (``start`` synced nothing) whole fsyncs, for the mark
+    and the log's lower xattr, and the directories of the log and of the upper file (None once
+    it has no name), so both names are as durable as the bytes. Blocking; the caller holds
+    ``p.lock``."""
+    first = not p.dirs_synced
+    (os.fdatasync if datasync and not first else os.fsync)(p.upper)
     os.write(p.log, ranges.encode_sync())
-    os.fdatasync(p.log)
-    if not p.dirs_synced:
+    (os.fsync if first else os.fdatasync)(p.log)
+    if first:
         os.fsync(records)
         if upper_dir is not None:
             os.fsync(upper_dir)
