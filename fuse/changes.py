@@ -300,10 +300,11 @@ class CopyUp(enum.Enum):
     PARTIAL = "partial"  # a sparse upper and a range record (imaged.fuse.ranges)
 
 
-# From docs/bench/copyup.md (imaged bench copyup; docs/drivers.md quotes it): partial's first
-# write costs a few syncs whatever the size, full grows with it, and they meet near 16 MiB; a
-# file below it is better whole: no record, no syncs per write, nothing to materialise.
-DEFAULT_PARTIAL_THRESHOLD = 16 << 20
+# From imaged bench copyup (docs/drivers.md quotes the run): partial's first write costs about
+# the same whatever the size (no sync since writes and copy-up stopped syncing), full grows
+# with it, and they meet between 1 and 4 MiB; a file below it is better whole: no record, no
+# split reads, nothing to materialise.
+DEFAULT_PARTIAL_THRESHOLD = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,7 @@ class Partial:
     users: int = 0  # open handles using the descriptors; they close with the last one
     done: bool = False  # completed or unlinked: the upper alone is the file now
     unlinked: bool = False  # its last name went while open: the log goes at the last close
+    dirs_synced: bool = False  # the log's directory was fsynced since load (by the first fsync)
 
     def close(self) -> None:
         for fd in (self.upper, self.lower, self.log):
@@ -144,8 +145,10 @@ def open_lower(lowers: list[int], ref: bytes) -> int:
 
 def start(work: int, records: int, tmp: bytes, size: int, ref: bytes) -> int:
     """Make ``tmp`` in work (a fresh copy-up carrying the file's metadata, size ``size``)
-    partial: mark it, then write its log, all durable before the caller renames it into the
-    upper. Blocking (fsyncs). Returns its inode number."""
+    partial: mark it, then write its log, before the caller renames it into the upper. Nothing
+    is synced, as a full copy-up syncs nothing: a kill -9 leaves it all in the page cache, and
+    the first ``sync`` makes mark, log and both names durable (the three fsyncs this used to
+    wait on were most of a partial file's first write). Returns its inode number."""
     fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=work)
     try:
         os.setxattr(b"/proc/self/fd/%d" % fd, MARKER, MARKER_VALUE)
@@ -156,12 +159,9 @@ def start(work: int, records: int, tmp: bytes, size: int, ref: bytes) -> int:
         try:
             os.setxattr(b"/proc/self/fd/%d" % log, LOWER_XATTR, ref)
             os.write(log, ranges.encode(RangeSet.for_lower(size)))
-            os.fsync(log)
         finally:
             os.close(log)
         os.rename(log_tmp, b"%d" % ino, src_dir_fd=work, dst_dir_fd=records)
-        os.fsync(records)
-        os.fsync(fd)
         return ino
     finally:
         os.close(fd)
@@ -184,11 +184,14 @@ def load(records: int, upper: int, lowers: list[int], *, writable: bool) -> Part
             got = ranges.replay(data)
         except ranges.CorruptLog as exc:
             raise Damaged(f"range log of inode {ino}: {exc}") from None
+        record, dropped = ranges.settle(got, lambda s, e: data_segments(upper, s, e))
         ref = os.getxattr(b"/proc/self/fd/%d" % log, LOWER_XATTR)
-        if writable and got.length > 2 * len(ranges.encode(got.ranges)) + _COMPACT_SLACK:
+        if writable and (dropped or
+                         got.length > 2 * len(ranges.encode(record)) + _COMPACT_SLACK):
+            os.fdatasync(upper)  # the data settle kept, before a log that confirms it
             os.close(log)
             log = -1
-            log = _compact(records, ino, got.ranges, ref)
+            log = _compact(records, ino, record, ref)
         elif got.torn and writable:
             os.ftruncate(log, got.length)
             os.fsync(log)
@@ -197,7 +200,7 @@ def load(records: int, upper: int, lowers: list[int], *, writable: bool) -> Part
         if log != -1:
             os.close(log)
         raise
-    return Partial(ino, got.ranges, upper, lower, log)
+    return Partial(ino, record, upper, lower, log)
 
 
 def _compact(records: int, ino: int, record: RangeSet, ref: bytes) -> int:
@@ -219,9 +222,10 @@ def _compact(records: int, ino: int, record: RangeSet, ref: bytes) -> int:
     return fd
 
 
-def _append(p: Partial, start: int, end: int) -> None:
+def _append(p: Partial, start: int, end: int, *, durable: bool) -> None:
     os.write(p.log, ranges.encode_add(start, end))
-    os.fdatasync(p.log)
+    if durable:
+        os.fdatasync(p.log)
 
 
 def _copy(src: int, dst: int, start: int, end: int) -> None:
@@ -241,15 +245,15 @@ def _copy(src: int, dst: int, start: int, end: int) -> None:
 
 def write(p: Partial, off: int, buf: bytes) -> int:
     """A write, in ranges.py's crash-safe order: fill the partial blocks at its edges from
-    the lower, write, fdatasync the data, then append and fdatasync the log entry. Blocking;
-    the caller holds ``p.lock``."""
+    the lower, write, then append the log entry. Nothing is synced: a kill -9 leaves both in
+    the page cache, and power-cut durability is what ``sync`` (fsync) promises. Blocking; the
+    caller holds ``p.lock``."""
     low, high = ranges.aligned(off, off + len(buf), BLOCK)
     for start, end in p.ranges.fill(off, off + len(buf), BLOCK):
         _copy(p.lower, p.upper, start, end)
     written = os.pwrite(p.upper, buf, off)
-    os.fdatasync(p.upper)
     end = high if written == len(buf) else off + written
-    _append(p, low, end)
+    _append(p, low, end, durable=False)
     p.ranges.add(low, end)
     return written
 
@@ -257,9 +261,26 @@ def write(p: Partial, off: int, buf: bytes) -> int:
 def truncate(p: Partial, size: int) -> None:
     """Record first, then truncate: ``[size, END)`` is the upper's (zeros until written) before
     the bytes go, so a regrown range never shows the lower's old bytes."""
-    _append(p, size, END)
+    _append(p, size, END, durable=True)
     p.ranges.truncate(size)
     os.ftruncate(p.upper, size)
+
+
+def sync(p: Partial, records: int, upper_dir: int | None, *, datasync: bool) -> None:
+    """fsync of a partial file: its data on disk, then a sync entry confirming the entries
+    before it. The first time since load (``start`` synced nothing) whole fsyncs, for the mark
+    and the log's lower xattr, and the directories of the log and of the upper file (None once
+    it has no name), so both names are as durable as the bytes. Blocking; the caller holds
+    ``p.lock``."""
+    first = not p.dirs_synced
+    (os.fdatasync if datasync and not first else os.fsync)(p.upper)
+    os.write(p.log, ranges.encode_sync())
+    (os.fsync if first else os.fdatasync)(p.log)
+    if first:
+        os.fsync(records)
+        if upper_dir is not None:
+            os.fsync(upper_dir)
+        p.dirs_synced = True
 
 
 def read(p: Partial, off: int, size: int) -> bytes:
@@ -294,7 +315,7 @@ def complete(p: Partial, records: int) -> None:
     for start, end in missing(p):
         _copy(p.lower, p.upper, start, end)
     os.fdatasync(p.upper)
-    _append(p, 0, END)
+    _append(p, 0, END, durable=True)
     p.ranges.add(0, END)
     finish(p, records)
 

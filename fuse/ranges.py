@@ -12,18 +12,29 @@ is the set of byte ranges the upper is authoritative for. Two rules make it exac
   bytes to copy first so a write can record whole aligned blocks (a record of blocks stays
   small, one of every 4 KiB write would not).
 
-The record persists as an append-only log of fixed-size entries, each with its own CRC-32: an
-``fdatasync`` of a 24-byte append is what a write's acknowledgement waits on, and a kill at any
-moment leaves at most the last entry torn, which ``replay`` ignores. The I/O shell keeps the
-order that makes this crash-safe:
-- write: fill and write the data to the upper, fdatasync it, then append and fdatasync the
-  entry. A crash between leaves the range unrecorded, so it reads from the lower: the write was
-  not acknowledged, and the lower still holds what the file showed before it.
+The record persists as an append-only log of fixed-size entries, each with its own CRC-32. A
+kill at any moment leaves at most the last entry torn, which ``replay`` ignores. The promise is
+the one a plain file makes: a kill -9 of the server loses no acknowledged write (data and entry
+are in the page cache, which outlives the process), and a power cut loses nothing fsynced. So a
+write syncs nothing (a 4 KiB write costing two fdatasyncs was most of its latency), and fsync
+writes a "sync" entry. The I/O shell keeps the order that makes this crash-safe:
+- write: fill and write the data to the upper, then append the entry. A kill between leaves
+  the range unrecorded, so it reads from the lower: the write was not acknowledged.
+- fsync: fdatasync the upper, then append a sync entry and fdatasync the log. Entries before
+  the last sync entry are confirmed: their data is on disk.
+- load: an entry after the last sync entry is unconfirmed; after a power cut the log may hold
+  it while the upper lost its data (the two files reach the disk in no set order). ``settle``
+  keeps what the upper holds data for and drops the rest, which was never fsynced, so the
+  lower's bytes are a state the file may show. Serving the upper's hole there instead would
+  show zeros nobody wrote. An entry ending at ``END`` (truncate, completion) holds no data by
+  nature and counts as confirmed.
 - truncate: append and fdatasync the entry first, then truncate the upper. Recorded first, a
   crash never lets a shrunk-then-regrown range show the lower's old bytes.
 - after ``replay``, truncate the log to ``Replay.length`` before appending again, or new entries
-  would follow a torn one and be lost at the next replay.
-- compaction: write ``encode(ranges)`` to a temporary file, fsync, rename over the log.
+  would follow a torn one and be lost at the next replay; and once ``settle`` dropped a range,
+  rewrite the log, or a later sync entry would confirm it.
+- compaction: write ``encode(ranges)`` (which ends in a sync entry) to a temporary file,
+  fsync, rename over the log.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from __future__ import annotations
 import bisect
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 END = 1 << 63  # past any offset off_t holds: "from here on, whatever the size"
@@ -39,7 +50,8 @@ END = 1 << 63  # past any offset off_t holds: "from here on, whatever the size"
 _ENTRY = struct.Struct("<B3xQQ")  # kind, start, end
 _CRC = struct.Struct("<I")
 ENTRY_SIZE = _ENTRY.size + _CRC.size  # 24
-_KIND_ADD = 1  # the only kind of format 1; another kind with a good CRC is a newer format
+_KIND_ADD = 1
+_KIND_SYNC = 2  # all data of the entries before it is on disk; another kind is a newer format
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,33 +192,57 @@ class CorruptLog(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    """What a log holds: the ranges, and the length of its intact prefix, where the next
-    append goes (``torn``: bytes after it were a torn entry, to cut before appending)."""
+    """What a log holds: the confirmed ranges, the entries after the last sync entry, and the
+    length of its intact prefix, where the next append goes (``torn``: bytes after it were a
+    torn entry, to cut before appending)."""
 
-    ranges: RangeSet
+    confirmed: RangeSet
+    unconfirmed: tuple[tuple[int, int], ...]
     length: int
     torn: bool
+
+    @property
+    def ranges(self) -> RangeSet:
+        """The record after a process kill: every entry, since the page cache kept all the
+        data they describe."""
+        record = self.confirmed.copy()
+        for start, end in self.unconfirmed:
+            record.add(start, end)
+        return record
+
+
+def _entry(kind: int, start: int, end: int) -> bytes:
+    body = _ENTRY.pack(kind, start, end)
+    return body + _CRC.pack(zlib.crc32(body))
 
 
 def encode_add(start: int, end: int) -> bytes:
     """One log entry: the upper holds ``[start, end)``."""
     _check(start, end)
-    body = _ENTRY.pack(_KIND_ADD, start, end)
-    return body + _CRC.pack(zlib.crc32(body))
+    return _entry(_KIND_ADD, start, end)
+
+
+def encode_sync() -> bytes:
+    """The entry fsync appends once the upper's data is on disk: the entries before it are
+    confirmed."""
+    return _entry(_KIND_SYNC, 0, 0)
 
 
 def encode(ranges: RangeSet) -> bytes:
-    """A compacted log holding exactly ``ranges``."""
-    return b"".join(encode_add(start, end) for start, end in ranges)
+    """A compacted log holding exactly ``ranges``, all confirmed (it is written after the
+    upper's data is on disk)."""
+    return b"".join(encode_add(start, end) for start, end in ranges) + encode_sync()
 
 
 def replay(data: bytes) -> Replay:
     """The record a log describes, stopping at a torn last entry (short, or failing its CRC:
     a crash mid-append). A bad entry with more than one entry's worth of bytes after it is no
     torn append but damage: ``CorruptLog``."""
-    ranges = RangeSet()
+    confirmed = RangeSet()
+    pending: list[tuple[int, int]] = []
     view = memoryview(data)
     offset = 0
+    torn = False
     while offset < len(data):
         chunk = view[offset:offset + ENTRY_SIZE]
         body = bytes(chunk[:_ENTRY.size])
@@ -215,11 +251,39 @@ def replay(data: bytes) -> Replay:
         if not intact:
             if len(data) - offset > ENTRY_SIZE:
                 raise CorruptLog(f"range log entry at byte {offset} is damaged and not last")
-            return Replay(ranges, offset, True)
+            torn = True
+            break
         kind, start, end = _ENTRY.unpack(body)
-        if kind != _KIND_ADD or not 0 <= start <= end <= END:
+        if kind == _KIND_SYNC and start == end == 0:
+            for pair in pending:
+                confirmed.add(*pair)
+            pending.clear()
+        elif kind == _KIND_ADD and 0 <= start <= end <= END:
+            if end == END:
+                confirmed.add(start, end)
+            else:
+                pending.append((start, end))
+        else:
             raise CorruptLog(f"range log entry at byte {offset} is not one this version "
                              f"writes (kind {kind}, [{start}, {end}))")
-        ranges.add(start, end)
         offset += ENTRY_SIZE
-    return Replay(ranges, offset, False)
+    return Replay(confirmed, tuple(pending), offset, torn)
+
+
+def settle(got: Replay, data: Callable[[int, int], Iterable[tuple[int, int]]]
+           ) -> tuple[RangeSet, bool]:
+    """The record to serve after a crash of either kind, given ``data(start, end)``: the
+    segments of ``[start, end)`` the upper holds data for (SEEK_DATA, which sees the page cache
+    too, so after a process kill nothing is dropped). Confirmed ranges stand; of an unconfirmed
+    one, only what the upper holds data for. Returns the record and whether anything was
+    dropped (then the log must be rewritten before the next sync entry)."""
+    record = got.confirmed.copy()
+    dropped = False
+    for start, end in got.unconfirmed:
+        for gap_start, gap_end in record.gaps(start, end):
+            held = list(data(gap_start, gap_end))
+            for seg_start, seg_end in held:
+                record.add(max(seg_start, gap_start), min(seg_end, gap_end))
+            dropped = dropped or sum(min(e, gap_end) - max(s, gap_start) for s, e in held) \
+                < gap_end - gap_start
+    return record, dropped

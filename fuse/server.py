@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import stat
 import sys
@@ -788,8 +789,9 @@ class Server(pyfuse3.Operations):
     async def _write_partial(self, handle: Handle, part: partial.Partial, off: int,
                              buf: bytes) -> int:
         """A write to a partial file, under its lock: charged for the whole blocks it makes
-        the upper hold (what it writes and what it fills from the lower), acknowledged only
-        once data and record are durable (``partial.write``)."""
+        the upper hold (what it writes and what it fills from the lower), acknowledged once
+        data and record are in the page cache, as a plain file's write is (``partial.write``;
+        fsync makes them durable)."""
         before = os.fstat(part.upper)
         low, high = ranges.aligned(off, off + len(buf), partial.BLOCK)
         self._charge(self._growth(part.upper, before, low, high - low))
@@ -840,9 +842,21 @@ class Server(pyfuse3.Operations):
         pass
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self._handles[fh].fd
+        """A partial file's writes sync nothing, so its fsync is where they become durable:
+        data, then the sync entry that confirms their record (``partial.sync``)."""
+        handle = self._handles[fh]
+        part = handle.partial
         with _errors():
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd,
+            if part is not None:
+                async with part.lock:
+                    if not part.done:
+                        upper_dir = None if part.dirs_synced or part.unlinked else \
+                            self._upper_dir(self._located(handle.node)[0])
+                        await trio.to_thread.run_sync(
+                            functools.partial(partial.sync, part, self.records, upper_dir,
+                                              datasync=datasync), limiter=self.limiter)
+                        return
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, handle.fd,
                                           limiter=self.limiter)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

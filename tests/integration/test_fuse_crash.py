@@ -91,24 +91,28 @@ def test_kill9_during_a_full_copy_up(tmp_path: Path) -> None:
 _WRITER = """
 import os, sys
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+done = 0
 for i in range(1_000_000):
-    os.write(fd, b"%07d\\n" % i * 512)
-    print(i, flush=True)
+    done += os.write(fd, b"%07d\\n" % i * 512)
+    print(done, flush=True)
 """
 
 
 def test_kill9_during_writes_loses_no_acknowledged_one(tmp_path: Path) -> None:
     """Appends to a copied-up file, each acknowledged by write(2) returning (writeback off):
-    after kill -9 every acknowledged record is there, whole, and the one in flight is either
-    whole or absent."""
+    after kill -9 every acknowledged byte is there, and after them at most the one record in
+    flight, or a prefix of it. write(2) counts as acknowledging only the bytes it returns: a
+    record straddling a page boundary can reach the server as two requests, and when the kill
+    falls between them write(2) returns short, the first part written (seen once in ~35 runs:
+    4090 of 4096 bytes)."""
     mount = _start(tmp_path)
     target = mount.path / "small"
     try:
         with subprocess.Popen([sys.executable, "-c", _WRITER, str(target)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as child:
             assert child.stdout is not None
-            acked = -1
-            while acked < 200:
+            acked = 0
+            while acked < 200 * 4096:
                 acked = int(child.stdout.readline())
             os.kill(mount.proc.pid, signal.SIGKILL)
             mount.proc.wait()
@@ -122,6 +126,7 @@ def test_kill9_during_writes_loses_no_acknowledged_one(tmp_path: Path) -> None:
     record = 4096
     assert body.startswith(b"small\n")
     records = body[len(b"small\n"):]
-    assert len(records) in (record * (acked + 1), record * (acked + 2))
-    for i in range(len(records) // record):
-        assert records[i * record:(i + 1) * record] == b"%07d\n" % i * 512, i
+    assert acked <= len(records) <= -(-(acked + 1) // record) * record
+    for i in range(-(-len(records) // record)):
+        whole = b"%07d\n" % i * 512
+        assert records[i * record:(i + 1) * record] == whole[:len(records) - i * record], i

@@ -9,6 +9,7 @@ than what was acknowledged and never older in a way that serves the lower for wr
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -23,7 +24,9 @@ from imaged.fuse.ranges import (
     aligned,
     encode,
     encode_add,
+    encode_sync,
     replay,
+    settle,
 )
 
 
@@ -177,3 +180,98 @@ def test_damage_before_the_end_is_refused() -> None:
     future = body + zlib.crc32(body).to_bytes(4, "little")
     with pytest.raises(CorruptLog, match="kind 9"):
         replay(future)
+
+
+# sync entries and settling after a crash
+
+WRITES = st.lists(st.one_of(
+    st.tuples(st.integers(0, 60), st.integers(1, 8)).map(lambda r: (r[0], r[0] + r[1])),
+    st.just(None)), max_size=20)  # None: an fsync
+
+
+def _log_of(ops: list[tuple[int, int] | None]) -> tuple[bytes, int]:
+    """The log the I/O shell appends for ``ops`` after a fresh copy-up of a 100-byte lower,
+    and its length at the last sync entry (what an fsync made durable)."""
+    log = encode(RangeSet.for_lower(100))
+    synced = len(log)
+    for op in ops:
+        if op is None:
+            log += encode_sync()
+            synced = len(log)
+        else:
+            log += encode_add(*op)
+    return log, synced
+
+
+def _segments(held: RangeSet) -> Callable[[int, int], list[tuple[int, int]]]:
+    """SEEK_DATA over an upper holding data exactly in ``held``."""
+    return lambda start, end: [(s.start, s.end) for s in held.split(start, end) if s.upper]
+
+
+@given(WRITES)
+def test_after_a_process_kill_every_write_stands(ops: list[tuple[int, int] | None]) -> None:
+    """A kill -9 leaves the page cache: every appended entry's data is there, so settle keeps
+    all of them, fsynced or not, and drops nothing."""
+    log, _ = _log_of(ops)
+    got = replay(log)
+    everything = RangeSet.for_lower(100)
+    for op in ops:
+        if op is not None:
+            everything.add(*op)
+    assert settle(got, _segments(everything)) == (everything, False)
+
+
+@given(WRITES, st.data())
+def test_after_a_power_cut_fsynced_writes_stand_and_no_hole_is_served(
+        ops: list[tuple[int, int] | None], data: st.DataObject) -> None:
+    """A power cut keeps the log up to its last sync entry and any longer prefix, the data of
+    every write before that sync, and any subset of the later writes' data. The settled
+    record holds every fsynced write, and never claims a byte below the lower's size the
+    upper holds no data for (that would show zeros nobody wrote)."""
+    log, synced = _log_of(ops)
+    cut = data.draw(st.integers(synced, len(log)))
+    disk = RangeSet()
+    fsynced = RangeSet()
+    pending: list[tuple[int, int]] = []
+    for op in ops:
+        if op is None:
+            for start, end in pending:
+                fsynced.add(start, end)
+                disk.add(start, end)
+            pending.clear()
+        else:
+            pending.append(op)
+    for start, end in pending:
+        if data.draw(st.booleans()):
+            disk.add(start, end)
+    record, dropped = settle(replay(log[:cut]), _segments(disk))
+    assert all(record.covers(start, end) for start, end in fsynced)
+    claimed_without_data = [gap for start, end in record if start < 100
+                            for gap in disk.gaps(start, min(end, 100))]
+    assert claimed_without_data == []
+    assert dropped == (record != replay(log[:cut]).ranges)
+
+
+def test_an_unconfirmed_write_whose_data_is_lost_falls_back_to_the_lower() -> None:
+    log = encode(RangeSet.for_lower(100)) + encode_add(0, 10) + encode_sync() + \
+        encode_add(20, 30) + encode_add(40, 50) + encode_add(60, END)
+    got = replay(log)
+    assert got.confirmed == RangeSet([(0, 10), (60, END)])
+    assert got.unconfirmed == ((20, 30), (40, 50))
+    record, dropped = settle(got, _segments(RangeSet([(0, 10), (20, 30), (44, 46)])))
+    assert record == RangeSet([(0, 10), (20, 30), (44, 46), (60, END)])
+    assert dropped
+
+
+def test_a_log_without_sync_entries_is_all_unconfirmed() -> None:
+    got = replay(encode_add(0, 10) + encode_add(20, 30))
+    assert got.confirmed == RangeSet() and got.unconfirmed == ((0, 10), (20, 30))
+    assert got.ranges == RangeSet([(0, 10), (20, 30)])
+
+
+def test_a_sync_entry_with_a_range_is_refused() -> None:
+    bad = bytearray(encode_sync())
+    bad[4] = 1
+    bad[-4:] = zlib.crc32(bytes(bad[:20])).to_bytes(4, "little")
+    with pytest.raises(CorruptLog):
+        replay(encode_add(0, 10) + bytes(bad))
