@@ -27,7 +27,7 @@ import os
 import stat
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ _SUID_BITS = stat.S_ISUID | stat.S_ISGID
 _DEFAULT_POLICY = CopyUpPolicy()
 ORIGIN_XATTR = b"trusted.imaged.origin"  # "<layer>-<inode>" of a copy's lower file
 TMP_PREFIX = b"#imaged-"  # copy-ups and swaps in progress in work; leftovers of a crash
+_OPAQUE_NAMES = tuple((os.fsdecode(n), n) for n in union.OPAQUE_XATTRS)  # as listxattr says
 
 
 def clear_work(work: int) -> None:
@@ -164,11 +165,21 @@ class Server(pyfuse3.Operations):
         except NotADirectoryError:
             return None
         kind = union.file_type(st.st_mode, st.st_rdev)
-        opaque = False
-        if kind is FileType.DIRECTORY:
-            opaque = any(union.is_opaque(self._xattr(_proc(dir_fd, name), n))
-                         for n in union.OPAQUE_XATTRS)
+        opaque = kind is FileType.DIRECTORY and self._opaque(_proc(dir_fd, name))
         return Entry(kind, opaque, Origin(st.st_dev, st.st_ino)), st
+
+    @classmethod
+    def _opaque(cls, path: bytes) -> bool:
+        """Whether a directory is marked opaque: one listxattr answers for the many that
+        carry no overlay xattr at all, where a getxattr per name would cost two calls."""
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM):
+                return False
+            raise
+        return any(union.is_opaque(cls._xattr(path, raw))
+                   for text, raw in _OPAQUE_NAMES if text in names)
 
     @staticmethod
     def _xattr(path: bytes, name: bytes) -> bytes | None:
@@ -232,7 +243,25 @@ class Server(pyfuse3.Operations):
         if node_id == ROOT_ID:
             layer, fd = self._dir_layers(ROOT_ID)[0]
             return Place(layer, fd, b".", os.fstat(fd))  # "." names the directory itself
-        return self._place_at(*self._located(node_id))
+        parent, name = self._located(node_id)
+        return self._held(node_id, parent, name) or self._place_at(parent, name)
+
+    def _held(self, node_id: int, parent: int, name: bytes) -> Place | None:
+        """The node's place without walking the layers, when its upper inode is still where
+        it was last seen: the upper is the top layer, so its entry decides what the name
+        shows, and this server is the only one that changes the upper. None otherwise (not
+        in the upper, or the name since whited out, removed or linked elsewhere)."""
+        upper = self.nodes.get(node_id).upper
+        layers = self._dirs.get(parent)
+        if upper is None or not layers or layers[0][0] != UPPER:
+            return None
+        try:
+            st = os.stat(name, dir_fd=layers[0][1], follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if st.st_ino != upper.ino or st.st_dev != upper.dev:
+            return None
+        return Place(UPPER, layers[0][1], name, st)
 
     def _place_at(self, parent: int, name: bytes) -> Place:
         res, stats = self._resolve(parent, name)
@@ -261,15 +290,23 @@ class Server(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
-    def _known(self, parent: int, name: bytes, st: os.stat_result, layer: int
-               ) -> tuple[Node, pyfuse3.EntryAttributes]:
+    def _known(self, parent: int, name: bytes, st: os.stat_result, layer: int, *,
+               made: bool = False) -> tuple[Node, pyfuse3.EntryAttributes]:
         """Count a lookup of the object ``st`` under ``name``, and its attributes: those of
-        the copy when it is a lower hard link another name of which was copied up."""
+        the copy when it is a lower hard link another name of which was copied up.
+
+        An upper inode's recorded origin is read once, when the table first meets the inode;
+        never for one this server has just ``made`` (it has none)."""
         here = Origin(st.st_dev, st.st_ino)
         if layer == UPPER:
             pdir = self._dir_layers(parent)[0][1]
-            origin = self._recorded_origin(pdir, name)
-            node = self.nodes.lookup(here) if origin is None else self.nodes.lookup(origin, here)
+            found = self.nodes.find(here)
+            if found is not None and found.upper == here:
+                node = found
+                self.nodes.counted(node)
+            else:
+                origin = None if made else self._recorded_origin(pdir, name)
+                node = self.nodes.lookup(here if origin is None else origin, here)
             nlink: int | None = self.index.nlink(pdir, name, st)
         else:
             indexed = self.index.find(st)
@@ -478,21 +515,33 @@ class Server(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
-        node, attr = self._make(parent_inode, name, FileType.REGULAR, mode, ctx)
-        with _errors():
-            place = self._place(node.id)
-            fd = os.open(place.name, changes.open_flags(flags, writeback=self.writeback),
-                         dir_fd=place.dir_fd)
+        fd = -1  # the new file as the caller opens it: made and opened in one call
+
+        def made(where: int, name: bytes) -> None:
+            nonlocal fd
+            fd = os.open(name, changes.open_flags(flags, writeback=self.writeback) |
+                         os.O_CREAT | os.O_EXCL, 0o600, dir_fd=where)
+
+        try:
+            node, attr = self._make(parent_inode, name, FileType.REGULAR, mode, ctx,
+                                    create=made)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
         fh = self._fh()
         self._handles[fh] = Handle(fd, node.id, ctx.uid)
         return pyfuse3.FileInfo(fh=fh), attr
 
     def _make(self, parent: int, name: bytes, kind: FileType, mode: int,
-              ctx: pyfuse3.RequestContext, *, rdev: int = 0,
-              target: bytes = b"") -> tuple[Node, pyfuse3.EntryAttributes]:
+              ctx: pyfuse3.RequestContext, *, rdev: int = 0, target: bytes = b"",
+              create: Callable[[int, bytes], None] | None = None
+              ) -> tuple[Node, pyfuse3.EntryAttributes]:
         """Make a new object as the caller would: their uid, their gid or the setgid
         directory's, their umask, made aside and renamed over an upper whiteout if one is
-        there, so the name never shows the lower object it hid."""
+        there, so the name never shows the lower object it hid. ``create`` makes a regular
+        file (in the directory and under the name it is given) instead of an empty one made
+        and closed: FUSE's create keeps it open."""
         check_name(name)
         self._writable()
         with _errors():
@@ -514,6 +563,8 @@ class Server(pyfuse3.Operations):
                                 follow_symlinks=False)
             elif kind is FileType.SYMLINK:
                 os.symlink(target, made, dir_fd=where)
+            elif kind is FileType.REGULAR and create is not None:
+                create(where, made)
             elif kind is FileType.REGULAR:
                 os.close(os.open(made, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
                                  0o600, dir_fd=where))
@@ -527,7 +578,7 @@ class Server(pyfuse3.Operations):
                 os.unlink(made, dir_fd=self.work)
             st = os.stat(name, dir_fd=pdir, follow_symlinks=False)
             self.usage += st.st_blocks * 512
-            return self._known(parent, name, st, UPPER)
+            return self._known(parent, name, st, UPPER, made=True)
 
     def _parent_res(self, parent: int) -> Resolution:
         layers = tuple(layer for layer, _ in self._dir_layers(parent))
