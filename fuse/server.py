@@ -44,6 +44,7 @@ from imaged.fuse.union import UPPER, Entry, FileType, Listing, Resolution
 TIMEOUT = 1.0  # entry and attribute cache: uppers change, and only this server changes them
 BIG_IO = 128 << 10  # reads and writes above this go to a worker thread
 WORKERS = 4
+LISTED_NAMES = 200_000  # names kept in cached listings of lower-only directories, at most
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUID_BITS = stat.S_ISUID | stat.S_ISGID
 _DEFAULT_POLICY = CopyUpPolicy()
@@ -147,6 +148,11 @@ class Server(pyfuse3.Operations):
         self._dirs: dict[int, tuple[tuple[int, int], ...]] = {
             ROOT_ID: tuple(zip(root.layers, (upper, *lowers), strict=True))}
         self._owned: set[int] = set()  # descriptors in _dirs this server opened (not roots)
+        # Merged listings of directories without an upper part, oldest first: lowers never
+        # change while mounted, and a directory gets an upper part (_upper_dir) before
+        # anything in it changes, so such a listing stays true until then or its node goes.
+        self._lower_listings: dict[int, Listing] = {}
+        self._listed = 0
         self.index = LinkIndex(work, lowers)
         self._locks: dict[int, trio.Lock] = {}
         self._handles: dict[int, Handle] = {}
@@ -233,6 +239,7 @@ class Server(pyfuse3.Operations):
         return where
 
     def _drop_dir(self, node_id: int) -> None:
+        self._unlist(node_id)
         for _, fd in self._dirs.pop(node_id, ()):
             if fd in self._owned:
                 self._owned.discard(fd)
@@ -456,6 +463,13 @@ class Server(pyfuse3.Operations):
         return fh
 
     def _listing(self, inode: int) -> Listing:
+        """The directory's merged listing; read once for a directory whose layers are all
+        lowers (``_lower_listings``), since only an upper part changes."""
+        layers = self._dir_layers(inode)
+        lower_only = layers[0][0] != UPPER
+        if lower_only and (cached := self._lower_listings.get(inode)) is not None:
+            return cached
+
         def contents(fd: int) -> Iterator[tuple[bytes, Entry]]:
             with os.scandir(fd) as entries:
                 for item in entries:
@@ -472,7 +486,18 @@ class Server(pyfuse3.Operations):
                         st = item.stat(follow_symlinks=False)
                         yield name, Entry(union.file_type(st.st_mode, st.st_rdev))
 
-        return union.merge((layer, list(contents(fd))) for layer, fd in self._dir_layers(inode))
+        listing = union.merge((layer, list(contents(fd))) for layer, fd in layers)
+        if lower_only:
+            self._lower_listings[inode] = listing
+            self._listed += len(listing)
+            while self._listed > LISTED_NAMES:
+                self._unlist(next(iter(self._lower_listings)))
+        return listing
+
+    def _unlist(self, node_id: int) -> None:
+        gone = self._lower_listings.pop(node_id, None)
+        if gone is not None:
+            self._listed -= len(gone)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dir_handles[fh]
@@ -888,7 +913,10 @@ class Server(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)
 
     async def flush(self, fh: int) -> None:
-        pass
+        """Nothing to do at close (writes are done when acknowledged, and there are no
+        locks to drop): ENOSYS makes the kernel stop sending FLUSH at every close(2), which
+        then returns 0 without a round trip through this process."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         fd = self._handles[fh].fd
@@ -971,6 +999,7 @@ class Server(pyfuse3.Operations):
         fd = os.open(name, _DIR_FLAGS, dir_fd=pdir)
         self._owned.add(fd)
         self._dirs[node_id] = ((UPPER, fd), *layers)
+        self._unlist(node_id)
         new = os.fstat(fd)
         self.usage += new.st_blocks * 512
         self.nodes.copied_up(node_id, Origin(new.st_dev, new.st_ino))
