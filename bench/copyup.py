@@ -613,7 +613,9 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
     elapsed = time.monotonic() - started
     load_end = Path("/proc/loadavg").read_text().split()[:3]
     notes += [
-        f"{runs} run{'s' * (runs > 1)}, {len(sizes)} sizes, {elapsed / 60:.1f} minutes; in each "
+        f"{runs} run{'s' * (runs > 1)}, {len(sizes) or 'no'} file sizes "
+        f"({'--metadata: untar and find | xargs stat only' if metadata else 'first writes'}), "
+        f"{elapsed / 60:.1f} minutes; in each "
         "run every configuration in turn, the order rotating from run to run; every sample in "
         "a fresh container (new upper and work directories, a new mount) on the same two lower "
         f"directories on {where}",
