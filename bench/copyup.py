@@ -381,13 +381,14 @@ def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, bas
             table.add(config.name, f"first write {label}", "milliseconds", written * 1000)
             table.add(config.name, f"fsync after it {label}", "milliseconds", synced * 1000)
             table.add(config.name, f"upper growth {label}", "KiB", grown / 1024)
-    largest = max(layers.big)
     settle()
     with _container(config, options, layers, base) as box:
-        _drop_caches()
-        for temperature in ("cold", "warm"):
-            table.add(config.name, f"read {_label(largest)} {temperature}", "MB/s",
-                      _read_rate(box.mount / layers.big[largest]))
+        if layers.big:
+            largest = max(layers.big)
+            _drop_caches()
+            for temperature in ("cold", "warm"):
+                table.add(config.name, f"read {_label(largest)} {temperature}", "MB/s",
+                          _read_rate(box.mount / layers.big[largest]))
         _drop_caches()
         walk = f"find {box.mount / layers.tree} -print0 | xargs -0 stat > /dev/null"
         for temperature in ("cold", "warm"):
@@ -409,11 +410,12 @@ def _ratios(table: _Table, measured: list[Configuration], sizes: Sequence[int],
             tree_files: int) -> dict[str, float]:
     """imaged's rows against each peer's, medians of the same run: times divided by the
     peer's time, read rates by the peer's rate."""
-    largest = _label(max(sizes))
-    measures = [f"first write {largest} cold", f"first write {largest} warm",
-                f"read {largest} cold", f"read {largest} warm",
-                f"untar {tree_files} files + syncfs",
+    measures = [f"untar {tree_files} files + syncfs",
                 "find | xargs stat cold", "find | xargs stat warm"]
+    if sizes:
+        largest = _label(max(sizes))
+        measures = [f"first write {largest} cold", f"first write {largest} warm",
+                    f"read {largest} cold", f"read {largest} warm", *measures]
     ratios = {}
     names = {c.name for c in measured}
     for config in measured:
@@ -435,6 +437,8 @@ def _summary(table: _Table, measured: list[Configuration], absent: dict[str, str
              sizes: Sequence[int], tree_files: int) -> list[str]:
     """The medians a reader wants side by side, before the full table; a configuration not
     measured keeps its row, saying why."""
+    if not sizes:
+        return _metadata_summary(table, measured, absent, tree_files)
     lines = ["First 4 KiB write in the middle of a lower file (open O_RDWR + pwrite + close), "
              "median ms, cold / warm; the fsync after it; what the upper grew by:", "",
              "| configuration | " + " | ".join(_label(s) for s in sizes) +
@@ -467,6 +471,31 @@ def _summary(table: _Table, measured: list[Configuration], absent: dict[str, str
             f"{_cell(table.get(name, 'find | xargs stat cold'), 2)} | "
             f"{_cell(table.get(name, 'find | xargs stat warm'), 2)} |")
     lines += [f"| {name} | not measured: {why} | | | | |" for name, why in absent.items()]
+    return lines
+
+
+def _metadata_summary(table: _Table, measured: list[Configuration], absent: dict[str, str],
+                      tree_files: int) -> list[str]:
+    """The metadata rows alone (``--metadata``), each imaged row also as a multiple of
+    fuse-overlayfs's, the peer issue 14 measures against."""
+    untar = f"untar {tree_files} files + syncfs"
+    measures = (untar, "find | xargs stat cold", "find | xargs stat warm")
+    lines = [f"Unpacking a {tree_files}-file tree into the container (s), and `find | xargs "
+             "stat` over the same tree as a lower layer (s), medians; in brackets, the "
+             "multiple of fuse-overlayfs's median in the same run:", "",
+             "| configuration | untar + syncfs | find+stat cold | find+stat warm |",
+             "|---|---:|---:|---:|"]
+    for config in measured:
+        cells = []
+        for measure in measures:
+            mine, peer = table.get(config.name, measure), table.get("fuse-overlayfs", measure)
+            cell = _cell(mine, 2)
+            if config.kind == "imaged" and mine is not None and peer is not None \
+                    and peer.median > 0:
+                cell += f" ({mine.median / peer.median:.1f}x)"
+            cells.append(cell)
+        lines.append(f"| {config.name} | " + " | ".join(cells) + " |")
+    lines += [f"| {name} | not measured: {why} | | |" for name, why in absent.items()]
     return lines
 
 
@@ -526,11 +555,14 @@ def keep_model(report: Path, root: Path) -> Path | None:
 
 
 def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
-        filesystem: str = "ext4") -> list[Path]:
+        filesystem: str = "ext4", *, metadata: bool = False) -> list[Path]:
+    """The report's paths. ``metadata``: only the untar and find | xargs stat rows, as
+    ``metadata.{json,md,png}`` (no lower files of random data, no model for advise): the
+    metadata path of the fuse server measured alone, in minutes rather than an hour."""
     if os.geteuid() != 0:
         raise RuntimeError("imaged bench copyup needs root: it mounts loop filesystems, "
                            "overlays and FUSE filesystems and drops the page cache")
-    sizes = sorted(sizes or (QUICK_SIZES if quick else SIZES))
+    sizes = [] if metadata else sorted(sizes or (QUICK_SIZES if quick else SIZES))
     runs = 1 if quick else runs
     tree_files = QUICK_TREE_FILES if quick else TREE_FILES
     load_start = Path("/proc/loadavg").read_text().split()[:3]
@@ -581,7 +613,9 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
     elapsed = time.monotonic() - started
     load_end = Path("/proc/loadavg").read_text().split()[:3]
     notes += [
-        f"{runs} run{'s' * (runs > 1)}, {len(sizes)} sizes, {elapsed / 60:.1f} minutes; in each "
+        f"{runs} run{'s' * (runs > 1)}, {len(sizes) or 'no'} file sizes "
+        f"({'--metadata: untar and find | xargs stat only' if metadata else 'first writes'}), "
+        f"{elapsed / 60:.1f} minutes; in each "
         "run every configuration in turn, the order rotating from run to run; every sample in "
         "a fresh container (new upper and work directories, a new mount) on the same two lower "
         f"directories on {where}",
@@ -607,6 +641,10 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
         "this run; for times below 1 means imaged is faster, for read rates above 1 does",
     ]
     ratios = _ratios(table, kept, sizes, tree_files)
+    if metadata:
+        return write_report(out, "metadata", f"Untar and find | xargs stat on {filesystem}",
+                            series, facts, ratios, notes,
+                            summary=_summary(table, kept, absent, sizes, tree_files))
     return write_report(out, "copyup", f"Copy-up and container I/O on {filesystem}", series,
                         facts, ratios, notes, _panels(table, kept, sizes),
                         _summary(table, kept, absent, sizes, tree_files))

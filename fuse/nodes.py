@@ -55,10 +55,12 @@ class Origin(NamedTuple):
 class Node:
     """One object the kernel knows by ``id``.
 
-    ``upper`` is the upper inode once copied up (where data and attributes now come from, for
-    every name of it: overlay with ``index=on`` serves a lower hard link's other names from the
-    copy too). ``lookups`` is the kernel's reference count on the id. ``names`` are the places
-    it was seen, as an ordered set, most recent last.
+    ``upper`` is the upper inode once the object is known to be in the upper, made there or
+    copied up (where data and attributes now come from, for every name of it: overlay with
+    ``index=on`` serves a lower hard link's other names from the copy too). The server trusts
+    an upper entry with this inode as the node's place without walking the layers.
+    ``lookups`` is the kernel's reference count on the id. ``names`` are the places it was
+    seen, as an ordered set, most recent last.
     """
 
     id: int
@@ -114,6 +116,11 @@ class NodeTable:
         if node.id != ROOT_ID:
             node.lookups += 1
         return node
+
+    def counted(self, node: Node) -> None:
+        """One more lookup of a node already found (``find``), as ``lookup`` counts it."""
+        if node.id != ROOT_ID:
+            node.lookups += 1
 
     def _new(self, origin: Origin) -> Node:
         try:

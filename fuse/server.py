@@ -28,7 +28,7 @@ import os
 import stat
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +45,13 @@ from imaged.fuse.union import UPPER, Entry, FileType, Listing, Resolution
 TIMEOUT = 1.0  # entry and attribute cache: uppers change, and only this server changes them
 BIG_IO = 128 << 10  # reads and writes above this go to a worker thread
 WORKERS = 4
+LISTED_NAMES = 200_000  # names kept in cached listings of lower-only directories, at most
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUID_BITS = stat.S_ISUID | stat.S_ISGID
 _DEFAULT_POLICY = CopyUpPolicy()
 ORIGIN_XATTR = b"trusted.imaged.origin"  # "<layer>-<inode>" of a copy's lower file
 TMP_PREFIX = b"#imaged-"  # copy-ups and swaps in progress in work; leftovers of a crash
+_OPAQUE_NAMES = tuple((os.fsdecode(n), n) for n in union.OPAQUE_XATTRS)  # as listxattr says
 
 
 def clear_work(work: int) -> None:
@@ -147,6 +149,11 @@ class Server(pyfuse3.Operations):
         self._dirs: dict[int, tuple[tuple[int, int], ...]] = {
             ROOT_ID: tuple(zip(root.layers, (upper, *lowers), strict=True))}
         self._owned: set[int] = set()  # descriptors in _dirs this server opened (not roots)
+        # Merged listings of directories without an upper part, oldest first: lowers never
+        # change while mounted, and a directory gets an upper part (_upper_dir) before
+        # anything in it changes, so such a listing stays true until then or its node goes.
+        self._lower_listings: dict[int, Listing] = {}
+        self._listed = 0
         self.index = LinkIndex(work, lowers)
         self._locks: dict[int, trio.Lock] = {}
         self._handles: dict[int, Handle] = {}
@@ -165,11 +172,21 @@ class Server(pyfuse3.Operations):
         except NotADirectoryError:
             return None
         kind = union.file_type(st.st_mode, st.st_rdev)
-        opaque = False
-        if kind is FileType.DIRECTORY:
-            opaque = any(union.is_opaque(self._xattr(_proc(dir_fd, name), n))
-                         for n in union.OPAQUE_XATTRS)
+        opaque = kind is FileType.DIRECTORY and self._opaque(_proc(dir_fd, name))
         return Entry(kind, opaque, Origin(st.st_dev, st.st_ino)), st
+
+    @classmethod
+    def _opaque(cls, path: bytes) -> bool:
+        """Whether a directory is marked opaque: one listxattr answers for the many that
+        carry no overlay xattr at all, where a getxattr per name would cost two calls."""
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM):
+                return False
+            raise
+        return any(union.is_opaque(cls._xattr(path, raw))
+                   for text, raw in _OPAQUE_NAMES if text in names)
 
     @staticmethod
     def _xattr(path: bytes, name: bytes) -> bytes | None:
@@ -223,6 +240,7 @@ class Server(pyfuse3.Operations):
         return where
 
     def _drop_dir(self, node_id: int) -> None:
+        self._unlist(node_id)
         for _, fd in self._dirs.pop(node_id, ()):
             if fd in self._owned:
                 self._owned.discard(fd)
@@ -233,7 +251,25 @@ class Server(pyfuse3.Operations):
         if node_id == ROOT_ID:
             layer, fd = self._dir_layers(ROOT_ID)[0]
             return Place(layer, fd, b".", os.fstat(fd))  # "." names the directory itself
-        return self._place_at(*self._located(node_id))
+        parent, name = self._located(node_id)
+        return self._held(node_id, parent, name) or self._place_at(parent, name)
+
+    def _held(self, node_id: int, parent: int, name: bytes) -> Place | None:
+        """The node's place without walking the layers, when its upper inode is still where
+        it was last seen: the upper is the top layer, so its entry decides what the name
+        shows, and this server is the only one that changes the upper. None otherwise (not
+        in the upper, or the name since whited out, removed or linked elsewhere)."""
+        upper = self.nodes.get(node_id).upper
+        layers = self._dirs.get(parent)
+        if upper is None or not layers or layers[0][0] != UPPER:
+            return None
+        try:
+            st = os.stat(name, dir_fd=layers[0][1], follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if st.st_ino != upper.ino or st.st_dev != upper.dev:
+            return None
+        return Place(UPPER, layers[0][1], name, st)
 
     def _place_at(self, parent: int, name: bytes) -> Place:
         res, stats = self._resolve(parent, name)
@@ -262,15 +298,23 @@ class Server(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
-    def _known(self, parent: int, name: bytes, st: os.stat_result, layer: int
-               ) -> tuple[Node, pyfuse3.EntryAttributes]:
+    def _known(self, parent: int, name: bytes, st: os.stat_result, layer: int, *,
+               made: bool = False) -> tuple[Node, pyfuse3.EntryAttributes]:
         """Count a lookup of the object ``st`` under ``name``, and its attributes: those of
-        the copy when it is a lower hard link another name of which was copied up."""
+        the copy when it is a lower hard link another name of which was copied up.
+
+        An upper inode's recorded origin is read once, when the table first meets the inode;
+        never for one this server has just ``made`` (it has none)."""
         here = Origin(st.st_dev, st.st_ino)
         if layer == UPPER:
             pdir = self._dir_layers(parent)[0][1]
-            origin = self._recorded_origin(pdir, name)
-            node = self.nodes.lookup(here) if origin is None else self.nodes.lookup(origin, here)
+            found = self.nodes.find(here)
+            if found is not None and found.upper == here:
+                node = found
+                self.nodes.counted(node)
+            else:
+                origin = None if made else self._recorded_origin(pdir, name)
+                node = self.nodes.lookup(here if origin is None else origin, here)
             nlink: int | None = self.index.nlink(pdir, name, st)
         else:
             indexed = self.index.find(st)
@@ -420,6 +464,13 @@ class Server(pyfuse3.Operations):
         return fh
 
     def _listing(self, inode: int) -> Listing:
+        """The directory's merged listing; read once for a directory whose layers are all
+        lowers (``_lower_listings``), since only an upper part changes."""
+        layers = self._dir_layers(inode)
+        lower_only = layers[0][0] != UPPER
+        if lower_only and (cached := self._lower_listings.get(inode)) is not None:
+            return cached
+
         def contents(fd: int) -> Iterator[tuple[bytes, Entry]]:
             with os.scandir(fd) as entries:
                 for item in entries:
@@ -436,7 +487,18 @@ class Server(pyfuse3.Operations):
                         st = item.stat(follow_symlinks=False)
                         yield name, Entry(union.file_type(st.st_mode, st.st_rdev))
 
-        return union.merge((layer, list(contents(fd))) for layer, fd in self._dir_layers(inode))
+        listing = union.merge((layer, list(contents(fd))) for layer, fd in layers)
+        if lower_only:
+            self._lower_listings[inode] = listing
+            self._listed += len(listing)
+            while self._listed > LISTED_NAMES:
+                self._unlist(next(iter(self._lower_listings)))
+        return listing
+
+    def _unlist(self, node_id: int) -> None:
+        gone = self._lower_listings.pop(node_id, None)
+        if gone is not None:
+            self._listed -= len(gone)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dir_handles[fh]
@@ -479,21 +541,33 @@ class Server(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
-        node, attr = self._make(parent_inode, name, FileType.REGULAR, mode, ctx)
-        with _errors():
-            place = self._place(node.id)
-            fd = os.open(place.name, changes.open_flags(flags, writeback=self.writeback),
-                         dir_fd=place.dir_fd)
+        fd = -1  # the new file as the caller opens it: made and opened in one call
+
+        def made(where: int, name: bytes) -> None:
+            nonlocal fd
+            fd = os.open(name, changes.open_flags(flags, writeback=self.writeback) |
+                         os.O_CREAT | os.O_EXCL, 0o600, dir_fd=where)
+
+        try:
+            node, attr = self._make(parent_inode, name, FileType.REGULAR, mode, ctx,
+                                    create=made)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
         fh = self._fh()
         self._handles[fh] = Handle(fd, node.id, ctx.uid)
         return pyfuse3.FileInfo(fh=fh), attr
 
     def _make(self, parent: int, name: bytes, kind: FileType, mode: int,
-              ctx: pyfuse3.RequestContext, *, rdev: int = 0,
-              target: bytes = b"") -> tuple[Node, pyfuse3.EntryAttributes]:
+              ctx: pyfuse3.RequestContext, *, rdev: int = 0, target: bytes = b"",
+              create: Callable[[int, bytes], None] | None = None
+              ) -> tuple[Node, pyfuse3.EntryAttributes]:
         """Make a new object as the caller would: their uid, their gid or the setgid
         directory's, their umask, made aside and renamed over an upper whiteout if one is
-        there, so the name never shows the lower object it hid."""
+        there, so the name never shows the lower object it hid. ``create`` makes a regular
+        file (in the directory and under the name it is given) instead of an empty one made
+        and closed: FUSE's create keeps it open."""
         check_name(name)
         self._writable()
         with _errors():
@@ -515,6 +589,8 @@ class Server(pyfuse3.Operations):
                                 follow_symlinks=False)
             elif kind is FileType.SYMLINK:
                 os.symlink(target, made, dir_fd=where)
+            elif kind is FileType.REGULAR and create is not None:
+                create(where, made)
             elif kind is FileType.REGULAR:
                 os.close(os.open(made, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
                                  0o600, dir_fd=where))
@@ -528,7 +604,7 @@ class Server(pyfuse3.Operations):
                 os.unlink(made, dir_fd=self.work)
             st = os.stat(name, dir_fd=pdir, follow_symlinks=False)
             self.usage += st.st_blocks * 512
-            return self._known(parent, name, st, UPPER)
+            return self._known(parent, name, st, UPPER, made=True)
 
     def _parent_res(self, parent: int) -> Resolution:
         layers = tuple(layer for layer, _ in self._dir_layers(parent))
@@ -839,7 +915,10 @@ class Server(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)
 
     async def flush(self, fh: int) -> None:
-        pass
+        """Nothing to do at close (writes are done when acknowledged, and there are no
+        locks to drop): ENOSYS makes the kernel stop sending FLUSH at every close(2), which
+        then returns 0 without a round trip through this process."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         """A partial file's writes sync nothing, so its fsync is where they become durable:
@@ -934,6 +1013,7 @@ class Server(pyfuse3.Operations):
         fd = os.open(name, _DIR_FLAGS, dir_fd=pdir)
         self._owned.add(fd)
         self._dirs[node_id] = ((UPPER, fd), *layers)
+        self._unlist(node_id)
         new = os.fstat(fd)
         self.usage += new.st_blocks * 512
         self.nodes.copied_up(node_id, Origin(new.st_dev, new.st_ino))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="lower file sizes, comma-separated (default 1M,16M,256M,1G)")
             p.add_argument("--quick", action="store_true",
                            help="one run of 1M and 16M files and a 1,000-file tree (seconds)")
+            p.add_argument("--metadata", action="store_true",
+                           help="only untar and find | xargs stat, as metadata.{json,md,png}; "
+                                "keeps no model")
         elif name == "mount":
             p.add_argument("--drivers", nargs="+", choices=DRIVER_NAMES,
                            default=list(DRIVER_NAMES),
@@ -189,15 +193,17 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
         elif args.benchmark == "btrfs-quota":
             paths = await trio.to_thread.run_sync(btrfsquota.run, args.out, args.runs)
         elif args.benchmark == "copyup":
-            paths = await trio.to_thread.run_sync(copyup.run, args.out, args.runs, args.sizes,
-                                                  args.quick)
+            paths = await trio.to_thread.run_sync(
+                functools.partial(copyup.run, args.out, args.runs, args.sizes, args.quick,
+                                  metadata=args.metadata))
             assert config is not None  # noqa: S101 - loaded for copyup: it keeps a model
-            kept = await trio.to_thread.run_sync(copyup.keep_model, paths[0], config.root)
-            if kept is None:
-                print(f"imaged: no store at {config.root}: the model for imaged advise is not "
-                      "kept (give --root)", file=sys.stderr)
-            else:
-                paths.append(kept)
+            if not args.metadata:  # a metadata-only report has no first writes to model
+                kept = await trio.to_thread.run_sync(copyup.keep_model, paths[0], config.root)
+                if kept is None:
+                    print(f"imaged: no store at {config.root}: the model for imaged advise is "
+                          "not kept (give --root)", file=sys.stderr)
+                else:
+                    paths.append(kept)
         elif args.benchmark == "fetch":
             paths = await trio.to_thread.run_sync(fetch.run, args.out, args.size, args.runs)
         elif args.benchmark == "pull":

@@ -101,6 +101,22 @@ def test_readdir_merges_without_duplicates(mounted: Mount) -> None:
     assert sorted(os.listdir(m / "dir")) == ["low", "sub", "upperlayer"]
 
 
+def test_a_lower_directory_listed_again_shows_what_changed_in_it(mounted: Mount) -> None:
+    """The server keeps the listing of a directory that is only in lowers: a change in it
+    (a new name, a whited-out one, a new directory's own listing) must show at the next
+    listing, not the kept one."""
+    sub = mounted.path / "dir" / "sub"
+    assert os.listdir(sub) == ["deep"]
+    assert os.listdir(sub) == ["deep"]
+    (sub / "new").write_text("new\n")
+    assert sorted(os.listdir(sub)) == ["deep", "new"]
+    os.unlink(sub / "deep")
+    assert os.listdir(sub) == ["new"]
+    os.rename(sub / "new", mounted.path / "dir" / "moved")
+    assert os.listdir(sub) == []
+    assert sorted(os.listdir(mounted.path / "dir")) == ["low", "moved", "sub", "upperlayer"]
+
+
 def test_write_copies_up(mounted: Mount) -> None:
     m = mounted.path
     with open(m / "dir" / "low", "a") as f:
