@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from imaged import __version__
 from imaged.cli.client import DaemonClient, daemon_for, segment
-from imaged.config import DRIVER_NAMES, Config, Overrides, load_config
+from imaged.config import DRIVER_NAMES, Config, Overrides, load_config, parse_address
 from imaged.errors import (
     ForbiddenError,
     ImagedError,
@@ -113,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in VERBS:
         if verb.command:
             _add_verb(sub.add_parser(verb.name, parents=[common], help=verb.summary), verb)
-    sub.add_parser("serve", parents=[common],
-                   help="run the daemon: the socket API for runtimes and the CLI")
+    serve = sub.add_parser("serve", parents=[common],
+                           help="run the daemon: the socket API for runtimes and the CLI")
+    serve.add_argument("--registry-addr", metavar="HOST:PORT", type=_checked(parse_address),
+                       default=None,
+                       help="also serve this root's images read-only to peers over the OCI "
+                       "distribution API on HOST:PORT (config serve.registry_addr; default off)")
     bench = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, summary in BENCHMARKS.items():
@@ -303,7 +307,8 @@ def _run(args: argparse.Namespace) -> Any:
 
         return trio.run(_run_embedded, args, None)
     config = load_config(Overrides(config=args.config, root=args.root, driver=args.driver,
-                                   socket=args.socket))
+                                   socket=args.socket,
+                                   registry_addr=getattr(args, "registry_addr", None)))
     if args.command == "bench":  # copyup keeps its model in the root
         import trio  # noqa: PLC0415
 

@@ -480,7 +480,8 @@ def test_broken_mirror_falls_back_to_registry(registry: LocalRegistry, layout: O
     assert result.code == 0, result.err
     assert result.out.strip().splitlines()[-1] == pushed.manifest_digest
     mirror_host = mirror_url.split("://", 1)[1]
-    assert f"mirror {mirror_host} failed for {pushed.ref}, trying the next: " in result.err
+    assert f"mirror {mirror_host} passed over for {pushed.ref}: " in result.err
+    assert f"; trying registry {registry.host}" in result.err
     if mirror != "refused":
         assert faulty.requests_for(manifest_path(repo, "v1")), "the mirror was not tried first"
     fetched = upstream_gets(registry, repo)[gets_before:]
