@@ -363,7 +363,7 @@ class RegistryClient:
             target = urllib.parse.urlsplit(url)
             if target.netloc != own or target.scheme not in ("http", "https"):
                 raise RegistryError(f"mirror {endpoint.host} redirected {path} to another host "
-                                    f"({target.netloc or url!r}); a mirror must serve it itself")
+                                    f"({target.netloc or url}); a mirror must serve it itself")
         raise RegistryError(f"mirror {endpoint.host} redirected {path} more than "
                             f"{MAX_REDIRECTS} times")
 

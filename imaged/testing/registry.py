@@ -46,7 +46,7 @@ class TLS:
 
 # One line of distribution's access log (combined log format).
 _ACCESS_RE = re.compile(r'\S+ - \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" '
-                        r"(?P<status>[0-9]{3}) (?P<size>[0-9]+) ")
+                        r'(?P<status>[0-9]{3}) (?P<size>[0-9]+) "[^"]*" "(?P<agent>[^"]*)"')
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class Access:
     path: str
     status: int
     size: int  # body bytes sent; for a HEAD, the length the GET would have had
+    agent: str  # User-Agent: imaged's own, or a cache's (Go-http-client for distribution)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class LocalRegistry:
             match = _ACCESS_RE.match(line)
             if match and (repo is None or match["path"].startswith(f"/v2/{repo}/")):
                 out.append(Access(match["method"], match["path"], int(match["status"]),
-                                  int(match["size"])))
+                                  int(match["size"]), match["agent"]))
         return out
 
     def stop(self) -> None:
