@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,31 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class Address:
+    """A TCP address to listen on; ``host`` is an IP literal or a name, never empty."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """``HOST:PORT`` or ``[IPv6]:PORT``. An empty host is refused rather than read as "every
+    interface": the node endpoint should be bound to the cluster network on purpose."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 literal without brackets: its port cannot be told apart
+    if not sep or not host or any(c.isspace() or c in "/[]@" for c in host) \
+            or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise InvalidError(f"{text!r} is not HOST:PORT (e.g. 10.0.0.5:5050 or [fd00::5]:5050)")
+    return Address(host, int(port))
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT
     driver: str | None = None
@@ -52,6 +78,8 @@ class Config:
     # Where non-root peers of the daemon may ask for a container to be mounted
     # (imaged.host.targets).
     mount_prefixes: tuple[Path, ...] = ()
+    # imaged serve: where peers read this root over the OCI distribution API (off when None).
+    registry_addr: Address | None = None
     source: Path | None = None
 
     def registry(self, host: str) -> RegistryConfig:
@@ -66,6 +94,7 @@ class Overrides:
     root: Path | None = None
     driver: str | None = None
     socket: Path | None = None
+    registry_addr: Address | None = None
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -164,16 +193,28 @@ def _parse_registries(raw: dict[str, Any]) -> dict[str, RegistryConfig]:
         if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
             raise InvalidError(f"{prefix}mirrors must be a list of URLs")
         for mirror in mirrors:
-            if not mirror.startswith(("http://", "https://")):
-                raise InvalidError(f"{prefix}mirrors: {mirror!r} is not an http(s) URL")
+            _mirror_url(f"{prefix}mirrors", mirror)
         out[host] = RegistryConfig(insecure=insecure, mirrors=tuple(m.rstrip("/") for m in mirrors))
     return out
+
+
+def _mirror_url(key: str, url: str) -> None:
+    """A mirror is named by a URL with its scheme: guessing one for ``cache:5000`` would decide
+    between TLS and plain HTTP behind the operator's back."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or "://" not in url:
+        hint = url.split("://", 1)[-1].strip("/") or "mirror.example:5000"
+        raise InvalidError(f"{key}: {url!r} is not an http(s) URL: give its scheme, e.g. "
+                           f"'https://{hint}' (or 'http://{hint}' for a plain-HTTP cache)")
+    if not parsed.hostname or parsed.query or parsed.fragment or parsed.username is not None:
+        raise InvalidError(f"{key}: {url!r} must be scheme://host[:port][/path], without "
+                           "credentials, query or fragment")
 
 
 def parse_config(data: Mapping[str, Any], base: Config) -> Config:
     """Apply a parsed TOML document on top of ``base``; pure, so it is tested without files."""
     _unknown("", set(data) - {"root", "driver", "socket", "limits", "registries", "drivers",
-                              "certs_dirs", "api"})
+                              "certs_dirs", "api", "serve"})
     root = Path(_string("root", data["root"])) if "root" in data else base.root
     socket = Path(_string("socket", data["socket"])) if "socket" in data else base.socket
     driver = _driver_name("driver", data["driver"]) if "driver" in data else base.driver
@@ -205,9 +246,17 @@ def parse_config(data: Mapping[str, Any], base: Config) -> Config:
     _unknown("api.", set(api) - {"mount_prefixes"})
     prefixes = _mount_prefixes(api["mount_prefixes"]) if "mount_prefixes" in api \
         else base.mount_prefixes
+    serve = _table("serve", data.get("serve", {}))
+    _unknown("serve.", set(serve) - {"registry_addr"})
+    registry_addr = base.registry_addr
+    if "registry_addr" in serve:
+        try:
+            registry_addr = parse_address(_string("serve.registry_addr", serve["registry_addr"]))
+        except InvalidError as exc:
+            raise InvalidError(f"serve.registry_addr: {exc.message}") from None
     return Config(root=root, driver=driver, socket=socket, limits=limits, registries=registries,
                   drivers=drivers, certs_dirs=certs_dirs, mount_prefixes=prefixes,
-                  source=base.source)
+                  registry_addr=registry_addr, source=base.source)
 
 
 def _mount_prefixes(value: Any) -> tuple[Path, ...]:
@@ -253,4 +302,5 @@ def load_config(overrides: Overrides, environ: Mapping[str, str] | None = None) 
     return Config(root=root.absolute(), driver=driver, socket=socket, limits=config.limits,
                   registries=config.registries, drivers=config.drivers,
                   certs_dirs=config.certs_dirs, mount_prefixes=config.mount_prefixes,
+                  registry_addr=overrides.registry_addr or config.registry_addr,
                   source=config.source)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
 import http.client
+import itertools
 import logging
 import queue
 import ssl
@@ -75,6 +77,11 @@ urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 CHUNK = 1024 * 1024
 TIMEOUT = (10.0, 60.0)  # connect, read: a registry silent for a minute is treated as dropped
 PROGRESS_INTERVAL = 0.1
+# A mirror gets one retry, and a short Retry-After, before it is passed over: the registry behind
+# it is still there, so backing off for the registry's full budget only delays the pull.
+MIRROR_ATTEMPTS = 2
+MIRROR_RETRY_AFTER_CAP = 5.0
+MAX_REDIRECTS = 5
 _PIPELINE_DEPTH = 16
 _INLINE_BYTES = 4 * 1024 * 1024  # below this a blob is fetched in one thread call
 USER_AGENT = "imaged/0.1"
@@ -123,6 +130,7 @@ class Endpoint:
     may_downgrade: bool  # https failed at TLS level → try plain http (insecure and loopback)
     verify: bool
     mirror: bool
+    namespace: str = ""  # for a mirror, the registry it stands in for (containerd's ``ns``)
 
 
 @dataclass(frozen=True)
@@ -195,7 +203,7 @@ class RegistryClient:
         out: list[Endpoint] = []
         for url in settings.mirrors:
             parsed = urllib.parse.urlsplit(url)
-            out.append(Endpoint(parsed.netloc, url, False, not insecure, True))
+            out.append(Endpoint(parsed.netloc, url, False, not insecure, True, domain))
         host = "registry-1.docker.io" if domain == DOCKER_HUB else domain
         out.append(Endpoint(domain, f"https://{host}", insecure, not insecure, False))
         self._endpoints[domain] = out
@@ -293,8 +301,12 @@ class RegistryClient:
                 request_headers["Authorization"] = auth
             base = endpoint.base
             try:
-                resp = session.get(base + path, headers=request_headers, stream=stream,
-                                   timeout=TIMEOUT, verify=endpoint.verify)
+                if endpoint.mirror:
+                    resp = self._get_from_mirror(endpoint, session, path, request_headers,
+                                                 stream)
+                else:
+                    resp = session.get(base + path, headers=request_headers, stream=stream,
+                                       timeout=TIMEOUT, verify=endpoint.verify)
             except (requests.exceptions.SSLError, requests.ConnectionError) as exc:
                 if endpoint.base != base:  # a concurrent request downgraded it meanwhile
                     return self._send(endpoint, repo, path, headers, stream)
@@ -333,6 +345,29 @@ class RegistryClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
+    def _get_from_mirror(endpoint: Endpoint, session: requests.Session, path: str,
+                         headers: dict[str, str], stream: bool) -> requests.Response:
+        """GET from a mirror, naming the registry it stands in for (``ns``, as containerd does,
+        so a peer holding several registries' images answers a tag for the right one), and
+        following redirects only within the mirror's own host: a mirror that sends us elsewhere
+        is not the mirror the operator configured, and is passed over."""
+        url = endpoint.base + path + "?" + urllib.parse.urlencode({"ns": endpoint.namespace})
+        own = urllib.parse.urlsplit(endpoint.base).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = session.get(url, headers=headers, stream=stream, timeout=TIMEOUT,
+                               verify=endpoint.verify, allow_redirects=False)
+            if not resp.is_redirect:
+                return resp
+            resp.close()
+            url = urllib.parse.urljoin(url, resp.headers.get("Location", ""))
+            target = urllib.parse.urlsplit(url)
+            if target.netloc != own or target.scheme not in ("http", "https"):
+                raise RegistryError(f"mirror {endpoint.host} redirected {path} to another host "
+                                    f"({target.netloc or url}); a mirror must serve it itself")
+        raise RegistryError(f"mirror {endpoint.host} redirected {path} more than "
+                            f"{MAX_REDIRECTS} times")
+
+    @staticmethod
     def _check_status(resp: requests.Response, endpoint: Endpoint, what: str) -> None:
         status = resp.status_code
         if status in (200, 206):
@@ -354,7 +389,9 @@ class RegistryClient:
     def _threaded(self, fn: Callable[[], T]) -> Callable[[], Awaitable[T]]:
         return functools.partial(trio.to_thread.run_sync, fn, limiter=self.limiter)
 
-    async def _attempts(self, operation: Callable[[], Awaitable[T]]) -> T:
+    async def _attempts(self, operation: Callable[[], Awaitable[T]],
+                        policy: RetryPolicy | None = None) -> T:
+        policy = policy or self.policy
         attempt = 1
         furthest = 0
         while True:
@@ -364,22 +401,34 @@ class RegistryClient:
                 if exc.progressed and (exc.offset is None or exc.offset > furthest):
                     furthest = exc.offset if exc.offset is not None else furthest
                     attempt = 0  # a resumed download that moved forward starts a fresh budget
-                elif attempt >= self.policy.attempts:
+                elif attempt >= policy.attempts:
                     raise RegistryError(f"{exc.message} (gave up after {attempt} attempts)") \
                         from None
-                await trio.sleep(self.policy.delay(max(attempt, 1), exc.retry_after))
+                await trio.sleep(policy.delay(max(attempt, 1), exc.retry_after))
                 attempt += 1
 
     async def _on_endpoints(self, ref: Reference,
-                            operation: Callable[[Endpoint], Callable[[], Awaitable[T]]]) -> T:
-        """Try mirrors in order, then the registry; the registry's own error is the one shown."""
+                            operation: Callable[[Endpoint], Callable[[], Awaitable[T]]],
+                            passed_over: Callable[[], None] = lambda: None) -> T:
+        """Try mirrors in order, then the registry; the registry's own error is the one shown.
+
+        A mirror is passed over for any failure, bad content included (its bytes were never
+        placed: ``ContentError`` is raised before a blob leaves ingest), with one warning that
+        names it, why, and what comes next; ``passed_over`` then drops what it left behind.
+        """
         endpoints = self.endpoints(ref.domain)
-        for endpoint in endpoints[:-1]:
+        mirror_policy = dataclasses.replace(
+            self.policy, attempts=min(self.policy.attempts, MIRROR_ATTEMPTS),
+            retry_after_cap=min(self.policy.retry_after_cap, MIRROR_RETRY_AFTER_CAP))
+        for endpoint, following in itertools.pairwise(endpoints):
             try:
-                return await self._attempts(operation(endpoint))
+                return await self._attempts(operation(endpoint), mirror_policy)
             except (NotFoundError, RegistryError) as exc:
-                log.warning("mirror %s failed for %s, trying the next: %s", endpoint.host, ref,
-                            exc.message)
+                passed_over()
+                after = (f"mirror {following.host}" if following.mirror
+                         else f"registry {following.host}")
+                log.warning("mirror %s passed over for %s: %s; trying %s", endpoint.host, ref,
+                            exc.message, after)
         return await self._attempts(operation(endpoints[-1]))
 
     # -- public API --------------------------------------------------------------------------
@@ -453,7 +502,14 @@ class RegistryClient:
 
             return attempt
 
-        await self._on_endpoints(ref, operation)
+        resumed_at = ingest.offset
+
+        def forget() -> None:
+            """Bytes a passed-over mirror wrote are no prefix to resume from elsewhere."""
+            if ingest.offset != resumed_at:
+                ingest.restart()
+
+        await self._on_endpoints(ref, operation, forget)
 
     def _open_blob(self, endpoint: Endpoint, ref: Reference, desc: Descriptor, ingest: Ingest,
                    what: str) -> requests.Response | None:

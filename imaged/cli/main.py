@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from imaged import __version__
 from imaged.cli.client import DaemonClient, daemon_for, segment
-from imaged.config import DRIVER_NAMES, Config, Overrides, load_config
+from imaged.config import DRIVER_NAMES, Config, Overrides, load_config, parse_address
 from imaged.errors import (
     ForbiddenError,
     ImagedError,
@@ -42,6 +42,8 @@ BENCHMARKS = {
               "kernel overlay, imaged's fuse server and fuse-overlayfs on the same layers; "
               "keeps the model imaged advise reads in ROOT/bench/copyup.json",
     "fetch": "one large blob: imaged's download against curl",
+    "fleet": "N nodes pulling one image at once: directly, through a pull-through cache, from "
+             "a peer node; wall time and the bytes that reached the registry",
     "mount": "mount latency for 1-500 layers, container cycles and the space of 10 containers, "
              "per driver",
     "pull": "pull + unpack by imaged and by the peers installed here",
@@ -100,6 +102,16 @@ def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
 
 _size_arg = _checked(parse_size)
 _sizes_arg = _checked(lambda text: [parse_size(part) for part in text.split(",")])
+
+
+def _counts(text: str) -> list[int]:
+    parts = text.split(",")
+    if not all(p.isascii() and p.isdigit() and 0 < int(p) <= 64 for p in parts):
+        raise InvalidError(f"{text!r} is not a list of node counts from 1 to 64 (e.g. 1,4,8)")
+    return [int(p) for p in parts]
+
+
+_counts_arg = _checked(_counts)
 _VERBS = {verb.name: verb for verb in VERBS if verb.command}
 
 
@@ -114,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in VERBS:
         if verb.command:
             _add_verb(sub.add_parser(verb.name, parents=[common], help=verb.summary), verb)
-    sub.add_parser("serve", parents=[common],
-                   help="run the daemon: the socket API for runtimes and the CLI")
+    serve = sub.add_parser("serve", parents=[common],
+                           help="run the daemon: the socket API for runtimes and the CLI")
+    serve.add_argument("--registry-addr", metavar="HOST:PORT", type=_checked(parse_address),
+                       default=None,
+                       help="also serve this root's images read-only to peers over the OCI "
+                       "distribution API on HOST:PORT (config serve.registry_addr; default off)")
     bench = sub.add_parser("bench", parents=[common], help="run a benchmark and write its report")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, summary in BENCHMARKS.items():
@@ -126,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "fetch":
             p.add_argument("--size", type=_size_arg, default=parse_size("1G"),
                            help="blob size (default 1G)")
+        elif name == "fleet":
+            p.add_argument("--nodes", type=_counts_arg, default=[1, 4, 8],
+                           help="node counts, comma-separated (default 1,4,8)")
+            p.add_argument("--size", type=_size_arg, default=parse_size("64M"),
+                           help="image size (default 64M)")
         elif name == "pull":
             p.add_argument("--shapes", nargs="+", choices=["debian", "layers128", "big"],
                            default=["debian", "layers128", "big"],
@@ -186,7 +207,15 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
     from imaged.ops.service import Service  # noqa: PLC0415
 
     if args.command == "bench":
-        from imaged.bench import api, btrfsquota, copyup, fetch, mount, pull  # noqa: PLC0415
+        from imaged.bench import (  # noqa: PLC0415
+            api,
+            btrfsquota,
+            copyup,
+            fetch,
+            fleet,
+            mount,
+            pull,
+        )
 
         if args.benchmark == "api":
             paths = await trio.to_thread.run_sync(api.run, args.out, args.runs)
@@ -206,6 +235,9 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
                     paths.append(kept)
         elif args.benchmark == "fetch":
             paths = await trio.to_thread.run_sync(fetch.run, args.out, args.size, args.runs)
+        elif args.benchmark == "fleet":
+            paths = await trio.to_thread.run_sync(fleet.run, args.out, args.runs, args.nodes,
+                                                  args.size)
         elif args.benchmark == "pull":
             paths = await trio.to_thread.run_sync(pull.run, args.out, args.runs, args.shapes)
         else:
@@ -309,7 +341,8 @@ def _run(args: argparse.Namespace) -> Any:
 
         return trio.run(_run_embedded, args, None)
     config = load_config(Overrides(config=args.config, root=args.root, driver=args.driver,
-                                   socket=args.socket))
+                                   socket=args.socket,
+                                   registry_addr=getattr(args, "registry_addr", None)))
     if args.command == "bench":  # copyup keeps its model in the root
         import trio  # noqa: PLC0415
 

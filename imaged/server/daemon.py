@@ -33,8 +33,10 @@ from imaged.server.httpserver import (
     Response,
     StreamResponse,
     error_body,
+    listen_backlog,
 )
 from imaged.server.peercred import ADMIN_GROUP, Peer, admin_gid, peer_of
+from imaged.server.registry import PeerEndpoint, listening
 
 log = logging.getLogger("imaged.server.daemon")
 
@@ -89,15 +91,6 @@ def _bind(path: Path) -> socket.socket:
     return sock
 
 
-def listen_backlog() -> int:
-    """The system's maximum accept queue (``net.core.somaxconn``): a burst of clients that
-    connect at once waits there instead of being refused. Python's default is 128."""
-    try:
-        return int(Path("/proc/sys/net/core/somaxconn").read_text())
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
-
-
 def _notify_ready() -> None:
     """sd_notify(READY=1) for Type=notify units: clients may connect from now on."""
     where = os.environ.pop("NOTIFY_SOCKET", None)
@@ -110,8 +103,10 @@ def _notify_ready() -> None:
 
 
 class Server:
-    def __init__(self, service: Service, listener: socket.socket, limits: Limits) -> None:
+    def __init__(self, service: Service, listener: socket.socket, limits: Limits,
+                 peers: PeerEndpoint | None = None) -> None:
         self.service = service
+        self.peers = peers  # the OCI endpoint for other nodes (imaged serve --registry-addr)
         self.api = Api(service)
         self.confined_api = Api(service, confined=True)  # for members of the group, not root
         self.listener = trio.socket.from_stdlib_socket(listener)
@@ -124,6 +119,8 @@ class Server:
     async def run(self, signals: AsyncIterator[int]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept, nursery)
+            if self.peers is not None:
+                nursery.start_soon(self.peers.run)
             _notify_ready()
             async for signum in signals:
                 log.info("%s: finishing requests in flight, then stopping",
@@ -136,6 +133,8 @@ class Server:
         """Stop accepting; close idle connections now and busy ones after their request."""
         self.draining = True
         self.listener.close()
+        if self.peers is not None:
+            self.peers.drain()
         for scope in self.forbidden.values():
             scope.cancel()
         for conn, scope in self.connections.items():
@@ -221,7 +220,12 @@ async def serve(config: Config, limits: Limits | None = None) -> None:
             for note in service.store.recovered:
                 log.info("recovery: %s", note)
             service.watch_mounts()
-            with _listening(config) as sock:
+            with _listening(config) as sock, listening(config.registry_addr) as peer_sock:
                 log.info("serving root %s on %s", config.root, sock.getsockname())
-                await Server(service, sock, limits or Limits()).run(signals)
+                peers = None
+                if peer_sock is not None:
+                    log.info("serving this root's images read-only to peers on %s",
+                             config.registry_addr)
+                    peers = PeerEndpoint(service.store, peer_sock)
+                await Server(service, sock, limits or Limits(), peers).run(signals)
     log.info("stopped")

@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Protocol
 
 import h11
 import trio
 
 SERVER_NAME = b"imaged"
+
+
+def listen_backlog() -> int:
+    """The system's maximum accept queue (``net.core.somaxconn``): a burst of clients that
+    connect at once waits there instead of being refused. Python's default is 128."""
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,23 @@ class StreamResponse:
     produce: Callable[[Emit], Awaitable[None]]
 
 
-Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
+Send = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass
+class BodyResponse:
+    """Bytes of a known length, under headers the handler chooses (the peer endpoint's
+    manifests and blobs): ``produce`` hands them to ``send`` in pieces as it reads them, and
+    ``close`` runs once the response is over, sent or not. A HEAD gets the head alone."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    length: int
+    produce: Callable[[Send], Awaitable[None]]
+    close: Callable[[], None] = lambda: None
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamResponse | BodyResponse]]
 
 
 def reason(status: int) -> bytes:
@@ -193,6 +220,12 @@ class Connection:
         if isinstance(result, StreamResponse):  # only POST routes stream
             await self._stream(result)
             return
+        if isinstance(result, BodyResponse):
+            try:
+                await self._body(result, request.method)
+            finally:
+                result.close()
+            return
         body = b"" if result.body is None else json.dumps(result.body).encode() + b"\n"
         headers = [("Content-Length", str(len(body))), *result.headers]
         if body:
@@ -201,6 +234,24 @@ class Connection:
         if body and request.method != "HEAD":
             await self._send(h11.Data(data=body))
         await self._send(h11.EndOfMessage())
+
+    async def _body(self, result: BodyResponse, method: str) -> None:
+        """A body that fails half-way (its file unreadable) cannot be framed any more: the
+        connection is closed, and the peer sees a short body, which it must not trust."""
+        await self._send(self._response(result.status, [
+            ("Content-Length", str(result.length)), *result.headers]))
+        if method != "HEAD":
+            async def send(data: bytes) -> None:
+                await self._send(h11.Data(data=data))
+
+            try:
+                await result.produce(send)
+            except OSError as exc:
+                raise _PeerGone from exc
+        try:
+            await self._send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:  # fewer bytes than the Content-Length said
+            raise _PeerGone from exc
 
     async def _stream(self, result: StreamResponse) -> None:
         """Send objects as they come. A peer that hangs up cancels the producer: what it was

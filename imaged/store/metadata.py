@@ -236,6 +236,12 @@ class Metadata:
         return self.db.execute("SELECT 1 FROM blobs WHERE digest=?",
                                (str(digest),)).fetchone() is not None
 
+    def blob(self, digest: Digest) -> tuple[int, str] | None:
+        """A recorded blob's (size, media type), or None."""
+        row = self.db.execute("SELECT size, media_type FROM blobs WHERE digest=?",
+                              (str(digest),)).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
     # images
 
     def record_image(self, new: NewImage) -> None:
@@ -318,6 +324,13 @@ class Metadata:
     def ref_target(self, name: str) -> Digest | None:
         row = self.db.execute("SELECT image_id FROM refs WHERE name=?", (name,)).fetchone()
         return None if row is None else Digest.parse(row[0])
+
+    def names_ending(self, suffix: str) -> dict[str, Digest]:
+        """Names that end in ``suffix``, each with what a registry answers for it: the index it
+        resolved through, else its image (a peer asks for ``repo:tag``, not for our name)."""
+        return {r[0]: Digest.parse(r[1]) for r in self.db.execute(
+            "SELECT name, COALESCE(index_digest, image_id) FROM refs"
+            " WHERE substr(name, -?) = ?", (len(suffix), suffix))}
 
     def ids_with_prefix(self, hex_prefix: str) -> list[Digest]:
         pattern = f"sha256:{hex_prefix}%"

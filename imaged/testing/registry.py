@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -43,6 +44,20 @@ class TLS:
     key: Path
 
 
+# One line of distribution's access log (combined log format).
+_ACCESS_RE = re.compile(r'\S+ - \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" '
+                        r'(?P<status>[0-9]{3}) (?P<size>[0-9]+) "[^"]*" "(?P<agent>[^"]*)"')
+
+
+@dataclass(frozen=True)
+class Access:
+    method: str
+    path: str
+    status: int
+    size: int  # body bytes sent; for a HEAD, the length the GET would have had
+    agent: str  # User-Agent: imaged's own, or a cache's (Go-http-client for distribution)
+
+
 @dataclass
 class LocalRegistry:
     """A running registry; ``host`` is ``127.0.0.1:PORT``."""
@@ -67,6 +82,17 @@ class LocalRegistry:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def accesses(self, repo: str | None = None) -> list[Access]:
+        """Requests the registry answered, in order (under ``/v2/REPO/`` if given): what its
+        clients, a pull-through cache among them, really asked of it."""
+        out = []
+        for line in self.log().splitlines():
+            match = _ACCESS_RE.match(line)
+            if match and (repo is None or match["path"].startswith(f"/v2/{repo}/")):
+                out.append(Access(match["method"], match["path"], int(match["status"]),
+                                  int(match["size"]), match["agent"]))
+        return out
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -78,7 +104,7 @@ class LocalRegistry:
 
 
 def _config(workdir: Path, port: int, htpasswd: Path | None, token: TokenAuth | None,
-            tls: TLS | None, storage: Path | None) -> dict[str, Any]:
+            tls: TLS | None, storage: Path | None, proxy: str | None) -> dict[str, Any]:
     http: dict[str, Any] = {"addr": f"127.0.0.1:{port}", "secret": "imaged-local-registry"}
     if tls is not None:
         http["tls"] = {"certificate": str(tls.certificate), "key": str(tls.key)}
@@ -91,6 +117,8 @@ def _config(workdir: Path, port: int, htpasswd: Path | None, token: TokenAuth | 
                         "uploadpurging": {"enabled": False}}},
         "http": http,
     }
+    if proxy is not None:
+        config["proxy"] = {"remoteurl": proxy}
     if htpasswd is not None:
         config["auth"] = {"htpasswd": {"realm": "imaged-test", "path": str(htpasswd)}}
     elif token is not None:
@@ -102,17 +130,19 @@ def _config(workdir: Path, port: int, htpasswd: Path | None, token: TokenAuth | 
 
 def start_registry(workdir: Path, htpasswd: Path | None = None, token: TokenAuth | None = None,
                    tls: TLS | None = None, port: int | None = None,
-                   storage: Path | None = None) -> LocalRegistry:
+                   storage: Path | None = None, proxy: str | None = None) -> LocalRegistry:
     """A registry serving ``storage`` (default ``workdir/storage``); config and log in
-    ``workdir``."""
+    ``workdir``. With ``proxy`` (the upstream's URL) it is a pull-through cache of that
+    registry: distribution's ``proxy.remoteurl``, which stores what it fetched for the next
+    client."""
     if shutil.which(REGISTRY_BINARY) is None:
         raise FileNotFoundError(f"{REGISTRY_BINARY} not found: run scripts/setup "
                                 "(Debian package docker-registry)")
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     config_path = workdir / "config.yml"
-    config_path.write_text(json.dumps(_config(workdir, port, htpasswd, token, tls, storage),
-                                      indent=1))
+    config = _config(workdir, port, htpasswd, token, tls, storage, proxy)
+    config_path.write_text(json.dumps(config, indent=1))
     log = (workdir / "registry.log").open("ab")
     process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config_path)], stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

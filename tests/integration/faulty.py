@@ -10,6 +10,7 @@ routes, records every request it parses, and follows a per-route script of fault
   fails (``ECONNRESET``) instead of seeing the body end early; unread bytes may be lost with it;
 - ``Fail(status, retry_after)``: an error status, optionally with ``Retry-After``;
 - ``Hangup()``: close the connection without any response;
+- ``Redirect(location)``: 307 to ``location`` (a path of ours, or another host's URL);
 - ``Endless(chunked)``: a body that never ends (chunked, or close-delimited without a length);
 - ``Oversized(length)``: a huge Content-Length, and bytes until the client gives up;
 - ``Gate(after, release)``: ``after`` bytes of the body, then the rest once the test sets
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from imaged.testing.images import file, tar_bytes
+from imaged.testing.images import OCILayout, file, tar_bytes
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -83,6 +84,11 @@ class Hangup:
 
 
 @dataclass(frozen=True)
+class Redirect:
+    location: str
+
+
+@dataclass(frozen=True)
 class Gate:
     after: int  # body bytes sent before waiting
     release: threading.Event
@@ -98,7 +104,7 @@ class Oversized:
     length: int
 
 
-Action = Serve | Drop | Reset | Gate | Fail | Hangup | Endless | Oversized
+Action = Serve | Drop | Reset | Gate | Fail | Hangup | Redirect | Endless | Oversized
 
 
 @dataclass
@@ -170,6 +176,20 @@ class Image:
     @property
     def id(self) -> str:
         return self.manifest.digest
+
+
+def image_from_layout(layout: OCILayout, manifest_digest: str) -> Image:
+    """An image pushed from ``layout``, as this registry serves it (a mirror of the real one)."""
+    def blob(digest: str, media_type: str) -> Blob:
+        data = (layout.path / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
+        assert sha256(data) == digest
+        return Blob(data, media_type)
+
+    manifest = blob(manifest_digest, "application/vnd.oci.image.manifest.v1+json")
+    doc = json.loads(manifest.data)
+    config = blob(doc["config"]["digest"], doc["config"]["mediaType"])
+    layers = tuple(Layer(blob(d["digest"], d["mediaType"]), "") for d in doc["layers"])
+    return Image(manifest, config, layers)
 
 
 def make_layer(files: dict[str, bytes]) -> Layer:
@@ -344,6 +364,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._simple(record, 200, b"{}", "application/json")
         elif isinstance(action, Hangup):
             self.connection.shutdown(socket.SHUT_WR)
+        elif isinstance(action, Redirect):
+            self._simple(record, 307, b"", "text/plain", {"Location": action.location})
         elif isinstance(action, Fail):
             body = json.dumps({"errors": [{"code": _ERROR_CODES.get(action.status, "UNKNOWN"),
                                            "message": f"faulty registry: {action.status}"}]})

@@ -35,17 +35,15 @@ from imaged.testing.images import OCILayout
 from imaged.testing.registry import LocalRegistry, free_port
 from tests.conftest import Result, push_simple, upstream_gets
 from tests.integration.faulty import (
-    Blob,
     Drop,
     Endless,
     Fail,
     FaultyRegistry,
     Hangup,
-    Image,
-    Layer,
     Oversized,
     big_image,
     blob_path,
+    image_from_layout,
     make_image,
     make_layer,
     manifest_path,
@@ -434,19 +432,6 @@ def test_failed_pull_leaves_sharing_image_intact(faulty: FaultyRegistry, imaged:
 # -- 9. mirrors ------------------------------------------------------------------------------
 
 
-def image_from_layout(layout: OCILayout, manifest_digest: str) -> Image:
-    def blob(digest: str, media_type: str) -> Blob:
-        data = (layout.path / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
-        assert sha256(data) == digest
-        return Blob(data, media_type)
-
-    manifest = blob(manifest_digest, "application/vnd.oci.image.manifest.v1+json")
-    doc = json.loads(manifest.data)
-    config = blob(doc["config"]["digest"], doc["config"]["mediaType"])
-    layers = tuple(Layer(blob(d["digest"], d["mediaType"]), "") for d in doc["layers"])
-    return Image(manifest, config, layers)
-
-
 @pytest.mark.parametrize("mirror", ["404", "500", "refused", "corrupt-blob", "no-blobs"])
 def test_broken_mirror_falls_back_to_registry(registry: LocalRegistry, layout: OCILayout,
                                               faulty: FaultyRegistry, root: Path,
@@ -480,7 +465,8 @@ def test_broken_mirror_falls_back_to_registry(registry: LocalRegistry, layout: O
     assert result.code == 0, result.err
     assert result.out.strip().splitlines()[-1] == pushed.manifest_digest
     mirror_host = mirror_url.split("://", 1)[1]
-    assert f"mirror {mirror_host} failed for {pushed.ref}, trying the next: " in result.err
+    assert f"mirror {mirror_host} passed over for {pushed.ref}: " in result.err
+    assert f"; trying registry {registry.host}" in result.err
     if mirror != "refused":
         assert faulty.requests_for(manifest_path(repo, "v1")), "the mirror was not tried first"
     fetched = upstream_gets(registry, repo)[gets_before:]
