@@ -91,11 +91,12 @@ def read_log(log: BinaryIO) -> Log:
     return Log(sectorsize, entries)
 
 
-def replay(log: BinaryIO, parsed: Log, target: BinaryIO, upto: int) -> None:
-    """Entries 0..``upto`` written onto ``target`` (a zeroed file the logged device's size);
+def replay(log: BinaryIO, parsed: Log, target: BinaryIO, upto: int, start: int = 0) -> None:
+    """Entries ``start``..``upto`` written onto ``target``, the device as it stood before
+    ``start`` (a sweep advances one copy rather than replaying from the start at every point);
     discards write zeros, as the device under the log was not asked to remember them."""
     size = parsed.sectorsize
-    for entry in parsed.entries[:upto + 1]:
+    for entry in parsed.entries[start:upto + 1]:
         if entry.nr_sectors == 0:
             continue
         target.seek(entry.sector * size)
@@ -119,9 +120,4 @@ def sample(points: list[int], keep: set[int], limit: int) -> list[int]:
     step = len(points) / limit
     chosen = {points[int(i * step)] for i in range(limit)} | {points[-1]}
     return sorted(chosen | (keep & set(points)))
-
-
-def first_durable_after(parsed: Log, index: int) -> int | None:
-    """The first flush/FUA at or after entry ``index``: what a mark's moment needs to be on disk."""
-    return next((e.index for e in parsed.entries[index:] if e.durable), None)
 

@@ -106,3 +106,17 @@ def test_sample_bounds_the_sweep_and_keeps_the_points_after_operations() -> None
     assert 52 in chosen and 198 in chosen and 51 not in chosen
     assert len(chosen) <= 12 and chosen == sorted(chosen)
     assert dmlog.sample(points[:5], set(), 10) == points[:5]
+
+
+def test_replay_in_steps_equals_replay_at_once() -> None:
+    log = Writer()
+    for index in range(6):
+        log.entry(index % 3, dmlog.FLUSH if index % 2 else 0, block(index + 1))
+    image = log.image()
+    parsed = dmlog.read_log(image)
+    once = io.BytesIO(bytes(3 * BLOCK))
+    dmlog.replay(image, parsed, once, 5)
+    steps = io.BytesIO(bytes(3 * BLOCK))
+    dmlog.replay(image, parsed, steps, 2)
+    dmlog.replay(image, parsed, steps, 5, start=3)
+    assert steps.getvalue() == once.getvalue() == block(4) + block(5) + block(6)
