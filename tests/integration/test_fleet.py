@@ -88,6 +88,17 @@ def pull_ok(node: Node, ref: str) -> str:
     return result.stderr
 
 
+def pull_all_at_once(nodes: list[Node], ref: str, timeout: float) -> None:
+    """Every node pulls ``ref`` in its own process, all started before any is waited for."""
+    procs = [node.start("pull", ref) for node in nodes]
+    try:
+        results = [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            finish(proc)
+    assert [proc.returncode for proc in procs] == [0] * len(nodes), results
+
+
 def assert_verified(node: Node, image: Image) -> None:
     """Every blob in the store hashes to its name, and the image's are exactly its bytes."""
     checked = node.run("--json", "check", "--verify-data")
@@ -124,14 +135,7 @@ def test_a_warm_cache_adds_no_upstream_traffic(fleet: Fleet) -> None:
     before = len(fleet.upstream.accesses(fleet.repo))
     nodes = [fleet.node(f"n{i}", fleet.cache.url) for i in range(2, 6)]
 
-    procs = [node.start("pull", fleet.pushed.ref) for node in nodes]
-    try:
-        results = [proc.communicate(timeout=120) for proc in procs]
-    finally:
-        for proc in procs:
-            finish(proc)
-
-    assert [proc.returncode for proc in procs] == [0] * len(nodes), results
+    pull_all_at_once(nodes, fleet.pushed.ref, timeout=120)
     seen = fleet.upstream_since(before)
     # The cache checks the tag's freshness with a HEAD (no body); it fetches nothing.
     assert [a for a in seen if a.method != "HEAD"] == [], seen
@@ -144,13 +148,7 @@ def test_nodes_pulling_at_once_on_a_cold_cache(fleet: Fleet) -> None:
     """Every node's pull succeeds and is verified, however the cache splits their misses."""
     before = len(fleet.upstream.accesses(fleet.repo))
     nodes = [fleet.node(f"n{i}", fleet.cache.url) for i in range(4)]
-    procs = [node.start("pull", fleet.pushed.ref) for node in nodes]
-    try:
-        results = [proc.communicate(timeout=180) for proc in procs]
-    finally:
-        for proc in procs:
-            finish(proc)
-    assert [proc.returncode for proc in procs] == [0] * len(nodes), results
+    pull_all_at_once(nodes, fleet.pushed.ref, timeout=180)
     seen = fleet.upstream_since(before)
     assert not [a for a in seen if a.agent.startswith(IMAGED_AGENT)], seen
     for node in nodes:
