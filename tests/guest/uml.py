@@ -55,6 +55,7 @@ class GuestRun:
     status: int | None  # the script's exit status; None if it never finished
     timed_out: bool
     seconds: float  # from starting the kernel to its exit
+    ram: Path  # as Exit's
     output: str  # the script's stdout and stderr
     console: str  # the kernel's and init's messages: why a guest that gave no status failed
 
@@ -154,6 +155,7 @@ class Exit:
     pid: int  # the kernel's host PID, its processes' session ID: none is left on return
     timed_out: bool
     seconds: float  # from starting the kernel to its exit
+    ram: Path  # the directory its RAM file lived in: gone on return, whoever else boots guests
 
 
 def launch(kernel: Kernel, cmdline: list[str], console: IO[bytes], *, timeout: float,
@@ -174,7 +176,8 @@ def launch(kernel: Kernel, cmdline: list[str], console: IO[bytes], *, timeout: f
             timed_out = True
         finally:
             _kill_session(proc)
-        return Exit(pid=proc.pid, timed_out=timed_out, seconds=time.monotonic() - start)
+        return Exit(pid=proc.pid, timed_out=timed_out, seconds=time.monotonic() - start,
+                    ram=Path(ram))
 
 
 def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
@@ -204,7 +207,8 @@ def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
     output_file = share / "output"
     output = output_file.read_text(errors="replace") if output_file.exists() else ""
     return GuestRun(pid=end.pid, status=status, timed_out=end.timed_out, seconds=end.seconds,
-                    output=output, console=(share / "console").read_text(errors="replace"))
+                    ram=end.ram, output=output,
+                    console=(share / "console").read_text(errors="replace"))
 
 
 def boot_init(kernel: Kernel, init: str, console: Path, *, timeout: float = 30.0,
