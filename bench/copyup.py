@@ -440,6 +440,14 @@ def _allocated(tree: Path) -> int:
     return total
 
 
+def _free(mount_point: Path) -> int:
+    """Free bytes of the backing filesystem once what was written reached it (syncfs):
+    what a clone shares costs nothing here, while st_blocks counts it in full."""
+    syncfs(mount_point)
+    stat = os.statvfs(mount_point)
+    return stat.f_bfree * stat.f_frsize
+
+
 def operate(operation: str, path: Path, size: int, *, second: bool = False) -> None:
     """One operation of ``OPERATIONS`` on a file of ``size`` bytes; ``second``: the one
     after the first (the overwrite moves on a block, chmod sets the other mode)."""
@@ -578,10 +586,11 @@ def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, fs:
                     if temperature == "warm":
                         _warm(box.warm / rel)
                     path = box.mount / rel
-                    before = _allocated(box.upper)
+                    before, free = _allocated(box.upper), _free(fs.mount_point)
                     first = _timed(functools.partial(operate, operation, path, size))
                     synced = _timed(functools.partial(_fsync, path))
                     grown = _allocated(box.upper) - before
+                    used = free - _free(fs.mount_point)
                     second = _timed(functools.partial(operate, operation, path, size,
                                                       second=True))
                 label = f"{operation} {_label(size)} {temperature}"
@@ -589,6 +598,7 @@ def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, fs:
                 add(f"second {label}", "milliseconds", second * 1000)
                 add(f"fsync after first {label}", "milliseconds", synced * 1000)
                 add(f"growth after first {label}", "KiB", grown / 1024)
+                add(f"space used after first {label}", "KiB", used / 1024)
     if the_plan.first_writes:
         for temperature in the_plan.temperatures:
             settle()
@@ -714,9 +724,11 @@ def _first_write_table(table: _Table, filesystem: str, configs: list[Configurati
     largest = _label(max(sizes))
     lines = [f"First 4 KiB overwrite in the middle of a lower file (open O_RDWR + pwrite + "
              f"close), median ms, {' / '.join(temps)}; the second overwrite, the fsync after "
-             f"the first and what the writable layer grew by at {largest} cold:", "",
+             f"the first, what the writable layer grew by (st_blocks) and the space the "
+             f"filesystem lost (statvfs) at {largest} cold:", "",
              "| configuration | " + " | ".join(_label(s) for s in sizes) +
-             " | second | fsync after | growth |", "|---|" + "---:|" * (len(sizes) + 3)]
+             " | second | fsync after | growth | space used |",
+             "|---|" + "---:|" * (len(sizes) + 4)]
     for config in configs:
         name = config.name
 
@@ -726,11 +738,13 @@ def _first_write_table(table: _Table, filesystem: str, configs: list[Configurati
         cells = [" / ".join(_cell(get(f"first overwrite {_label(s)} {t}"), 1) for t in temps)
                  for s in sizes]
         growth = get(f"growth after first overwrite {largest} cold")
+        used = get(f"space used after first overwrite {largest} cold")
         lines.append(f"| {name} | " + " | ".join(cells) +
                      f" | {_cell(get(f'second overwrite {largest} cold'), 2)} | "
                      f"{_cell(get(f'fsync after first overwrite {largest} cold'), 1)} | "
-                     f"{'—' if growth is None else _size_text(growth.median * 1024)} |")
-    lines += [f"| {name} | {why} |" + " |" * (len(sizes) + 2) for name, why in gone]
+                     f"{'—' if growth is None else _size_text(growth.median * 1024)} | "
+                     f"{'—' if used is None else _size_text(used.median * 1024)} |")
+    lines += [f"| {name} | {why} |" + " |" * (len(sizes) + 3) for name, why in gone]
     return [*lines, ""]
 
 
@@ -802,8 +816,8 @@ def _io_table(table: _Table, filesystem: str, configs: list[Configuration],
 def _panels(table: _Table, measured: dict[str, list[Configuration]], sizes: Sequence[int],
             temperature: str) -> list[Panel | BarPanel]:
     """One log-log panel per filesystem (first overwrite against file size, a line per
-    configuration), then the bytes each configuration's first overwrite of the largest file
-    wrote into its writable layer, grouped by filesystem."""
+    configuration), then the space each configuration's first overwrite of the largest file
+    took on the backing filesystem, grouped by filesystem."""
     panels: list[Panel | BarPanel] = []
     for filesystem, configs in measured.items():
         lines: dict[str, list[tuple[float, Series]]] = {}
@@ -818,12 +832,12 @@ def _panels(table: _Table, measured: dict[str, list[Configuration]], sizes: Sequ
     bars: dict[str, dict[str, float]] = {}
     for filesystem, configs in measured.items():
         for config in configs:
-            growth = table.get(config.name, filesystem,
-                               f"growth after first overwrite {largest} {temperature}")
-            if growth is not None:
-                bars.setdefault(config.name, {})[filesystem] = growth.median / 1024
-    panels.append(BarPanel(f"writable layer growth after the first overwrite of {largest}",
-                           "MiB allocated", bars))
+            used = table.get(config.name, filesystem,
+                             f"space used after first overwrite {largest} {temperature}")
+            if used is not None:
+                bars.setdefault(config.name, {})[filesystem] = used.median / 1024
+    panels.append(BarPanel(f"space the first overwrite of {largest} took ({temperature})",
+                           "MiB (statvfs, after syncfs)", bars))
     return panels
 
 
@@ -1008,7 +1022,9 @@ def _method(runs: int, sizes: Sequence[int], the_plan: _Plan, elapsed: float,
             "minus before the operation: extents shared by a clone (overlay and fuse reflink "
             "copy-ups on xfs and btrfs, btrfs snapshots, vfs copies) count in full, as "
             "st_blocks counts them; for vfs and a volume it is the change of the container's "
-            "own files (negative when truncate freed blocks)",
+            "own files (negative when truncate freed blocks); space used: the backing "
+            "filesystem's free blocks (statvfs after syncfs) before the operation minus after "
+            "that fsync, where a clone costs only its metadata",
             "vfs: imaged's copy driver copies the layers when the container is created (cp -a "
             "--reflink=auto, as the driver does), so its operations touch plain files and "
             "its copy-up cost is the container create row; volume: the same files copied "
