@@ -175,7 +175,8 @@ def _draw_panels(plt: Any, panels: Sequence[Panel | BarPanel], title: str,
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if panel.lines:  # a filesystem where nothing could be measured has an empty panel
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
@@ -194,4 +195,5 @@ def _draw_groups(ax: Any, panel: BarPanel) -> None:
     ax.set_title(panel.title, fontsize=10)
     ax.set_ylabel(panel.ylabel)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    if keys:
+        ax.legend(fontsize=8)

@@ -11,6 +11,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from imaged.bench import copyup
 from imaged.host.mounts import mountinfo
 from imaged.ops import copycost
 
@@ -69,3 +72,16 @@ def test_an_unknown_filesystem_is_one_line(imaged_proc: Any, tmp_path: Path) -> 
     assert result.code != 0
     assert result.err.strip().splitlines() == [
         "imaged: error: no filesystem zfs (there are ext4, xfs, btrfs)"]
+
+
+def test_a_filesystem_the_bench_cannot_make_is_a_row_saying_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No mkfs.xfs on this PATH (nor anything else): the report still comes out, each
+    configuration on xfs a row "not measured: mkfs.xfs is not installed", no traceback."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    paths = copyup.run(tmp_path / "out", 1, [1 << 20], True, ["xfs"], ["overlay"])
+    report = json.loads(paths[0].read_text())
+    assert "overlay on xfs: not measured: mkfs.xfs is not installed" in report["notes"]
+    assert report["series"] == {}
+    assert "| overlay | xfs | not measured: mkfs.xfs is not installed |" in \
+        paths[1].read_text()
