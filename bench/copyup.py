@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imaged import __version__
-from imaged.bench.report import BarPanel, Panel, Series, machine_facts, write_report
+from imaged.bench.report import BarPanel, Panel, Series, cell, machine_facts, write_report
 from imaged.bench.scratch import LoopFs, ScratchError, loop_fs, settle
 from imaged.drivers.vfs import copy_tree, reflink_supported
 from imaged.errors import InvalidError
@@ -796,7 +796,7 @@ def _io_table(table: _Table, filesystem: str, configs: list[Configuration],
               else "U") + f"npacking a {tree_files}-file tree into the container (s), and "
              "`find | xargs stat` over the same tree as a lower layer (s), medians; in "
              "brackets, the multiple of fuse-overlayfs's median in the same run:", "",
-             "| configuration | " + " | ".join(m for m, _ in measures) + " |",
+             "| configuration | " + " | ".join(cell(m) for m, _ in measures) + " |",
              "|---|" + "---:|" * len(measures)]
     for config in configs:
         cells = []

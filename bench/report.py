@@ -111,15 +111,21 @@ def write_report(out: Path, name: str, title: str, series: list[Series],
     lines += ["| measure | median | p99 | min | max | unit | runs |",
               "|---|---:|---:|---:|---:|---|---:|"]
     for s in series:
-        lines.append(f"| {s.name} | {s.median:.3f} | {s.p99:.3f} | {min(s.samples):.3f} | "
+        lines.append(f"| {cell(s.name)} | {s.median:.3f} | {s.p99:.3f} | {min(s.samples):.3f} | "
                      f"{max(s.samples):.3f} | {s.unit} | {len(s.samples)} |")
     if ratios:
         lines += ["", "| ratio (same run, medians) | value |", "|---|---:|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+        lines += [f"| {cell(k)} | {v:.2f} |" for k, v in ratios.items()]
     lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items())]
     lines += [f"- {note}" for note in notes]
     md_path.write_text("\n".join(lines) + "\n")
     return [json_path, md_path, png_path]
+
+
+def cell(text: str) -> str:
+    """``text`` for a markdown table cell: a measure named after a pipeline (``find | xargs
+    stat``) must not end the cell."""
+    return text.replace("|", "\\|")
 
 
 def _draw_bars(plt: Any, series: list[Series], title: str, png_path: Path) -> None:
