@@ -803,11 +803,11 @@ def _io_table(table: _Table, filesystem: str, configs: list[Configuration],
         for measure, digits in measures:
             mine = table.get(config.name, filesystem, measure)
             peer = table.get("fuse-overlayfs", filesystem, measure)
-            cell = _cell(mine, digits)
+            text = _cell(mine, digits)
             if config.kind == "imaged" and mine is not None and peer is not None \
                     and peer.median > 0:
-                cell += f" ({mine.median / peer.median:.1f}x)"
-            cells.append(cell)
+                text += f" ({mine.median / peer.median:.1f}x)"
+            cells.append(text)
         lines.append(f"| {config.name} | " + " | ".join(cells) + " |")
     lines += [f"| {name} | {why} |" + " |" * (len(measures) - 1) for name, why in gone]
     return [*lines, ""]

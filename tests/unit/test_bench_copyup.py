@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from imaged.bench.copyup import CONFIGURATIONS, OPERATIONS, _arguments, _selected, _unfit, plan
+from imaged.bench.copyup import (
+    CONFIGURATIONS,
+    OPERATIONS,
+    _arguments,
+    _io_table,
+    _selected,
+    _Table,
+    _unfit,
+    plan,
+)
 from imaged.errors import InvalidError
 
 _OLD_HELP = "usage: python -m imaged.fuse.serve [-h] --upper UPPER --work WORK [--quota QUOTA]"
@@ -57,3 +66,21 @@ def test_an_unknown_configuration_is_one_line() -> None:
     assert [c.name for c in _selected(["volume", "fuse partial"])] == ["volume", "fuse partial"]
     with pytest.raises(InvalidError, match="no configuration 'zfs' \\(there are overlay, "):
         _selected(["zfs"])
+
+
+def test_the_container_io_table_names_each_row_and_its_multiple_of_the_peer() -> None:
+    """The read, untar and find rows: a pipe in a measure's name must not split the cell,
+    imaged's rows carry their multiple of fuse-overlayfs's median, and a configuration that
+    did not run keeps its row with why."""
+    table = _Table()
+    for config, seconds in (("fuse full", 3.0), ("fuse-overlayfs", 1.0)):
+        for measure in ("untar 10 files + syncfs", "find | xargs stat cold",
+                        "find | xargs stat warm"):
+            table.add(config, "ext4", measure, "seconds", seconds)
+    lines = _io_table(table, "ext4", [_BY_NAME["fuse full"], _BY_NAME["fuse-overlayfs"]],
+                      [("btrfs", "not measured: btrfs runs on btrfs only")], [], 10)
+    assert "| configuration | untar 10 files + syncfs | find \\| xargs stat cold | " \
+        "find \\| xargs stat warm |" in lines
+    assert "| fuse full | 3.00 (3.0x) | 3.00 (3.0x) | 3.00 (3.0x) |" in lines
+    assert "| fuse-overlayfs | 1.00 | 1.00 | 1.00 |" in lines
+    assert "| btrfs | not measured: btrfs runs on btrfs only | | |" in lines
