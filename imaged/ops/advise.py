@@ -188,24 +188,30 @@ def recommend(candidate: Candidate, predictions: Sequence[Prediction], current: 
     if now is None:
         return (f"no prediction for this root's configuration ({current}): run imaged bench "
                 "copyup on this root")
-    cheaper = sorted((p for p in predictions if p.seconds * CHEAPER <= now.seconds),
-                     key=lambda p: p.seconds)
-    for better in cheaper:
-        if better.config in NOT_ADVISED:
-            continue
-        if better.config == "fuse partial":
-            return "use the fuse driver with partial copy-up"
-        if better.filesystem == "xfs" or "reflink" in better.config:
-            return "put the root on xfs with reflink"
-        if better.config == "btrfs":
-            return "use the btrfs driver: a container is a snapshot sharing the image's extents"
-        if better.filesystem == "btrfs":
-            return f"put the root on btrfs ({better.config} clones extents there)"
-        if better.config == "overlay volatile":
-            return "mount the overlay with volatile (drivers.overlay.volatile): no fsync at copy-up"
-        if better.config == "overlay metacopy":
-            return "mount the overlay with metacopy (drivers.overlay.metacopy)"
+    changes = [change for p in predictions if p.seconds * CHEAPER <= now.seconds
+               and p.config not in NOT_ADVISED
+               and (change := _change(p, now.filesystem)) is not None]
+    if changes:
+        return min(changes)[1]  # the least disruptive change that is cheap enough
     return f"nothing cheaper measured: copy-up of this file costs ~{_ms(now.seconds)} ({current})"
+
+
+def _change(better: Prediction, filesystem: str) -> tuple[int, str] | None:
+    """What an operator would change to get ``better``, ranked by how much it disturbs: a
+    mount option of this root's overlay, then another driver, then another filesystem."""
+    if better.filesystem == filesystem and better.config == "overlay volatile":
+        return 0, "mount the overlay with volatile (drivers.overlay.volatile): no fsync at copy-up"
+    if better.filesystem == filesystem and better.config == "overlay metacopy":
+        return 1, "mount the overlay with metacopy (drivers.overlay.metacopy)"
+    if better.config == "fuse partial":
+        return 2, "use the fuse driver with partial copy-up"
+    if better.filesystem == "xfs" or "reflink" in better.config:
+        return 3, "put the root on xfs with reflink"
+    if better.config == "btrfs":
+        return 4, "use the btrfs driver: a container is a snapshot sharing the image's extents"
+    if better.filesystem == "btrfs":
+        return 5, f"put the root on btrfs ({better.config} clones extents there)"
+    return None
 
 
 def not_measured(model: Model, place: Place) -> list[dict[str, str]]:

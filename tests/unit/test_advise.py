@@ -110,6 +110,11 @@ def test_a_confined_peer_may_not_name_a_report() -> None:
      "put the root on btrfs (overlay clones extents there)"),
     ([cost("overlay", 0.5), cost("overlay metacopy", 0.1)],
      "mount the overlay with metacopy (drivers.overlay.metacopy)"),
+    # Several cheap enough: the least disruptive change, not the cheapest.
+    ([cost("overlay", 0.5), cost("btrfs", 0.0001, "btrfs"), cost("overlay", 0.001, "xfs"),
+      cost("fuse partial", 0.01)], "use the fuse driver with partial copy-up"),
+    ([cost("overlay", 0.5), cost("fuse partial", 0.01), cost("overlay volatile", 0.2)],
+     "mount the overlay with volatile (drivers.overlay.volatile): no fsync at copy-up"),
 ])
 def test_recommendations_from_the_matrix(predictions: list[Prediction], advice: str) -> None:
     assert recommend(STATUS, predictions, "overlay") == advice
