@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(about 2 minutes)")
             p.add_argument("--filesystems", nargs="+", default=None, metavar="FS",
                            help="backing filesystems (default ext4 xfs btrfs)")
-            p.add_argument("--configs", nargs="+", default=None, metavar="CONFIG",
+            p.add_argument("--configs", "--drivers", nargs="+", default=None, metavar="CONFIG",
                            help="configurations, e.g. overlay 'fuse partial' volume "
                                 "(default: all)")
             p.add_argument("--metadata", action="store_true",
