@@ -925,6 +925,10 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
                         table, outcomes, measured, absent, facts, notes)
         except ScratchError as e:
             notes.append(f"{filesystem} not measured: {e}")
+            measured.pop(filesystem, None)
+            table.series = {k: v for k, v in table.series.items() if k[1] != filesystem}
+            for key in [k for k in outcomes if k.endswith(f" on {filesystem}")]:
+                del outcomes[key]
             absent.update({(c.name, filesystem): f"not measured: {e}" for c, _ in runnable})
     if not metadata:
         absent.update(ELSEWHERE)
@@ -981,6 +985,8 @@ def _filesystem(filesystem: str, size: int, runnable: list[tuple[Configuration, 
                     continue
                 try:
                     _sample(config, options, layers, fs, filesystem, the_plan, table, outcomes)
+                except ScratchError:
+                    raise  # the filesystem is gone: not one configuration's failure
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     # One configuration failing should not cost the others their report.
                     failed.add(config.name)

@@ -67,8 +67,11 @@ class LoopFs:
         """Unmount and mount again: the next reads of this filesystem come from its device
         (with direct I/O on the loop device, not from the host's cache of the backing file)."""
         _unmount(self.mount_point)
-        subprocess.run(["mount", self.device, str(self.mount_point)], check=True,
-                       capture_output=True)
+        mounted = subprocess.run(["mount", self.device, str(self.mount_point)],
+                                 capture_output=True, text=True, check=False)
+        if mounted.returncode != 0:  # the rest of the run would write to the root filesystem
+            raise ScratchError(f"mounting {self.device} again failed: "
+                               f"{mounted.stderr.strip()[:200]}")
 
 
 @contextlib.contextmanager
