@@ -1,28 +1,45 @@
-"""``imaged bench copyup``: what the first write into a lower file costs a container, per
-configuration, on the same lower layers, in one interleaved run (DESIGN §7).
+"""``imaged bench copyup``: what copy-on-write costs a container, per backing filesystem and
+configuration, on the same lower layers, in one interleaved run per filesystem (DESIGN §7,
+issue 15).
 
-The question is how copy-up grows with the size of the file written. Kernel overlay and
+The question is how the first write into a lower file grows with the file's size, and what
+else a container pays for it. Kernel overlay (default, ``metacopy=on``, ``volatile``) and
 fuse-overlayfs copy the whole file before the first write returns; imaged's fuse server does
-too in full mode, and in partial mode copies only what is written. Beside the first write the
-bench measures what a container does most: reading a large lower file, unpacking a tree into
-the container, and walking a Debian-like image with ``find | xargs stat``.
+too in full mode, clones it in reflink mode where the filesystem can (FICLONE), and in
+partial mode copies only what is written. Beside them: imaged's vfs driver, which pays its
+copy once, for the whole layer, when the container is created (its writes then touch plain
+files); a btrfs subvolume snapshot (on btrfs only); and a "volume", a plain directory on the
+same filesystem, what Docker's docs tell write-heavy workloads to use.
 
-Every configuration mounts the same two lower directories on one dedicated loop-mounted ext4
-(``imaged.bench.scratch``): a top layer of files of random data, one per size, and a base layer
-holding a synthetic tree shaped like a Debian image. Every sample gets a fresh container (fresh
-upper and work directories, a fresh mount), removed after it; every run measures every
+Each backing filesystem (ext4, xfs with reflink, btrfs) is a dedicated loop filesystem on its
+own loop device with direct I/O (``imaged.bench.scratch.loop_fs``): cold means that
+filesystem unmounted and mounted again before the container mounts, so neither its caches
+nor the host's cache of its backing file hold the lower file; warm means the lower file read
+once before. On each, the same two lower directories: a top layer with files of random data,
+one per size, and a directory of 1,000 files to rename, and a base layer holding a synthetic
+tree shaped like a Debian image. Every sample gets a fresh container (fresh upper and work
+directories, a fresh mount, a fresh snapshot), removed after it; every run measures every
 configuration, the order rotating from run to run, so a machine that slows down for a while
 slows all of them alike.
 
-A configuration is one entry of ``CONFIGURATIONS``: how to mount and with which options, and
-when it cannot be measured here, why (a report row that says so, not a missing row). The
-backing filesystem is a parameter of the run, so more filesystems, configurations and
-operations extend this module (issue 15) rather than replace it.
+Operations, each on a lower file in a fresh container: open ``O_RDWR`` without writing; a
+4 KiB overwrite in the middle; append 1 byte; an ``O_TRUNC`` rewrite of 4 KiB; ``chmod``.
+Each is timed twice (the first, which may copy up, and the second, which should not), with
+the ``fsync`` after the first and what the writable layer grew by (allocated blocks). The
+overwrite runs at every size; the others at the smallest and largest (the middle sizes only
+interpolate them). And a rename of a lower directory of 1,000 files: ``ok`` or ``EXDEV``,
+and then the time ``mv``'s copy-and-delete fallback takes.
+
+A configuration is one entry of ``CONFIGURATIONS``: how to stack and with which options, and
+when it cannot be measured on a filesystem, why: a report row that says so, never a missing
+row or a zero. zfs and devmapper are such rows (``ELSEWHERE``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import math
 import os
@@ -37,63 +54,97 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imaged import __version__
-from imaged.bench.report import Panel, Series, machine_facts, write_report
-from imaged.bench.scratch import scratch_fs, settle
+from imaged.bench.report import BarPanel, Panel, Series, cell, machine_facts, write_report
+from imaged.bench.scratch import LoopFs, ScratchError, loop_fs, settle
+from imaged.drivers.vfs import copy_tree, reflink_supported
+from imaged.errors import InvalidError
 from imaged.fsutil import fsync_dir, syncfs
 from imaged.host.mounts import MountSpec, kernel_filesystems, mount_with_command, mountinfo, unmount
 from imaged.ops import advise, copycost
 
 SIZES = (1 << 20, 16 << 20, 256 << 20, 1 << 30)
 QUICK_SIZES = (1 << 20, 16 << 20)
+FILESYSTEMS = ("ext4", "xfs", "btrfs")
+# Configurations of the issue this module does not run, and why: rows, not silence.
+ELSEWHERE = {
+    ("zfs", "zfs"): "not measured: zfs on zfs-fuse is not run by bench copyup (its FUSE "
+                    "daemon would be measured, not zfs)",
+    ("devmapper", "devmapper"): "not measured: needs the guest kernel tier (tests/guest, "
+                                "device-mapper); not run by bench copyup",
+}
+OPERATIONS = ("open", "overwrite", "append", "truncate", "chmod")
+EVERY_SIZE = ("overwrite",)  # the others at the smallest and largest size only
+TEMPERATURES = ("cold", "warm")
 TREE_FILES = 6000
 QUICK_TREE_FILES = 1000
+RENAME_FILES = 1000
 WRITE = b"w" * 4096
 READ_CHUNK = 1 << 20
 MOUNT_TIMEOUT = 30.0  # a fuse server is a Python process importing trio and pyfuse3
 STOP_TIMEOUT = 15.0
+NEVER_PARTIAL = str(1 << 62)  # a partial threshold no file reaches: reflink, else whole
 _TREE_SEED = 14  # the issue's number: any fixed seed makes every run's tree the same
 
 
 @dataclass(frozen=True)
 class Configuration:
-    """One way to stack the layers. ``kind`` says how it mounts (``overlay``: the kernel's;
-    ``imaged``: ``python -m imaged.fuse.serve``; ``fuse-overlayfs``: Debian's); ``options``
-    are mount options for the kernel and fuse-overlayfs, server arguments for imaged.
-    ``implied`` marks options a server that lacks them does anyway (full copy-up was the
-    only mode before ``--copy-up`` existed), so the row runs without them there."""
+    """One way to give a container its files. ``kind`` says how: ``overlay`` (the kernel's),
+    ``imaged`` (``python -m imaged.fuse.serve``), ``fuse-overlayfs`` (Debian's), ``vfs``
+    (imaged's copy driver: the layers copied at create), ``snapshot`` (a btrfs subvolume
+    snapshot), ``volume`` (a plain directory). ``options`` are mount options for the kernel
+    and fuse-overlayfs, server arguments for imaged. ``implied`` marks options a server that
+    lacks them does anyway (full copy-up was the only mode before ``--copy-up`` existed), so
+    the row runs without them there. ``only_on``: the filesystems it can run on at all;
+    ``reflink``: it needs FICLONE on the backing filesystem."""
 
     name: str
     kind: str
     options: tuple[str, ...] = ()
     implied: bool = False
+    only_on: tuple[str, ...] = ()
+    reflink: bool = False
 
 
 CONFIGURATIONS = (
     Configuration("overlay", "overlay"),
+    Configuration("overlay metacopy", "overlay", ("metacopy=on",)),
+    Configuration("overlay volatile", "overlay", ("volatile",)),
+    Configuration("vfs", "vfs"),
+    Configuration("btrfs", "snapshot", only_on=("btrfs",)),
     Configuration("fuse full", "imaged", ("--copy-up", "full"), implied=True),
+    Configuration("fuse reflink", "imaged",
+                  ("--copy-up", "auto", "--partial-threshold", NEVER_PARTIAL), reflink=True),
     Configuration("fuse partial", "imaged", ("--copy-up", "partial")),
     Configuration("fuse-overlayfs", "fuse-overlayfs"),
+    Configuration("volume", "volume"),
 )
+MOUNTED = ("overlay", "imaged", "fuse-overlayfs")  # kinds with an upper, a work dir, a mount
+PLAIN = ("vfs", "volume")  # kinds whose files are plain files, restored after each sample
 PEERS = ("fuse-overlayfs", "overlay")  # what imaged's rows are divided by
+METADATA_CONFIGS = ("overlay", "fuse full", "fuse partial", "fuse-overlayfs")
 
 
 @dataclass(frozen=True)
 class Layers:
     """The lower directories every configuration stacks (top first, as overlay's
-    lowerdir), the files in them and the tarball unpacked into containers."""
+    lowerdir), the files in them, the tarball unpacked into containers, and the flat copies
+    the plain and snapshot configurations start from."""
 
     lowers: tuple[Path, ...]
-    big: dict[int, str]  # size -> its path inside the mount
+    big: dict[int, str]  # size -> its path inside the container
     tree: str
     tarball: Path
     tar_bytes: int
     tree_files: int
+    rename: str  # a lower directory of RENAME_FILES files
+    flat: dict[str, Path]  # kind -> the directory holding both layers merged
 
 
 @dataclass(frozen=True)
 class Container:
-    mount: Path
-    upper: Path
+    mount: Path  # where the container's processes see its files
+    upper: Path  # what grows when it writes
+    warm: Path  # where the lower files are read to warm them
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -113,6 +164,10 @@ def _arguments(config: Configuration, server_help: str) -> tuple[tuple[str, ...]
         if shutil.which("fuse-overlayfs") is None:
             return None, "fuse-overlayfs is not installed (scripts/setup installs it)"
         return config.options, ""
+    if config.kind == "snapshot" and shutil.which("btrfs") is None:
+        return None, "btrfs-progs is not installed"
+    if config.kind != "imaged":
+        return config.options, ""
     try:
         import pyfuse3  # noqa: F401, PLC0415 - only to say why the fuse rows cannot run
     except ImportError:
@@ -123,6 +178,15 @@ def _arguments(config: Configuration, server_help: str) -> tuple[tuple[str, ...]
     if config.implied:
         return (), f"this server has no {', '.join(missing)} option: its only mode is used"
     return None, f"this server has no {', '.join(missing)} option"
+
+
+def _unfit(config: Configuration, filesystem: str, scratch: Path) -> str:
+    """Why ``config`` cannot run on this filesystem, or "" when it can."""
+    if config.only_on and filesystem not in config.only_on:
+        return f"{config.name} runs on {' and '.join(config.only_on)} only"
+    if config.reflink and not reflink_supported(scratch / "reflink-probe"):
+        return f"{filesystem} cannot clone extents (FICLONE): reflink is full copy-up here"
+    return ""
 
 
 def _mount_entry(target: Path) -> str | None:
@@ -210,21 +274,74 @@ def _mounted(config: Configuration, options: tuple[str, ...], lowers: Sequence[P
                 os.close(fd)
 
 
+def _btrfs(*args: str) -> None:
+    subprocess.run(["btrfs", *args], check=True, capture_output=True, timeout=600)
+
+
 @contextlib.contextmanager
-def _container(config: Configuration, options: tuple[str, ...], layers: Layers,
-               base: Path) -> Iterator[Container]:
-    """A fresh container: new upper and work directories, a new mount; gone on exit."""
+def _container(config: Configuration, options: tuple[str, ...], layers: Layers, fs: LoopFs,
+               *, cold: bool) -> Iterator[Container]:
+    """A fresh container: new upper and work directories and a new mount, a new snapshot,
+    or (vfs, volume) the plain copy restored after the sample; gone on exit. ``cold``: the
+    backing filesystem is mounted again after the container's directories exist and before
+    its mount, so what the container reads first comes from the device."""
+    base = fs.mount_point
     home = base / "container"
     shutil.rmtree(home, ignore_errors=True)
-    upper, work, target = home / "upper", home / "work", home / "mnt"
-    for path in (upper, work, target):
-        path.mkdir(parents=True)
+    home.mkdir()
     try:
-        with _mounted(config, options, layers.lowers, upper, work, target,
-                      base / f"{config.name.replace(' ', '-')}.log"):
-            yield Container(target, upper)
+        if config.kind in MOUNTED:
+            upper, work, target = home / "upper", home / "work", home / "mnt"
+            for path in (upper, work, target):
+                path.mkdir()
+            if cold:
+                fs.remount()
+            with _mounted(config, options, layers.lowers, upper, work, target,
+                          base / f"{config.name.replace(' ', '-')}.log"):
+                yield Container(target, upper, layers.lowers[0])
+        elif config.kind == "snapshot":
+            snap = home / "snap"
+            _btrfs("subvolume", "snapshot", str(layers.flat["snapshot"]), str(snap))
+            try:
+                if cold:
+                    fs.remount()
+                yield Container(snap, snap, snap)
+            finally:
+                _btrfs("subvolume", "delete", str(snap))
+        else:
+            flat = layers.flat[config.kind]
+            if cold:
+                fs.remount()
+            try:
+                yield Container(flat, flat, flat)
+            finally:
+                _restore(flat, layers)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _restore(flat: Path, layers: Layers) -> None:
+    """Undo a sample's changes to a plain copy: what the operations appended, truncated,
+    chmodded or renamed, so the next sample meets the lower files again."""
+    moved = flat / layers.rename
+    if moved.with_name("moved").exists():
+        os.rename(moved.with_name("moved"), moved)
+    for size, rel in layers.big.items():
+        path = flat / rel
+        os.chmod(path, 0o644)
+        if path.stat().st_size > size:
+            os.truncate(path, size)
+        elif path.stat().st_size < size:
+            _plain_copy(layers.lowers[0] / rel, path)
+
+
+def _plain_copy(source: Path, target: Path) -> None:
+    """Copy data by read and write: no reflink, no copy_file_range, so a volume's file owns
+    its blocks as a file a container wrote would."""
+    with source.open("rb") as src, target.open("wb") as dst:
+        while chunk := src.read(READ_CHUNK):
+            dst.write(chunk)
+        os.fsync(dst.fileno())
 
 
 # ----------------------------------------------------------------------------- the layers
@@ -261,7 +378,11 @@ def _make_tree(root: Path, files: int) -> None:
         names.append(path)
 
 
-def _make_layers(scratch: Path, sizes: Sequence[int], tree_files: int) -> Layers:
+def _make_layers(scratch: Path, sizes: Sequence[int], tree_files: int,
+                 kinds: set[str]) -> Layers:
+    """The lower layers, and the flat copies the plain and snapshot ``kinds`` start from:
+    vfs's as its driver makes it (``cp --reflink=auto``), a volume's by plain writes, the
+    btrfs configuration's a subvolume whose data is cloned from the layers."""
     top, base = scratch / "lower-top", scratch / "lower-base"
     (top / "big").mkdir(parents=True)
     big = {}
@@ -269,13 +390,32 @@ def _make_layers(scratch: Path, sizes: Sequence[int], tree_files: int) -> Layers
         print(f"writing a {_label(size)} lower file of random data", file=sys.stderr)
         _write_random(top / "big" / f"{_label(size)}.bin", size)
         big[size] = f"big/{_label(size)}.bin"
+    rename = top / "rename" / "dir"
+    rename.mkdir(parents=True)
+    for i in range(RENAME_FILES):
+        (rename / f"f{i:04d}").write_bytes(b"x" * 100)
     print(f"making a {tree_files}-file tree", file=sys.stderr)
     _make_tree(base / "tree", tree_files)
     tarball = scratch / "tree.tar"
     subprocess.run(["tar", "-cf", str(tarball), "-C", str(base), "tree"], check=True,
                    timeout=600)
+    flat = {}
+    for kind in sorted(kinds & {"vfs", "volume", "snapshot"}):
+        target = scratch / f"flat-{kind}"
+        if kind == "snapshot":
+            _btrfs("subvolume", "create", str(target))
+        for layer in (base, top):  # the top layer last: its files win
+            if kind == "vfs":
+                copy_tree(layer, target)
+            else:
+                target.mkdir(exist_ok=True)
+                reflink = "--reflink=always" if kind == "snapshot" else "--reflink=never"
+                subprocess.run(["cp", "-a", reflink, "--no-target-directory", str(layer),
+                                str(target)], check=True, timeout=1800)
+        flat[kind] = target
     settle()
-    return Layers((top, base), big, "tree", tarball, tarball.stat().st_size, tree_files)
+    return Layers((top, base), big, "tree", tarball, tarball.stat().st_size, tree_files,
+                  "rename/dir", flat)
 
 
 def _label(size: int) -> str:
@@ -283,13 +423,6 @@ def _label(size: int) -> str:
 
 
 # ----------------------------------------------------------------------------- measurements
-
-def _drop_caches() -> None:
-    """Cold means the page, dentry and inode caches dropped (after the mount, so the
-    mount's own start is not what is cold)."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
 
 def _warm(path: Path) -> None:
     with path.open("rb") as fh:
@@ -307,23 +440,48 @@ def _allocated(tree: Path) -> int:
     return total
 
 
-def _first_write(path: Path, size: int) -> tuple[float, float]:
-    """Seconds for open O_RDWR + 4 KiB pwrite in the middle + close, then for the fsync
-    that makes it durable (its own open and close)."""
-    offset = size // 2 // len(WRITE) * len(WRITE)
-    start = time.perf_counter()
-    fd = os.open(path, os.O_RDWR)
+def _free(mount_point: Path) -> int:
+    """Free bytes of the backing filesystem once what was written reached it (syncfs):
+    what a clone shares costs nothing here, while st_blocks counts it in full."""
+    syncfs(mount_point)
+    stat = os.statvfs(mount_point)
+    return stat.f_bfree * stat.f_frsize
+
+
+def operate(operation: str, path: Path, size: int, *, second: bool = False) -> None:
+    """One operation of ``OPERATIONS`` on a file of ``size`` bytes; ``second``: the one
+    after the first (the overwrite moves on a block, chmod sets the other mode)."""
+    if operation == "chmod":
+        os.chmod(path, 0o600 if second else 0o640)
+        return
+    flags = {"open": os.O_RDWR, "overwrite": os.O_RDWR, "append": os.O_WRONLY | os.O_APPEND,
+             "truncate": os.O_WRONLY | os.O_TRUNC}[operation]
+    fd = os.open(path, flags)
     try:
-        os.pwrite(fd, WRITE, offset)
+        if operation == "overwrite":
+            os.pwrite(fd, WRITE, size // 2 // len(WRITE) * len(WRITE) + second * len(WRITE))
+        elif operation == "append":
+            os.write(fd, b"a")
+        elif operation == "truncate":
+            os.write(fd, WRITE)
     finally:
         os.close(fd)
-    written = time.perf_counter()
-    fd = os.open(path, os.O_RDWR)
+
+
+def _timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def _fsync(path: Path) -> None:
+    """Open read-only and fsync: a read-only open copies nothing up, so this times only
+    making the first operation durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return written - start, time.perf_counter() - written
 
 
 def _read_rate(path: Path) -> float:
@@ -347,85 +505,179 @@ def _timed_shell(command: str) -> float:
     return time.perf_counter() - start
 
 
+def _rename(source: Path) -> tuple[str, float, float | None]:
+    """Rename a lower directory: the outcome (``ok`` or the errno's name), the seconds
+    rename(2) took, and when it failed with EXDEV the seconds ``mv`` then takes (it copies
+    and deletes, as every tool that meets EXDEV must)."""
+    target = source.with_name("moved")
+    start = time.perf_counter()
+    try:
+        os.rename(source, target)
+    except OSError as e:
+        took = time.perf_counter() - start
+        if e.errno != errno.EXDEV:
+            return errno.errorcode.get(e.errno or 0, str(e.errno)), took, None
+        start = time.perf_counter()
+        moved = subprocess.run(["mv", str(source), str(target)], capture_output=True,
+                               text=True, check=False, timeout=1800)
+        if moved.returncode != 0:  # the outcome to report, not a reason to stop the run
+            why = moved.stderr.strip().splitlines()[-1].rpartition(": ")[2]
+            return f"EXDEV, then mv failed: {why}", took, None
+        return "EXDEV", took, time.perf_counter() - start
+    return "ok", time.perf_counter() - start, None
+
+
 class _Table:
-    """The run's series by (configuration, measure), in the order they were first named."""
+    """The run's series by (configuration, filesystem, measure), in the order first named."""
 
     def __init__(self) -> None:
-        self.series: dict[tuple[str, str], Series] = {}
+        self.series: dict[tuple[str, str, str], Series] = {}
 
-    def add(self, config: str, measure: str, unit: str, value: float) -> None:
-        key = (config, measure)
+    def add(self, config: str, filesystem: str, measure: str, unit: str,
+            value: float) -> None:
+        key = (config, filesystem, measure)
         if key not in self.series:
-            self.series[key] = Series(f"{config}: {measure}", unit)
+            self.series[key] = Series(f"{config} on {filesystem}: {measure}", unit)
         self.series[key].samples.append(value)
 
-    def get(self, config: str, measure: str) -> Series | None:
-        return self.series.get((config, measure))
+    def get(self, config: str, filesystem: str, measure: str) -> Series | None:
+        return self.series.get((config, filesystem, measure))
 
 
-def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, base: Path,
-            table: _Table) -> None:
-    """One run's samples of one configuration, each in a fresh container."""
-    for size, rel in layers.big.items():
-        for temperature in ("cold", "warm"):
+@dataclass(frozen=True)
+class _Plan:
+    """What one run measures: the operations at each size, the temperatures, and whether
+    the container I/O rows (read, untar, find | xargs stat) are in it."""
+
+    operations: dict[int, tuple[str, ...]]
+    temperatures: tuple[str, ...]
+    io: bool
+    first_writes: bool
+
+
+def plan(sizes: Sequence[int], *, quick: bool, metadata: bool) -> _Plan:
+    """The matrix a run measures: every operation at the smallest and largest size, the
+    overwrite (the first write advise predicts) at every size; ``quick``: no container I/O
+    rows; ``metadata``: the container I/O rows alone."""
+    if metadata:
+        return _Plan({}, TEMPERATURES, io=True, first_writes=False)
+    ends = {min(sizes), max(sizes)}
+    return _Plan({s: OPERATIONS if s in ends else EVERY_SIZE for s in sorted(sizes)},
+                 TEMPERATURES, io=not quick, first_writes=True)
+
+
+def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, fs: LoopFs,
+            filesystem: str, the_plan: _Plan, table: _Table, outcomes: dict[str, set[str]]
+            ) -> None:
+    """One run's samples of one configuration on one filesystem, each in a fresh
+    container."""
+    name = config.name
+
+    def add(measure: str, unit: str, value: float) -> None:
+        table.add(name, filesystem, measure, unit, value)
+
+    for size, operations in the_plan.operations.items():
+        rel = layers.big[size]
+        for operation in operations:
+            for temperature in the_plan.temperatures:
+                settle()
+                with _container(config, options, layers, fs,
+                                cold=temperature == "cold") as box:
+                    if temperature == "warm":
+                        _warm(box.warm / rel)
+                    path = box.mount / rel
+                    before, free = _allocated(box.upper), _free(fs.mount_point)
+                    first = _timed(functools.partial(operate, operation, path, size))
+                    synced = _timed(functools.partial(_fsync, path))
+                    grown = _allocated(box.upper) - before
+                    used = free - _free(fs.mount_point)
+                    second = _timed(functools.partial(operate, operation, path, size,
+                                                      second=True))
+                label = f"{operation} {_label(size)} {temperature}"
+                add(f"first {label}", "milliseconds", first * 1000)
+                add(f"second {label}", "milliseconds", second * 1000)
+                add(f"fsync after first {label}", "milliseconds", synced * 1000)
+                add(f"growth after first {label}", "KiB", grown / 1024)
+                add(f"space used after first {label}", "KiB", used / 1024)
+    if the_plan.first_writes:
+        for temperature in the_plan.temperatures:
             settle()
-            if temperature == "warm":
-                _warm(layers.lowers[0] / rel)
-            with _container(config, options, layers, base) as box:
-                before = _allocated(box.upper)
-                if temperature == "cold":
-                    _drop_caches()
-                written, synced = _first_write(box.mount / rel, size)
-                grown = _allocated(box.upper) - before
-            label = f"{_label(size)} {temperature}"
-            table.add(config.name, f"first write {label}", "milliseconds", written * 1000)
-            table.add(config.name, f"fsync after it {label}", "milliseconds", synced * 1000)
-            table.add(config.name, f"upper growth {label}", "KiB", grown / 1024)
+            with _container(config, options, layers, fs, cold=temperature == "cold") as box:
+                outcome, took, fallback = _rename(box.mount / layers.rename)
+            outcomes.setdefault(f"{name} on {filesystem}", set()).add(outcome)
+            add(f"rename dir of {RENAME_FILES} files {temperature}", "milliseconds",
+                took * 1000)
+            if fallback is not None:
+                add(f"mv fallback {temperature}", "seconds", fallback)
+        if config.kind == "vfs":
+            settle()
+            fs.remount()
+            create = fs.mount_point / "vfs-create"
+            start = time.perf_counter()
+            for layer in layers.lowers[::-1]:  # as the driver copies: base first
+                copy_tree(layer, create)
+            add("container create (whole-layer copy) cold", "seconds",
+                time.perf_counter() - start)
+            shutil.rmtree(create)
+    if the_plan.io:
+        _container_io(config, options, layers, fs, filesystem, table)
+
+
+def _container_io(config: Configuration, options: tuple[str, ...], layers: Layers,
+                  fs: LoopFs, filesystem: str, table: _Table) -> None:
+    """What a container does most, in one cold container: ``find | xargs stat`` over the
+    tree, reading the largest file, both cold then warm, and unpacking the tree into it."""
     settle()
-    with _container(config, options, layers, base) as box:
+    with _container(config, options, layers, fs, cold=True) as box:
+        def add(measure: str, unit: str, value: float) -> None:
+            table.add(config.name, filesystem, measure, unit, value)
+
+        walk = f"find {box.mount / layers.tree} -print0 | xargs -0 stat > /dev/null"
+        for temperature in TEMPERATURES:
+            add(f"find | xargs stat {temperature}", "seconds", _timed_shell(walk))
         if layers.big:
             largest = max(layers.big)
-            _drop_caches()
-            for temperature in ("cold", "warm"):
-                table.add(config.name, f"read {_label(largest)} {temperature}", "MB/s",
-                          _read_rate(box.mount / layers.big[largest]))
-        _drop_caches()
-        walk = f"find {box.mount / layers.tree} -print0 | xargs -0 stat > /dev/null"
-        for temperature in ("cold", "warm"):
-            table.add(config.name, f"find | xargs stat {temperature}", "seconds",
-                      _timed_shell(walk))
+            for temperature in TEMPERATURES:
+                add(f"read {_label(largest)} {temperature}", "MB/s",
+                    _read_rate(box.mount / layers.big[largest]))
         settle()
-        (box.mount / "untar").mkdir()
+        untar = box.mount / "untar"
+        untar.mkdir()
         start = time.perf_counter()
-        subprocess.run(["tar", "-xf", str(layers.tarball), "-C", str(box.mount / "untar")],
+        subprocess.run(["tar", "-xf", str(layers.tarball), "-C", str(untar)],
                        check=True, timeout=1800, stdin=subprocess.DEVNULL)
         syncfs(box.upper)
-        table.add(config.name, f"untar {layers.tree_files} files + syncfs", "seconds",
-                  time.perf_counter() - start)
+        add(f"untar {layers.tree_files} files + syncfs", "seconds",
+            time.perf_counter() - start)
+        if config.kind in PLAIN:
+            shutil.rmtree(untar)
 
 
 # ----------------------------------------------------------------------------- the report
 
-def _ratios(table: _Table, measured: list[Configuration], sizes: Sequence[int],
+def _ratios(table: _Table, measured: dict[str, list[Configuration]], sizes: Sequence[int],
             tree_files: int) -> dict[str, float]:
-    """imaged's rows against each peer's, medians of the same run: times divided by the
-    peer's time, read rates by the peer's rate."""
+    """imaged's rows against each peer's on the same filesystem, medians of the same run:
+    times divided by the peer's time, read rates by the peer's rate."""
     measures = [f"untar {tree_files} files + syncfs",
                 "find | xargs stat cold", "find | xargs stat warm"]
     if sizes:
         largest = _label(max(sizes))
-        measures = [f"first write {largest} cold", f"first write {largest} warm",
+        measures = [f"first overwrite {largest} cold", f"first overwrite {largest} warm",
                     f"read {largest} cold", f"read {largest} warm", *measures]
     ratios = {}
-    names = {c.name for c in measured}
-    for config in measured:
-        if config.kind != "imaged":
-            continue
-        for peer in (p for p in PEERS if p in names):
-            for measure in measures:
-                mine, theirs = table.get(config.name, measure), table.get(peer, measure)
-                if mine is not None and theirs is not None and theirs.median > 0:
-                    ratios[f"{measure}: {config.name} / {peer}"] = mine.median / theirs.median
+    for filesystem, configs in measured.items():
+        names = {c.name for c in configs}
+        for config in configs:
+            if config.kind != "imaged":
+                continue
+            for peer in (p for p in PEERS if p in names):
+                for measure in measures:
+                    mine = table.get(config.name, filesystem, measure)
+                    theirs = table.get(peer, filesystem, measure)
+                    if mine is not None and theirs is not None and theirs.median > 0:
+                        ratios[f"{filesystem}, {measure}: {config.name} / {peer}"] = \
+                            mine.median / theirs.median
     return ratios
 
 
@@ -433,97 +685,160 @@ def _cell(series: Series | None, digits: int) -> str:
     return "—" if series is None else f"{series.median:.{digits}f}"
 
 
-def _summary(table: _Table, measured: list[Configuration], absent: dict[str, str],
-             sizes: Sequence[int], tree_files: int) -> list[str]:
-    """The medians a reader wants side by side, before the full table; a configuration not
-    measured keeps its row, saying why."""
-    if not sizes:
-        return _metadata_summary(table, measured, absent, tree_files)
-    lines = ["First 4 KiB write in the middle of a lower file (open O_RDWR + pwrite + close), "
-             "median ms, cold / warm; the fsync after it; what the upper grew by:", "",
-             "| configuration | " + " | ".join(_label(s) for s in sizes) +
-             f" | fsync after, {_label(max(sizes))} cold | upper growth, "
-             f"{_label(max(sizes))} |",
-             "|---|" + "---:|" * (len(sizes) + 2)]
-    largest = _label(max(sizes))
-    for config in measured:
-        name = config.name
-        cells = [f"{_cell(table.get(name, f'first write {_label(s)} cold'), 1)} / "
-                 f"{_cell(table.get(name, f'first write {_label(s)} warm'), 1)}" for s in sizes]
-        growth = table.get(name, f"upper growth {largest} cold")
-        grown = "—" if growth is None else _size_text(growth.median * 1024)
-        lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {_cell(table.get(name, f'fsync after it {largest} cold'), 1)} | "
-                     f"{grown} |")
-    lines += [f"| {name} | not measured: {why} |" + " |" * (len(sizes) + 1)
-              for name, why in absent.items()]
-    lines += ["", f"Reading the {largest} lower file through the mount (MB/s), unpacking a "
-              f"{tree_files}-file tree into the container (s), and `find | xargs stat` over "
-              "the same tree as a lower layer (s), medians:", "",
-              "| configuration | read cold | read warm | untar + syncfs | find+stat cold | "
-              "find+stat warm |", "|---|---:|---:|---:|---:|---:|"]
-    for config in measured:
-        name = config.name
-        lines.append(
-            f"| {name} | {_cell(table.get(name, f'read {largest} cold'), 0)} | "
-            f"{_cell(table.get(name, f'read {largest} warm'), 0)} | "
-            f"{_cell(table.get(name, f'untar {tree_files} files + syncfs'), 2)} | "
-            f"{_cell(table.get(name, 'find | xargs stat cold'), 2)} | "
-            f"{_cell(table.get(name, 'find | xargs stat warm'), 2)} |")
-    lines += [f"| {name} | not measured: {why} | | | | |" for name, why in absent.items()]
-    return lines
-
-
-def _metadata_summary(table: _Table, measured: list[Configuration], absent: dict[str, str],
-                      tree_files: int) -> list[str]:
-    """The metadata rows alone (``--metadata``), each imaged row also as a multiple of
-    fuse-overlayfs's, the peer issue 14 measures against."""
-    untar = f"untar {tree_files} files + syncfs"
-    measures = (untar, "find | xargs stat cold", "find | xargs stat warm")
-    lines = [f"Unpacking a {tree_files}-file tree into the container (s), and `find | xargs "
-             "stat` over the same tree as a lower layer (s), medians; in brackets, the "
-             "multiple of fuse-overlayfs's median in the same run:", "",
-             "| configuration | untar + syncfs | find+stat cold | find+stat warm |",
-             "|---|---:|---:|---:|"]
-    for config in measured:
-        cells = []
-        for measure in measures:
-            mine, peer = table.get(config.name, measure), table.get("fuse-overlayfs", measure)
-            cell = _cell(mine, 2)
-            if config.kind == "imaged" and mine is not None and peer is not None \
-                    and peer.median > 0:
-                cell += f" ({mine.median / peer.median:.1f}x)"
-            cells.append(cell)
-        lines.append(f"| {config.name} | " + " | ".join(cells) + " |")
-    lines += [f"| {name} | not measured: {why} | | |" for name, why in absent.items()]
-    return lines
-
-
 def _size_text(n: float) -> str:
+    """``n`` bytes in the largest unit it fills; negative when a layer shrank (a truncated
+    plain file)."""
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
+        if abs(n) >= 1 << shift:
             return f"{n / (1 << shift):.1f} {unit}"
     return f"{n:.0f} B"
 
 
-def _panels(table: _Table, measured: list[Configuration], sizes: Sequence[int]) -> list[Panel]:
-    def lines(measure: Callable[[int], str]) -> dict[str, list[tuple[float, Series]]]:
-        found: dict[str, list[tuple[float, Series]]] = {}
-        for config in measured:
-            points = [(s / (1 << 20), series) for s in sizes
-                      if (series := table.get(config.name, measure(s))) is not None]
+def _summary(table: _Table, measured: dict[str, list[Configuration]],
+             absent: dict[tuple[str, str], str], sizes: Sequence[int], the_plan: _Plan,
+             tree_files: int, outcomes: dict[str, set[str]]) -> list[str]:
+    """The medians a reader wants side by side, one section per filesystem, before the full
+    table; a configuration not measured keeps its row, saying why."""
+    lines: list[str] = []
+    for filesystem, configs in measured.items():
+        gone = [(c, why) for (c, fs), why in absent.items() if fs == filesystem]
+        lines += [f"## {filesystem}", ""]
+        if the_plan.first_writes:
+            lines += _first_write_table(table, filesystem, configs, gone, sizes, the_plan)
+            lines += _operations_table(table, filesystem, configs, gone, sizes, the_plan,
+                                       outcomes)
+        if the_plan.io:
+            lines += _io_table(table, filesystem, configs, gone, sizes, tree_files)
+    elsewhere = [(c, fs, why) for (c, fs), why in absent.items() if fs not in measured]
+    if elsewhere:
+        lines += ["## not measured", "", "| configuration | filesystem | why |", "|---|---|---|"]
+        lines += [f"| {c} | {fs} | {why} |" for c, fs, why in elsewhere]
+        lines.append("")
+    return lines
+
+
+def _first_write_table(table: _Table, filesystem: str, configs: list[Configuration],
+                       gone: list[tuple[str, str]], sizes: Sequence[int],
+                       the_plan: _Plan) -> list[str]:
+    temps = the_plan.temperatures
+    largest = _label(max(sizes))
+    lines = [f"First 4 KiB overwrite in the middle of a lower file (open O_RDWR + pwrite + "
+             f"close), median ms, {' / '.join(temps)}; the second overwrite, the fsync after "
+             f"the first, what the writable layer grew by (st_blocks) and the space the "
+             f"filesystem lost (statvfs) at {largest} cold:", "",
+             "| configuration | " + " | ".join(_label(s) for s in sizes) +
+             " | second | fsync after | growth | space used |",
+             "|---|" + "---:|" * (len(sizes) + 4)]
+    for config in configs:
+        name = config.name
+
+        def get(measure: str, name: str = name) -> Series | None:
+            return table.get(name, filesystem, measure)
+
+        cells = [" / ".join(_cell(get(f"first overwrite {_label(s)} {t}"), 1) for t in temps)
+                 for s in sizes]
+        growth = get(f"growth after first overwrite {largest} cold")
+        used = get(f"space used after first overwrite {largest} cold")
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     f" | {_cell(get(f'second overwrite {largest} cold'), 2)} | "
+                     f"{_cell(get(f'fsync after first overwrite {largest} cold'), 1)} | "
+                     f"{'—' if growth is None else _size_text(growth.median * 1024)} | "
+                     f"{'—' if used is None else _size_text(used.median * 1024)} |")
+    lines += [f"| {name} | {why} |" + " |" * (len(sizes) + 3) for name, why in gone]
+    return [*lines, ""]
+
+
+def _operations_table(table: _Table, filesystem: str, configs: list[Configuration],
+                      gone: list[tuple[str, str]], sizes: Sequence[int], the_plan: _Plan,
+                      outcomes: dict[str, set[str]]) -> list[str]:
+    largest = _label(max(sizes))
+    lines = [f"Each operation on the {largest} lower file, cold, in a fresh container: first "
+             "/ second, median ms, and the writable layer's growth; then the rename of a "
+             f"lower directory of {RENAME_FILES} files and `mv`'s fallback when it is "
+             "refused:", "",
+             "| configuration | " + " | ".join(OPERATIONS) + " | rename | mv fallback |",
+             "|---|" + "---:|" * (len(OPERATIONS) + 2)]
+    for config in configs:
+        name = config.name
+        cells = []
+        for operation in OPERATIONS:
+            label = f"{operation} {largest} cold"
+            first = table.get(name, filesystem, f"first {label}")
+            growth = table.get(name, filesystem, f"growth after first {label}")
+            cells.append(f"{_cell(first, 1)} / "
+                         f"{_cell(table.get(name, filesystem, f'second {label}'), 2)}"
+                         + ("" if growth is None else f", {_size_text(growth.median * 1024)}"))
+        outcome = ", ".join(sorted(outcomes.get(f"{name} on {filesystem}", set()))) or "—"
+        rename = table.get(name, filesystem, f"rename dir of {RENAME_FILES} files "
+                           f"{the_plan.temperatures[0]}")
+        fallback = table.get(name, filesystem, f"mv fallback {the_plan.temperatures[0]}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {outcome} "
+                     f"({_cell(rename, 2)} ms) | "
+                     f"{'—' if fallback is None else f'{fallback.median:.2f} s'} |")
+        create = table.get(name, filesystem, "container create (whole-layer copy) cold")
+        if create is not None:
+            lines.append(f"| {name}: container create (whole-layer copy, cold) | "
+                         f"{create.median:.2f} s |" + " |" * (len(OPERATIONS) + 1))
+    lines += [f"| {name} | {why} |" + " |" * (len(OPERATIONS) + 1) for name, why in gone]
+    return [*lines, ""]
+
+
+def _io_table(table: _Table, filesystem: str, configs: list[Configuration],
+              gone: list[tuple[str, str]], sizes: Sequence[int], tree_files: int
+              ) -> list[str]:
+    """Reads, untar and ``find | xargs stat``; with ``--metadata``, each imaged row also as
+    a multiple of fuse-overlayfs's, the peer issue 14 measures against."""
+    largest = _label(max(sizes)) if sizes else None
+    measures = ([(f"read {largest} cold", 0), (f"read {largest} warm", 0)] if largest else [])
+    measures += [(f"untar {tree_files} files + syncfs", 2), ("find | xargs stat cold", 2),
+                 ("find | xargs stat warm", 2)]
+    lines = [(f"Reading the {largest} lower file through the container (MB/s), u" if largest
+              else "U") + f"npacking a {tree_files}-file tree into the container (s), and "
+             "`find | xargs stat` over the same tree as a lower layer (s), medians; in "
+             "brackets, the multiple of fuse-overlayfs's median in the same run:", "",
+             "| configuration | " + " | ".join(cell(m) for m, _ in measures) + " |",
+             "|---|" + "---:|" * len(measures)]
+    for config in configs:
+        cells = []
+        for measure, digits in measures:
+            mine = table.get(config.name, filesystem, measure)
+            peer = table.get("fuse-overlayfs", filesystem, measure)
+            text = _cell(mine, digits)
+            if config.kind == "imaged" and mine is not None and peer is not None \
+                    and peer.median > 0:
+                text += f" ({mine.median / peer.median:.1f}x)"
+            cells.append(text)
+        lines.append(f"| {config.name} | " + " | ".join(cells) + " |")
+    lines += [f"| {name} | {why} |" + " |" * (len(measures) - 1) for name, why in gone]
+    return [*lines, ""]
+
+
+def _panels(table: _Table, measured: dict[str, list[Configuration]], sizes: Sequence[int],
+            temperature: str) -> list[Panel | BarPanel]:
+    """One log-log panel per filesystem (first overwrite against file size, a line per
+    configuration), then the space each configuration's first overwrite of the largest file
+    took on the backing filesystem, grouped by filesystem."""
+    panels: list[Panel | BarPanel] = []
+    for filesystem, configs in measured.items():
+        lines: dict[str, list[tuple[float, Series]]] = {}
+        for config in configs:
+            points = [(s / (1 << 20), series) for s in sizes if (series := table.get(
+                config.name, filesystem, f"first overwrite {_label(s)} {temperature}"))]
             if points:
-                found[config.name] = points
-        return found
-
-    def first_write(temperature: str) -> Callable[[int], str]:
-        return lambda size: f"first write {_label(size)} {temperature}"
-
-    return [Panel(f"first 4 KiB write, {temperature}", "lower file size (MiB)",
-                  "milliseconds", lines(first_write(temperature)))
-            for temperature in ("cold", "warm")] + \
-        [Panel("upper growth after it (allocated)", "lower file size (MiB)", "KiB",
-               lines(lambda size: f"upper growth {_label(size)} cold"))]
+                lines[config.name] = points
+        panels.append(Panel(f"{filesystem}: first 4 KiB overwrite, {temperature}",
+                            "lower file size (MiB)", "milliseconds", lines))
+    largest = _label(max(sizes))
+    bars: dict[str, dict[str, float]] = {}
+    for filesystem, configs in measured.items():
+        for config in configs:
+            used = table.get(config.name, filesystem,
+                             f"space used after first overwrite {largest} {temperature}")
+            if used is not None:
+                bars.setdefault(config.name, {})[filesystem] = used.median / 1024
+    panels.append(BarPanel(f"space the first overwrite of {largest} took ({temperature})",
+                           "MiB (statvfs, after syncfs)", bars))
+    return panels
 
 
 def _version(cmd: list[str]) -> str:
@@ -554,97 +869,183 @@ def keep_model(report: Path, root: Path) -> Path | None:
     return target
 
 
+def _selected(names: Sequence[str] | None) -> tuple[Configuration, ...]:
+    if not names:
+        return CONFIGURATIONS
+    known = {c.name: c for c in CONFIGURATIONS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidError(f"no configuration {', '.join(map(repr, unknown))} (there are "
+                         f"{', '.join(known)})")
+    return tuple(known[n] for n in names)
+
+
 def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
-        filesystem: str = "ext4", *, metadata: bool = False) -> list[Path]:
-    """The report's paths. ``metadata``: only the untar and find | xargs stat rows, as
-    ``metadata.{json,md,png}`` (no lower files of random data, no model for advise): the
-    metadata path of the fuse server measured alone, in minutes rather than an hour."""
+        filesystems: Sequence[str] | None = None, configs: Sequence[str] | None = None, *,
+        metadata: bool = False) -> list[Path]:
+    """The report's paths. ``metadata``: only the untar and find | xargs stat rows, on ext4
+    unless told, as ``metadata.{json,md,png}`` (no lower files of random data, no model for
+    advise): the metadata path of the fuse server measured alone, in minutes."""
     if os.geteuid() != 0:
         raise RuntimeError("imaged bench copyup needs root: it mounts loop filesystems, "
                            "overlays and FUSE filesystems and drops the page cache")
+    chosen = _selected(configs or (METADATA_CONFIGS if metadata else None))
+    filesystems = list(filesystems or (("ext4",) if metadata else FILESYSTEMS))
+    unknown = [f for f in filesystems if f not in FILESYSTEMS]
+    if unknown:
+        raise InvalidError(f"no filesystem {', '.join(unknown)} (there are "
+                         f"{', '.join(FILESYSTEMS)})")
     sizes = [] if metadata else sorted(sizes or (QUICK_SIZES if quick else SIZES))
+    the_plan = plan(sizes, quick=quick, metadata=metadata)
     runs = 1 if quick else runs
     tree_files = QUICK_TREE_FILES if quick else TREE_FILES
     load_start = Path("/proc/loadavg").read_text().split()[:3]
     started = time.monotonic()
     notes: list[str] = []
     server_help = _server_help()
-    measured: list[tuple[Configuration, tuple[str, ...]]] = []
-    absent: dict[str, str] = {}
-    for config in CONFIGURATIONS:
+    runnable: list[tuple[Configuration, tuple[str, ...]]] = []
+    absent: dict[tuple[str, str], str] = {}
+    for config in chosen:
         options, why = _arguments(config, server_help)
         if options is None:
-            notes.append(f"{config.name}: not measured: {why}")
-            absent[config.name] = why
+            absent.update({(config.name, fs): f"not measured: {why}" for fs in filesystems})
             continue
-        measured.append((config, options))
+        runnable.append((config, options))
         if why:
             notes.append(f"{config.name}: {why}")
     table = _Table()
-    failed: set[str] = set()
+    outcomes: dict[str, set[str]] = {}
+    measured: dict[str, list[Configuration]] = {}
     facts = machine_facts()
     facts["imaged"] = __version__
-    scratch_size = max(8 << 30, 4 * sum(sizes) + (4 << 30))
-    with scratch_fs(scratch_size, filesystem) as (scratch, where):
-        layers = _make_layers(scratch, sizes, tree_files)
-        facts["scratch"] = f"{where}, mounted {_mount_entry(scratch) or 'not a mount'}"
+    scratch_size = max(8 << 30, 5 * sum(sizes) + (4 << 30))
+    for filesystem in filesystems:
+        try:
+            _filesystem(filesystem, scratch_size, runnable, sizes, the_plan, runs, tree_files,
+                        table, outcomes, measured, absent, facts, notes)
+        except ScratchError as e:
+            notes.append(f"{filesystem} not measured: {e}")
+            measured.pop(filesystem, None)
+            table.series = {k: v for k, v in table.series.items() if k[1] != filesystem}
+            for key in [k for k in outcomes if k.endswith(f" on {filesystem}")]:
+                del outcomes[key]
+            absent.update({(c.name, filesystem): f"not measured: {e}" for c, _ in runnable})
+    if not metadata:
+        absent.update(ELSEWHERE)
+    for (name, filesystem), why in absent.items():
+        notes.append(f"{name} on {filesystem}: {why}")
+    for key, seen in outcomes.items():
+        facts[f"rename of a lower directory: {key}"] = ", ".join(sorted(seen))
+    series = list(table.series.values())
+    facts["fuse-overlayfs"] = _version(["fuse-overlayfs", "--version"])
+    elapsed = time.monotonic() - started
+    load_end = Path("/proc/loadavg").read_text().split()[:3]
+    notes += _method(runs, sizes, the_plan, elapsed, tree_files, filesystems)
+    notes += [
+        f"load average (1, 5, 15 min) {' '.join(load_start)} at the start, "
+        f"{' '.join(load_end)} at the end: this 2-core machine is shared with other work, "
+        "so compare ratios within this run, not absolute numbers across reports",
+    ]
+    ratios = _ratios(table, measured, sizes, tree_files)
+    summary = _summary(table, measured, absent, sizes, the_plan, tree_files, outcomes)
+    title = f"Copy-up and container I/O on {', '.join(filesystems)}"
+    if metadata:
+        return write_report(out, "metadata", f"Untar and find | xargs stat on "
+                            f"{', '.join(filesystems)}", series, facts, ratios, notes,
+                            summary=summary)
+    return write_report(out, "copyup", title, series, facts, ratios, notes,
+                        _panels(table, measured, sizes, the_plan.temperatures[0]), summary)
+
+
+def _filesystem(filesystem: str, size: int, runnable: list[tuple[Configuration, tuple[str, ...]]],
+                sizes: Sequence[int], the_plan: _Plan, runs: int, tree_files: int,
+                table: _Table, outcomes: dict[str, set[str]],
+                measured: dict[str, list[Configuration]], absent: dict[tuple[str, str], str],
+                facts: dict[str, object], notes: list[str]) -> None:
+    """Every run of every configuration that fits on one backing filesystem."""
+    with loop_fs(size, filesystem) as fs:
+        here = []
+        for config, options in runnable:
+            why = _unfit(config, filesystem, fs.mount_point)
+            if why:
+                absent[(config.name, filesystem)] = f"not measured: {why}"
+            else:
+                here.append((config, options))
+        print(f"{filesystem}: {fs.description}", file=sys.stderr)
+        layers = _make_layers(fs.mount_point, sizes, tree_files, {c.kind for c, _ in here})
+        facts[f"scratch {filesystem}"] = \
+            f"{fs.description}, mounted {_mount_entry(fs.mount_point) or 'not a mount'}"
+        failed: set[str] = set()
         for i in range(runs):
-            order = measured[i % len(measured):] + measured[:i % len(measured)]
-            print(f"run {i + 1}/{runs}: {', '.join(c.name for c, _ in order)}",
+            order = here[i % max(1, len(here)):] + here[:i % max(1, len(here))]
+            print(f"{filesystem} run {i + 1}/{runs}: {', '.join(c.name for c, _ in order)}",
                   file=sys.stderr)
             for config, options in order:
                 if config.name in failed:
                     continue
                 try:
-                    _sample(config, options, layers, scratch, table)
+                    _sample(config, options, layers, fs, filesystem, the_plan, table, outcomes)
+                except ScratchError:
+                    raise  # the filesystem is gone: not one configuration's failure
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     # One configuration failing should not cost the others their report.
                     failed.add(config.name)
-                    absent[config.name] = f"failed in run {i + 1} (see the notes)"
-                    notes.append(f"{config.name}: failed in run {i + 1}, not reported: "
-                                 f"{e}"[:600])
-        for config, options in measured:
-            if config.name not in failed:
-                with _container(config, options, layers, scratch) as box:
-                    facts[f"mount: {config.name}"] = _mount_entry(box.mount) or "?"
-    kept = [c for c, _ in measured if c.name not in failed]
-    series = [s for (name, _), s in table.series.items() if name not in failed]
-    facts["fuse-overlayfs"] = _version(["fuse-overlayfs", "--version"])
-    elapsed = time.monotonic() - started
-    load_end = Path("/proc/loadavg").read_text().split()[:3]
-    notes += [
-        f"{runs} run{'s' * (runs > 1)}, {len(sizes) or 'no'} file sizes "
-        f"({'--metadata: untar and find | xargs stat only' if metadata else 'first writes'}), "
-        f"{elapsed / 60:.1f} minutes; in each "
-        "run every configuration in turn, the order rotating from run to run; every sample in "
-        "a fresh container (new upper and work directories, a new mount) on the same two lower "
-        f"directories on {where}",
-        f"load average (1, 5, 15 min) {' '.join(load_start)} at the start, "
-        f"{' '.join(load_end)} at the end: this 2-core machine is shared with other work, "
-        "so compare ratios within this run, not absolute numbers across reports",
-        "cold: `echo 3 > /proc/sys/vm/drop_caches` after the mount (the page, dentry and "
-        "inode caches of this kernel); the host under this VM may still cache the loop file's "
-        "blocks, so cold here is colder than warm but not a disk read. warm: the lower file "
-        "read once through its lower directory before the mount",
-        "first write: open O_RDWR + 4 KiB pwrite at the middle + close, through the mount; "
-        "fsync after it: open O_RDWR + fsync + close; upper growth: st_blocks * 512 summed "
-        "over the upper directory after that fsync, minus before the write",
-        "read: one sequential read of the largest file, 1 MiB at a time, cold then warm on "
-        f"one mount; untar: `tar -xf` of the {tree_files}-file tree "
-        f"({layers.tar_bytes / 1e6:.0f} MB tarball) into a new directory of "
-        "the container, then syncfs of the filesystem holding the upper; find | xargs stat: "
-        "`find TREE -print0 | xargs -0 stat` over the same tree in the base lower layer",
-        "the tree is synthetic and the same every run (seeded): about one directory per 6.5 "
-        "files, up to six deep, sizes log-normal around 3 KB with a tail to 2 MiB, one "
-        "entry in twelve a symlink",
-        "ratios: imaged's configurations against fuse-overlayfs and kernel overlay, medians of "
-        "this run; for times below 1 means imaged is faster, for read rates above 1 does",
+                    absent[(config.name, filesystem)] = \
+                        f"failed in run {i + 1}, not reported: {e}"[:600]
+        kept = [c for c, _ in here if c.name not in failed]
+        table.series = {k: s for k, s in table.series.items()
+                        if k[1] != filesystem or k[0] not in failed}
+        measured[filesystem] = kept
+        for config, options in here:
+            if config.name not in failed and config.kind in MOUNTED:
+                with _container(config, options, layers, fs, cold=False) as box:
+                    facts[f"mount: {config.name} on {filesystem}"] = \
+                        _mount_entry(box.mount) or "?"
+
+
+def _method(runs: int, sizes: Sequence[int], the_plan: _Plan, elapsed: float,
+            tree_files: int, filesystems: Sequence[str]) -> list[str]:
+    """The notes that say how the run measured what it reports."""
+    notes = [
+        f"{runs} run{'s' * (runs > 1)} on {', '.join(filesystems)} (one filesystem after "
+        f"the other), {len(sizes) or 'no'} file sizes, {elapsed / 60:.1f} minutes; in each "
+        "run every configuration in turn, the order rotating from run to run; every sample "
+        "in a fresh container (new upper and work directories and a new mount, a new "
+        "snapshot, or the plain copy restored) on the same lower directories",
+        "cold: the loop filesystem unmounted and mounted again after the container's "
+        "directories exist and before its mount (its loop device asked for direct I/O, so "
+        "the host's cache of the backing file is not read either; the scratch facts say "
+        "whether it was granted). warm: the lower file read once before the operation",
     ]
-    ratios = _ratios(table, kept, sizes, tree_files)
-    if metadata:
-        return write_report(out, "metadata", f"Untar and find | xargs stat on {filesystem}",
-                            series, facts, ratios, notes,
-                            summary=_summary(table, kept, absent, sizes, tree_files))
-    return write_report(out, "copyup", f"Copy-up and container I/O on {filesystem}", series,
-                        facts, ratios, notes, _panels(table, kept, sizes),
-                        _summary(table, kept, absent, sizes, tree_files))
+    if the_plan.first_writes:
+        notes += [
+            "operations: open = open O_RDWR + close; overwrite = open O_RDWR + 4 KiB pwrite "
+            "at the middle + close; append = open O_APPEND + write 1 byte + close; truncate = "
+            "open O_TRUNC + write 4 KiB + close; chmod. second: the same again (the overwrite "
+            "a block further on, chmod to the other mode). The overwrite at every size, the "
+            "others at the smallest and largest. fsync after first: open O_RDONLY + fsync + "
+            "close; growth: st_blocks * 512 summed over the writable layer after that fsync, "
+            "minus before the operation: extents shared by a clone (overlay and fuse reflink "
+            "copy-ups on xfs and btrfs, btrfs snapshots, vfs copies) count in full, as "
+            "st_blocks counts them; for vfs and a volume it is the change of the container's "
+            "own files (negative when truncate freed blocks); space used: the backing "
+            "filesystem's free blocks (statvfs after syncfs) before the operation minus after "
+            "that fsync, where a clone costs only its metadata",
+            "vfs: imaged's copy driver copies the layers when the container is created (cp -a "
+            "--reflink=auto, as the driver does), so its operations touch plain files and "
+            "its copy-up cost is the container create row; volume: the same files copied "
+            "once by plain writes into a directory on the same filesystem",
+            f"rename: rename(2) of a lower directory of {RENAME_FILES} files; its outcome "
+            "(ok or EXDEV) is in the facts, and on EXDEV the time `mv` takes to copy and "
+            "delete instead",
+        ]
+    if the_plan.io:
+        notes.append(
+            "read: one sequential read of the largest file, 1 MiB at a time, cold then warm "
+            f"in one cold container; untar: `tar -xf` of the {tree_files}-file tree into a "
+            "new directory of the container, then syncfs; find | xargs stat: `find TREE "
+            "-print0 | xargs -0 stat` over the same tree in the base lower layer, cold then "
+            "warm. The tree is synthetic and the same every run (seeded): about one "
+            "directory per 6.5 files, up to six deep, sizes log-normal around 3 KB with a "
+            "tail to 2 MiB, one entry in twelve a symlink")
+    return notes

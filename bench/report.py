@@ -7,6 +7,7 @@ in different runs: every comparison is a ratio of medians from interleaved sampl
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 from collections.abc import Sequence
@@ -27,9 +28,15 @@ class Series:
     def median(self) -> float:
         return statistics.median(self.samples)
 
+    @property
+    def p99(self) -> float:
+        """The 99th percentile, nearest rank: with fewer than 100 samples, the largest."""
+        ordered = sorted(self.samples)
+        return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
     def summary(self) -> dict[str, Any]:
-        return {"unit": self.unit, "median": self.median, "min": min(self.samples),
-                "max": max(self.samples), "samples": self.samples}
+        return {"unit": self.unit, "median": self.median, "p99": self.p99,
+                "min": min(self.samples), "max": max(self.samples), "samples": self.samples}
 
 
 def machine_facts() -> dict[str, Any]:
@@ -64,9 +71,20 @@ class Panel:
     log: bool = True
 
 
+@dataclass
+class BarPanel:
+    """Grouped bars: one group per label, one bar per key inside it (a value per
+    configuration and filesystem, say), on a linear axis."""
+
+    title: str
+    ylabel: str
+    groups: dict[str, dict[str, float]]
+
+
 def write_report(out: Path, name: str, title: str, series: list[Series],
                  facts: dict[str, Any], ratios: dict[str, float], notes: list[str],
-                 panels: Sequence[Panel] = (), summary: Sequence[str] = ()) -> list[Path]:
+                 panels: Sequence[Panel | BarPanel] = (),
+                 summary: Sequence[str] = ()) -> list[Path]:
     """Write ``<name>.json``, ``<name>.md`` and ``<name>.png``: the PNG draws ``panels`` when
     given, else medians with min/max bars; ``summary`` is markdown put before the full table."""
     # matplotlib takes half a second to import: only a bench that writes a report pays it.
@@ -90,17 +108,24 @@ def write_report(out: Path, name: str, title: str, series: list[Series],
     lines = [f"# {title}", "", f"![{title}]({png_path.name})", "", *summary]
     if summary:
         lines.append("")
-    lines += ["| measure | median | min | max | unit | runs |", "|---|---:|---:|---:|---|---:|"]
+    lines += ["| measure | median | p99 | min | max | unit | runs |",
+              "|---|---:|---:|---:|---:|---|---:|"]
     for s in series:
-        lines.append(f"| {s.name} | {s.median:.3f} | {min(s.samples):.3f} | "
+        lines.append(f"| {cell(s.name)} | {s.median:.3f} | {s.p99:.3f} | {min(s.samples):.3f} | "
                      f"{max(s.samples):.3f} | {s.unit} | {len(s.samples)} |")
     if ratios:
         lines += ["", "| ratio (same run, medians) | value |", "|---|---:|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+        lines += [f"| {cell(k)} | {v:.2f} |" for k, v in ratios.items()]
     lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items())]
     lines += [f"- {note}" for note in notes]
     md_path.write_text("\n".join(lines) + "\n")
     return [json_path, md_path, png_path]
+
+
+def cell(text: str) -> str:
+    """``text`` for a markdown table cell: a measure named after a pipeline (``find | xargs
+    stat``) must not end the cell."""
+    return text.replace("|", "\\|")
 
 
 def _draw_bars(plt: Any, series: list[Series], title: str, png_path: Path) -> None:
@@ -125,11 +150,20 @@ def _draw_bars(plt: Any, series: list[Series], title: str, png_path: Path) -> No
     plt.close(fig)
 
 
-def _draw_panels(plt: Any, panels: Sequence[Panel], title: str, png_path: Path) -> None:
+def _draw_panels(plt: Any, panels: Sequence[Panel | BarPanel], title: str,
+                 png_path: Path) -> None:
     from matplotlib import ticker  # noqa: PLC0415 - with pyplot, only when a report is drawn
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.6 * rows),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        if isinstance(panel, BarPanel):
+            _draw_groups(ax, panel)
+            continue
         for label, points in panel.lines.items():
             ordered = sorted(points, key=lambda p: p[0])
             medians = [s.median for _, s in ordered]
@@ -147,8 +181,25 @@ def _draw_panels(plt: Any, panels: Sequence[Panel], title: str, png_path: Path) 
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if panel.lines:  # a filesystem where nothing could be measured has an empty panel
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+def _draw_groups(ax: Any, panel: BarPanel) -> None:
+    keys = list(dict.fromkeys(k for values in panel.groups.values() for k in values))
+    width = 0.8 / max(1, len(keys))
+    for i, key in enumerate(keys):
+        xs = [n + i * width for n, values in enumerate(panel.groups.values()) if key in values]
+        ax.bar(xs, [values[key] for values in panel.groups.values() if key in values], width,
+               label=key)
+    ax.set_xticks([n + width * (len(keys) - 1) / 2 for n in range(len(panel.groups))])
+    ax.set_xticklabels(list(panel.groups), rotation=40, ha="right", fontsize=8)
+    ax.set_title(panel.title, fontsize=10)
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    if keys:
+        ax.legend(fontsize=8)

@@ -38,8 +38,9 @@ LOCK_WAIT_SECONDS = 600  # for another embedded command to let go of the root
 BENCHMARKS = {
     "api": "the daemon through its socket: info requests/s, container cycles/s, memory",
     "btrfs-quota": "btrfs containers under no quota, full qgroups and simple quotas",
-    "copyup": "first-write (copy-up) cost against file size, reads, untar and stat on ext4: "
-              "kernel overlay, imaged's fuse server and fuse-overlayfs on the same layers; "
+    "copyup": "copy-on-write cost against file size on ext4, xfs and btrfs: kernel overlay, "
+              "vfs, btrfs snapshots, imaged's fuse server, fuse-overlayfs and a volume on the "
+              "same layers; open, overwrite, append, truncate, chmod, rename; "
               "keeps the model imaged advise reads in ROOT/bench/copyup.json",
     "fetch": "one large blob: imaged's download against curl",
     "fleet": "N nodes pulling one image at once: directly, through a pull-through cache, from "
@@ -155,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--sizes", type=_sizes_arg, default=None,
                            help="lower file sizes, comma-separated (default 1M,16M,256M,1G)")
             p.add_argument("--quick", action="store_true",
-                           help="one run of 1M and 16M files and a 1,000-file tree (seconds)")
+                           help="one run of 1M and 16M files, no read, untar or stat rows "
+                                "(about 2 minutes)")
+            p.add_argument("--filesystems", nargs="+", default=None, metavar="FS",
+                           help="backing filesystems (default ext4 xfs btrfs)")
+            p.add_argument("--configs", "--drivers", nargs="+", default=None, metavar="CONFIG",
+                           help="configurations, e.g. overlay 'fuse partial' volume "
+                                "(default: all)")
             p.add_argument("--metadata", action="store_true",
                            help="only untar and find | xargs stat, as metadata.{json,md,png}; "
                                 "keeps no model")
@@ -224,7 +231,7 @@ async def _run_embedded(args: argparse.Namespace, config: Config | None) -> Any:
         elif args.benchmark == "copyup":
             paths = await trio.to_thread.run_sync(
                 functools.partial(copyup.run, args.out, args.runs, args.sizes, args.quick,
-                                  metadata=args.metadata))
+                                  args.filesystems, args.configs, metadata=args.metadata))
             assert config is not None  # noqa: S101 - loaded for copyup: it keeps a model
             if not args.metadata:  # a metadata-only report has no first writes to model
                 kept = await trio.to_thread.run_sync(copyup.keep_model, paths[0], config.root)

@@ -50,6 +50,10 @@ CALIBRATION_RUNS = 3
 # this root's filesystem (None) or on the one it needs.
 ALTERNATIVES = (("volume", None), ("overlay volatile", None), ("fuse partial", None),
                 ("fuse reflink", "xfs"))
+# Priced, never advised: vfs pays its copy when the container is created, not at the first
+# write its rows time; a volume only where a rule names its place (the candidate's volume),
+# since it takes the file out of the image.
+NOT_ADVISED = ("vfs", "volume")
 
 
 @dataclass(frozen=True)
@@ -158,22 +162,25 @@ def layer_listings(store: Store, image_text: str) -> tuple[str, list[list[LayerE
 
 def costs(model: Model, place: Place, size: int) -> list[Prediction]:
     """Every configuration the model has numbers for, this root's first, each on this
-    root's filesystem where the model has it, else on the filesystem it was measured on."""
+    root's filesystem where the model has it, else on the filesystem it was measured on;
+    and this root's own configuration on every filesystem the model measured it on (what
+    moving the root elsewhere, to xfs with reflink say, would change)."""
     predictions = []
+    current = place.configuration(size)
     for config, filesystem in model.configurations():
-        if filesystem != place.filesystem and (config, place.filesystem) in \
-                model.configurations():
+        if filesystem != place.filesystem and config != current and \
+                (config, place.filesystem) in model.configurations():
             continue
         prediction = model.predict(config, filesystem, size)
         if prediction is not None:
             predictions.append(prediction)
-    current = place.configuration(size)
-    return sorted(predictions, key=lambda p: p.config != current)
+    return sorted(predictions, key=lambda p: (p.config, p.filesystem) !=
+                  (current, place.filesystem))
 
 
 def recommend(candidate: Candidate, predictions: Sequence[Prediction], current: str) -> str:
     """One line: what to do about this file's first write."""
-    now = next((p for p in predictions if p.config == current), None)
+    now = next((p for p in predictions if p.config == current), None)  # this root's: first
     if now is not None and now.seconds < NOTHING_TO_DO:
         return f"nothing to do: copy-up of this file costs ~{_ms(now.seconds)}"
     if candidate.volume is not None:
@@ -181,16 +188,30 @@ def recommend(candidate: Candidate, predictions: Sequence[Prediction], current: 
     if now is None:
         return (f"no prediction for this root's configuration ({current}): run imaged bench "
                 "copyup on this root")
-    cheaper = sorted((p for p in predictions if p.seconds * CHEAPER <= now.seconds),
-                     key=lambda p: p.seconds)
-    for better in cheaper:
-        if better.config == "fuse partial":
-            return "use the fuse driver with partial copy-up"
-        if better.filesystem == "xfs" or "reflink" in better.config:
-            return "put the root on xfs with reflink"
-        if better.config == "overlay volatile":
-            return "mount the overlay with volatile (drivers.overlay.volatile): no fsync at copy-up"
+    changes = [change for p in predictions if p.seconds * CHEAPER <= now.seconds
+               and p.config not in NOT_ADVISED
+               and (change := _change(p, now.filesystem)) is not None]
+    if changes:
+        return min(changes)[1]  # the least disruptive change that is cheap enough
     return f"nothing cheaper measured: copy-up of this file costs ~{_ms(now.seconds)} ({current})"
+
+
+def _change(better: Prediction, filesystem: str) -> tuple[int, str] | None:
+    """What an operator would change to get ``better``, ranked by how much it disturbs: a
+    mount option of this root's overlay, then another driver, then another filesystem."""
+    if better.filesystem == filesystem and better.config == "overlay volatile":
+        return 0, "mount the overlay with volatile (drivers.overlay.volatile): no fsync at copy-up"
+    if better.filesystem == filesystem and better.config == "overlay metacopy":
+        return 1, "mount the overlay with metacopy (drivers.overlay.metacopy)"
+    if better.config == "fuse partial":
+        return 2, "use the fuse driver with partial copy-up"
+    if better.filesystem == "xfs" or "reflink" in better.config:
+        return 3, "put the root on xfs with reflink"
+    if better.config == "btrfs":
+        return 4, "use the btrfs driver: a container is a snapshot sharing the image's extents"
+    if better.filesystem == "btrfs":
+        return 5, f"put the root on btrfs ({better.config} clones extents there)"
+    return None
 
 
 def not_measured(model: Model, place: Place) -> list[dict[str, str]]:

@@ -36,10 +36,14 @@ WHOLE_FILE = ("overlay", "fuse full")
 
 Source = Literal["measured", "calibrated"]
 
-_REPORT_TITLE = re.compile(r"Copy-up and container I/O on (?P<fs>\S+)$")
-_FIRST_WRITE = re.compile(r"(?P<config>.+): first write (?P<size>\d+)(?P<unit>[MG]) "
-                          r"(?P<temperature>cold|warm)$")
-_NOT_MEASURED = re.compile(r"(?P<config>[^:]+): (?P<why>not measured: .+|failed in run .+)$")
+_REPORT_TITLE = re.compile(r"Copy-up and container I/O on (?P<fs>.+)$")
+# A report names its rows "CONFIG on FS: first overwrite 16M cold" since it measures more
+# than one filesystem, and "CONFIG: first write 16M cold" (its title naming the filesystem)
+# before: both are read.
+_FIRST_WRITE = re.compile(r"(?P<config>.+?)(?: on (?P<fs>[\w-]+))?: first (?:write|overwrite) "
+                          r"(?P<size>\d+)(?P<unit>[MG]) (?P<temperature>cold|warm)$")
+_NOT_MEASURED = re.compile(r"(?P<config>[^:]+?)(?: on (?P<fs>[\w-]+))?: "
+                           r"(?P<why>not measured: .+|failed in run .+)$")
 
 
 class ModelError(InvalidError):
@@ -189,7 +193,7 @@ def from_report(document: Mapping[str, Any], where: str) -> Model:
     title = _REPORT_TITLE.match(str(document.get("title", "")))
     if title is None:
         raise ModelError(f"{where} is not a copy-up report")
-    filesystem = title["fs"]
+    filesystem = title["fs"]  # the one filesystem of a report from before the matrix
     rows = []
     try:
         for name, series in dict(document["series"]).items():
@@ -198,7 +202,8 @@ def from_report(document: Mapping[str, Any], where: str) -> Model:
                 continue
             scale = 1e-3 if series["unit"] == "milliseconds" else 1.0
             size = int(found["size"]) << (20 if found["unit"] == "M" else 30)
-            rows.append(Row(found["config"], filesystem, size, found["temperature"],
+            rows.append(Row(found["config"], found["fs"] or filesystem, size,
+                            found["temperature"],
                             _seconds(series["median"]) * scale, _seconds(series["min"]) * scale,
                             _seconds(series["max"]) * scale, len(series["samples"])))
         notes = [str(n) for n in document.get("notes", [])]
@@ -206,11 +211,12 @@ def from_report(document: Mapping[str, Any], where: str) -> Model:
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{where} is a damaged copy-up report ({type(exc).__name__}: "
                          f"{exc})") from None
-    measured = {r.config for r in rows}
-    absent = {m["config"]: m["why"] for note in notes
-              if (m := _NOT_MEASURED.match(note)) and m["config"] not in measured}
+    measured = {(r.config, r.filesystem) for r in rows}
+    absent = {(m["config"], m["fs"] or filesystem): m["why"] for note in notes
+              if (m := _NOT_MEASURED.match(note))
+              and (m["config"], m["fs"] or filesystem) not in measured}
     return _usable(Model("measured", tuple(rows),
-                         tuple(Absent(c, filesystem, why) for c, why in absent.items()),
+                         tuple(Absent(c, fs, why) for (c, fs), why in absent.items()),
                          facts, str(facts.get("imaged", ""))), where)
 
 

@@ -1,40 +1,87 @@
-"""``imaged bench copyup --quick`` end to end: the report it writes, the model it keeps in the
-root for ``imaged advise``, and nothing it mounted left behind (loop ext4, overlays, FUSE
-servers)."""
+"""``imaged bench copyup --quick`` end to end on a small matrix (one filesystem, a few
+configurations, so it stays within seconds of suite time): the report it writes, the model it
+keeps in the root for ``imaged advise``, the rows it could not measure, and nothing it
+mounted left behind (loop devices, overlays, FUSE servers)."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from imaged.bench import copyup
 from imaged.host.mounts import mountinfo
 from imaged.ops import copycost
 
 
-def _bench_mounts() -> list[str]:
-    return [m.mount_point for m in mountinfo() if "imaged-bench-" in m.mount_point]
+def _left_behind(scratch: str) -> list[str]:
+    """Mounts and loop devices still under this run's scratch directory (other engineers'
+    benches may run at the same time, in scratch directories of their own)."""
+    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "BACK-FILE"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    return [m.mount_point for m in mountinfo() if m.mount_point.startswith(scratch)] + \
+        [f for f in loops if f.startswith(scratch)]
 
 
 def test_quick_copyup_report(imaged_proc: Any, tmp_path: Path, root: Path) -> None:
-    before = _bench_mounts()
     assert imaged_proc("images").code == 0  # a store on the root: the model is kept there
-    result = imaged_proc("bench", "copyup", "--quick", "--out", str(tmp_path / "out"))
+    out = tmp_path / "out"
+    result = imaged_proc("bench", "copyup", "--quick", "--out", str(out), "--filesystems",
+                         "xfs", "--configs", "overlay", "fuse full", "fuse partial", "btrfs",
+                         "volume")
     assert result.code == 0, result.err
     kept = root / "bench" / "copyup.json"
     assert result.out.splitlines()[-1] == str(kept)
     model = copycost.load(json.loads(kept.read_text()), str(kept))
     assert model.source == "measured" and model.imaged
-    overlay = model.predict("overlay", "ext4", 4 << 20)
+    overlay = model.predict("overlay", "xfs", 4 << 20)
     assert overlay is not None and overlay.seconds > 0 and not overlay.extrapolated
-    report = json.loads((tmp_path / "out" / "copyup.json").read_text())
+    assert ("btrfs", "xfs") in {(a.config, a.filesystem) for a in model.absent}
+    report = json.loads((out / "copyup.json").read_text())
     series = report["series"]
     for config in ("overlay", "fuse full"):
-        assert series[f"{config}: first write 1M cold"]["median"] > 0
-        # A whole-file copy-up: the upper grew by the whole 16 MiB, counted allocated.
-        assert series[f"{config}: upper growth 16M warm"]["median"] >= 16 * 1024
-        assert series[f"{config}: read 16M cold"]["median"] > 0
-    # Measured once the server has --copy-up, a "not measured: why" row until then.
-    assert "| fuse partial |" in (tmp_path / "out" / "copyup.md").read_text()
-    assert (tmp_path / "out" / "copyup.png").stat().st_size > 0
-    assert _bench_mounts() == before
+        assert series[f"{config} on xfs: first overwrite 1M cold"]["median"] > 0
+        # A whole-file copy-up: the layer grew by the whole 16 MiB, counted allocated.
+        assert series[f"{config} on xfs: growth after first overwrite 16M warm"]["median"] \
+            >= 16 * 1024
+    # Partial copy-up and a volume write what they write, not the file.
+    assert series["fuse partial on xfs: growth after first overwrite 16M cold"]["median"] < 1024
+    assert series["volume on xfs: growth after first chmod 16M cold"]["median"] == 0
+    assert series["fuse partial on xfs: first truncate 1M warm"]["p99"] > 0
+    assert report["facts"]["rename of a lower directory: overlay on xfs"] == "EXDEV"
+    assert report["facts"]["rename of a lower directory: volume on xfs"] == "ok"
+    assert "direct I/O" in report["facts"]["scratch xfs"]
+    markdown = (out / "copyup.md").read_text()
+    assert "| btrfs | not measured: btrfs runs on btrfs only |" in markdown
+    assert "| devmapper | devmapper | not measured: needs the guest kernel tier" in markdown
+    assert (out / "copyup.png").stat().st_size > 0
+    lowers = re.search(r"lowerdir=([^,:]*/imaged-bench-[^/]+)/",
+                       report["facts"]["mount: overlay on xfs"])
+    assert lowers is not None
+    assert _left_behind(lowers[1]) == []
+    assert not Path(lowers[1]).exists()
+
+
+def test_an_unknown_filesystem_is_one_line(imaged_proc: Any, tmp_path: Path) -> None:
+    result = imaged_proc("bench", "copyup", "--quick", "--out", str(tmp_path),
+                         "--filesystems", "zfs")
+    assert result.code != 0
+    assert result.err.strip().splitlines() == [
+        "imaged: error: no filesystem zfs (there are ext4, xfs, btrfs)"]
+
+
+def test_a_filesystem_the_bench_cannot_make_is_a_row_saying_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No mkfs.xfs on this PATH (nor anything else): the report still comes out, each
+    configuration on xfs a row "not measured: mkfs.xfs is not installed", no traceback."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    paths = copyup.run(tmp_path / "out", 1, [1 << 20], True, ["xfs"], ["overlay"])
+    report = json.loads(paths[0].read_text())
+    assert "overlay on xfs: not measured: mkfs.xfs is not installed" in report["notes"]
+    assert report["series"] == {}
+    assert "| overlay | xfs | not measured: mkfs.xfs is not installed |" in \
+        paths[1].read_text()

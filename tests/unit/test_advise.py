@@ -97,3 +97,36 @@ def test_a_confined_peer_may_not_name_a_report() -> None:
     """The daemon would read the path with its own rights: refused before anything is read."""
     with pytest.raises(ForbiddenError, match="only root may name a report file"):
         advise(cast(Store, None), "img", Path("/etc/shadow"), confined=True)
+
+
+@pytest.mark.parametrize(("predictions", "advice"), [
+    # vfs pays its copy at container create, and a volume is advised only where a rule
+    # names its place: neither is advised on its first-write numbers.
+    ([cost("overlay", 0.5), cost("vfs", 0.0001), cost("volume", 0.0001)],
+     "nothing cheaper measured: copy-up of this file costs ~500 ms (overlay)"),
+    ([cost("overlay", 0.5), cost("btrfs", 0.001, "btrfs")],
+     "use the btrfs driver: a container is a snapshot sharing the image's extents"),
+    ([cost("overlay", 0.5), cost("overlay", 0.001, "btrfs")],
+     "put the root on btrfs (overlay clones extents there)"),
+    ([cost("overlay", 0.5), cost("overlay metacopy", 0.1)],
+     "mount the overlay with metacopy (drivers.overlay.metacopy)"),
+    # Several cheap enough: the least disruptive change, not the cheapest.
+    ([cost("overlay", 0.5), cost("btrfs", 0.0001, "btrfs"), cost("overlay", 0.001, "xfs"),
+      cost("fuse partial", 0.01)], "use the fuse driver with partial copy-up"),
+    ([cost("overlay", 0.5), cost("fuse partial", 0.01), cost("overlay volatile", 0.2)],
+     "mount the overlay with volatile (drivers.overlay.volatile): no fsync at copy-up"),
+])
+def test_recommendations_from_the_matrix(predictions: list[Prediction], advice: str) -> None:
+    assert recommend(STATUS, predictions, "overlay") == advice
+
+
+def test_costs_price_this_roots_configuration_on_every_filesystem_measured() -> None:
+    """Moving the root is an alternative: overlay on xfs clones where ext4 copies."""
+    rows = tuple(copycost.Row(config, fs, MIB, "cold", seconds, seconds, seconds, 1)
+                 for config, fs, seconds in (("overlay", "ext4", 0.5), ("overlay", "xfs", 0.01),
+                                             ("fuse partial", "ext4", 0.02),
+                                             ("fuse partial", "xfs", 0.03)))
+    model = copycost.Model("measured", rows)
+    place = Place("overlay", "ext4", Config())
+    assert [(p.config, p.filesystem) for p in costs(model, place, MIB)] == [
+        ("overlay", "ext4"), ("overlay", "xfs"), ("fuse partial", "ext4")]

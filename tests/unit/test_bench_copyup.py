@@ -4,7 +4,21 @@ it is missing until then, while the full row runs either way."""
 
 from __future__ import annotations
 
-from imaged.bench.copyup import CONFIGURATIONS, _arguments
+from pathlib import Path
+
+import pytest
+
+from imaged.bench.copyup import (
+    CONFIGURATIONS,
+    OPERATIONS,
+    _arguments,
+    _io_table,
+    _selected,
+    _Table,
+    _unfit,
+    plan,
+)
+from imaged.errors import InvalidError
 
 _OLD_HELP = "usage: python -m imaged.fuse.serve [-h] --upper UPPER --work WORK [--quota QUOTA]"
 _NEW_HELP = _OLD_HELP + " [--copy-up {auto,full,partial}]"
@@ -26,3 +40,47 @@ def test_full_runs_without_the_option_on_a_server_that_only_copies_whole_files()
 def test_both_pass_their_mode_once_the_server_has_it() -> None:
     assert _arguments(_BY_NAME["fuse partial"], _NEW_HELP) == (("--copy-up", "partial"), "")
     assert _arguments(_BY_NAME["fuse full"], _NEW_HELP) == (("--copy-up", "full"), "")
+
+
+MIB = 1 << 20
+
+
+def test_the_matrix_runs_every_operation_at_the_ends_and_the_overwrite_at_every_size() -> None:
+    full = plan([MIB, 16 * MIB, 256 * MIB, 1024 * MIB], quick=False, metadata=False)
+    assert full.operations == {MIB: OPERATIONS, 16 * MIB: ("overwrite",),
+                               256 * MIB: ("overwrite",), 1024 * MIB: OPERATIONS}
+    assert full.temperatures == ("cold", "warm") and full.io and full.first_writes
+    quick = plan([MIB, 16 * MIB], quick=True, metadata=False)
+    assert not quick.io and quick.operations == {MIB: OPERATIONS, 16 * MIB: OPERATIONS}
+    metadata = plan([], quick=False, metadata=True)
+    assert metadata.io and not metadata.first_writes and not metadata.operations
+
+
+def test_a_configuration_that_cannot_run_on_a_filesystem_says_why(tmp_path: Path) -> None:
+    assert _unfit(_BY_NAME["btrfs"], "xfs", tmp_path) == "btrfs runs on btrfs only"
+    assert _unfit(_BY_NAME["btrfs"], "btrfs", tmp_path) == ""
+    assert _unfit(_BY_NAME["overlay"], "ext4", tmp_path) == ""
+
+
+def test_an_unknown_configuration_is_one_line() -> None:
+    assert [c.name for c in _selected(["volume", "fuse partial"])] == ["volume", "fuse partial"]
+    with pytest.raises(InvalidError, match="no configuration 'zfs' \\(there are overlay, "):
+        _selected(["zfs"])
+
+
+def test_the_container_io_table_names_each_row_and_its_multiple_of_the_peer() -> None:
+    """The read, untar and find rows: a pipe in a measure's name must not split the cell,
+    imaged's rows carry their multiple of fuse-overlayfs's median, and a configuration that
+    did not run keeps its row with why."""
+    table = _Table()
+    for config, seconds in (("fuse full", 3.0), ("fuse-overlayfs", 1.0)):
+        for measure in ("untar 10 files + syncfs", "find | xargs stat cold",
+                        "find | xargs stat warm"):
+            table.add(config, "ext4", measure, "seconds", seconds)
+    lines = _io_table(table, "ext4", [_BY_NAME["fuse full"], _BY_NAME["fuse-overlayfs"]],
+                      [("btrfs", "not measured: btrfs runs on btrfs only")], [], 10)
+    assert "| configuration | untar 10 files + syncfs | find \\| xargs stat cold | " \
+        "find \\| xargs stat warm |" in lines
+    assert "| fuse full | 3.00 (3.0x) | 3.00 (3.0x) | 3.00 (3.0x) |" in lines
+    assert "| fuse-overlayfs | 1.00 | 1.00 | 1.00 |" in lines
+    assert "| btrfs | not measured: btrfs runs on btrfs only | | |" in lines

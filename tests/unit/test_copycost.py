@@ -128,3 +128,23 @@ def test_a_calibration_prices_whole_file_copy_up_only() -> None:
     assert math.isclose(prediction.seconds, 100 * MIB / 100e6)
     assert {a.config for a in model.absent} == {"fuse partial", "volume"}
     assert all(a.why.startswith("not measured: ") for a in model.absent)
+
+
+def test_a_matrix_report_names_each_rows_filesystem() -> None:
+    """Since bench copyup measures ext4, xfs and btrfs, every series names its filesystem
+    and the title lists them all; "not measured" notes name theirs too."""
+    matrix = report({
+        "overlay on ext4: first overwrite 1M cold": [4.0],
+        "overlay on xfs: first overwrite 1M cold": [0.5],
+        "fuse reflink on xfs: first overwrite 16M cold": [2.0],
+        "overlay on xfs: first append 1M cold": [9.0],  # another operation: not the model's
+    }, notes=("fuse reflink on ext4: not measured: ext4 cannot clone extents (FICLONE)",
+              "xfs not measured: mkfs.xfs is not installed",
+              "zfs on zfs: not measured: not run by bench copyup"),
+        filesystem="ext4, xfs, btrfs")
+    model = copycost.load(matrix, "r.json")
+    assert model.configurations() == [("overlay", "ext4"), ("overlay", "xfs"),
+                                      ("fuse reflink", "xfs")]
+    assert [r.median for r in model.rows if r.config == "overlay"] == [0.004, 0.0005]
+    assert {(a.config, a.filesystem) for a in model.absent} == {("fuse reflink", "ext4"),
+                                                                ("zfs", "zfs")}
