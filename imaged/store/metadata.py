@@ -9,13 +9,14 @@ from __future__ import annotations
 import enum
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imaged.digest import Digest
-from imaged.errors import ConflictError
+from imaged.errors import ConflictError, sqlite_failure
 
 # Each entry upgrades the schema from version i to i+1; never edit one that has shipped.
 MIGRATIONS: tuple[str, ...] = (
@@ -168,10 +169,66 @@ class NewImage:
     blobs: tuple[tuple[Digest, int, str], ...]  # (digest, size, media type) of every blob used
 
 
+@contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """SQLite's errors that the disk caused leave as the user's error naming the database."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        failure = sqlite_failure(exc, path)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose statements run through ``_Cursor``, so a failing disk is reported
+    alike whichever of the many queries met it."""
+
+    path = Path()
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self.cursor(_Cursor).execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        return self.cursor(_Cursor).executemany(sql, parameters)
+
+
+class _Cursor(sqlite3.Cursor):
+    """Every step that may read or write the file: executing, and fetching later rows."""
+
+    def _path(self) -> Path:
+        connection = self.connection
+        return connection.path if isinstance(connection, _Connection) else Path()
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        with _disk_errors(self._path()):
+            return super().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> _Cursor:
+        with _disk_errors(self._path()):
+            return super().executemany(sql, parameters)
+
+    def fetchone(self) -> Any:
+        with _disk_errors(self._path()):
+            return super().fetchone()
+
+    def fetchall(self) -> list[Any]:
+        with _disk_errors(self._path()):
+            return super().fetchall()
+
+    def __next__(self) -> Any:
+        with _disk_errors(self._path()):
+            return super().__next__()
+
+
 class Metadata:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        with _disk_errors(path):
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                      factory=_Connection)
+        self.db.path = path
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
