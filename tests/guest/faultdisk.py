@@ -87,14 +87,6 @@ def mounted(device: Path, mount_point: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         unmount_below(mount_point)
-        import os
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                continue
-            if str(mount_point) in target:
-                print("OPEN", fd, target)
         unmount(mount_point)
 
 
@@ -113,3 +105,4 @@ def physical_blocks(path: Path) -> list[int]:
             start, end = int(fields[3]), int(fields[4])
             blocks += range(start, end + 1)
     return blocks
+

@@ -21,7 +21,9 @@ import errno
 import json
 import os
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from tests.guest.faultdisk import (
     drop_caches,
     fault_disk,
     mounted,
+    physical_blocks,
     run,
 )
 
@@ -57,6 +60,7 @@ class Tally:
     faults: list[str] = field(default_factory=list)
     operations: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # when: how many findings
     findings: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
@@ -64,7 +68,8 @@ class Tally:
     def report(self, name: str, started: float) -> str:
         lines = [f"{name}: {len(self.faults)} faults ({', '.join(self.faults)}), "
                  f"{len(self.operations)} operations under them, {len(self.failures)} failed, "
-                 f"check found {len(self.findings)}, repaired {len(self.repaired)}, "
+                 f"check found {len(self.findings)} ({'; '.join(self.checks)}), "
+                 f"repaired {len(self.repaired)}, "
                  f"lost {len(self.lost)}; {time.monotonic() - started:.1f} s"]
         lines += [f"  failure: {line}" for line in self.failures]
         lines += [f"  finding: {line}" for line in self.findings]
@@ -100,12 +105,65 @@ class Workload:
         return result.out
 
     def attempt(self, disk: FaultDisk, *args: str) -> Result:
-        result = self.imaged("--driver", "vfs", *args)
+        return self.tallied(disk, args, self.imaged("--driver", "vfs", *args))
+
+    def tallied(self, disk: FaultDisk, args: tuple[str, ...], result: Result) -> Result:
         self.tally.operations.append(f"{' '.join(args[:2])} ({disk.mode}): "
                                      + ("ok" if result.code == 0 else "failed"))
         if result.code != 0:
             self.tally.failures.append(clean_failure(result, self.root, f"{args} {disk.mode}"))
         return result
+
+    def attempt_while(self, disk: FaultDisk, fault: Callable[[], None],
+                      under_way: Callable[[], bool], *args: str) -> Result:
+        """The command as a real process, with ``fault`` injected once ``under_way`` holds."""
+        proc = subprocess.Popen([sys.executable, "-m", "imaged", "--root", str(self.root),
+                                 "--driver", "vfs", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and not under_way() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            when = "while it ran" if proc.poll() is None else "after it ended"
+            fault()
+            self.tally.faults.append(f"{disk.mode}, from the middle of {args[0]} ({when})")
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return self.tallied(disk, args, Result(proc.returncode, out, err))
+
+    def cycle(self, disk: FaultDisk, ref: str, name: str, acked: dict[str, bytes]) -> None:
+        """Create and mount a container, write a file with fsync, unmount and remove it, as far
+        as the disk lets it; what succeeded is acknowledged (until its removal succeeds)."""
+        made = self.attempt(disk, "mount", ref, "--name", name)
+        if made.code != 0:
+            return
+        try:
+            write_synced(Path(made.out.strip().splitlines()[-1]), "acked", ACKED)
+            acked[name] = ACKED
+            self.tally.operations.append(f"write+fsync in {name} ({disk.mode}): ok")
+        except OSError as exc:  # the application's own write: the kernel's error, not ours
+            self.tally.operations.append(f"write+fsync in {name} ({disk.mode}): {exc.strerror}")
+        self.attempt(disk, "umount", name)
+        if self.attempt(disk, "rm", "--force", name).code == 0:
+            acked.pop(name, None)
+
+    def check(self, when: str) -> list[dict[str, Any]]:
+        """``check --verify-data``'s findings, tallied; exit status 1 exactly when any."""
+        result = self.imaged("--driver", "vfs", "check", "--verify-data", "--json")
+        findings: list[dict[str, Any]] = json.loads(result.out)["findings"]
+        assert result.code == (1 if findings else 0), result
+        self.tally.checks.append(f"{when}: {len(findings)}")
+        self.tally.findings += [f"{f['kind']}: {f['message']}" for f in findings]
+        return findings
+
+    def repair(self) -> None:
+        result = self.imaged("--driver", "vfs", "check", "--verify-data", "--repair", "--json")
+        for f in json.loads(result.out)["findings"]:
+            self.tally.repaired.append(f"{f['kind']} {f['subject']}" + (
+                "" if f.get("repaired") else f" NOT REPAIRED: {f.get('error')}"))
 
     def containers(self) -> dict[str, Any]:
         return {row["name"]: row for row in json.loads(self.ok("ps", "--json"))}
@@ -123,16 +181,16 @@ def write_synced(directory: Path, name: str, data: bytes) -> None:
         os.close(fd)
 
 
-def heal(disk: FaultDisk, root: Path) -> str:
+def heal(disk: FaultDisk, root: Path, tally: Tally) -> None:
     """What an operator does: unmount, the disk healthy, ``e2fsck -fy``, mount again (the
-    caller's ``mounted`` unmounts at the end). Returns e2fsck's summary."""
-    subprocess.run(["umount", "-l", str(root)], check=True, timeout=60)
+    caller's ``mounted`` unmounts at the end)."""
+    subprocess.run(["umount", str(root)], check=True, timeout=60)
     disk.healthy()
     fsck = subprocess.run(["e2fsck", "-fy", str(disk.path)], capture_output=True, text=True,
                           timeout=120, check=False)
     assert fsck.returncode in (0, 1), fsck  # clean, or errors corrected
+    tally.faults.append(f"healed (e2fsck exit {fsck.returncode})")
     run("mount", str(disk.path), str(root))
-    return fsck.stdout.strip().splitlines()[-1] if fsck.stdout.strip() else ""
 
 
 def mkfs(tmp_path: Path) -> Path:
@@ -143,49 +201,66 @@ def mkfs(tmp_path: Path) -> Path:
     return image
 
 
-def test_failing_writes_then_reads(tmp_path: Path, root: Path, registry: LocalRegistry,
-                                    layout: OCILayout, imaged: CLI) -> None:
+def blocks_under(*directories: Path) -> list[int]:
+    """Every block of every regular file below ``directories``."""
+    return sorted({block for directory in directories for path in directory.rglob("*")
+                   if path.is_file() and not path.is_symlink() for block in physical_blocks(path)})
+
+
+def image_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    """What a container of a ``push_simple`` image holds."""
+    return {"etc/os-release": b"ID=imaged-test\n", **files}
+
+
+def test_io_errors_leave_clean_failures_and_a_repairable_store(
+        tmp_path: Path, root: Path, registry: LocalRegistry, layout: OCILayout,
+        imaged: CLI) -> None:
     started = time.monotonic()
     tally = Tally()
-    first = push_simple(layout, registry, "ioerr/one", files={"one.txt": b"one\n" * 1000})
-    second = push_simple(layout, registry, "ioerr/two",
-                         files={f"two{i}": bytes([i]) * MiB for i in range(4)})
+    contents = {"one": {"one.txt": b"one\n" * 1000},
+                "two": {f"two{i}": bytes([i]) * MiB for i in range(4)},
+                "three": {f"three{i}": bytes([0x30 + i]) * 8 * MiB for i in range(2)}}
+    refs = {name: push_simple(layout, registry, f"ioerr/{name}", files=files).ref
+            for name, files in contents.items()}
     root.mkdir()
     with fault_disk(mkfs(tmp_path), f"imaged-ioerr-{os.getpid()}") as disk, \
             mounted(disk.path, root):
         work = Workload(imaged, root, tally)
-        work.ok("pull", first.ref)
-        kept = Path(work.ok("mount", first.ref, "--name", "kept").strip().splitlines()[-1])
+        work.ok("pull", refs["one"])
+        kept = Path(work.ok("mount", refs["one"], "--name", "kept").strip().splitlines()[-1])
         write_synced(kept, "acked", ACKED)
         work.ok("umount", "kept")
         acked = {"kept": ACKED}
 
-        for fault in (disk.fail_writes, disk.fail_all):
-            fault()
-            drop_caches()
-            tally.faults.append(disk.mode)
-            work.attempt(disk, "pull", second.ref)
-            name = f"fresh{len(tally.faults)}"
-            made = work.attempt(disk, "mount", first.ref, "--name", name)
-            if made.code == 0:
-                path = Path(made.out.strip().splitlines()[-1])
-                try:
-                    write_synced(path, "acked", ACKED)
-                    acked[name] = ACKED
-                except OSError as exc:
-                    tally.operations.append(f"write+fsync in {name}: {exc.strerror}")
-                work.attempt(disk, "umount", name)
-                work.attempt(disk, "rm", "--force", name)
-            work.attempt(disk, "gc")
+        # Bad sectors under every blob and every unpacked layer's files: reads fail there.
+        disk.bad_blocks(blocks_under(root / "content" / "blobs",
+                                     root / "drivers" / "vfs" / "layers"))
+        drop_caches()
+        tally.faults.append(disk.mode)
+        assert {f["kind"] for f in work.check("on bad sectors")} == {"blob-unreadable"}
+        work.cycle(disk, refs["one"], "fresh-bad-sectors", acked)
+        work.attempt(disk, "pull", refs["two"])
+        work.attempt(disk, "gc")
+        work.repair()
+        heal(disk, root, tally)
 
-        tally.faults.append(f"e2fsck: {heal(disk, root)}")
-        found = imaged("--driver", "vfs", "check", "--verify-data", "--json")
-        tally.findings += [f"{f['kind']} {f['subject']}: {f['message']}"
-                           for f in json.loads(found.out)["findings"]]
-        repaired = imaged("--driver", "vfs", "check", "--repair", "--json")
-        tally.repaired += [f"{f['kind']} {f['subject']}" + ("" if f.get("repaired") else
-                                                             f" NOT: {f.get('error')}")
-                           for f in json.loads(repaired.out)["findings"]]
+        # Writes fail from the middle of a pull on (it is unpacking), then reads fail too.
+        layers = root / "drivers" / "vfs" / "layers"
+        before = set(layers.iterdir())
+        work.attempt_while(disk, disk.fail_writes, lambda: bool(set(layers.iterdir()) - before),
+                           "pull", refs["three"])
+        for fault in (None, disk.fail_all):
+            if fault is not None:
+                fault()
+                drop_caches()
+                tally.faults.append(disk.mode)
+            work.attempt(disk, "pull", refs["two"])
+            work.cycle(disk, refs["one"], f"fresh-{len(tally.faults)}", acked)
+            work.attempt(disk, "gc")
+        heal(disk, root, tally)
+
+        work.check("healed after write and read failures")
+        work.repair()
         after = imaged("--driver", "vfs", "check", "--verify-data")
         assert after.code == 0, (after, tally.report("io errors", started))
 
@@ -194,15 +269,17 @@ def test_failing_writes_then_reads(tmp_path: Path, root: Path, registry: LocalRe
             if name not in containers:
                 tally.lost.append(f"container {name}")
                 continue
-            path = Path(work.ok("mount", first.ref, "--name", name).strip().splitlines()[-1])
+            path = Path(work.ok("mount", containers[name]["image"], "--name", name)
+                        .strip().splitlines()[-1])
             if (path / "acked").read_bytes() != data:
-                tally.lost.append(f"container {name}'s acked file")
+                tally.lost.append(f"container {name}'s acknowledged file")
             work.ok("umount", name)
-        work.ok("pull", second.ref)
-        path = Path(work.ok("mount", second.ref, "--name", "after").strip().splitlines()[-1])
-        for i in range(4):
-            assert (path / f"two{i}").read_bytes() == bytes([i]) * MiB
-        assert (path / "etc/os-release").read_bytes() == b"ID=imaged-test\n"
-        work.ok("rm", "--force", "after")
+        # Served after the faults: every image as pushed, in a new container.
+        for name, ref in refs.items():
+            work.ok("pull", ref)
+            path = Path(work.ok("mount", ref, "--name", f"after-{name}").strip().splitlines()[-1])
+            for file, data in image_files(contents[name]).items():
+                assert (path / file).read_bytes() == data, (name, file)
+            work.ok("rm", "--force", f"after-{name}")
     print(tally.report("io errors", started))
     assert not tally.lost, tally.report("io errors", started)
