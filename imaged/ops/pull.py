@@ -416,6 +416,8 @@ class Puller:
 
             await trio.to_thread.run_sync(write)
             meta.record_image(new)
+            # Returned means durable: SQLite syncs its WAL only at checkpoints.
+            await trio.to_thread.run_sync(self.store.flush_records)
 
     async def _undo(self, held: _Held) -> None:
         """Leave the store as it was (DESIGN §6), except for what others rely on.

@@ -6,6 +6,7 @@ paying a thread hop each. Every change that spans several rows happens in one tr
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sqlite3
 import time
@@ -170,11 +171,18 @@ class NewImage:
 
 
 @contextmanager
-def _disk_errors(path: Path) -> Iterator[None]:
-    """SQLite's errors that the disk caused leave as the user's error naming the database."""
+def _disk_errors(path: Path, cursor: sqlite3.Cursor | None = None) -> Iterator[None]:
+    """SQLite's errors that the disk caused leave as the user's error naming the database.
+
+    The failed ``cursor`` is closed first: the traceback keeps it alive, and a live cursor's
+    statement keeps SQLite from closing the database file when the connection closes, which
+    keeps the filesystem busy (no unmount for the operator who would check it)."""
     try:
         yield
     except sqlite3.Error as exc:
+        if cursor is not None:
+            with contextlib.suppress(sqlite3.Error):
+                cursor.close()
         failure = sqlite_failure(exc, path)
         if failure is None:
             raise
@@ -202,23 +210,23 @@ class _Cursor(sqlite3.Cursor):
         return connection.path if isinstance(connection, _Connection) else Path()
 
     def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
-        with _disk_errors(self._path()):
+        with _disk_errors(self._path(), self):
             return super().execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> _Cursor:
-        with _disk_errors(self._path()):
+        with _disk_errors(self._path(), self):
             return super().executemany(sql, parameters)
 
     def fetchone(self) -> Any:
-        with _disk_errors(self._path()):
+        with _disk_errors(self._path(), self):
             return super().fetchone()
 
     def fetchall(self) -> list[Any]:
-        with _disk_errors(self._path()):
+        with _disk_errors(self._path(), self):
             return super().fetchall()
 
     def __next__(self) -> Any:
-        with _disk_errors(self._path()):
+        with _disk_errors(self._path(), self):
             return super().__next__()
 
 
@@ -229,13 +237,13 @@ class Metadata:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                       factory=_Connection)
         self.db.path = path
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=5000")
         try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA busy_timeout=5000")
             self.migrate()
-        except BaseException:
+        except BaseException:  # a failing disk among them: the open file would keep it busy
             self.db.close()
             raise
 

@@ -63,6 +63,7 @@ class FaultDisk:
         self._load(f"dust {self.under} 0 {BLOCK}", "bad blocks")
         for block in blocks:
             run("dmsetup", "message", self.name, "0", "addbadblock", str(block))
+        run("dmsetup", "message", self.name, "0", "quiet")  # no console line per read
         run("dmsetup", "message", self.name, "0", "enable")
 
 

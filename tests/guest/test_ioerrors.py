@@ -32,7 +32,7 @@ import pytest
 
 from imaged.testing.images import OCILayout
 from imaged.testing.registry import LocalRegistry
-from tests.conftest import CLI, Result, push_simple
+from tests.conftest import CLI, Result, push_simple, unmount_below
 from tests.guest.faultdisk import (
     FaultDisk,
     drop_caches,
@@ -71,6 +71,7 @@ class Tally:
                  f"check found {len(self.findings)} ({'; '.join(self.checks)}), "
                  f"repaired {len(self.repaired)}, "
                  f"lost {len(self.lost)}; {time.monotonic() - started:.1f} s"]
+        lines += [f"  operation: {line}" for line in self.operations]
         lines += [f"  failure: {line}" for line in self.failures]
         lines += [f"  finding: {line}" for line in self.findings]
         lines += [f"  repaired: {line}" for line in self.repaired]
@@ -134,18 +135,14 @@ class Workload:
                 proc.wait()
         return self.tallied(disk, args, Result(proc.returncode, out, err))
 
-    def cycle(self, disk: FaultDisk, ref: str, name: str, acked: dict[str, bytes]) -> None:
+    def cycle(self, disk: FaultDisk, ref: str, name: str,
+              acked: dict[str, dict[str, bytes]]) -> None:
         """Create and mount a container, write a file with fsync, unmount and remove it, as far
         as the disk lets it; what succeeded is acknowledged (until its removal succeeds)."""
         made = self.attempt(disk, "mount", ref, "--name", name)
         if made.code != 0:
             return
-        try:
-            write_synced(Path(made.out.strip().splitlines()[-1]), "acked", ACKED)
-            acked[name] = ACKED
-            self.tally.operations.append(f"write+fsync in {name} ({disk.mode}): ok")
-        except OSError as exc:  # the application's own write: the kernel's error, not ours
-            self.tally.operations.append(f"write+fsync in {name} ({disk.mode}): {exc.strerror}")
+        self.write(disk, Path(made.out.strip().splitlines()[-1]), name, "acked", acked)
         self.attempt(disk, "umount", name)
         if self.attempt(disk, "rm", "--force", name).code == 0:
             acked.pop(name, None)
@@ -158,6 +155,19 @@ class Workload:
         self.tally.checks.append(f"{when}: {len(findings)}")
         self.tally.findings += [f"{f['kind']}: {f['message']}" for f in findings]
         return findings
+
+    def write(self, disk: FaultDisk, path: Path, name: str, file: str,
+              acked: dict[str, dict[str, bytes]]) -> None:
+        """An application's write with fsync into a mounted container, tallied, and recorded
+        in ``acked`` when it was acknowledged (a failure is the kernel's error to the
+        application, not imaged's)."""
+        try:
+            write_synced(path, file, ACKED)
+        except OSError as exc:
+            self.tally.operations.append(f"write+fsync in {name} ({disk.mode}): {exc.strerror}")
+            return
+        self.tally.operations.append(f"write+fsync in {name} ({disk.mode}): ok")
+        acked.setdefault(name, {})[file] = ACKED
 
     def repair(self) -> None:
         result = self.imaged("--driver", "vfs", "check", "--verify-data", "--repair", "--json")
@@ -184,7 +194,8 @@ def write_synced(directory: Path, name: str, data: bytes) -> None:
 def heal(disk: FaultDisk, root: Path, tally: Tally) -> None:
     """What an operator does: unmount, the disk healthy, ``e2fsck -fy``, mount again (the
     caller's ``mounted`` unmounts at the end)."""
-    subprocess.run(["umount", str(root)], check=True, timeout=60)
+    unmount_below(root)  # a container left mounted: its record goes stale, for check to find
+    subprocess.run(["umount", str(root)], check=True, timeout=60)  # busy: imaged leaked a file
     disk.healthy()
     fsck = subprocess.run(["e2fsck", "-fy", str(disk.path)], capture_output=True, text=True,
                           timeout=120, check=False)
@@ -201,10 +212,12 @@ def mkfs(tmp_path: Path) -> Path:
     return image
 
 
-def blocks_under(*directories: Path) -> list[int]:
-    """Every block of every regular file below ``directories``."""
-    return sorted({block for directory in directories for path in directory.rglob("*")
-                   if path.is_file() and not path.is_symlink() for block in physical_blocks(path)})
+def first_blocks_under(*directories: Path) -> list[int]:
+    """The first block of every regular file below ``directories`` that has one: enough for
+    each to fail its read, and one ``dmsetup message`` each, not one per block."""
+    return sorted({blocks[0] for directory in directories for path in directory.rglob("*")
+                   if path.is_file() and not path.is_symlink()
+                   and (blocks := physical_blocks(path))})
 
 
 def image_files(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -218,7 +231,7 @@ def test_io_errors_leave_clean_failures_and_a_repairable_store(
     started = time.monotonic()
     tally = Tally()
     contents = {"one": {"one.txt": b"one\n" * 1000},
-                "two": {f"two{i}": bytes([i]) * MiB for i in range(4)},
+                "two": {f"two{i}": bytes([i]) * 4 * MiB for i in range(4)},
                 "three": {f"three{i}": bytes([0x30 + i]) * 8 * MiB for i in range(2)}}
     refs = {name: push_simple(layout, registry, f"ioerr/{name}", files=files).ref
             for name, files in contents.items()}
@@ -227,52 +240,84 @@ def test_io_errors_leave_clean_failures_and_a_repairable_store(
             mounted(disk.path, root):
         work = Workload(imaged, root, tally)
         work.ok("pull", refs["one"])
+        work.ok("pull", refs["two"])
         kept = Path(work.ok("mount", refs["one"], "--name", "kept").strip().splitlines()[-1])
         write_synced(kept, "acked", ACKED)
         work.ok("umount", "kept")
-        acked = {"kept": ACKED}
+        acked: dict[str, dict[str, bytes]] = {"kept": {"acked": ACKED}}
 
-        # Bad sectors under every blob and every unpacked layer's files: reads fail there.
-        disk.bad_blocks(blocks_under(root / "content" / "blobs",
+        acked_images = {refs["one"], refs["two"]}
+
+        def recover(when: str) -> None:
+            """Heal as an operator would, then check, repair, and check again: clean, with
+            every image whose pull returned still there (its blobs verified by the check)."""
+            heal(disk, root, tally)
+            work.check(f"after {when}")
+            work.repair()
+            after = imaged("--driver", "vfs", "check", "--verify-data")
+            assert after.code == 0, (when, after, tally.report("io errors", started))
+            listed = {ref for image in json.loads(work.ok("images", "--json"))
+                      for ref in image["refs"]}
+            tally.lost += [f"image {ref} (after {when})" for ref in sorted(acked_images - listed)]
+
+        # Bad sectors under every blob and every unpacked layer's files: their reads fail.
+        disk.bad_blocks(first_blocks_under(root / "content" / "blobs",
                                      root / "drivers" / "vfs" / "layers"))
         drop_caches()
         tally.faults.append(disk.mode)
         assert {f["kind"] for f in work.check("on bad sectors")} == {"blob-unreadable"}
         work.cycle(disk, refs["one"], "fresh-bad-sectors", acked)
-        work.attempt(disk, "pull", refs["two"])
+        if work.attempt(disk, "pull", refs["three"]).code == 0:
+            acked_images.add(refs["three"])
         work.attempt(disk, "gc")
         work.repair()
-        heal(disk, root, tally)
+        recover("bad sectors")
 
-        # Writes fail from the middle of a pull on (it is unpacking), then reads fail too.
-        layers = root / "drivers" / "vfs" / "layers"
-        before = set(layers.iterdir())
-        work.attempt_while(disk, disk.fail_writes, lambda: bool(set(layers.iterdir()) - before),
-                           "pull", refs["three"])
-        for fault in (None, disk.fail_all):
-            if fault is not None:
-                fault()
-                drop_caches()
-                tally.faults.append(disk.mode)
-            work.attempt(disk, "pull", refs["two"])
-            work.cycle(disk, refs["one"], f"fresh-{len(tally.faults)}", acked)
-            work.attempt(disk, "gc")
-        heal(disk, root, tally)
+        # Writes fail from the middle of a pull on (it is downloading), while a container is
+        # mounted and its application writes.
+        ingest = root / "content" / "ingest"
+        kept = Path(work.ok("mount", refs["one"], "--name", "kept").strip().splitlines()[-1])
+        pulled = work.attempt_while(disk, disk.fail_writes, lambda: any(ingest.iterdir()),
+                                    "pull", refs["three"])
+        if pulled.code == 0:
+            acked_images.add(refs["three"])
+        work.write(disk, kept, "kept", "during", acked)
+        work.attempt(disk, "umount", "kept")
+        work.cycle(disk, refs["one"], "fresh-failing-writes", acked)
+        if work.attempt(disk, "rmi", refs["two"]).code == 0:
+            acked_images.discard(refs["two"])
+        work.attempt(disk, "gc")
+        recover("writes failing from the middle of a pull")
 
-        work.check("healed after write and read failures")
-        work.repair()
-        after = imaged("--driver", "vfs", "check", "--verify-data")
-        assert after.code == 0, (after, tally.report("io errors", started))
+        # Writes fail from the middle of a container's creation (vfs copies the image).
+        containers = root / "drivers" / "vfs" / "containers"
+        made = work.attempt_while(disk, disk.fail_writes,
+                                  (containers / "fresh-mid-create").exists,
+                                  "mount", refs["two"], "--name", "fresh-mid-create")
+        if made.code == 0:
+            acked["fresh-mid-create"] = {}
+        recover("writes failing from the middle of a container's creation")
 
-        containers = work.containers()
-        for name, data in acked.items():
-            if name not in containers:
+        # Every read and write fails.
+        disk.fail_all()
+        drop_caches()
+        tally.faults.append(disk.mode)
+        if work.attempt(disk, "pull", refs["three"]).code == 0:
+            acked_images.add(refs["three"])
+        work.cycle(disk, refs["one"], "fresh-dead-disk", acked)
+        work.attempt(disk, "images")
+        work.attempt(disk, "gc")
+        recover("a dead disk")
+
+        containers_now = work.containers()
+        for name, files in acked.items():
+            if name not in containers_now:
                 tally.lost.append(f"container {name}")
                 continue
-            path = Path(work.ok("mount", containers[name]["image"], "--name", name)
+            path = Path(work.ok("mount", containers_now[name]["image"], "--name", name)
                         .strip().splitlines()[-1])
-            if (path / "acked").read_bytes() != data:
-                tally.lost.append(f"container {name}'s acknowledged file")
+            tally.lost += [f"container {name}'s {file}" for file, data in files.items()
+                           if not (path / file).is_file() or (path / file).read_bytes() != data]
             work.ok("umount", name)
         # Served after the faults: every image as pushed, in a new container.
         for name, ref in refs.items():
