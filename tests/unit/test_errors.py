@@ -65,16 +65,23 @@ def test_a_file_that_is_not_a_database_is_a_storage_error_naming_it(tmp_path: Pa
                                     "(SQLITE_NOTADB)")
 
 
+def _failure(db: sqlite3.Connection, path: Path, *statements: str) -> ImagedError | None:
+    """``sqlite_failure`` of the error the last of ``statements`` raises on ``db`` (closed)."""
+    try:
+        for statement in statements[:-1]:
+            db.execute(statement)
+        with pytest.raises(sqlite3.Error) as caught:
+            db.execute(statements[-1])
+    finally:
+        db.close()
+    return sqlite_failure(caught.value, path)
+
+
 def test_a_read_only_database_is_a_storage_error(tmp_path: Path) -> None:
     path = tmp_path / "db"
     sqlite3.connect(path).close()
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        with pytest.raises(sqlite3.Error) as caught:
-            db.execute("CREATE TABLE t (x)")
-    finally:
-        db.close()
-    failure = sqlite_failure(caught.value, path)
+    failure = _failure(sqlite3.connect(f"file:{path}?mode=ro", uri=True), path,
+                       "CREATE TABLE t (x)")
     assert isinstance(failure, StorageError)
     assert failure.message == (f"the metadata database {path}: attempt to write a readonly "
                                "database (SQLITE_READONLY)")
@@ -83,15 +90,8 @@ def test_a_read_only_database_is_a_storage_error(tmp_path: Path) -> None:
 def test_a_full_database_is_no_space(tmp_path: Path) -> None:
     """SQLITE_FULL, real: the database at its page limit, as a full disk stops it."""
     path = tmp_path / "db"
-    db = sqlite3.connect(path)
-    try:
-        db.execute("CREATE TABLE t (x)")
-        db.execute("PRAGMA max_page_count=3")
-        with pytest.raises(sqlite3.Error) as caught:
-            db.execute("INSERT INTO t VALUES (zeroblob(100000))")
-    finally:
-        db.close()
-    failure = sqlite_failure(caught.value, path)
+    failure = _failure(sqlite3.connect(path), path, "CREATE TABLE t (x)",
+                       "PRAGMA max_page_count=3", "INSERT INTO t VALUES (zeroblob(100000))")
     assert isinstance(failure, NoSpaceError)
     assert str(path) in failure.message and os.strerror(errno.ENOSPC) in failure.message
 
