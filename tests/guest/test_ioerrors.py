@@ -116,15 +116,22 @@ class Workload:
         return result
 
     def attempt_while(self, disk: FaultDisk, fault: Callable[[], None],
-                      under_way: Callable[[], bool], *args: str) -> Result:
-        """The command as a real process, with ``fault`` injected once ``under_way`` holds."""
+                      under_way: Callable[[], bool] | str, *args: str) -> Result:
+        """The command as a real process, with ``fault`` injected once it is under way: once
+        ``under_way`` holds, or once a line of its progress on stderr has that text."""
         proc = subprocess.Popen([sys.executable, "-m", "imaged", "--root", str(self.root),
                                  "--driver", "vfs", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
+        seen = ""
         try:
             deadline = time.monotonic() + 30
-            while proc.poll() is None and not under_way() and time.monotonic() < deadline:
-                time.sleep(0.005)
+            if isinstance(under_way, str):
+                assert proc.stderr is not None
+                while under_way not in seen and (line := proc.stderr.readline()):
+                    seen += line
+            else:
+                while proc.poll() is None and not under_way() and time.monotonic() < deadline:
+                    time.sleep(0.005)
             when = "while it ran" if proc.poll() is None else "after it ended"
             fault()
             self.tally.faults.append(f"{disk.mode}, from the middle of {args[0]} ({when})")
@@ -133,7 +140,7 @@ class Workload:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        return self.tallied(disk, args, Result(proc.returncode, out, err))
+        return self.tallied(disk, args, Result(proc.returncode, out, seen + err))
 
     def cycle(self, disk: FaultDisk, ref: str, name: str,
               acked: dict[str, dict[str, bytes]]) -> None:
@@ -273,12 +280,10 @@ def test_io_errors_leave_clean_failures_and_a_repairable_store(
         work.repair()
         recover("bad sectors")
 
-        # Writes fail from the middle of a pull on (it is downloading), while a container is
-        # mounted and its application writes.
-        ingest = root / "content" / "ingest"
+        # Writes fail from the middle of a pull on (it has its manifest, not its layers), while
+        # a container is mounted and its application writes.
         kept = Path(work.ok("mount", refs["one"], "--name", "kept").strip().splitlines()[-1])
-        pulled = work.attempt_while(disk, disk.fail_writes, lambda: any(ingest.iterdir()),
-                                    "pull", refs["three"])
+        pulled = work.attempt_while(disk, disk.fail_writes, " 2 layers, ", "pull", refs["three"])
         if pulled.code == 0:
             acked_images.add(refs["three"])
         work.write(disk, kept, "kept", "during", acked)
