@@ -17,6 +17,7 @@ data lost) for docs/testing.md.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -238,13 +239,17 @@ def test_io_errors_leave_clean_failures_and_a_repairable_store(
     started = time.monotonic()
     tally = Tally()
     contents = {"one": {"one.txt": b"one\n" * 1000},
-                "two": {f"two{i}": bytes([i]) * 4 * MiB for i in range(4)},
-                "three": {f"three{i}": bytes([0x30 + i]) * 8 * MiB for i in range(2)}}
+                "two": {f"two{i}": bytes([i]) * 2 * MiB for i in range(4)},
+                "three": {f"three{i}": bytes([0x30 + i]) * 4 * MiB for i in range(2)}}
     refs = {name: push_simple(layout, registry, f"ioerr/{name}", files=files).ref
             for name, files in contents.items()}
     root.mkdir()
-    with fault_disk(mkfs(tmp_path), f"imaged-ioerr-{os.getpid()}") as disk, \
-            mounted(disk.path, root):
+    image = mkfs(tmp_path)
+    with contextlib.ExitStack() as cleanup:
+        # The guest's /tmp is RAM that the tests after this one need: the disk goes at the end.
+        cleanup.callback(image.unlink)
+        disk = cleanup.enter_context(fault_disk(image, f"imaged-ioerr-{os.getpid()}"))
+        cleanup.enter_context(mounted(disk.path, root))
         work = Workload(imaged, root, tally)
         work.ok("pull", refs["one"])
         work.ok("pull", refs["two"])
