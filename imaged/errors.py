@@ -9,6 +9,11 @@ errno. Anything that is not an ``ImagedError`` is a bug and is reported as ``int
 from __future__ import annotations
 
 import errno
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import ClassVar
 
 
@@ -84,6 +89,64 @@ class ContentError(RegistryError):
 class InternalError(ImagedError):
     code = "internal"
     http_status = 500
+
+
+class StorageError(ImagedError):
+    """A filesystem under the store failed an operation: an I/O error, a filesystem the kernel
+    turned read-only after one, a damaged database. Not a bug of ours, so the message is the
+    operation, the file and the errno's text (``writing /r/content/ingest/sha256-…:
+    Input/output error``), telling an operator which disk to look at; the API keeps DESIGN §5's
+    code for a failure on the server's side, ``internal`` (500)."""
+
+    code = "internal"
+    http_status = 500
+
+
+def os_failure(exc: OSError, action: str | None = None,
+               path: str | os.PathLike[str] | None = None) -> ImagedError:
+    """An ``OSError`` from the store's own files as the user's error: ``action path: strerror``
+    (a rename's second path after "to"), ``NoSpaceError`` for a full filesystem or quota.
+    ``path`` is for calls on a descriptor, whose errors carry no file name."""
+    where = path if path is not None else exc.filename
+    subject = " ".join(str(part) for part in (action, where) if part is not None)
+    if exc.filename2 is not None and path is None:
+        subject += f" to {exc.filename2}"
+    text = exc.strerror or str(exc)
+    message = f"{subject}: {text}" if subject else text
+    return (NoSpaceError if exc.errno in NO_SPACE_ERRNOS else StorageError)(message)
+
+
+@contextmanager
+def reporting_os_errors(action: str, path: str | os.PathLike[str]) -> Iterator[None]:
+    """Around calls on a descriptor (write, fsync, syncfs), whose ``OSError`` names no file:
+    it leaves as ``os_failure(exc, action, path)``."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_failure(exc, action, path) from exc
+
+
+# SQLite's primary result codes (sqlite3.h) that mean the disk or the file, not our SQL, failed.
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN = 8, 10, 11, 13, 14
+_SQLITE_NOTADB = 26
+_SQLITE_STORAGE = frozenset({_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_CANTOPEN,
+                             _SQLITE_NOTADB})
+
+
+def sqlite_failure(exc: sqlite3.Error, path: Path) -> ImagedError | None:
+    """A database error that the file or the disk under it caused, as the user's error naming
+    the database (SQLite does not pass the errno on, so its own words and the code's name stand
+    for it: ``disk I/O error (SQLITE_IOERR_FSYNC)``); None for any other, which is a bug."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return None
+    name = getattr(exc, "sqlite_errorname", "")
+    if code & 0xFF == _SQLITE_FULL:
+        return NoSpaceError(f"writing the metadata database {path}: {os.strerror(errno.ENOSPC)} "
+                            f"({name})")
+    if code & 0xFF in _SQLITE_STORAGE:
+        return StorageError(f"the metadata database {path}: {exc} ({name})")
+    return None
 
 
 def leaves(exc: BaseException) -> list[BaseException]:

@@ -4,7 +4,6 @@ trees the way ``du`` does; the reflink ioctl and the data copy it stands in for;
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -17,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from imaged.errors import os_failure, reporting_os_errors
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h: share a file's extents (reflink)
 # struct fsxattr: xflags extsize nextents projid cowextsize (u32 each), 8 bytes of padding.
@@ -73,16 +74,27 @@ def set_fsxattr(directory: Path, attrs: FsXattr) -> None:
 
 def remove_tree(path: Path) -> None:
     """Remove a directory tree; only "already gone" is not an error. A tree that cannot be
-    removed (busy, read-only, I/O error) must say so, or gc reports space it never freed."""
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(path)
+    removed (busy, read-only, I/O error) must say so, naming the whole path of the entry that
+    failed (rmtree's own errors name it relative to its directory), or gc reports space it
+    never freed."""
+    def failed(function: object, name: str, info: Any) -> None:
+        exc = info[1]
+        if isinstance(exc, FileNotFoundError):
+            return
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, name) from exc
+        raise exc
+
+    shutil.rmtree(path, onerror=failed)
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a rename into it) durable."""
+    """Make a directory's entries (a rename into it) durable; a failure is ``os_failure``'s
+    ``StorageError`` naming the directory."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        with reporting_os_errors("flushing", path):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -91,13 +103,14 @@ def syncfs(path: Path) -> None:
     """Flush the filesystem holding ``path`` (Python 3.11 has no os.syncfs).
 
     One syncfs after many writes costs about one fsync; an fsync per file costs one each, which
-    is what made 128-layer pulls slow.
+    is what made 128-layer pulls slow. A failure (the writeback met an I/O error) is
+    ``os_failure``'s ``StorageError`` naming the directory.
     """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         if _libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
+            raise os_failure(OSError(err, os.strerror(err)), "flushing the filesystem of", path)
     finally:
         os.close(fd)
 

@@ -41,10 +41,10 @@ from imaged.errors import (
     NO_SPACE_ERRNOS,
     ContentError,
     ImagedError,
-    InternalError,
     NoSpaceError,
     NotFoundError,
     RegistryError,
+    os_failure,
 )
 from imaged.faults import pause_point
 from imaged.registry_client.auth import (
@@ -685,8 +685,7 @@ def _local_failure(exc: BaseException, ingest: Ingest, size: int) -> BaseExcepti
             f"no space left for blob {ingest.digest} in {ingest.path.parent}: it needs "
             f"{format_size(size - ingest.offset)} more ({format_size(size)} in all); free space "
             "(imaged gc also removes partial downloads) and pull again")
-    return InternalError(f"writing blob {ingest.digest} to {ingest.path} failed: "
-                         f"{exc.strerror or exc}")
+    return os_failure(exc, f"writing blob {ingest.digest} to", ingest.path)
 
 
 def _readinto_of(resp: requests.Response) -> Callable[[memoryview], int]:

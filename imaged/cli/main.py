@@ -1,7 +1,8 @@
 """The ``imaged`` command line (DESIGN §4).
 
 The one place errors become exit statuses: an ``ImagedError`` prints ``imaged: error: …`` and
-exits 1 (with ``{"error": …}`` on stdout under ``--json``); usage errors exit 2 (argparse);
+exits 1 (with ``{"error": …}`` on stdout under ``--json``); usage errors exit 2 (argparse); an
+``OSError`` is a file or disk that failed us, shown as its path and errno (``os_failure``);
 anything else is a bug, shown with a traceback only under ``--debug``.
 """
 
@@ -28,6 +29,7 @@ from imaged.errors import (
     InvalidError,
     describe,
     error_from_json,
+    os_failure,
 )
 from imaged.ops.verbs import VERBS, Args, Context, Param, Verb, invoke
 from imaged.server.peercred import ADMIN_GROUP
@@ -399,6 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imaged: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file failed us where no caller said what it was doing
+        if args.debug:
+            traceback.print_exc()
+        return _fail(args, os_failure(exc))
     except Exception as exc:  # noqa: BLE001 - the last resort: a bug still gets one clear line
         if args.debug:
             traceback.print_exc()

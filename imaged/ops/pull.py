@@ -11,16 +11,22 @@ back to ingest and the next attempt resumes from them (after hashing them again)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from imaged.digest import Digest, chain_ids
-from imaged.errors import NO_SPACE_ERRNOS, ContentError, InternalError, NoSpaceError, collapse
+from imaged.errors import (
+    ContentError,
+    ImagedError,
+    collapse,
+    os_failure,
+)
 from imaged.events import PullEvent, Reporter
 from imaged.fsutil import syncfs
 from imaged.layers.unpack import UnpackLimits, UnpackStats, unpack_layer
@@ -43,6 +49,15 @@ from imaged.store.root import Store
 # Layer blobs up to this size are fetched whole into memory: no resume (nothing worth resuming),
 # no progress between start and end (a fraction of a second on any link worth pulling over).
 SMALL_BLOB_BYTES = 256 * 1024
+
+
+async def _clean_up(undo: Callable[[], Awaitable[None]]) -> None:
+    """Undo after a failure, shielded from the cancellation that may be the failure. An undo
+    that fails in turn (the disk that failed the work fails the removal too) must not hide the
+    failure the user needs to see; what it leaves, opening the root recovers: a layer row still
+    'creating', a layer directory or a blob file with no row."""
+    with trio.CancelScope(shield=True), contextlib.suppress(ImagedError, OSError):
+        await undo()
 
 
 def _unpack_progress(desc: Descriptor, emit: Reporter) -> Callable[[int], None]:
@@ -99,8 +114,7 @@ class Puller:
             try:
                 return await self._pull(held, ref, platform, report, platform_explicit)
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._undo(held)
+                await _clean_up(functools.partial(self._undo, held))
                 raise
 
     async def _pull(self, held: _Held, ref: Reference, platform: Platform, report: Reporter,
@@ -310,8 +324,7 @@ class Puller:
                                                       parent, _unpack_progress(desc, emit),
                                                       limiter=self._unpack_limiter)
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._remove_layer(chain)
+                await _clean_up(functools.partial(self._remove_layer, chain))
                 raise
         self._applied[chain] = stats
         emit(PullEvent("unpacked", layer=str(desc.digest),
@@ -332,9 +345,8 @@ class Puller:
         except OSError as exc:
             # The target filesystem failed us (full, read-only, I/O error): say where.
             notes = "; ".join(getattr(exc, "__notes__", []))
-            kind = NoSpaceError if exc.errno in NO_SPACE_ERRNOS else InternalError
-            raise kind(f"unpacking layer {desc.digest} into {target} failed: "
-                       f"{exc.strerror or exc}{f' ({notes})' if notes else ''}") from None
+            raise os_failure(exc, f"unpacking layer {desc.digest} into",
+                             f"{target}{f' ({notes})' if notes else ''}") from None
         driver.commit_layer(chain.hex)
         return stats
 
@@ -369,8 +381,7 @@ class Puller:
                         limiter=self._unpack_limiter)
                     await trio.to_thread.run_sync(syncfs, driver.home)
                 except BaseException:
-                    with trio.CancelScope(shield=True):
-                        await self._remove_layer(chain)
+                    await _clean_up(functools.partial(self._remove_layer, chain))
                     raise
                 self.store.meta.finish_layers({chain: (stats.entries, stats.bytes)})
 
@@ -405,6 +416,8 @@ class Puller:
 
             await trio.to_thread.run_sync(write)
             meta.record_image(new)
+            # Returned means durable: SQLite syncs its WAL only at checkpoints.
+            await trio.to_thread.run_sync(self.store.flush_records)
 
     async def _undo(self, held: _Held) -> None:
         """Leave the store as it was (DESIGN §6), except for what others rely on.

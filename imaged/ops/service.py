@@ -7,6 +7,7 @@ print the same facts.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -27,6 +28,7 @@ from imaged.drivers import Capabilities, Finding, Mounted, Usage, probe_all
 from imaged.errors import ConflictError, ImagedError, InvalidError, NotFoundError, RegistryError
 from imaged.events import Reporter
 from imaged.faults import pause_point
+from imaged.fsutil import syncfs
 from imaged.host.mounts import backing_filesystem, is_mounted
 from imaged.host.targets import attach, beneath, detach, open_target
 from imaged.names import name_or_new
@@ -229,12 +231,17 @@ class Service:
             try:
                 await trio.to_thread.run_sync(driver.create_container, name,
                                               self._layers_of(image_id), quota, read_only)
+                # Acknowledged means durable: the container's files before its 'ready' row,
+                # then the row. A disk failing either fails the creation, which is undone.
+                await trio.to_thread.run_sync(syncfs, driver.home)
+                self.store.meta.update_container(name, state="ready")
+                await trio.to_thread.run_sync(self.store.flush_records)
             except BaseException:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), \
+                        contextlib.suppress(ImagedError, OSError):  # recovery's, if it fails
                     await trio.to_thread.run_sync(driver.remove_container, name)
-                self.store.meta.delete_container(name)
+                    self.store.meta.delete_container(name)
                 raise
-            self.store.meta.update_container(name, state="ready")
 
     async def mount(self, image_text: str | None, name: str | None, quota: int | None,
                     read_only: bool, target: Path | None,

@@ -3,8 +3,9 @@
 Every request body is checked against a closed schema before anything runs (unknown fields,
 wrong types and missing fields are 400 ``invalid``, naming the field), so the service underneath
 only ever sees values the CLI could also have given it. Errors leave as ``{"error": {code,
-message}}`` with the status of their class; anything that is not an ``ImagedError`` is a bug,
-logged with its traceback and answered 500 ``internal`` without detail a client could misuse.
+message}}`` with the status of their class; an ``OSError`` is a file or disk that failed (500,
+its path and errno, ``os_failure``); anything else is a bug, logged with its traceback and
+answered 500 ``internal`` without detail a client could misuse.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import trio
 
-from imaged.errors import ImagedError, InternalError, InvalidError, NotFoundError
+from imaged.errors import ImagedError, InternalError, InvalidError, NotFoundError, os_failure
 from imaged.events import PullEvent
 from imaged.ops.service import Service
 from imaged.ops.verbs import VERBS, Args, Context, Param, Verb, invoke
@@ -130,6 +131,10 @@ class Api:
             return await self._dispatch(request)
         except ImagedError as exc:
             return Response(exc.http_status, exc.to_json())
+        except OSError as exc:  # a file or disk failed us where no caller named the operation
+            failure = os_failure(exc)
+            log.warning("%s %s: %s", request.method, request.path, failure.message)
+            return Response(failure.http_status, failure.to_json())
         except Exception:
             log.exception("internal error handling %s %s", request.method, request.path)
             return Response(500, InternalError(
@@ -217,6 +222,11 @@ class Api:
                         result = await invoke(verb, service, args, Context(report=report))
                     except ImagedError as exc:
                         send.send_nowait({"status": "error", **exc.to_json()})
+                        return
+                    except OSError as exc:  # as in ``handle``
+                        failure = os_failure(exc)
+                        log.warning("%s: %s", verb.name, failure.message)
+                        send.send_nowait({"status": "error", **failure.to_json()})
                         return
                     except Exception:
                         log.exception("internal error in %s %s", verb.name, args)

@@ -42,6 +42,7 @@ from imaged.store.root import Store
 BLOB_MISSING = "blob-missing"  # a recorded blob has no file
 BLOB_SIZE = "blob-size"  # its file is not the recorded size
 BLOB_DIGEST = "blob-digest"  # its bytes do not hash to its digest (with verify_data)
+BLOB_UNREADABLE = "blob-unreadable"  # reading its bytes failed: bad sectors (with verify_data)
 BLOB_UNRECORDED = "blob-unrecorded"  # a file in content/blobs no row records
 LAYER_MISSING = "layer-missing"  # a ready or referenced layer the driver does not have
 LAYER_INTERRUPTED = "layer-interrupted"  # a layer row left in state 'creating'
@@ -57,15 +58,15 @@ QUOTA_MISMATCH = "quota-mismatch"  # a container's enforced quota differs from i
 CHECK_FAILED = "check-failed"  # a part of the check could not run
 
 # Blobs that need the registry to be repaired (``imaged.ops.service``).
-BLOB_DAMAGE = frozenset({BLOB_MISSING, BLOB_SIZE, BLOB_DIGEST})
+BLOB_DAMAGE = frozenset({BLOB_MISSING, BLOB_SIZE, BLOB_DIGEST, BLOB_UNREADABLE})
 
 # Repairs go in this order: mounts before the containers they belong to, containers before the
 # layers they sit on, blobs before the layers re-applied from them; any other kind (a driver's)
 # last, when the store around it is whole again.
 REPAIR_ORDER = (MOUNT_STALE, MOUNT_BROKEN, MOUNT_UNRECORDED, LOOP_UNRECORDED, CONTAINER_INTERRUPTED,
                 CONTAINER_UNRECORDED, CONTAINER_MISSING, LAYER_INTERRUPTED, LAYER_UNRECORDED,
-                BLOB_UNRECORDED, BLOB_MISSING, BLOB_SIZE, BLOB_DIGEST, LAYER_MISSING,
-                QUOTA_MISMATCH)
+                BLOB_UNRECORDED, BLOB_MISSING, BLOB_SIZE, BLOB_DIGEST, BLOB_UNREADABLE,
+                LAYER_MISSING, QUOTA_MISMATCH)
 
 # A loop quota's capacity lands within 2 MiB of the quota (imaged.quota.loopquota); the other
 # mechanisms are exact.
@@ -178,9 +179,15 @@ def blob_findings(records: Records, content: ContentStore, held: Callable[[str],
             problem = BLOB_SIZE, (f"blob {digest} is {actual} bytes in content/blobs; its "
                                   f"record says {size}")
         elif verify_data:
-            hashed = _hash(content.path(Digest.parse(digest)), Digest.parse(digest))
-            if hashed is not None and hashed != digest:
-                problem = BLOB_DIGEST, f"blob {digest} is damaged: its bytes hash to {hashed}"
+            path = content.path(Digest.parse(digest))
+            try:
+                hashed = _hash(path, Digest.parse(digest))
+            except OSError as exc:  # the disk failed the read: the bytes are as good as gone
+                problem = BLOB_UNREADABLE, f"blob {digest} cannot be read: reading {path}: " \
+                    f"{_why(exc)}"
+            else:
+                if hashed is not None and hashed != digest:
+                    problem = BLOB_DIGEST, f"blob {digest} is damaged: its bytes hash to {hashed}"
         if problem is not None:
             kind, message = problem
             found.append(Finding(kind, digest, message, records.images_using_blob(digest)))

@@ -6,16 +6,18 @@ paying a thread hop each. Every change that spans several rows happens in one tr
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imaged.digest import Digest
-from imaged.errors import ConflictError
+from imaged.errors import ConflictError, sqlite_failure
 
 # Each entry upgrades the schema from version i to i+1; never edit one that has shipped.
 MIGRATIONS: tuple[str, ...] = (
@@ -168,17 +170,80 @@ class NewImage:
     blobs: tuple[tuple[Digest, int, str], ...]  # (digest, size, media type) of every blob used
 
 
+@contextmanager
+def _disk_errors(path: Path, cursor: sqlite3.Cursor | None = None) -> Iterator[None]:
+    """SQLite's errors that the disk caused leave as the user's error naming the database.
+
+    The failed ``cursor`` is closed first: the traceback keeps it alive, and a live cursor's
+    statement keeps SQLite from closing the database file when the connection closes, which
+    keeps the filesystem busy (no unmount for the operator who would check it)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if cursor is not None:
+            with contextlib.suppress(sqlite3.Error):
+                cursor.close()
+        failure = sqlite_failure(exc, path)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose statements run through ``_Cursor``, so a failing disk is reported
+    alike whichever of the many queries met it."""
+
+    path = Path()
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self.cursor(_Cursor).execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        return self.cursor(_Cursor).executemany(sql, parameters)
+
+
+class _Cursor(sqlite3.Cursor):
+    """Every step that may read or write the file: executing, and fetching later rows."""
+
+    def _path(self) -> Path:
+        connection = self.connection
+        return connection.path if isinstance(connection, _Connection) else Path()
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        with _disk_errors(self._path(), self):
+            return super().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> _Cursor:
+        with _disk_errors(self._path(), self):
+            return super().executemany(sql, parameters)
+
+    def fetchone(self) -> Any:
+        with _disk_errors(self._path(), self):
+            return super().fetchone()
+
+    def fetchall(self) -> list[Any]:
+        with _disk_errors(self._path(), self):
+            return super().fetchall()
+
+    def __next__(self) -> Any:
+        with _disk_errors(self._path(), self):
+            return super().__next__()
+
+
 class Metadata:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=5000")
+        with _disk_errors(path):
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                      factory=_Connection)
+        self.db.path = path
         try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA busy_timeout=5000")
             self.migrate()
-        except BaseException:
+        except BaseException:  # a failing disk among them: the open file would keep it busy
             self.db.close()
             raise
 

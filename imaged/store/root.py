@@ -7,6 +7,7 @@ where they are verified again before anyone uses them; stale partial downloads e
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from imaged.config import Config
 from imaged.digest import Digest
 from imaged.drivers import Capabilities, Driver, choose, registry
 from imaged.errors import ConflictError, ImagedError, InvalidError, NotFoundError
+from imaged.fsutil import syncfs
 from imaged.host.mounts import backing_filesystem, is_mounted
 from imaged.registry_client.reference import parse_reference
 from imaged.store import reserve
@@ -57,15 +59,34 @@ class Store:
                 reserve.renew(self.root)  # a daemon may hold the root long before it fills
             self.content = ContentStore(self.root / "content")
             self.meta = Metadata(self.root / "metadata.db")
-            self.recovered = self.recover()
         except BaseException:
             self.lock.release()
             raise
+        try:
+            self.recovered = self.recover()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        self.meta.close()
-        reserve.renew(self.root)
-        self.lock.release()
+        """Let go of the database and the lock whatever the disk does meanwhile: a connection
+        or lock left open keeps the filesystem busy, so an operator cannot even unmount it to
+        check it. Renewing the reserve is best effort (``reserve.renew``): a disk failing now
+        must not hide the command's own result or error."""
+        try:
+            self.meta.close()
+            with contextlib.suppress(OSError):
+                reserve.renew(self.root)
+        finally:
+            self.lock.release()
+
+    def flush_records(self) -> None:
+        """Make the metadata's last commits durable before they are acknowledged: in WAL mode
+        with ``synchronous=NORMAL`` SQLite syncs only at checkpoints, so one syncfs of the
+        root (the WAL is a file on it) does what a sync per commit would, and a disk that
+        failed the writes says so here (``StorageError``) instead of after the command
+        returned."""
+        syncfs(self.root)
 
     def make_room(self) -> None:
         """Before a command that frees space: on a full filesystem, give back the reserve."""
