@@ -35,7 +35,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from imaged.fsutil import FICLONE, copy_data
+from imaged.fsutil import FICLONE, copy_data, scandir_fd
 from imaged.fuse import changes, partial, ranges, union
 from imaged.fuse.changes import Access, CopyUp, CopyUpPolicy, CopyUpSetting
 from imaged.fuse.index import LinkIndex
@@ -472,7 +472,7 @@ class Server(pyfuse3.Operations):
             return cached
 
         def contents(fd: int) -> Iterator[tuple[bytes, Entry]]:
-            with os.scandir(fd) as entries:
+            with scandir_fd(fd) as entries:
                 for item in entries:
                     name = os.fsencode(item.name)
                     if item.is_dir(follow_symlinks=False):  # opaque or not

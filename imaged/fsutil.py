@@ -72,6 +72,15 @@ def set_fsxattr(directory: Path, attrs: FsXattr) -> None:
         os.close(fd)
 
 
+def scandir_fd(fd: int) -> os.ScandirIterator[str]:
+    """The whole listing of a directory descriptor that is kept open and listed more than
+    once. On btrfs, a descriptor listed once lists only what it saw then until the next
+    explicit lseek to 0 (CPython's rewinddir at the end of a listing does not count there), so
+    names made since would be missing: seek first, always."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.scandir(fd)
+
+
 def remove_tree(path: Path) -> None:
     """Remove a directory tree; only "already gone" is not an error. A tree that cannot be
     removed (busy, read-only, I/O error) must say so, naming the whole path of the entry that

@@ -36,6 +36,7 @@ from isal import igzip, isal_zlib
 from imaged.digest import Digest, Hasher
 from imaged.errors import InvalidError
 from imaged.faults import pause_point
+from imaged.fsutil import scandir_fd
 from imaged.layers.layerplan import (
     BLOCK_SIZE,
     BLOCKDEV,
@@ -396,7 +397,7 @@ def _empty_plain_dir(fd: int) -> bool:
     except OSError as exc:
         if exc.errno != errno.EOPNOTSUPP:  # without xattrs there are no ACLs either
             raise
-    with os.scandir(fd) as entries:
+    with scandir_fd(fd) as entries:
         return next(entries, None) is None
 
 
@@ -804,7 +805,7 @@ class _Unpacker(_Reader):
         while pending:
             directory = pending.pop()
             dir_fd = self._dir_fd(directory, create=False)
-            with os.scandir(dir_fd) as listing:
+            with scandir_fd(dir_fd) as listing:
                 entries = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False))
                            for e in listing]
             remove, descend = opaque_purge(directory, entries, self._touched)

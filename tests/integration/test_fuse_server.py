@@ -18,6 +18,7 @@ import pytest
 
 from imaged.fsutil import FS_XFLAG_EXTSZINHERIT, disk_usage, get_fsxattr, remove_tree
 from imaged.fuse.control import saved_usage
+from tests.conftest import ROOT_MKFS, loop_filesystem
 from tests.integration.fusebed import Mount, overlay_view, serve
 from tests.integration.fusebed import stop as _stop
 from tests.integration.fusebed import walk as _walk
@@ -285,6 +286,32 @@ def test_quota_and_count_on_xfs_are_the_blocks_written(tmp_path: Path,
         assert saved_usage(home / "control") == disk_usage(mount.upper)
     finally:
         remove_tree(home)
+
+
+def test_names_removed_on_btrfs_leave_the_listing(tmp_path: Path) -> None:
+    """btrfs lists a directory descriptor kept open as it first saw it, until an explicit
+    lseek to 0. The server keeps its upper directories open, so a removed lower name went on
+    being listed, and ``mv``'s fallback for an EXDEV rename then found the directory not
+    empty."""
+    with loop_filesystem(ROOT_MKFS["btrfs"], tmp_path / "btrfs.img", tmp_path / "fs") as fs:
+        lower = fs / "lower"
+        (lower / "d").mkdir(parents=True)
+        for name in ("f0", "f1", "f2"):
+            (lower / "d" / name).write_text(name)
+        mount = serve([lower], fs / "home")
+        try:
+            d = mount.path / "d"
+            assert sorted(os.listdir(d)) == ["f0", "f1", "f2"]
+            os.unlink(d / "f0")
+            assert sorted(os.listdir(d)) == ["f1", "f2"]
+            os.unlink(d / "f1")
+            os.unlink(d / "f2")
+            assert os.listdir(d) == []
+            assert subprocess.run(["mv", str(mount.path / "d"), str(mount.path / "e")],
+                                  capture_output=True, text=True).returncode == 0
+            assert os.listdir(mount.path) == ["e"]
+        finally:
+            _stop(mount)
 
 
 def test_read_only_refuses_changes(tmp_path: Path) -> None:
