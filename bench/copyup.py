@@ -27,11 +27,13 @@ import json
 import math
 import os
 import random
+import re
 import select
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -395,13 +397,47 @@ def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, bas
             table.add(config.name, f"find | xargs stat {temperature}", "seconds",
                       _timed_shell(walk))
         settle()
-        (box.mount / "untar").mkdir()
-        start = time.perf_counter()
-        subprocess.run(["tar", "-xf", str(layers.tarball), "-C", str(box.mount / "untar")],
-                       check=True, timeout=1800, stdin=subprocess.DEVNULL)
-        syncfs(box.upper)
         table.add(config.name, f"untar {layers.tree_files} files + syncfs", "seconds",
-                  time.perf_counter() - start)
+                  _untar(box, layers))
+
+
+def _untar(box: Container, layers: Layers) -> float:
+    """Seconds to unpack the tree into a new directory of the container and syncfs it."""
+    (box.mount / "untar").mkdir()
+    start = time.perf_counter()
+    subprocess.run(["tar", "-xf", str(layers.tarball), "-C", str(box.mount / "untar")],
+                   check=True, timeout=1800, stdin=subprocess.DEVNULL)
+    syncfs(box.upper)
+    return time.perf_counter() - start
+
+
+# fuse-overlayfs's debug log names each request by its opcode; imaged counts by handler.
+_OPCODE = re.compile(rb"opcode: ([A-Z_]+)")
+_NOT_REQUESTS = {"init", "destroy"}  # the session's own, answered inside libfuse for imaged
+
+
+def _requests(config: Configuration, options: tuple[str, ...], layers: Layers,
+              base: Path) -> dict[str, int]:
+    """The requests a FUSE server answers over one untar in a fresh container, mount to
+    unmount, by operation: imaged's ``--count-requests``, fuse-overlayfs's ``debug`` log.
+    Untimed (both ways of counting cost time); the kernel decides what it sends, so one
+    untar gives the number."""
+    counts = base / "requests.json"
+    log = base / f"{config.name.replace(' ', '-')}.log"
+    logged = log.stat().st_size if log.exists() else 0
+    counting = (*options, "--count-requests", str(counts)) if config.kind == "imaged" \
+        else (*options, "debug")
+    with _container(config, counting, layers, base) as box:
+        _untar(box, layers)
+    if config.kind == "imaged":
+        found: dict[str, int] = json.loads(counts.read_text())
+        counts.unlink()
+        return found
+    with log.open("rb") as fh:
+        fh.seek(logged)
+        names = Counter(m.group(1).decode().lower() for m in _OPCODE.finditer(fh.read()))
+    names["forget"] += names.pop("batch_forget", 0)
+    return {name: n for name, n in names.most_common() if name not in _NOT_REQUESTS}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -499,6 +535,24 @@ def _metadata_summary(table: _Table, measured: list[Configuration], absent: dict
     return lines
 
 
+def _requests_table(requests: dict[str, dict[str, int]], tree_files: int) -> list[str]:
+    """Requests each FUSE server answered over one untar, by operation, side by side."""
+    if not requests:
+        return []
+    names = list(requests)
+    totals = Counter[str]()
+    for counts in requests.values():
+        totals.update(counts)
+    lines = [f"Requests each FUSE server answered over one untar of the {tree_files}-file tree "
+             "(mount to unmount, untimed), by operation:", "",
+             "| operation | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {op} | " + " | ".join(str(requests[name].get(op, 0)) for name in names) + " |"
+              for op, _ in totals.most_common()]
+    lines.append("| all | " + " | ".join(str(sum(requests[name].values())) for name in names)
+                 + " |")
+    return lines
+
+
 def _size_text(n: float) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift:
@@ -581,6 +635,7 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
         if why:
             notes.append(f"{config.name}: {why}")
     table = _Table()
+    requests: dict[str, dict[str, int]] = {}
     failed: set[str] = set()
     facts = machine_facts()
     facts["imaged"] = __version__
@@ -607,6 +662,8 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
             if config.name not in failed:
                 with _container(config, options, layers, scratch) as box:
                     facts[f"mount: {config.name}"] = _mount_entry(box.mount) or "?"
+                if config.kind != "overlay":
+                    requests[config.name] = _requests(config, options, layers, scratch)
     kept = [c for c, _ in measured if c.name not in failed]
     series = [s for (name, _), s in table.series.items() if name not in failed]
     facts["fuse-overlayfs"] = _version(["fuse-overlayfs", "--version"])
@@ -639,12 +696,18 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
         "entry in twelve a symlink",
         "ratios: imaged's configurations against fuse-overlayfs and kernel overlay, medians of "
         "this run; for times below 1 means imaged is faster, for read rates above 1 does",
+        "requests: after the timed runs, one more untar per FUSE configuration in a fresh "
+        "container, untimed, imaged's server started with `--count-requests` (calls of each "
+        "handler) and fuse-overlayfs with `-o debug` (the `opcode:` lines of its log, "
+        "BATCH_FORGET counted as forget, INIT and DESTROY left out), mount to unmount",
     ]
     ratios = _ratios(table, kept, sizes, tree_files)
+    summary = [*_summary(table, kept, absent, sizes, tree_files), "",
+               *_requests_table(requests, tree_files)]
     if metadata:
         return write_report(out, "metadata", f"Untar and find | xargs stat on {filesystem}",
-                            series, facts, ratios, notes,
-                            summary=_summary(table, kept, absent, sizes, tree_files))
+                            series, facts, ratios, notes, summary=summary,
+                            data={"requests": requests})
     return write_report(out, "copyup", f"Copy-up and container I/O on {filesystem}", series,
-                        facts, ratios, notes, _panels(table, kept, sizes),
-                        _summary(table, kept, absent, sizes, tree_files))
+                        facts, ratios, notes, _panels(table, kept, sizes), summary,
+                        data={"requests": requests})

@@ -37,4 +37,9 @@ def test_quick_copyup_report(imaged_proc: Any, tmp_path: Path, root: Path) -> No
     # Measured once the server has --copy-up, a "not measured: why" row until then.
     assert "| fuse partial |" in (tmp_path / "out" / "copyup.md").read_text()
     assert (tmp_path / "out" / "copyup.png").stat().st_size > 0
+    # What each FUSE server was asked over one untar: one create per file at least, counted
+    # by imaged's --count-requests and from fuse-overlayfs's debug log alike.
+    for server in ("fuse full", "fuse-overlayfs"):
+        assert report["requests"][server]["create"] >= 900
+        assert report["requests"][server]["lookup"] >= report["requests"][server]["create"]
     assert _bench_mounts() == before
