@@ -1,6 +1,6 @@
 """The server process: ``python -m imaged.fuse.serve --upper DIR --work DIR [--lower DIR ...]
 [--quota BYTES] [--read-only] [--copy-up auto|full|partial] [--partial-threshold BYTES]
-[--writeback] [--control DIR] [--ready-fd N] [--count-requests FILE] MOUNTPOINT``.
+[--writeback] [--control DIR] [--ready-fd N] [--count-requests FILE] [--debug] MOUNTPOINT``.
 
 One process per mounted container, since ``pyfuse3.init`` serves one filesystem per process.
 ``--lower`` is repeated top first, as overlay's lowerdir. The parent learns the outcome on
@@ -30,6 +30,8 @@ JSON when the server exits: what a workload costs in round trips to this process
 26 µs of pyfuse3's own before any handler runs (docs/drivers.md, "Metadata speed"). Off by
 default: the count is one more Python call per request. Requests libfuse answers itself
 (operations pyfuse3 does not offer, such as ``ioctl`` or ``fallocate``) are not counted.
+``--debug`` passes libfuse's ``debug`` option: every request and reply on stderr (the
+container's ``server.log``), and the INIT flags the kernel and libfuse agreed on.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--count-requests", type=Path, default=None, metavar="FILE",
                         help="write the requests answered, by operation, to FILE at exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="libfuse's debug output: every request, and the INIT flags")
     parser.add_argument("mountpoint", type=Path)
     return parser.parse_args(argv)
 
@@ -261,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = {"fsname=imaged", "subtype=imaged", "default_permissions", "allow_other"}
         if args.read_only:
             options.add("ro")
+        if args.debug:
+            options.add("debug")
         if not stat.S_ISDIR(os.stat(args.mountpoint).st_mode):
             raise StartError(f"{args.mountpoint} is not a directory")
         pyfuse3.init(server, str(args.mountpoint), options)
