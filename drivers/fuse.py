@@ -236,7 +236,7 @@ class FuseDriver(DirectoryDriver):
         if _alive(*server):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(server[0], signal.SIGTERM)
-            _wait_gone(*server)
+        _wait_gone(*server)  # also reaps one that already exited, where it is our child
         (self._container(name) / "server").unlink(missing_ok=True)
 
     def remove_container(self, name: str) -> None:
