@@ -523,7 +523,8 @@ def _release(fs: LoopFS, wait: bool = True) -> None:
         loopdev.detach(device)  # with a holder left, the kernel unbinds when it lets go
         if wait and not loopdev.wait_unbound(device, fs.image):
             raise ConflictError(f"{device.path} still holds {fs.image}: another process or "
-                                "mount namespace has it open")
+                                "mount namespace has it open, or files opened on the "
+                                "container before a forced umount still are")
 
 
 def unmount(fs: LoopFS, lazy: bool = False) -> None:
