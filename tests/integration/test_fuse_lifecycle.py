@@ -215,6 +215,7 @@ def test_umount_with_a_file_open_is_busy_and_changes_nothing(
     assert not is_mounted(merged)
 
 
+@pytest.mark.cli_modes  # through a daemon too, whose child the server then is
 def test_a_forced_umount_leaves_the_server_to_the_open_files_and_a_mount_ends_it(
         fuse_root: Path, image: str, imaged: CLI) -> None:
     """``umount --force`` detaches: the server serves the files still open and exits by
