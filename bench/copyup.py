@@ -44,11 +44,13 @@ import json
 import math
 import os
 import random
+import re
 import select
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +122,7 @@ CONFIGURATIONS = (
 )
 MOUNTED = ("overlay", "imaged", "fuse-overlayfs")  # kinds with an upper, a work dir, a mount
 PLAIN = ("vfs", "volume")  # kinds whose files are plain files, restored after each sample
+FUSE_KINDS = ("imaged", "fuse-overlayfs")  # kinds whose requests are counted over an untar
 PEERS = ("fuse-overlayfs", "overlay")  # what imaged's rows are divided by
 METADATA_CONFIGS = ("overlay", "fuse full", "fuse partial", "fuse-overlayfs")
 
@@ -641,16 +644,48 @@ def _container_io(config: Configuration, options: tuple[str, ...], layers: Layer
                 add(f"read {_label(largest)} {temperature}", "MB/s",
                     _read_rate(box.mount / layers.big[largest]))
         settle()
-        untar = box.mount / "untar"
-        untar.mkdir()
-        start = time.perf_counter()
-        subprocess.run(["tar", "-xf", str(layers.tarball), "-C", str(untar)],
-                       check=True, timeout=1800, stdin=subprocess.DEVNULL)
-        syncfs(box.upper)
-        add(f"untar {layers.tree_files} files + syncfs", "seconds",
-            time.perf_counter() - start)
+        add(f"untar {layers.tree_files} files + syncfs", "seconds", _untar(box, layers))
         if config.kind in PLAIN:
-            shutil.rmtree(untar)
+            shutil.rmtree(box.mount / "untar")
+
+
+def _untar(box: Container, layers: Layers) -> float:
+    """Seconds to unpack the tree into a new directory of the container and syncfs it."""
+    (box.mount / "untar").mkdir()
+    start = time.perf_counter()
+    subprocess.run(["tar", "-xf", str(layers.tarball), "-C", str(box.mount / "untar")],
+                   check=True, timeout=1800, stdin=subprocess.DEVNULL)
+    syncfs(box.upper)
+    return time.perf_counter() - start
+
+
+# fuse-overlayfs's debug log names each request by its opcode; imaged counts by handler.
+_OPCODE = re.compile(rb"opcode: ([A-Z_]+)")
+_NOT_REQUESTS = {"init", "destroy"}  # the session's own, answered inside libfuse for imaged
+
+
+def _requests(config: Configuration, options: tuple[str, ...], layers: Layers,
+              fs: LoopFs) -> dict[str, int]:
+    """The requests a FUSE server answers over one untar in a fresh container, mount to
+    unmount, by operation: imaged's ``--count-requests``, fuse-overlayfs's ``debug`` log.
+    Untimed (both ways of counting cost time); the kernel decides what it sends, so one
+    untar gives the number."""
+    counts = fs.mount_point / "requests.json"
+    log = fs.mount_point / f"{config.name.replace(' ', '-')}.log"
+    logged = log.stat().st_size if log.exists() else 0
+    counting = (*options, "--count-requests", str(counts)) if config.kind == "imaged" \
+        else (*options, "debug")
+    with _container(config, counting, layers, fs, cold=False) as box:
+        _untar(box, layers)
+    if config.kind == "imaged":
+        found: dict[str, int] = json.loads(counts.read_text())
+        counts.unlink()
+        return found
+    with log.open("rb") as fh:
+        fh.seek(logged)
+        names = Counter(m.group(1).decode().lower() for m in _OPCODE.finditer(fh.read()))
+    names["forget"] += names.pop("batch_forget", 0)
+    return {name: n for name, n in names.most_common() if name not in _NOT_REQUESTS}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -683,6 +718,24 @@ def _ratios(table: _Table, measured: dict[str, list[Configuration]], sizes: Sequ
 
 def _cell(series: Series | None, digits: int) -> str:
     return "—" if series is None else f"{series.median:.{digits}f}"
+
+
+def _requests_table(requests: dict[str, dict[str, int]], tree_files: int) -> list[str]:
+    """Requests each FUSE server answered over one untar, by operation, side by side."""
+    if not requests:
+        return []
+    names = list(requests)
+    totals = Counter[str]()
+    for counts in requests.values():
+        totals.update(counts)
+    lines = [f"Requests each FUSE server answered over one untar of the {tree_files}-file tree "
+             "(mount to unmount, untimed), by operation:", "",
+             "| operation | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {op} | " + " | ".join(str(requests[name].get(op, 0)) for name in names) + " |"
+              for op, _ in totals.most_common()]
+    lines.append("| all | " + " | ".join(str(sum(requests[name].values())) for name in names)
+                 + " |")
+    return lines
 
 
 def _size_text(n: float) -> str:
@@ -914,6 +967,7 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
         if why:
             notes.append(f"{config.name}: {why}")
     table = _Table()
+    requests: dict[str, dict[str, int]] = {}
     outcomes: dict[str, set[str]] = {}
     measured: dict[str, list[Configuration]] = {}
     facts = machine_facts()
@@ -922,7 +976,7 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
     for filesystem in filesystems:
         try:
             _filesystem(filesystem, scratch_size, runnable, sizes, the_plan, runs, tree_files,
-                        table, outcomes, measured, absent, facts, notes)
+                        table, outcomes, measured, absent, facts, notes, requests)
         except ScratchError as e:
             notes.append(f"{filesystem} not measured: {e}")
             measured.pop(filesystem, None)
@@ -947,21 +1001,24 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
         "so compare ratios within this run, not absolute numbers across reports",
     ]
     ratios = _ratios(table, measured, sizes, tree_files)
-    summary = _summary(table, measured, absent, sizes, the_plan, tree_files, outcomes)
+    summary = [*_summary(table, measured, absent, sizes, the_plan, tree_files, outcomes), "",
+               *_requests_table(requests, tree_files)]
     title = f"Copy-up and container I/O on {', '.join(filesystems)}"
     if metadata:
         return write_report(out, "metadata", f"Untar and find | xargs stat on "
                             f"{', '.join(filesystems)}", series, facts, ratios, notes,
-                            summary=summary)
+                            summary=summary, data={"requests": requests})
     return write_report(out, "copyup", title, series, facts, ratios, notes,
-                        _panels(table, measured, sizes, the_plan.temperatures[0]), summary)
+                        _panels(table, measured, sizes, the_plan.temperatures[0]), summary,
+                        data={"requests": requests})
 
 
 def _filesystem(filesystem: str, size: int, runnable: list[tuple[Configuration, tuple[str, ...]]],
                 sizes: Sequence[int], the_plan: _Plan, runs: int, tree_files: int,
                 table: _Table, outcomes: dict[str, set[str]],
                 measured: dict[str, list[Configuration]], absent: dict[tuple[str, str], str],
-                facts: dict[str, object], notes: list[str]) -> None:
+                facts: dict[str, object], notes: list[str],
+                requests: dict[str, dict[str, int]]) -> None:
     """Every run of every configuration that fits on one backing filesystem."""
     with loop_fs(size, filesystem) as fs:
         here = []
@@ -1001,6 +1058,9 @@ def _filesystem(filesystem: str, size: int, runnable: list[tuple[Configuration, 
                 with _container(config, options, layers, fs, cold=False) as box:
                     facts[f"mount: {config.name} on {filesystem}"] = \
                         _mount_entry(box.mount) or "?"
+                if the_plan.io and config.kind in FUSE_KINDS:
+                    requests[f"{config.name} on {filesystem}"] = \
+                        _requests(config, options, layers, fs)
 
 
 def _method(runs: int, sizes: Sequence[int], the_plan: _Plan, elapsed: float,
@@ -1048,4 +1108,9 @@ def _method(runs: int, sizes: Sequence[int], the_plan: _Plan, elapsed: float,
             "warm. The tree is synthetic and the same every run (seeded): about one "
             "directory per 6.5 files, up to six deep, sizes log-normal around 3 KB with a "
             "tail to 2 MiB, one entry in twelve a symlink")
+        notes.append(
+            "requests: after the timed runs, one more untar per FUSE configuration in a fresh "
+            "container, untimed, imaged's server started with `--count-requests` (calls of "
+            "each handler) and fuse-overlayfs with `-o debug` (the `opcode:` lines of its log, "
+            "BATCH_FORGET counted as forget, INIT and DESTROY left out), mount to unmount")
     return notes

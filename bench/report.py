@@ -10,7 +10,7 @@ import json
 import math
 import statistics
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,10 +83,11 @@ class BarPanel:
 
 def write_report(out: Path, name: str, title: str, series: list[Series],
                  facts: dict[str, Any], ratios: dict[str, float], notes: list[str],
-                 panels: Sequence[Panel | BarPanel] = (),
-                 summary: Sequence[str] = ()) -> list[Path]:
+                 panels: Sequence[Panel | BarPanel] = (), summary: Sequence[str] = (),
+                 data: Mapping[str, Any] | None = None) -> list[Path]:
     """Write ``<name>.json``, ``<name>.md`` and ``<name>.png``: the PNG draws ``panels`` when
-    given, else medians with min/max bars; ``summary`` is markdown put before the full table."""
+    given, else medians with min/max bars; ``summary`` is markdown put before the full table;
+    ``data`` adds keys of the bench's own to the JSON."""
     # matplotlib takes half a second to import: only a bench that writes a report pays it.
     import matplotlib  # noqa: PLC0415
 
@@ -97,7 +98,7 @@ def write_report(out: Path, name: str, title: str, series: list[Series],
     json_path, md_path, png_path = (out / f"{name}.{ext}" for ext in ("json", "md", "png"))
     json_path.write_text(json.dumps({
         "title": title, "facts": facts, "ratios": ratios, "notes": notes,
-        "series": {s.name: s.summary() for s in series},
+        "series": {s.name: s.summary() for s in series}, **(data or {}),
     }, indent=2))
 
     if panels:

@@ -171,7 +171,11 @@ class Driver(Protocol):
     def mount(self, name: str, layers: Sequence[str], read_only: bool,
               target: Path | None) -> Mounted: ...
 
-    def unmount(self, name: str, target: Path | None) -> None: ...
+    def unmount(self, name: str, target: Path | None, force: bool = False) -> None:
+        """Unmount the container (``target``: where it was mounted, when not in its own
+        directory). While a process still uses the mount this is a ``ConflictError`` (busy),
+        unless ``force``: then the mount is detached (MNT_DETACH), gone for new opens at once
+        and kept by the kernel for the files still open until they close."""
 
     def broken(self, name: str) -> str | None:
         """Why the container's recorded mount no longer serves (a fuse server that died

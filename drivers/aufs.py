@@ -213,11 +213,11 @@ class AufsDriver(DirectoryDriver):
                 raise
         return Mounted(path, tuple(specs))
 
-    def unmount(self, name: str, target: Path | None) -> None:
+    def unmount(self, name: str, target: Path | None, force: bool = False) -> None:
         path = target or self._container(name) / "merged"
         if is_mounted(path) and (self._data_dir(name) / "upper").is_dir():
             _flush_pseudo_links(path)  # only a writable branch holds pseudo-links
-        super().unmount(name, target)
+        super().unmount(name, target, force)
 
     def usage(self, name: str) -> Usage:
         return self._data_usage(name, self._data_dir(name) / "upper")

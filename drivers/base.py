@@ -109,8 +109,8 @@ class BaseDriver(ABC):
     def usages(self, names: Sequence[str]) -> dict[str, Usage]:
         return {name: self.usage(name) for name in names}
 
-    def unmount(self, name: str, target: Path | None) -> None:
-        unmount(target or self._container(name) / "merged")
+    def unmount(self, name: str, target: Path | None, force: bool = False) -> None:
+        unmount(target or self._container(name) / "merged", lazy=force)
 
     def broken(self, name: str) -> str | None:
         """None: the kernel serves these drivers' mounts, which cannot die on their own."""
@@ -241,10 +241,10 @@ class DirectoryDriver(BaseDriver):
                                         "its quota cannot be set afterwards")
         loopquota.resize(self._quota_fs(name), quota, mounted)
 
-    def unmount(self, name: str, target: Path | None) -> None:
-        super().unmount(name, target)
+    def unmount(self, name: str, target: Path | None, force: bool = False) -> None:
+        super().unmount(name, target, force)
         if self._has_quota(name):
-            loopquota.unmount(self._quota_fs(name))
+            loopquota.unmount(self._quota_fs(name), lazy=force)
 
     def remove_container(self, name: str) -> None:
         if not self._container(name).exists():

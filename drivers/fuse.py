@@ -22,7 +22,8 @@ Layout under ``ROOT/drivers/fuse``::
     layers/<chainid>/diff       the layer's own files, as the overlay driver keeps them
     containers/<name>/upper     the container's writes; work/ for copy-up's temporary files
     containers/<name>/quota     the quota in bytes, when it has one (the server's --quota)
-    containers/<name>/server    "PID STARTTIME" of the server while mounted; server.log
+    containers/<name>/server    "PID STARTTIME" of the server while it serves (mounted, or detached
+                                by a forced umount with files still open); server.log
     containers/<name>/usage     the server's count of the upper's bytes, left by a clean exit
                                 (imaged.fuse.serve says why only then)
 """
@@ -106,7 +107,7 @@ class FuseDriver(DirectoryDriver):
         if self._quota(name) is None:
             raise QuotaUnsupportedError(f"container {name} was created without a quota; "
                                         "its quota cannot be set afterwards")
-        if mounted and self.broken(name) is None:
+        if self._serving(name):
             reply = control.ask(self._container(name), {"op": "set_quota", "quota": quota})
             if "error" in reply:
                 raise InvalidError(f"container {name}: {reply['error']}")
@@ -120,6 +121,7 @@ class FuseDriver(DirectoryDriver):
                   read_only: bool) -> Mounted:
         if not layers:
             raise InvalidError("an image without layers cannot be mounted")
+        self._retire(name)
         home = self._container(name)
         argv = [sys.executable, "-m", "imaged.fuse.serve", "--upper", str(home / "upper"),
                 "--work", str(home / "work"), "--control", str(home)]
@@ -176,6 +178,12 @@ class FuseDriver(DirectoryDriver):
             return None
         return pid, started
 
+    def _serving(self, name: str) -> bool:
+        """Whether a server runs for the container: mounted, or detached by a forced unmount
+        and still serving the files open then."""
+        server = self._server(name)
+        return server is not None and _alive(*server)
+
     def broken(self, name: str) -> str | None:
         server = self._server(name)
         if server is None or _alive(*server):
@@ -195,18 +203,46 @@ class FuseDriver(DirectoryDriver):
             return None
         return fd
 
-    def unmount(self, name: str, target: Path | None) -> None:
+    def unmount(self, name: str, target: Path | None, force: bool = False) -> None:
         """Unmount (EBUSY while files are open, as for the other drivers); the server, whose
         /dev/fuse connection that ends, then exits by itself. A broken container's dead mount
-        is detached, whoever holds it (module docstring)."""
+        is detached, whoever holds it (module docstring).
+
+        Forced, the mount is detached: the server goes on serving the files still open, and
+        exits by itself when the last one closes (the kernel then ends its connection). Its
+        record stays until then, so ``usage`` still asks it and the next mount or removal
+        stops it first (``_retire``) rather than run two servers over one upper."""
         server = self._server(name)
         if server is not None and not _alive(*server):
             unmount(target or self._container(name) / "merged", lazy=True)
         else:
-            super().unmount(name, target)
+            super().unmount(name, target, force)
+            if force:
+                return
         if server is not None:
             _wait_gone(*server)
             (self._container(name) / "server").unlink(missing_ok=True)
+
+    def _retire(self, name: str) -> None:
+        """Stop the server a forced unmount left serving files still open (they then answer
+        ENOTCONN, as files of a dead server do), and drop its record: one server per upper.
+
+        SIGTERM, not the control socket's shutdown: both end its loop, and the signal needs
+        no reply from a server that may be exiting by itself. Its mount is detached already,
+        so the unmount it does on the way out finds nothing at the mount point."""
+        server = self._server(name)
+        if server is None:
+            return
+        if _alive(*server):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server[0], signal.SIGTERM)
+        _wait_gone(*server)  # also reaps one that already exited, where it is our child
+        (self._container(name) / "server").unlink(missing_ok=True)
+
+    def remove_container(self, name: str) -> None:
+        if self._container(name).exists():
+            self._retire(name)
+        super().remove_container(name)
 
     def usage(self, name: str) -> Usage:
         """The running server's count, else the count its clean exit left: both O(1). The
@@ -214,8 +250,7 @@ class FuseDriver(DirectoryDriver):
         And how many files are partial: one listing of their logs."""
         home = self._container(name)
         partials = partial.count(home / "work")
-        server = self._server(name)
-        if server is not None and _alive(*server):
+        if self._serving(name):
             with contextlib.suppress(InternalError):
                 reply = control.ask(home, {"op": "usage"})
                 return Usage(int(reply["used"]), self._quota(name), partial_files=partials)
@@ -228,8 +263,7 @@ class FuseDriver(DirectoryDriver):
         exact), else directly on disk (a broken container's dead server writes nothing), where
         the count a clean exit saved no longer holds."""
         home = self._container(name)
-        server = self._server(name)
-        if server is not None and _alive(*server):
+        if self._serving(name):
             reply = control.ask(home, {"op": "materialize"}, timeout=_MATERIALIZE_TIMEOUT)
             if "need" in reply:
                 raise NoSpaceError(f"container {name}: {reply['error']}")

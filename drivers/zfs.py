@@ -428,9 +428,13 @@ class ZfsDriver(BaseDriver):
         return Mounted(path, (MountSpec("bind", str(rootfs),
                                         ("bind", "ro" if read_only else "rw")),))
 
-    def unmount(self, name: str, target: Path | None) -> None:
-        super().unmount(name, target)
-        self._umount(self._dataset("containers", name), self._rootfs(name))
+    def unmount(self, name: str, target: Path | None, force: bool = False) -> None:
+        """The bind, then the dataset's own mount; forced, the dataset stays mounted under
+        the container's directory (files open through the detached bind hold it, and zfs
+        umount would call it busy), and the next mount binds it again."""
+        super().unmount(name, target, force)
+        if not force:
+            self._umount(self._dataset("containers", name), self._rootfs(name))
 
     def usage(self, name: str) -> Usage:
         return self.usages([name])[name]

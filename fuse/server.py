@@ -43,6 +43,8 @@ from imaged.fuse.nodes import ROOT_ID, Node, NodeTable, Origin
 from imaged.fuse.union import UPPER, Entry, FileType, Listing, Resolution
 
 TIMEOUT = 1.0  # entry and attribute cache: uppers change, and only this server changes them
+# A name found in no layer is cached as absent for as long as one found is cached as present:
+# a name appears only through this mount (create, mkdir, link, rename), which the kernel sees.
 BIG_IO = 128 << 10  # reads and writes above this go to a worker thread
 WORKERS = 4
 LISTED_NAMES = 200_000  # names kept in cached listings of lower-only directories, at most
@@ -76,6 +78,15 @@ def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) ->
     if _libc.renameat2(src_dir, src, dst_dir, dst, flags) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def _absent() -> pyfuse3.EntryAttributes:
+    """A negative entry (node id 0): the kernel keeps the name as absent for ``TIMEOUT``
+    instead of asking again at every miss (a PATH search, an import, a build's probes)."""
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = 0
+    attr.entry_timeout = TIMEOUT
+    return attr
 
 
 def check_name(name: bytes) -> None:
@@ -366,7 +377,7 @@ class Server(pyfuse3.Operations):
         with _errors():
             res, stats = self._resolve(parent_inode, name)
             if not res.exists:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                return _absent()
             return self._known(parent_inode, name, stats[res.top], res.top)[1]
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -424,8 +435,10 @@ class Server(pyfuse3.Operations):
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
 
     def _clear_privs(self, dir_fd: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        """The kernel leaves suid/sgid clearing to the server (libfuse asks HANDLE_KILLPRIV):
-        a change of contents by anyone but root drops them, sgid only with group execute."""
+        """A change of contents by anyone but root drops suid, and sgid with group execute.
+        libfuse 3.14 does not ask HANDLE_KILLPRIV (its ``debug`` INIT line shows the flags),
+        so the kernel clears them itself first, with a GETATTR and a SETATTR; this covers
+        a kernel or library that leaves it to the server, and costs a stat where it did not."""
         if ctx.uid == 0:
             return
         mode = self._stat(dir_fd, name).st_mode

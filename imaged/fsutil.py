@@ -4,6 +4,7 @@ trees the way ``du`` does; the reflink ioctl and the data copy it stands in for;
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -72,13 +73,15 @@ def set_fsxattr(directory: Path, attrs: FsXattr) -> None:
         os.close(fd)
 
 
-def scandir_fd(fd: int) -> os.ScandirIterator[str]:
+@contextlib.contextmanager
+def scandir_fd(fd: int) -> Iterator[Iterator[os.DirEntry[str]]]:
     """The whole listing of a directory descriptor that is kept open and listed more than
     once. On btrfs, a descriptor listed once lists only what it saw then until the next
     explicit lseek to 0 (CPython's rewinddir at the end of a listing does not count there), so
     names made since would be missing: seek first, always."""
     os.lseek(fd, 0, os.SEEK_SET)
-    return os.scandir(fd)
+    with os.scandir(fd) as entries:
+        yield entries
 
 
 def remove_tree(path: Path) -> None:

@@ -586,8 +586,8 @@ class DevmapperDriver(BaseDriver):
             raise
         return Mounted(path, (spec,))
 
-    def unmount(self, name: str, target: Path | None) -> None:
-        super().unmount(name, target)
+    def unmount(self, name: str, target: Path | None, force: bool = False) -> None:
+        super().unmount(name, target, force)
         dm_name = device_name(self.tag, container_key(name))
         if not self._mounts_of(dm_name):
             try:

@@ -32,7 +32,7 @@ _FSMOUNT_CLOEXEC = 0x1
 _MOUNT_ATTR_RDONLY = 0x1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _AT_FDCWD = -100
-_MNT_DETACH = 2
+MNT_DETACH = 2
 _UMOUNT_NOFOLLOW = 8
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
@@ -170,7 +170,7 @@ def unmount(target: Path, lazy: bool = False, follow: bool = True,
     """umount2; EINVAL (not a mount point) counts as done, EBUSY is a conflict to report.
     ``follow=False`` does not follow a symlink in the last component; ``shown_as`` names the
     target in messages (when ``target`` is a /proc/self/fd link to it)."""
-    flags = (_MNT_DETACH if lazy else 0) | (0 if follow else _UMOUNT_NOFOLLOW)
+    flags = (MNT_DETACH if lazy else 0) | (0 if follow else _UMOUNT_NOFOLLOW)
     if _libc.umount2(str(target).encode(), flags) == 0:
         return
     err = ctypes.get_errno()

@@ -340,12 +340,20 @@ class Service:
                                 f"{'read-only' if row.read_only else 'writable'}")
         return row
 
-    async def umount(self, name: str) -> dict[str, Any]:
+    async def umount(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Unmount, a conflict while files are open on the mount; ``force`` detaches it
+        instead (MNT_DETACH: gone for new opens, kept for the open files until they close)."""
         self.store.make_room()
         async with self._container_locks[name]:
             row = self._get(name)
             if row.mount_path is not None:
-                await trio.to_thread.run_sync(self._unmount, row)
+                try:
+                    await trio.to_thread.run_sync(self._unmount, row, force)
+                except ConflictError as exc:
+                    if force:
+                        raise
+                    raise ConflictError(f"container {name}: {exc} (umount --force detaches "
+                                        "it)") from None
                 self.store.meta.update_container(name, mount_path=None, target=Target.OWN)
         return {"ok": True, "name": name}
 
@@ -393,17 +401,17 @@ class Service:
         log.info("container %s is mounted again at %s; files opened on the dead mount stay "
                  "dead", name, row.mount_path)
 
-    def _unmount(self, row: ContainerRow) -> None:
+    def _unmount(self, row: ContainerRow, force: bool = False) -> None:
         driver = self.store.driver()
         path = Path(row.mount_path or "")
         if row.target is Target.ATTACHED:
             # The clone of a dead mount is as dead: detached whoever holds it, as the driver
             # detaches its own.
             detach(path, self.store.config.mount_prefixes,
-                   lazy=driver.broken(row.name) is not None)
-            driver.unmount(row.name, None)
+                   lazy=force or driver.broken(row.name) is not None)
+            driver.unmount(row.name, None, force)
         else:
-            driver.unmount(row.name, path if row.target is Target.GIVEN else None)
+            driver.unmount(row.name, path if row.target is Target.GIVEN else None, force)
 
     async def rm(self, name: str, force: bool = False) -> dict[str, Any]:
         self.store.make_room()

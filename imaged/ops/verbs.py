@@ -209,8 +209,11 @@ UPDATE = Verb("update", "grow or shrink a container's quota, or complete its par
                      "up only in part (charged to its quota)", option="--materialize")),
               Route("PATCH", "containers/{name}"))
 UMOUNT = Verb("umount", "unmount a container, keep its data",
-              lambda s, a, c: s.umount(a["name"]),
-              (_CONTAINER,), Route("POST", "containers/{name}/unmount"),
+              lambda s, a, c: s.umount(a["name"], a["force"]),
+              (_CONTAINER, Param("force", bool, "query", "detach it even while files are open "
+                                 "on it (MNT_DETACH): gone for new opens, kept for those files "
+                                 "until they close", option="--force")),
+              Route("POST", "containers/{name}/unmount"),
               operation_id="unmount")
 RM = Verb("rm", "remove a container", lambda s, a, c: s.rm(a["name"], a["force"]),
           (_CONTAINER, Param("force", bool, "query", "unmount it first if mounted",

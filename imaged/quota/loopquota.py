@@ -57,7 +57,7 @@ from imaged.errors import (
     QuotaUnsupportedError,
 )
 from imaged.host import loopdev
-from imaged.host.mounts import backing_filesystem, mountinfo
+from imaged.host.mounts import MNT_DETACH, backing_filesystem, mountinfo
 from imaged.quota.ext4layout import (
     BLOCK_SIZE,
     FRESH_USED_BLOCKS,
@@ -151,8 +151,8 @@ def _sys_mount(source: str, target: Path, fstype: str, flags: int, data: str) ->
                             f"{os.strerror(err)}{hint}")
 
 
-def _sys_umount(target: str) -> None:
-    if _libc.umount2(os.fsencode(target), 0) != 0:
+def _sys_umount(target: str, lazy: bool = False) -> None:
+    if _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOENT):  # not (or no longer) a mount point
             return
@@ -518,23 +518,27 @@ def mount(fs: LoopFS) -> None:
     _attach_and_mount(fs.image, fs.mount_point, MOUNT_FLAGS)
 
 
-def _release(fs: LoopFS) -> None:
+def _release(fs: LoopFS, wait: bool = True) -> None:
     for device in devices(fs):
         loopdev.detach(device)  # with a holder left, the kernel unbinds when it lets go
-        if not loopdev.wait_unbound(device, fs.image):
+        if wait and not loopdev.wait_unbound(device, fs.image):
             raise ConflictError(f"{device.path} still holds {fs.image}: another process or "
-                                "mount namespace has it open")
+                                "mount namespace has it open, or files opened on the "
+                                "container before a forced umount still are")
 
 
-def unmount(fs: LoopFS) -> None:
+def unmount(fs: LoopFS, lazy: bool = False) -> None:
     """Unmount every mount of the image here and release its loop devices; idempotent.
 
     This is also the recovery for a forgotten filesystem: its devices are found by their
-    backing file, whatever mounted them.
+    backing file, whatever mounted them. ``lazy`` (a forced ``umount``) detaches the mounts
+    even while files are open on them and leaves each device to unbind itself when the last
+    of those closes (autoclear); until then ``mount`` refuses, since a second device on the
+    same image would be a second filesystem over the same blocks.
     """
     for where in reversed(mounts(fs)):
-        _sys_umount(where)
-    _release(fs)
+        _sys_umount(where, lazy)
+    _release(fs, wait=not lazy)
 
 
 def resize(fs: LoopFS, new_quota: int, mounted: bool) -> None:

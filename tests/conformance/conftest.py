@@ -135,6 +135,21 @@ def _fill_deep_storage(layout: OCILayout, storage: Path, workdir: Path) -> None:
 FILESYSTEM_AXIS = {"fuse-xfs": "fuse"}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The filesystem axis runs in embedded mode only: what it adds (the upper's filesystem
+    under the same server) does not depend on which process runs the CLI, and the daemon mode
+    is the same code on every filesystem, which the ext4 bed runs in both modes. Deselected,
+    not skipped: nothing is missing (docs/testing.md says what it saves)."""
+    daemon_axis = [item for item in items
+                   if (spec := getattr(item, "callspec", None)) is not None
+                   and spec.params.get("driver") in FILESYSTEM_AXIS
+                   and spec.params.get("cli_mode") == "daemon"]
+    if daemon_axis:
+        config.hook.pytest_deselected(items=daemon_axis)
+        dropped = set(daemon_axis)
+        items[:] = [item for item in items if item not in dropped]
+
+
 @contextlib.contextmanager
 def bound_directory(source: Path, target: Path) -> Iterator[None]:
     """``source`` (made fresh) bind-mounted at ``target``; afterwards unmounted, whatever is

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from imaged.host.mounts import is_mounted
 from imaged.testing.images import Entry, directory, file, push, symlink
 from tests.conformance.conftest import Bed
 
@@ -143,6 +144,8 @@ def test_single_layer_read_only(bed: Bed) -> None:
 
 
 def test_containers_are_isolated_and_persist(bed: Bed) -> None:
+    """Also the busy unmount: refused while a file is open, detached with ``--force`` (the
+    open file still writes through), and the data there at the next mount."""
     ref = bed.image([file("shared", b"image")])
     one = bed.mount(ref, "--name", "one")
     two = bed.mount(ref, "--name", "two")
@@ -150,11 +153,23 @@ def test_containers_are_isolated_and_persist(bed: Bed) -> None:
     (one / "new").write_bytes(b"only in one")
     assert (two / "shared").read_bytes() == b"image"
     assert not (two / "new").exists()
-    bed.ok("umount", "one")
+    with (one / "held").open("w") as held:
+        held.write("before")
+        held.flush()
+        busy = bed("--json", "umount", "one")
+        assert busy.code == 1 and busy.json()["error"]["code"] == "conflict"
+        assert "busy" in busy.json()["error"]["message"]
+        assert is_mounted(one) and (one / "new").exists()
+        bed.ok("umount", "--force", "one")
+        assert not is_mounted(one) and not (one / "new").exists()
+        states = {c["name"]: c["state"] for c in bed.ok("--json", "ps").json()}
+        assert states == {"one": "unmounted", "two": "mounted"}
+        held.write(" after")
     assert not (one / "new").exists()
     again = bed.mount(ref, "--name", "one")
     assert (again / "new").read_bytes() == b"only in one"
     assert (again / "shared").read_bytes() == b"one's"
+    assert (again / "held").read_text() == "before after"
     # Mounting a mounted container prints the same path again.
     assert bed.mount(ref, "--name", "one") == again
 

@@ -85,3 +85,19 @@ def test_a_filesystem_the_bench_cannot_make_is_a_row_saying_why(
     assert report["series"] == {}
     assert "| overlay | xfs | not measured: mkfs.xfs is not installed |" in \
         paths[1].read_text()
+
+
+def test_metadata_report_counts_each_fuse_servers_requests(imaged_proc: Any,
+                                                           tmp_path: Path) -> None:
+    """What each FUSE server was asked over one untar: one create per file at least, counted
+    by imaged's --count-requests and from fuse-overlayfs's debug log alike."""
+    out = tmp_path / "out"
+    result = imaged_proc("bench", "copyup", "--metadata", "--quick", "--out", str(out),
+                         "--configs", "fuse full", "fuse-overlayfs")
+    assert result.code == 0, result.err
+    report = json.loads((out / "metadata.json").read_text())
+    for server in ("fuse full on ext4", "fuse-overlayfs on ext4"):
+        assert report["requests"][server]["create"] >= 900
+        assert report["requests"][server]["lookup"] >= report["requests"][server]["create"]
+    assert "| operation | fuse full on ext4 | fuse-overlayfs on ext4 |" in \
+        (out / "metadata.md").read_text()

@@ -2,8 +2,8 @@
 with SIGKILL leaves a broken container that ``ps`` shows, ``umount`` clears and ``mount``
 brings back with its writes; the daemon revives one by itself, for servers it started, found
 at start, or found dead as it starts; a restart of the daemon leaves servers serving; open
-files make ``umount`` busy; the usage count survives a clean exit; the control socket's
-shutdown ends a server.
+files make ``umount`` busy, and ``umount --force`` detaches; the usage count survives a clean
+exit; the control socket's shutdown ends a server.
 
 Real mounts, real SIGKILLs, real daemons. Every server a test starts is killed by PID at
 teardown and every mount under the root detached, whether the test passed or not.
@@ -213,6 +213,45 @@ def test_umount_with_a_file_open_is_busy_and_changes_nothing(
     _cli(imaged, "umount", "c3")
     _wait_gone(pid)
     assert not is_mounted(merged)
+
+
+@pytest.mark.cli_modes  # through a daemon too, whose child the server then is
+def test_a_forced_umount_leaves_the_server_to_the_open_files_and_a_mount_ends_it(
+        fuse_root: Path, image: str, imaged: CLI) -> None:
+    """``umount --force`` detaches: the server serves the files still open and exits by
+    itself when the last one closes. A mount while one is still open stops that server first
+    (one server per upper), and the open file then answers ENOTCONN."""
+    merged = Path(_cli(imaged, "mount", image, "--name", "c9").out.strip())
+    pid, started = _server(fuse_root, "c9")
+    held = os.open(merged / "open.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(held, b"one")
+        _cli(imaged, "umount", "--force", "c9")
+        assert not is_mounted(merged) and _state(imaged, "c9")["state"] == "unmounted"
+        assert _same_process(pid, started)
+        os.write(held, b" two")
+    finally:
+        os.close(held)
+    _wait_gone(pid)  # the last file closed: the kernel ended the connection, the server left
+    again = Path(_cli(imaged, "mount", image, "--name", "c9").out.strip())
+    assert (again / "open.txt").read_text() == "one two"
+    held = os.open(again / "open.txt", os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(held, b" three")
+        _cli(imaged, "umount", "--force", "c9")
+        old = _server(fuse_root, "c9")
+        assert _same_process(*old)
+        third = Path(_cli(imaged, "mount", image, "--name", "c9").out.strip())
+        assert not _same_process(*old) and _server(fuse_root, "c9") != old
+        with pytest.raises(OSError) as dead:
+            os.write(held, b" four")
+        assert dead.value.errno == errno.ENOTCONN
+    finally:
+        os.close(held)
+    assert (third / "open.txt").read_text() == "one two three"
+    pid, _ = _server(fuse_root, "c9")
+    _cli(imaged, "umount", "c9")
+    _wait_gone(pid)
 
 
 def test_usage_is_kept_across_a_clean_exit_and_walked_after_a_kill(

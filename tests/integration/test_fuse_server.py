@@ -5,12 +5,14 @@ finally by kernel overlay mounting that same upper over the same lowers."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from imaged.fsutil import FS_XFLAG_EXTSZINHERIT, disk_usage, get_fsxattr, remove_tree
 from imaged.fuse.control import saved_usage
+from imaged.fuse.server import TIMEOUT
 from tests.conftest import ROOT_MKFS, loop_filesystem
 from tests.integration.fusebed import Mount, overlay_view, serve
 from tests.integration.fusebed import stop as _stop
@@ -307,8 +310,7 @@ def test_names_removed_on_btrfs_leave_the_listing(tmp_path: Path) -> None:
             os.unlink(d / "f1")
             os.unlink(d / "f2")
             assert os.listdir(d) == []
-            assert subprocess.run(["mv", str(mount.path / "d"), str(mount.path / "e")],
-                                  capture_output=True, text=True).returncode == 0
+            subprocess.run(["mv", str(mount.path / "d"), str(mount.path / "e")], check=True)
             assert os.listdir(mount.path) == ["e"]
         finally:
             _stop(mount)
@@ -417,6 +419,27 @@ def test_sigterm_unmounts(tmp_path: Path) -> None:
         assert not os.path.ismount(mount.path)
     finally:
         _stop(mount)
+
+
+def test_absent_names_are_cached_and_requests_counted(tmp_path: Path) -> None:
+    """A name in no layer costs one LOOKUP however often it is missed (a negative entry with
+    the entry timeout), and made through the mount it is there at once; ``--count-requests``
+    leaves what the server answered, by operation, when it exits."""
+    counts = tmp_path / "counts.json"
+    mount = _start(tmp_path, "--count-requests", str(counts))
+    try:
+        started = time.monotonic()
+        for _ in range(5):
+            assert _errno(os.stat, mount.path / "missing") == errno.ENOENT
+        (mount.path / "missing").write_text("now\n")
+        elapsed = time.monotonic() - started
+        assert (mount.path / "missing").read_text() == "now\n"
+    finally:
+        _stop(mount)
+    answered = json.loads(counts.read_text())
+    assert answered["create"] == 1
+    # A stall past the timeout (a loaded machine) lets the kernel ask again; never more.
+    assert answered["lookup"] == 1 or (elapsed >= TIMEOUT and answered["lookup"] <= 6)
 
 
 def test_root_and_directory_copy_up_keep_metadata(mounted: Mount) -> None:

@@ -421,6 +421,30 @@ def test_unmount_and_mount_keep_data_and_quota(make_fs: Callable[..., lq.LoopFS]
     assert len(bound_to(fs.image)) == 1
 
 
+def test_a_lazy_unmount_leaves_the_device_to_the_open_files(
+        make_fs: Callable[..., lq.LoopFS]) -> None:
+    """``umount --force``: refused while a file is open, then detached; the file still writes,
+    a mount meanwhile is refused (a second device on the image would be a second filesystem
+    over the same blocks), and once the file closes the device unbinds itself and the next
+    mount shows what was written."""
+    fs = make_fs(16 * MiB)
+    held = os.open(fs.mount_point / "held", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(ConflictError):
+            lq.unmount(fs)
+        lq.unmount(fs, lazy=True)
+        assert str(fs.mount_point) not in mounted_points() and len(bound_to(fs.image)) == 1
+        os.write(held, b"after the detach")
+        with pytest.raises(ConflictError, match="forced umount"):
+            lq.mount(fs)
+    finally:
+        os.close(held)
+    assert gone(fs)
+    lq.mount(fs)
+    assert (fs.mount_point / "held").read_bytes() == b"after the detach"
+    assert len(bound_to(fs.image)) == 1
+
+
 def test_remove_leaves_no_mount_no_device_no_image(make_fs: Callable[..., lq.LoopFS]) -> None:
     fs = make_fs(16 * MiB)
     write_file(fs.mount_point / "f", MiB)
