@@ -27,7 +27,7 @@ from imaged.drivers import Capabilities, Finding, Mounted, Usage, probe_all
 from imaged.errors import ConflictError, ImagedError, InvalidError, NotFoundError, RegistryError
 from imaged.events import Reporter
 from imaged.faults import pause_point
-from imaged.host.mounts import backing_filesystem, is_mounted
+from imaged.host.mounts import MountEntry, backing_filesystem, is_mounted
 from imaged.host.targets import attach, beneath, detach, open_target
 from imaged.names import name_or_new
 from imaged.ops import advise
@@ -541,18 +541,27 @@ class Service:
                 return
         raise NotFoundError(f"no recorded image has layer {chain}")
 
-    def info(self) -> dict[str, Any]:
-        backing = backing_filesystem(self.store.root)
-        blobs, blob_bytes = self.store.content_usage()
+    async def info(self) -> dict[str, Any]:
+        """The root, host and drivers. Everything but the metadata runs in a thread: probing
+        the drivers writes a test file into the root (vfs' reflink probe), reads mount tables
+        and asks device-mapper, and counting the blobs stats every one, which on a slow disk
+        kept every other request waiting (issue 17)."""
+        store = self.store
+
+        def host() -> tuple[MountEntry, tuple[int, int], list[dict[str, Any]]]:
+            return (backing_filesystem(store.root), store.content_usage(),
+                    [probe.to_json() for probe in probe_all(store.config)])
+
+        backing, (blobs, blob_bytes), drivers = await trio.to_thread.run_sync(host)
         return {
             "version": __version__,
-            "root": str(self.store.root),
+            "root": str(store.root),
             "backing_filesystem": {"type": backing.fstype, "mount_point": backing.mount_point},
-            "driver": self.store.meta.get_setting("driver"),
-            "drivers": [probe.to_json() for probe in probe_all(self.store.config)],
+            "driver": store.meta.get_setting("driver"),
+            "drivers": drivers,
             "platform": str(Platform.host()),
             "kernel": _platform.release(),
             "content": {"blobs": blobs, "bytes": blob_bytes},
-            "images": len(self.store.meta.images()),
+            "images": len(store.meta.images()),
         }
 

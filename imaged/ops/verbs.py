@@ -181,7 +181,7 @@ RMI = Verb("rmi", "remove an image reference",
            (_IMAGE_REF, Param("force", bool, "query", "remove every name of an image given by ID",
                               option="--force")),
            Route("DELETE", "images/{ref}"))
-INFO = Verb("info", "describe the root, host and drivers", lambda s, a, c: _sync(s.info()),
+INFO = Verb("info", "describe the root, host and drivers", lambda s, a, c: s.info(),
             route=Route("GET", "info"), show=render.info)
 CREATE = Verb(
     "create", "create a container on an image",
