@@ -8,13 +8,18 @@ probes every driver, in a worker thread), so they are measured, printed and reco
 (``record_property``, for the faults report; idle answers first, as the guest's own cost) and
 bound only loosely (``ANSWER_BOUND``). What is asserted is structural: the daemon times every
 step of its event loop (``imaged.server.stalls``, logging each over ``STALL_SECONDS``) and no
-step may reach ``STALL_BOUND``. A step that waits on this disk waits ``DELAY_MS`` per write and
-a flush several of them; a step's own work (parsing, JSON, SQLite in WAL mode, which does not
-flush at commit) took at most 42 ms in the guest, GIL waits behind the pull's threads
-included. Before the fixes that came with this test the longest steps were 0.87 s (the
-download's buffers faulted in on the loop) and 48-64 ms per ``GET /v1/info`` (vfs' probe
-writing a file into the root on the loop). The same workload runs with the delay at 0 as the
-baseline.
+step may reach ``STALL_BOUND``, three delayed writes: a flush waits for the data and then for
+the journal's commit, so a step that flushes on the loop comes near it or over. A step's own
+work (parsing, JSON, SQLite in WAL mode, which does not flush at commit) took 15-43 ms in the
+guest, GIL waits behind the pull's threads included, and up to 90 ms when the host's load
+average was 5.7 (the guest's process descheduled: no line sampled). Before the fixes that came
+with this test the longest steps were 0.87 s (the download's buffers faulted in on the loop)
+and 48-64 ms per ``GET /v1/info`` (vfs' probe writing a file into the root on the loop); with
+the buffers put back on the loop, runs saw 182 and 366 ms, which this bound catches. So the
+bound sits between what a loaded guest does and what one blocking call does, with little room
+either side on this machine; a failure names the task and the line the loop was on, from the
+daemon's log, so it says which of the two it was. The same workload runs with the delay at 0
+as the baseline.
 
 The gc has work of its own: a pull of an image whose config names a wrong DiffID downloads its
 16 MiB layer and fails at unpacking, leaving the download in ingest for a retry, and only gc
@@ -50,7 +55,7 @@ pytestmark = pytest.mark.guest
 MiB = 1 << 20
 DISK_SIZE = 256 * MiB
 DELAY_MS = 50
-STALL_BOUND = 4 * DELAY_MS / 1000  # seconds: a flush on the loop; 5x the longest step seen
+STALL_BOUND = 3 * DELAY_MS / 1000  # seconds
 ANSWER_BOUND = 1.0  # an answer this late is a hung loop, whatever the guest's scheduling
 IDLE_SAMPLES = 10
 _STALL = re.compile(r"WARNING: event loop blocked (\d+) ms by task (.*)")
@@ -156,8 +161,13 @@ def test_info_answers_while_pulls_and_gc_write_to_a_slow_disk(
                             latencies.append(time.monotonic() - began)
                             await trio.sleep(0.02)
 
-                trio.run(main)
-            daemon.stop()
+                try:
+                    trio.run(main)
+                except BaseException:
+                    print(daemon.output())  # why the daemon failed a request, for the report
+                    raise
+                finally:
+                    daemon.stop()  # before the unmount, which it would keep busy
             log = daemon.output()
         finally:
             unmount_below(root)
