@@ -158,7 +158,7 @@ class Service:
         def delete_row(chain: str) -> None:
             trio.from_thread.run_sync(store.meta.delete_layer, chain)
 
-        def work() -> Removed:
+        def work(blobs: list[Digest], layers: list[str]) -> Removed:
             removed = release(store, leases, blobs, layers, driver, delete_row)
             return removed if partials is None else \
                 remove_partials(store, leases, partials, removed)
@@ -166,7 +166,13 @@ class Service:
         keys = [str(digest) for digest in blobs] + \
             [str(digest) for digest, _ in partials or []]
         async with self._removing, self._puller.holding_off(keys, layers):
-            return await trio.to_thread.run_sync(work)
+            # A pull that ended while this waited may have recorded an image that needs some
+            # of these (its lease is gone with it); none can record while they are held off.
+            referenced = store.meta.referenced_blobs()
+            blobs = [digest for digest in blobs if str(digest) not in referenced]
+            layers = [chain for chain in layers
+                      if not store.meta.layer_referenced(Digest.parse(chain))]
+            return await trio.to_thread.run_sync(work, blobs, layers)
 
     async def gc(self) -> dict[str, Any]:
         """Remove every blob and layer nothing references or leases, and partial downloads no

@@ -25,7 +25,9 @@ and deleting it, which on a layer of thousands of files held the loop for a thir
 A pull may lease a key meanwhile; what keeps it from reusing what is being removed is that the
 service holds the pulls' flights and records off every key being removed
 (``Puller.holding_off``): the pull waits, then finds the key gone and fetches or applies it
-again. The lease is checked again, in the thread, right before each removal.
+again. Once they are held off, what a pull recorded while the service waited for that is taken
+out of the removal (no pull can record meanwhile), and the lease is checked again, in the
+thread, right before each removal.
 
 Freed bytes are what ``du`` stops seeing: allocated blocks, not apparent sizes (see
 ``imaged.fsutil.freed_by_removing``), measured just before each removal.
