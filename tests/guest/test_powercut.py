@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -62,6 +62,37 @@ SMALL_XFS = {"TEST_DIR": "/nonexistent", "TEST_DEV": "/nonexistent", "QA_CHECK_F
 MKFS = {"ext4": (["mkfs.ext4", "-q"], {}), "xfs": (["mkfs.xfs", "-q", "-f"], SMALL_XFS)}
 
 
+@pytest.fixture(autouse=True)
+def images(tmp_path: Path) -> Iterator[None]:
+    """The test's disk images (``*.img`` in ``tmp_path``) removed at teardown, failing or not:
+    pytest keeps a session's temporary directories, and the guest's /tmp, half its RAM, holds
+    those of every guest test (a full tier ran out of it)."""
+    yield
+    for image in tmp_path.glob("*.img"):
+        image.unlink()
+
+
+def sparse_copy(source: Path, target: Path) -> None:
+    """``source`` to ``target``, its holes left holes (``shutil.copyfile`` fills them on tmpfs):
+    a sweep copies a 64 MiB disk of a few MiB of data at every point."""
+    with source.open("rb") as src, target.open("wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                break  # only a hole is left
+            offset = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            src.seek(start)
+            dst.seek(start)
+            while (left := offset - src.tell()) > 0:
+                dst.write(src.read(min(left, MiB)))
+        dst.truncate(size)
+
+
 def fresh_disk(tmp_path: Path, fstype: str) -> tuple[Path, Path, Path]:
     """Sparse files for the data device (a fresh ``fstype`` on it) and the log, and a copy of
     the data device as the log starts from it: the base every replay begins on."""
@@ -71,7 +102,7 @@ def fresh_disk(tmp_path: Path, fstype: str) -> tuple[Path, Path, Path]:
             f.truncate(size)
     mkfs, env = MKFS[fstype]
     run(*mkfs, str(data), env=env)
-    shutil.copyfile(data, base)
+    sparse_copy(data, base)
     return data, log, base
 
 
@@ -192,7 +223,7 @@ def test_every_flush_point_leaves_a_store_that_checks(
         # before the operation returned.
         chosen = sorted(set(dmlog.sample(points, after_marks, LIMIT)) | set(marks.values()))
         advanced, scratch = tmp_path / "advanced.img", tmp_path / "scratch.img"
-        shutil.copyfile(base, advanced)
+        sparse_copy(base, advanced)
         done = 0
         recovered: collections.Counter[str] = collections.Counter()
         # Every point is checked and every loss kept, so the report says where all of them are.
@@ -202,7 +233,7 @@ def test_every_flush_point_leaves_a_store_that_checks(
             with advanced.open("r+b") as target:
                 dmlog.replay(stream, parsed, target, point, start=done)
             done = point + 1
-            shutil.copyfile(advanced, scratch)
+            sparse_copy(advanced, scratch)
             returned = [operations[op] for op, index in marks.items() if index < point]
             with mounted(scratch, root):
                 report, images = inspect(root)
@@ -219,8 +250,6 @@ def test_every_flush_point_leaves_a_store_that_checks(
                     if written != [WRITTEN]:
                         lost.append((point, "fsynced container write "
                                      f"({[len(w) for w in written]} bytes of {len(WRITTEN)})"))
-        for path in (advanced, scratch, base, data, log):
-            path.unlink()  # the guest's /tmp is half its RAM
     figures = {
         "fault": "power cut: dm-log-writes replayed to flush/FUA points",
         "filesystem": fstype,

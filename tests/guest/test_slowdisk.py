@@ -52,7 +52,7 @@ from imaged.server.daemon import STALL_SECONDS
 from imaged.testing.images import OCILayout, file, push
 from imaged.testing.registry import LocalRegistry
 from tests.conftest import push_simple, unmount_below
-from tests.guest.test_powercut import run
+from tests.guest.test_powercut import images, run  # noqa: F401 - images: an autouse fixture
 
 pytestmark = pytest.mark.guest
 
