@@ -31,6 +31,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -64,12 +65,13 @@ MKFS = {"ext4": (["mkfs.ext4", "-q"], {}), "xfs": (["mkfs.xfs", "-q", "-f"], SMA
 
 @pytest.fixture(autouse=True)
 def images(tmp_path: Path) -> Iterator[None]:
-    """The test's disk images (``*.img`` in ``tmp_path``) removed at teardown, failing or not:
-    pytest keeps a session's temporary directories, and the guest's /tmp, half its RAM, holds
-    those of every guest test (a full tier ran out of it)."""
+    """The test's disk images (``*.img`` in ``tmp_path``) and the OCI layout it pushed from
+    removed at teardown, failing or not: pytest keeps a session's temporary directories, and
+    the guest's /tmp, half its RAM, holds those of every guest test (a full tier ran out)."""
     yield
     for image in tmp_path.glob("*.img"):
         image.unlink()
+    shutil.rmtree(tmp_path / "layout", ignore_errors=True)
 
 
 def sparse_copy(source: Path, target: Path) -> None:
