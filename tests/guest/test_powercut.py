@@ -139,6 +139,21 @@ def logged(data: Path, log: Path, name: str) -> Iterator[Path]:
         run("dmsetup", "remove", "--retry", name)
 
 
+def write_acknowledged(directory: Path) -> None:
+    """``WRITTEN`` as ``directory``/acked, durable when this returns: the bytes flushed out of
+    Python's buffer and fsynced, then the directory fsynced for the name, as an application
+    must."""
+    with (directory / "acked").open("wb") as f:
+        f.write(WRITTEN)
+        f.flush()  # fsync sees only what the kernel has
+        os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def mark(name: str, label: str) -> None:
     run("dmsetup", "message", name, "0", "mark", label)
 
@@ -191,16 +206,8 @@ def test_every_flush_point_leaves_a_store_that_checks(
             mark(name, "0")
             ok("pull", second.ref)
             mark(name, "1")
-            path = Path(ok("mount", first.ref, "--name", "c").strip().splitlines()[-1])
-            with (path / "acked").open("wb") as f:
-                f.write(WRITTEN)
-                f.flush()  # out of Python's buffer: fsync sees only what the kernel has
-                os.fsync(f.fileno())
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)  # the name as well as the bytes: what an application must do
-            finally:
-                os.close(fd)
+            write_acknowledged(Path(ok("mount", first.ref, "--name", "c").strip()
+                                    .splitlines()[-1]))
             mark(name, "2")
             ok("umount", "c")
             mark(name, "3")
@@ -283,19 +290,10 @@ def test_an_fsynced_write_is_on_the_disk_when_fsync_returns(tmp_path: Path, fsty
     name = f"imaged-fsync-{os.getpid()}"
     disk = tmp_path / "disk"
     disk.mkdir()
-    payload = WRITTEN
     with logged(data, log, name) as device:
         run("mount", str(device), str(disk))
         try:
-            with (disk / "acked").open("wb") as f:
-                f.write(payload)
-                f.flush()  # out of Python's buffer: fsync sees only what the kernel has
-                os.fsync(f.fileno())
-            fd = os.open(disk, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_acknowledged(disk)
             mark(name, "written")
         finally:
             unmount(disk)
@@ -303,4 +301,4 @@ def test_an_fsynced_write_is_on_the_disk_when_fsync_returns(tmp_path: Path, fsty
         parsed = dmlog.read_log(stream)
         dmlog.replay(stream, parsed, target, parsed.marks()["written"])
     with mounted(base, disk):
-        assert (disk / "acked").read_bytes() == payload
+        assert (disk / "acked").read_bytes() == WRITTEN
