@@ -15,7 +15,8 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -384,6 +385,23 @@ class Puller:
                     await _clean_up(functools.partial(self._remove_layer, chain))
                     raise
                 self.store.meta.finish_layers({chain: (stats.entries, stats.bytes)})
+
+    @asynccontextmanager
+    async def holding_off(self, blobs: Iterable[str], chains: Iterable[str]) -> AsyncIterator[None]:
+        """No download, config, unpack or record on these keys while the block runs, once
+        those under way have ended: what gc and ``rmi`` remove in a worker thread meanwhile can
+        then not be taken up by a pull, which leases a key before it looks for it and looks
+        only in these (``imaged.store.gc``); it waits, and finds the key gone. Callers hold
+        off one set at a time (``Service``): two sets taken in different orders would wait on
+        each other."""
+        async with contextlib.AsyncExitStack() as stack:
+            for key in sorted(set(chains)):
+                await stack.enter_async_context(self._unpacks.exclusive(key))
+            for key in sorted(set(blobs)):
+                await stack.enter_async_context(self._downloads.exclusive(key))
+                await stack.enter_async_context(self._configs.exclusive(key))
+            await stack.enter_async_context(self._record_lock)
+            yield
 
     async def _remove_layer(self, chain: Digest) -> None:
         """Row first: a crash before the directory goes leaves a directory without a row, which

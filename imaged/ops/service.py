@@ -29,7 +29,7 @@ from imaged.errors import ConflictError, ImagedError, InvalidError, NotFoundErro
 from imaged.events import Reporter
 from imaged.faults import pause_point
 from imaged.fsutil import syncfs
-from imaged.host.mounts import backing_filesystem, is_mounted
+from imaged.host.mounts import MountEntry, backing_filesystem, is_mounted
 from imaged.host.targets import attach, beneath, detach, open_target
 from imaged.names import name_or_new
 from imaged.ops import advise
@@ -39,7 +39,7 @@ from imaged.registry_client.manifest import Descriptor, Platform
 from imaged.registry_client.reference import parse_reference
 from imaged.store import check
 from imaged.store.check import container_key
-from imaged.store.gc import collect, release
+from imaged.store.gc import Removed, candidates, release, remove_partials
 from imaged.store.leases import Leases
 from imaged.store.lock import Waiting
 from imaged.store.metadata import ContainerRow, ImageRow, Target
@@ -80,6 +80,7 @@ class Service:
         self._watching = False
         self._revivals: collections.defaultdict[str, list[float]] = \
             collections.defaultdict(list)
+        self._removing = trio.Lock()  # one gc, rmi or rm removal at a time (_remove)
 
     @classmethod
     @asynccontextmanager
@@ -117,7 +118,7 @@ class Service:
     def image(self, text: str) -> dict[str, Any]:
         return image_json(self.store.image(text))
 
-    def rmi(self, text: str, force: bool = False) -> dict[str, Any]:
+    async def rmi(self, text: str, force: bool = False) -> dict[str, Any]:
         """Drop a reference (or, given an ID, all of its references) and unused blobs.
 
         Given an ID with several names, refuse without ``force`` as Docker does: removing every
@@ -139,23 +140,49 @@ class Service:
         else:
             names = [name]
         orphans = self.store.meta.remove_refs(names)
-        freed = self._release(orphans)
+        freed = await self._release(orphans)
         deleted = self.store.meta.image(image_id) is None
         return {"ok": True, "id": str(image_id), "untagged": names, "deleted": deleted,
                 "freed_bytes": freed}
 
-    def _release(self, blobs: list[Digest]) -> int:
+    async def _release(self, blobs: list[Digest]) -> int:
         """Remove what an rmi or rm just orphaned, through garbage collection's own removal so
         leases are respected here too; bytes freed as ``du`` counts them."""
-        return release(self.store, self.leases, blobs, self.store.meta.unused_layers()).freed_bytes
+        return (await self._remove(blobs, self.store.meta.unused_layers())).freed_bytes
 
-    def gc(self) -> dict[str, Any]:
-        """Remove every blob and layer nothing references or leases (``imaged.store.gc``).
+    async def _remove(self, blobs: list[Digest], layers: list[str],
+                      partials: list[tuple[Digest, Path]] | None = None) -> Removed:
+        """``imaged.store.gc``'s removal in a worker thread, the pulls held off its keys (the
+        module says why that is safe); one removal at a time (``Puller.holding_off``)."""
+        store, leases = self.store, self.leases
+        driver = store.recorded_driver() if layers else None
 
-        Synchronous on purpose: no checkpoint may come between a lease check and a removal.
-        """
+        def delete_row(chain: str) -> None:
+            trio.from_thread.run_sync(store.meta.delete_layer, chain)
+
+        def work(blobs: list[Digest], layers: list[str]) -> Removed:
+            removed = release(store, leases, blobs, layers, driver, delete_row)
+            return removed if partials is None else \
+                remove_partials(store, leases, partials, removed)
+
+        keys = [str(digest) for digest in blobs] + \
+            [str(digest) for digest, _ in partials or []]
+        async with self._removing, self._puller.holding_off(keys, layers):
+            # A pull that ended while this waited may have recorded an image that needs some
+            # of these (its lease is gone with it); none can record while they are held off.
+            referenced = store.meta.referenced_blobs()
+            blobs = [digest for digest in blobs if str(digest) not in referenced]
+            layers = [chain for chain in layers
+                      if not store.meta.layer_referenced(Digest.parse(chain))]
+            return await trio.to_thread.run_sync(work, blobs, layers)
+
+    async def gc(self) -> dict[str, Any]:
+        """Remove every blob and layer nothing references or leases, and partial downloads no
+        running pull holds (``imaged.store.gc``); the removal in a worker thread."""
         self.store.make_room()
-        return collect(self.store, self.leases).to_json()
+        blobs, layers = candidates(self.store)
+        partials = self.store.content.partials()
+        return (await self._remove(blobs, layers, partials)).to_json()
 
     # containers
 
@@ -425,7 +452,7 @@ class Service:
             self.store.meta.update_container(name, state="removing")
             pause_point("mid-removal")
             await trio.to_thread.run_sync(self.store.driver().remove_container, name)
-            freed = self._release(self.store.meta.delete_container(name))
+            freed = await self._release(self.store.meta.delete_container(name))
         return {"ok": True, "name": name, "freed_bytes": freed}
 
     async def update(self, name: str, quota: int | None,
@@ -506,7 +533,8 @@ class Service:
                 async with self._container_locks[finding.subject]:
                     await self._revive(self._get(finding.subject))
             else:
-                # Synchronous, as gc is: no pull may lease what is being removed meanwhile.
+                # Synchronous, no checkpoint: no pull may lease what is being removed meanwhile
+                # (repair is the embedded CLI's, where nothing else runs).
                 check.repair(self.store, self.leases, finding)
         except (ImagedError, OSError) as exc:
             return dataclasses.replace(finding, error=str(getattr(exc, "strerror", None) or exc))
@@ -556,18 +584,27 @@ class Service:
                 return
         raise NotFoundError(f"no recorded image has layer {chain}")
 
-    def info(self) -> dict[str, Any]:
-        backing = backing_filesystem(self.store.root)
-        blobs, blob_bytes = self.store.content_usage()
+    async def info(self) -> dict[str, Any]:
+        """The root, host and drivers. Everything but the metadata runs in a thread: probing
+        the drivers writes a test file into the root (vfs' reflink probe), reads mount tables
+        and asks device-mapper, and counting the blobs stats every one, which on a slow disk
+        kept every other request waiting (issue 17)."""
+        store = self.store
+
+        def host() -> tuple[MountEntry, tuple[int, int], list[dict[str, Any]]]:
+            return (backing_filesystem(store.root), store.content_usage(),
+                    [probe.to_json() for probe in probe_all(store.config)])
+
+        backing, (blobs, blob_bytes), drivers = await trio.to_thread.run_sync(host)
         return {
             "version": __version__,
-            "root": str(self.store.root),
+            "root": str(store.root),
             "backing_filesystem": {"type": backing.fstype, "mount_point": backing.mount_point},
-            "driver": self.store.meta.get_setting("driver"),
-            "drivers": [probe.to_json() for probe in probe_all(self.store.config)],
+            "driver": store.meta.get_setting("driver"),
+            "drivers": drivers,
             "platform": str(Platform.host()),
             "kernel": _platform.release(),
             "content": {"blobs": blobs, "bytes": blob_bytes},
-            "images": len(self.store.meta.images()),
+            "images": len(store.meta.images()),
         }
 

@@ -177,11 +177,11 @@ IMAGES = Verb("images", "list images", lambda s, a, c: _sync(s.images()),
 IMAGE = Verb("image", "describe one image", lambda s, a, c: _sync(s.image(a["ref"])),
              (_IMAGE_REF,), Route("GET", "images/{ref}"), command=False)
 RMI = Verb("rmi", "remove an image reference",
-           lambda s, a, c: _sync(s.rmi(a["ref"], a["force"])),
+           lambda s, a, c: s.rmi(a["ref"], a["force"]),
            (_IMAGE_REF, Param("force", bool, "query", "remove every name of an image given by ID",
                               option="--force")),
            Route("DELETE", "images/{ref}"))
-INFO = Verb("info", "describe the root, host and drivers", lambda s, a, c: _sync(s.info()),
+INFO = Verb("info", "describe the root, host and drivers", lambda s, a, c: s.info(),
             route=Route("GET", "info"), show=render.info)
 CREATE = Verb(
     "create", "create a container on an image",
@@ -223,7 +223,7 @@ PS = Verb("ps", "list containers", lambda s, a, c: s.ps(), route=Route("GET", "c
           show=render.containers, operation_id="containers")
 CONTAINER = Verb("container", "describe one container", lambda s, a, c: s.container(a["name"]),
                  (_CONTAINER,), Route("GET", "containers/{name}"), command=False)
-GC = Verb("gc", "remove blobs and layers nothing references", lambda s, a, c: _sync(s.gc()),
+GC = Verb("gc", "remove blobs and layers nothing references", lambda s, a, c: s.gc(),
           route=Route("POST", "gc"), show=render.freed, warnings=render.not_removed)
 CHECK = Verb(
     "check", "check the store's consistency: metadata, blobs, driver, mounts, quotas",

@@ -37,6 +37,7 @@ from imaged.server.httpserver import (
 )
 from imaged.server.peercred import ADMIN_GROUP, Peer, admin_gid, peer_of
 from imaged.server.registry import PeerEndpoint, listening
+from imaged.server.stalls import watching
 
 log = logging.getLogger("imaged.server.daemon")
 
@@ -45,6 +46,9 @@ MAX_CONNECTIONS = 512
 MAX_FORBIDDEN_CONNECTIONS = 32
 FORBIDDEN_LIMITS = Limits(idle_seconds=5.0, body_seconds=5.0, send_seconds=5.0)
 _SD_LISTEN_FDS_START = 3
+# A task step this long is logged (imaged.server.stalls): the issue 17 bound on how long any
+# request may wait for the loop, where each blocking write to a slow disk costs its latency.
+STALL_SECONDS = 0.1
 
 
 def _activated_socket() -> socket.socket | None:
@@ -227,5 +231,9 @@ async def serve(config: Config, limits: Limits | None = None) -> None:
                     log.info("serving this root's images read-only to peers on %s",
                              config.registry_addr)
                     peers = PeerEndpoint(service.store, peer_sock)
-                await Server(service, sock, limits or Limits(), peers).run(signals)
+                # Watched from here: recovery at open runs before anyone can connect.
+                with watching(STALL_SECONDS,
+                              lambda stall: log.warning("%s", stall.describe())) as watch:
+                    await Server(service, sock, limits or Limits(), peers).run(signals)
+                log.info("longest event-loop step: %s", watch.longest.describe())
     log.info("stopped")

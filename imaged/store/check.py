@@ -446,7 +446,9 @@ def _remove_container(store: Store, leases: Leases, driver: Driver, name: str) -
             unmount(Path(row.mount_path))
     driver.remove_container(name)
     if row is not None:
-        release(store, leases, store.meta.delete_container(name), store.meta.unused_layers())
+        blobs = store.meta.delete_container(name)
+        layers = store.meta.unused_layers()  # after: the container held its image's layers
+        release(store, leases, blobs, layers, store.recorded_driver() if layers else None)
 
 
 def _unmount_unrecorded(store: Store, driver: Driver, point: Path) -> None:

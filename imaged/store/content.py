@@ -209,13 +209,17 @@ class ContentStore:
         return size
 
     def iter_blobs(self) -> Iterator[tuple[Digest, int]]:
+        """Every committed blob and its size. A blob removed between the listing and its stat
+        (``GET /v1/info`` counts in a thread while gc, ``rmi`` or a failed pull remove) is
+        skipped: it is no longer in the store."""
         for alg_dir in self.blobs.iterdir():
             for entry in os.scandir(alg_dir):
                 try:
                     digest = Digest.parse(f"{alg_dir.name}:{entry.name}")
-                except InvalidError:
+                    size = entry.stat().st_size
+                except (InvalidError, FileNotFoundError):
                     continue
-                yield digest, entry.stat().st_size
+                yield digest, size
 
     def partials(self) -> list[tuple[Digest, Path]]:
         """The partial downloads in ingest, by the digest they are becoming."""

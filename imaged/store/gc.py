@@ -18,9 +18,16 @@ removes them for the same reason), layer directories with no row at all (as reco
 partial downloads no running pull holds (a failed pull leaves its partial blobs for a retry to
 resume; gc is how an operator who needs the space back gets it).
 
-Removal runs on the caller's thread without a trio checkpoint between a key's lease check and
-its removal, so a pull cannot lease something and start reusing it in between. The price is
-that the event loop waits while a large layer is deleted.
+What to remove is decided on the event loop, reading the directories and the rows without a
+checkpoint in between (a pull records a layer's row before it makes its directory). The removal
+itself runs in a worker thread (``Service._remove``), walking each layer for the bytes it frees
+and deleting it, which on a layer of thousands of files held the loop for a third of a second.
+A pull may lease a key meanwhile; what keeps it from reusing what is being removed is that the
+service holds the pulls' flights and records off every key being removed
+(``Puller.holding_off``): the pull waits, then finds the key gone and fetches or applies it
+again. Once they are held off, what a pull recorded while the service waited for that is taken
+out of the removal (no pull can record meanwhile), and the lease is checked again, in the
+thread, right before each removal.
 
 Freed bytes are what ``du`` stops seeing: allocated blocks, not apparent sizes (see
 ``imaged.fsutil.freed_by_removing``), measured just before each removal.
@@ -30,11 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from imaged.digest import Digest
+from imaged.drivers import Driver
 from imaged.fsutil import freed_by_removing
 from imaged.store.leases import Leases
 from imaged.store.root import Store, why_layer_stays
@@ -59,13 +68,16 @@ class Removed:
 
 
 def release(store: Store, leases: Leases, blobs: Iterable[Digest],
-            layers: Iterable[str]) -> Removed:
+            layers: Iterable[str], driver: Driver | None,
+            delete_row: Callable[[str], None] | None = None) -> Removed:
     """Remove blobs and layers (by ChainID, ``sha256:<hex>``) the metadata no longer needs,
-    except what a lease holds.
+    except what a lease holds; ``driver`` is the root's recorded one (None: no layers).
 
     Blobs arrive with their rows already deleted (in the transaction that orphaned them), so
     only files remain to go. A layer's row goes before its directory: a crash in between leaves
     a directory without a row, which recovery removes, never a ready row whose files are gone.
+    ``delete_row`` deletes a layer's row (default: directly); from a worker thread it must hand
+    the call to the event loop, which owns the metadata's connection.
     """
     freed = removed_blobs = removed_layers = 0
     failed: list[str] = []
@@ -75,14 +87,14 @@ def release(store: Store, leases: Leases, blobs: Iterable[Digest],
         freed += freed_by_removing([store.content.path(digest)])
         store.content.remove(digest)
         removed_blobs += 1
-    wanted = [chain for chain in layers if not leases.held(chain)]
-    driver = store.recorded_driver() if wanted else None
     if driver is not None:
-        for chain in wanted:
+        for chain in layers:
+            if leases.held(chain):
+                continue
             key = chain.split(":", 1)[1]
             paths = driver.layer_paths(key)
             before = freed_by_removing(paths)
-            store.meta.delete_layer(chain)
+            (delete_row or store.meta.delete_layer)(chain)
             why = why_layer_stays(driver, key)
             if why is not None:  # what stayed on disk was not freed
                 freed += before - freed_by_removing(paths)
@@ -94,8 +106,9 @@ def release(store: Store, leases: Leases, blobs: Iterable[Digest],
     return Removed(freed, removed_blobs, removed_layers, failed=tuple(failed))
 
 
-def collect(store: Store, leases: Leases) -> Removed:
-    """Find everything nothing references or leases (module docstring) and remove it."""
+def candidates(store: Store) -> tuple[list[Digest], list[str]]:
+    """Everything nothing references (module docstring): blobs, then layers, children before
+    parents. On the event loop, in one step: the directories and the rows are read together."""
     blobs = set(store.meta.drop_orphan_blobs())
     referenced = store.meta.referenced_blobs()
     blobs.update(digest for digest, _ in store.content.iter_blobs()
@@ -110,11 +123,16 @@ def collect(store: Store, leases: Leases) -> Removed:
                     (*store.meta.layers_in_state("ready"), *creating)}
         layers += [f"sha256:{key}" for key in sorted(driver.list_layers() - recorded)]
     layers += creating + store.meta.unused_layers()
-    removed = release(store, leases, sorted(blobs), layers)
-    partials = [path for digest, path in store.content.partials()
-                if not leases.held(str(digest))]  # a running pull's download is leased
-    freed = freed_by_removing(partials)
-    for path in partials:
+    return sorted(blobs), layers
+
+
+def remove_partials(store: Store, leases: Leases, partials: Iterable[tuple[Digest, Path]],
+                    removed: Removed) -> Removed:
+    """``removed`` with the partial downloads no running pull holds removed too (a running
+    pull's download is leased)."""
+    gone = [path for digest, path in partials if not leases.held(str(digest))]
+    freed = freed_by_removing(gone)
+    for path in gone:
         path.unlink(missing_ok=True)
     return dataclasses.replace(removed, freed_bytes=removed.freed_bytes + freed,
-                               partials=len(partials))
+                               partials=len(gone))

@@ -28,10 +28,11 @@ from typing import IO, Any, Literal
 import pytest
 from pytest import TestReport
 
+from imaged.bench.report import machine_facts
 from tests.cache import user_cache
 from tests.conformance.conftest import bed, deep_images, deep_storage  # noqa: F401 - batteries
 from tests.conftest import loop_filesystem
-from tests.guest import uml, xstate
+from tests.guest import faultreport, uml, xstate
 
 IN_GUEST = os.environ.get("IMAGED_GUEST") == "1"
 REPORTS_ENV = "IMAGED_GUEST_REPORTS"  # where the guest's pytest appends its reports
@@ -82,6 +83,7 @@ class GuestRunner:
         self.missing = ""  # why a test has no (complete) result from the guest
         self.skip: str | None = None  # why no guest test can run on this host at all
         self.summary = ""
+        self.faults: list[dict[str, Any]] = []  # the fault tests' figures (faultreport.py)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -105,6 +107,10 @@ class GuestRunner:
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         for report in self._reports_for(item):
             item.ihook.pytest_runtest_logreport(report=report)
+            self.faults += [faultreport.entry(item.nodeid, _outcome(report), dict(figures))
+                            for name, figures in report.user_properties
+                            if name == faultreport.PROPERTY and report.when == "call"
+                            and isinstance(figures, dict)]
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
@@ -228,6 +234,17 @@ class GuestRunner:
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.summary:
             terminalreporter.write_line(self.summary)
+        stem = os.environ.get(faultreport.ENV)
+        if stem and self.faults:
+            facts = {**machine_facts(), "guest": self.summary.removeprefix("guest: ")}
+            faultreport.write(Path(stem), self.faults, facts)
+            terminalreporter.write_line(f"faults report: {stem}.json, {stem}.md")
+
+
+def _outcome(report: TestReport) -> str:
+    """passed, failed, skipped, or xfailed (a known failure, pytest's ``wasxfail``)."""
+    return "xfailed" if getattr(report, "wasxfail", None) is not None and report.skipped \
+        else report.outcome
 
 
 # Filesystems that enforce project quotas once mounted with ``prjquota`` (the guest's kernel has

@@ -1,20 +1,45 @@
 """A slow disk (issue 17): the root on ext4 over ``dm-delay`` adding 50 ms to every write, and
-the daemon still answers ``GET /v1/info`` while a pull and a gc run, because blocking work runs
-in threads, never on the event loop.
+the daemon still answers ``GET /v1/info`` while pulls, an ``rmi`` and a gc run, because blocking
+work runs in threads, never on the event loop.
 
-Timings are not asserted in this project's tests, but this responsiveness is the property the
-issue asks for, so the latencies are recorded and printed and the test fails only on a bound no
-healthy run comes near: one answer taking over ``BOUND`` seconds means the event loop sat in a
-write (each costs 50 ms here, a pull's syncfs many of them). The test also requires that the
-answers were sampled while the pull and gc ran, so a run too quick to overlap cannot pass.
+Timings are not asserted in this project's tests: the latencies of ``GET /v1/info`` depend on
+the guest's scheduling (user-mode-linux has one CPU, on a host of two shared cores) and on
+its own work (it
+probes every driver, in a worker thread), so they are measured, printed and recorded
+(``record_property``, for the faults report; idle answers first, as the guest's own cost) and
+bound only loosely (``ANSWER_BOUND``). What is asserted is structural: the daemon times every
+step of its event loop (``imaged.server.stalls``, logging each over ``STALL_SECONDS``) and no
+step may reach ``STALL_BOUND``, three delayed writes: a flush waits for the data and then for
+the journal's commit, so a step that flushes on the loop comes near it or over. A step's own
+work (parsing, JSON, SQLite in WAL mode, which does not flush at commit) took 11-47 ms in the
+guest, GIL waits behind the pull's threads included, and up to 90 ms when the host's load
+average was 5.7 (the guest's process descheduled: no line sampled). Before the fixes that came
+with this test the longest steps were 0.87 s (the download's buffers faulted in on the loop)
+and 48-64 ms per ``GET /v1/info`` (vfs' probe writing a file into the root on the loop); with
+the buffers put back on the loop, runs saw 182 and 366 ms, which this bound catches. So the
+bound sits between what a loaded guest does and what one blocking call does, with little room
+either side on this machine; a failure names the task and the line the loop was on, from the
+daemon's log, so it says which of the two it was. The same workload runs with the delay at 0
+as the baseline.
+
+A third case has a first image of ``MANY_FILES`` small files: its ``rmi`` walks the layer for
+the bytes it frees and deletes it, which held the loop for 430 ms (at b492408) while gc and
+``rmi`` removed on the loop; they remove in a worker thread now (``imaged.store.gc``).
+
+The gc has work of its own: a pull of an image whose config names a wrong DiffID downloads its
+8 MiB layer and fails at unpacking, leaving the download in ingest for a retry, and only gc
+removes such partial downloads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import re
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,62 +49,115 @@ import trio
 from imaged.cli.client import DaemonClient, segment
 from imaged.host import loopdev
 from imaged.host.mounts import unmount
-from imaged.testing.images import OCILayout
+from imaged.server.daemon import STALL_SECONDS
+from imaged.testing.images import OCILayout, file, push
 from imaged.testing.registry import LocalRegistry
 from tests.conftest import push_simple, unmount_below
-from tests.guest.test_powercut import run
+from tests.guest.test_powercut import images, run  # noqa: F401 - images: an autouse fixture
 
 pytestmark = pytest.mark.guest
 
 MiB = 1 << 20
 DISK_SIZE = 256 * MiB
 DELAY_MS = 50
-BOUND = 1.0
+STALL_BOUND = 3 * DELAY_MS / 1000  # seconds
+ANSWER_BOUND = 1.0  # an answer this late is a hung loop, whatever the guest's scheduling
+IDLE_SAMPLES = 10
+_STALL = re.compile(r"WARNING: event loop blocked (\d+) ms by task (.*)")
+_LONGEST = re.compile(r"longest event-loop step: event loop blocked (\d+) ms by task (.*)")
 
 
 @contextlib.contextmanager
-def delayed(image: Path, name: str) -> Iterator[Path]:
-    """A dm-delay device over ``image``: reads at once, writes ``DELAY_MS`` late."""
+def delayed(image: Path, name: str, delay_ms: int) -> Iterator[Path]:
+    """A dm-delay device over ``image``: reads at once, writes ``delay_ms`` late (0: passed
+    straight through, the baseline)."""
     with loopdev.attach(image) as under:
         dev = under.device.path
         run("dmsetup", "create", name, "--table",
-            f"0 {DISK_SIZE // 512} delay {dev} 0 0 {dev} 0 {DELAY_MS}")
+            f"0 {DISK_SIZE // 512} delay {dev} 0 0 {dev} 0 {delay_ms}")
     try:
         yield Path("/dev/mapper") / name
     finally:
         run("dmsetup", "remove", "--retry", name)
 
 
-def test_info_answers_while_a_pull_and_gc_write_to_a_slow_disk(
+def percentile(samples: list[float], fraction: float) -> float:
+    """The nearest-rank percentile: a sample that was measured, not an interpolation."""
+    ordered = sorted(samples)
+    return ordered[max(0, min(len(ordered) - 1, round(fraction * len(ordered)) - 1))]
+
+
+def milliseconds(samples: list[float]) -> dict[str, float]:
+    return {"p50": round(statistics.median(samples) * 1000, 1),
+            "p99": round(percentile(samples, 0.99) * 1000, 1),
+            "max": round(max(samples) * 1000, 1)}
+
+
+def push_bad_diff_id(layout: OCILayout, registry: LocalRegistry, repo: str,
+                     data: bytes) -> str:
+    """An image whose one layer downloads and verifies but whose config names another DiffID:
+    its pull fails at unpacking and leaves the layer's bytes in ingest."""
+    layer = layout.add_layer([file("big.bin", data)])
+    manifest = layout.add_image([layer], config_extra={
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}})
+    name = repo.replace("/", "-")
+    layout.tag(manifest, name)
+    ref = f"{registry.host}/{repo}:v1"
+    push(layout, name, ref)
+    return ref
+
+
+MANY_FILES = 5000
+
+
+@pytest.mark.parametrize(("delay_ms", "many_files"), [
+    (DELAY_MS, False), (0, False), (DELAY_MS, True),
+], ids=["delay50", "baseline", "delay50-many-files"])
+def test_info_answers_while_pulls_and_gc_write_to_a_slow_disk(
         tmp_path: Path, root: Path, registry: LocalRegistry, layout: OCILayout,
-        start_daemon: Any) -> None:
+        start_daemon: Any, record_property: Callable[[str, object], None],
+        delay_ms: int, many_files: bool) -> None:
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
         f.truncate(DISK_SIZE)
     run("mkfs.ext4", "-q", str(image))
-    files = {f"blob{i}": bytes([i]) * MiB for i in range(16)}
+    files = {f"f{i}": b"%d\n" % i for i in range(MANY_FILES)} if many_files else \
+        {f"blob{i}": bytes([i]) * MiB for i in range(16)}
     pushed = push_simple(layout, registry, "slowdisk/one", files=files)
+    # The same bytes in every case, so the session's registry keeps one copy; gzip cannot
+    # shrink them.
+    failing = push_bad_diff_id(layout, registry, "slowdisk/bad",
+                               hashlib.shake_256(b"slowdisk").digest(8 * MiB))
     root.mkdir()
     latencies: list[float] = []
+    idle: list[float] = []
     spans: dict[str, float] = {}
-    with delayed(image, f"imaged-slow-{id(image)}") as device:
+    results: dict[str, Any] = {}
+    with delayed(image, f"imaged-slow-{id(image)}", delay_ms) as device:
         run("mount", str(device), str(root))
         try:
             daemon = start_daemon("vfs")
             with contextlib.closing(DaemonClient(daemon.socket, timeout=60)) as work, \
                     contextlib.closing(DaemonClient(daemon.socket, timeout=60)) as probe:
 
-                removed = f"/v1/images/{segment(pushed.ref)}"
+                def pull(ref: str) -> Callable[[], Any]:
+                    return lambda: list(work.stream("POST", "/v1/images/pull", {"ref": ref}))[-1]
 
                 def operations() -> None:
                     for label, call in (
-                            ("pull", lambda: list(work.stream("POST", "/v1/images/pull",
-                                                              {"ref": pushed.ref}))),
-                            ("rmi", lambda: work.call("DELETE", removed)),
+                            ("pull", pull(pushed.ref)),
+                            ("failing pull", pull(failing)),
+                            ("rmi", lambda: work.call("DELETE",
+                                                      f"/v1/images/{segment(pushed.ref)}")),
                             ("gc", lambda: work.call("POST", "/v1/gc"))):
                         began = time.monotonic()
-                        call()
+                        results[label] = call()
                         spans[label] = time.monotonic() - began
+
+                for _ in range(IDLE_SAMPLES):  # the guest's own cost of an answer
+                    began = time.monotonic()
+                    probe.call("GET", "/v1/info")
+                    idle.append(time.monotonic() - began)
 
                 async def main() -> None:
                     done = trio.Event()
@@ -96,14 +174,43 @@ def test_info_answers_while_a_pull_and_gc_write_to_a_slow_disk(
                             latencies.append(time.monotonic() - began)
                             await trio.sleep(0.02)
 
-                trio.run(main)
-            daemon.stop()
+                try:
+                    trio.run(main)
+                except BaseException:
+                    print(daemon.output())  # why the daemon failed a request, for the report
+                    raise
+                finally:
+                    daemon.stop()  # before the unmount, which it would keep busy
+            log = daemon.output()
         finally:
             unmount_below(root)
             unmount(root)
-    took = ", ".join(f"{label} {span:.2f} s" for label, span in spans.items())
-    print(f"slow disk ({DELAY_MS} ms per write): {took}; "
-          f"GET /v1/info x{len(latencies)}: median {statistics.median(latencies) * 1000:.0f} ms, "
-          f"max {max(latencies) * 1000:.0f} ms")
-    assert len(latencies) >= 5, (spans, latencies)
-    assert max(latencies) < BOUND, latencies
+    assert results["pull"]["status"] == "done", results
+    assert results["failing pull"]["status"] == "error", results
+    assert results["gc"]["removed"]["partials"] >= 1, results  # the gc had work to do
+    stalls = [(int(ms), task) for ms, task in _STALL.findall(log)]
+    (longest,) = _LONGEST.findall(log)
+    figures = {
+        "fault": f"dm-delay, {delay_ms} ms added to every write" if delay_ms else
+                 "dm-delay passing writes straight through (baseline)",
+        "first_image": f"{MANY_FILES} files of a few bytes" if many_files else
+                       "16 files of 1 MiB",
+        "filesystem": "ext4",
+        "operations": list(spans),
+        "seconds": {label: round(span, 3) for label, span in spans.items()},
+        "gc_freed_bytes": results["gc"]["freed_bytes"],
+        "info_answers": len(latencies),
+        "info_ms": milliseconds(latencies),
+        "info_idle_ms": milliseconds(idle),
+        "longest_loop_step_ms": int(longest[0]),
+        "longest_loop_step_task": longest[1],
+        "stalls_logged": len(stalls),
+    }
+    record_property("fault_report", figures)
+    print(json.dumps(figures))
+    print("\n".join(line for line in log.splitlines() if "event loop" in line))
+    assert len(latencies) >= 5, (spans, latencies)  # sampled while the work ran
+    assert max(latencies) < ANSWER_BOUND, latencies
+    over = [(ms, task) for ms, task in stalls if ms >= STALL_BOUND * 1000]
+    assert not over, over
+    assert STALL_SECONDS <= STALL_BOUND  # the daemon logs every step this test must see

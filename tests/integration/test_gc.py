@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ import trio
 from imaged.config import Overrides, load_config
 from imaged.digest import Digest
 from imaged.ops.service import Service
+from imaged.store.root import why_layer_stays
 from imaged.testing.images import OCILayout
 from imaged.testing.registry import LocalRegistry
 from tests.conformance.conftest import Bed
@@ -40,18 +42,18 @@ class GcBed(Bed):
         self.ok("pull", pushed.ref)
         return pushed.ref
 
-    def with_service(self, action: Callable[[Service], T]) -> T:
+    def with_service(self, action: Callable[[Service], Awaitable[T]]) -> T:
         async def main() -> T:
             config = load_config(Overrides(root=self.root))
             async with Service.open(config, "test gc") as service:
-                return action(service)
+                return await action(service)
 
         return trio.run(main)
 
     def gc(self, hold: Iterable[str] = ()) -> dict[str, Any]:
-        def run(service: Service) -> dict[str, Any]:
+        async def run(service: Service) -> dict[str, Any]:
             with service.leases.hold(hold):
-                return service.gc()
+                return await service.gc()
 
         return self.with_service(run)
 
@@ -111,7 +113,7 @@ def bed(driver: str, root: Path, registry: LocalRegistry, layout: OCILayout,
 def test_gc_on_an_empty_store(root: Path, isolated_env: dict[str, str]) -> None:
     async def main() -> tuple[dict[str, Any], str | None]:
         async with Service.open(load_config(Overrides(root=root)), "test gc") as service:
-            return service.gc(), service.store.meta.get_setting("driver")
+            return await service.gc(), service.store.meta.get_setting("driver")
 
     result, driver = trio.run(main)
     assert result == NOTHING
@@ -125,7 +127,7 @@ def test_orphans_go_and_freed_bytes_match_du(bed: GcBed) -> None:
     stray = Digest.of(b"a layer directory nobody recorded")
     loose = os.urandom(300 * 1024)
 
-    def plant_and_collect(service: Service) -> tuple[dict[str, Any], int]:
+    async def plant_and_collect(service: Service) -> tuple[dict[str, Any], int]:
         # Planted in the same session as gc runs: recovery at open would take them first.
         service.store.content.write_bytes(Digest.of(loose), loose)
         target = service.store.driver().prepare_layer(stray.hex, None)
@@ -133,7 +135,7 @@ def test_orphans_go_and_freed_bytes_match_du(bed: GcBed) -> None:
         os.link(target / "big", target / "big-again")  # one inode, counted once
         (target / "dir").mkdir()
         before = bed.du()
-        return service.gc(), before
+        return await service.gc(), before
 
     result, before = bed.with_service(plant_and_collect)
     after = bed.du()
@@ -159,10 +161,10 @@ def test_a_layer_that_cannot_be_removed_is_reported_not_counted(bed: GcBed) -> N
         pytest.skip("chattr +i is an ext4 attribute; this driver's layers are elsewhere")
     stray = Digest.of(b"a layer gc cannot remove")
 
-    def plant(service: Service) -> Path:
+    async def plant(service: Service) -> Path:
         target = service.store.driver().prepare_layer(stray.hex, None)
         (target / "stuck").write_bytes(os.urandom(200 * 1024))
-        subprocess.run(["chattr", "+i", str(target / "stuck")], check=True)
+        subprocess.run(["chattr", "+i", str(target / "stuck")], check=True)  # noqa: ASYNC221 - setup, nothing else runs
         return target
 
     target = bed.with_service(plant)
@@ -185,21 +187,21 @@ def test_leased_blobs_and_layers_are_kept(bed: GcBed) -> None:
     blobs, chains = bed.forget(orphan)
     applying = Digest.of(b"a layer a pull is still applying")
 
-    def collect_around_leases(service: Service) -> None:
+    async def collect_around_leases(service: Service) -> None:
         # What a pull leaves while it applies a layer: a 'creating' row and a directory.
         driver = service.store.driver()
         service.store.meta.begin_layer(applying, None, applying, driver.name)
         (driver.prepare_layer(applying.hex, None) / "partial").write_bytes(b"x" * 10000)
 
         with service.leases.hold([blobs[3], chains[1], str(applying)]):
-            result = service.gc()
+            result = await service.gc()
         assert result["removed"] == {"blobs": 2, "layers": 0, "partials": 0}  # manifest, config
         assert blobs[3].split(":")[1] in bed.blob_names()
         assert {chains[1].split(":")[1], applying.hex} <= bed.layer_keys()
         assert service.store.meta.layer_state(applying) == "creating"
 
         before = bed.du()
-        result = service.gc()
+        result = await service.gc()
         assert result["removed"] == {"blobs": 1, "layers": 2, "partials": 0}
         assert result["freed_bytes"] == before - bed.du()
         assert not {chains[1].split(":")[1], applying.hex} & bed.layer_keys()
@@ -237,17 +239,54 @@ def test_rmi_keeps_what_a_pull_has_leased(bed: GcBed) -> None:
     ref = bed.push_pull(f"gc/{bed.driver}/rmi-lease")
     blobs, chains = bed.parts(ref)
 
-    def rmi_then_collect(service: Service) -> None:
+    async def rmi_then_collect(service: Service) -> None:
         with service.leases.hold([blobs[2], chains[0]]):
-            assert service.rmi(ref)["deleted"]
+            assert (await service.rmi(ref))["deleted"]
         assert bed.blob_names() == hexes(blobs[2:3])
         assert bed.layer_keys() == hexes(chains[:1])
         before = bed.du()
-        result = service.gc()
+        result = await service.gc()
         assert result["removed"] == {"blobs": 1, "layers": 1, "partials": 0}
         assert result["freed_bytes"] == before - bed.du()
 
     bed.with_service(rmi_then_collect)
+
+
+def test_a_pull_during_a_removal_waits_and_finds_it_gone(
+        bed: GcBed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rmi`` removes in a worker thread (``imaged.store.gc``); a pull of the same image that
+    starts meanwhile must not take up the blob or layer being removed: it waits until the
+    removal ends, then fetches and applies them again, and the store checks clean."""
+    ref = bed.push_pull(f"gc/{bed.driver}/during")
+    entered, go = threading.Event(), threading.Event()
+
+    def paused(driver: Any, key: str) -> str | None:
+        """The removal, stopped after its row went and before its directory does."""
+        entered.set()
+        go.wait(30)
+        return why_layer_stays(driver, key)
+
+    monkeypatch.setattr("imaged.store.gc.why_layer_stays", paused)
+
+    async def rmi_and_pull(service: Service) -> None:
+        pulled = trio.Event()
+
+        async def pull() -> None:
+            await service.pull(ref, None, lambda event: None)
+            pulled.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.rmi, ref)
+            await trio.to_thread.run_sync(entered.wait, 30)
+            nursery.start_soon(pull)
+            await trio.sleep(0.5)  # time enough to reach the keys being removed
+            assert not pulled.is_set()  # held off them
+            go.set()
+        report = await service.check(verify_data=True)
+        assert report["findings"] == [], report
+        assert [image["refs"] for image in service.images()] == [[ref]]
+
+    bed.with_service(rmi_and_pull)
 
 
 @pytest.mark.cli_modes

@@ -5,10 +5,12 @@ rather than as a puzzling crash-consistency failure in the guest."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
 from tests.guest import dmlog
+from tests.guest.test_powercut import sparse_copy
 
 pytestmark = pytest.mark.unit
 
@@ -120,3 +122,18 @@ def test_replay_in_steps_equals_replay_at_once() -> None:
     dmlog.replay(image, parsed, steps, 2)
     dmlog.replay(image, parsed, steps, 5, start=3)
     assert steps.getvalue() == once.getvalue() == block(4) + block(5) + block(6)
+
+
+def test_sparse_copy_keeps_bytes_and_holes(tmp_path: Path) -> None:
+    """The sweep's copy of a disk (tests/guest/test_powercut.py): the same bytes, and no more
+    blocks than the source holds, so a 64 MiB disk of a little data stays small in the guest."""
+    source, target = tmp_path / "source.img", tmp_path / "target.img"
+    with source.open("wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(b"data" * 1024)
+        f.seek(40 << 20)
+        f.write(b"more" * 4096)
+    sparse_copy(source, target)
+    assert target.read_bytes() == source.read_bytes()
+    assert target.stat().st_blocks <= source.stat().st_blocks + 16

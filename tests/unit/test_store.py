@@ -737,3 +737,18 @@ def test_image_row_by_reference(images: Store) -> None:
     row = images.image("quay.io/org/app:v1")
     assert row.id == ID_B
     assert row.refs == ("quay.io/org/app:v1",)
+
+
+def test_blobs_removed_while_listed_are_skipped(content: ContentStore) -> None:
+    """``GET /v1/info`` counts blobs in a thread while gc or ``rmi`` remove them on the event
+    loop: a blob gone between the listing and its stat is not counted, and nothing raises."""
+    digests = [Digest.of(bytes([i])) for i in range(3)]
+    for i, digest in enumerate(digests):
+        content.write_bytes(digest, bytes([i]))
+    listing = content.iter_blobs()
+    first, _ = next(listing)  # the directory is read; the other two are not stat'ed yet
+    gone = next(d for d in digests if d != first)
+    content.remove(gone)
+    rest = [digest for digest, _ in listing]
+    assert gone not in rest
+    assert sorted(map(str, [first, *rest])) == sorted(str(d) for d in digests if d != gone)
