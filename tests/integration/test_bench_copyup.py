@@ -93,11 +93,13 @@ def test_metadata_report_counts_each_fuse_servers_requests(imaged_proc: Any,
     by imaged's --count-requests and from fuse-overlayfs's debug log alike."""
     out = tmp_path / "out"
     result = imaged_proc("bench", "copyup", "--metadata", "--quick", "--out", str(out),
-                         "--configs", "fuse full", "fuse-overlayfs")
+                         "--configs", "fuse full", "fuse writeback", "fuse-overlayfs")
     assert result.code == 0, result.err
     report = json.loads((out / "metadata.json").read_text())
-    for server in ("fuse full on ext4", "fuse-overlayfs on ext4"):
+    assert report["series"]["fuse writeback on ext4: untar 1000 files + syncfs"]["median"] > 0
+    for server in ("fuse full on ext4", "fuse writeback on ext4", "fuse-overlayfs on ext4"):
         assert report["requests"][server]["create"] >= 900
         assert report["requests"][server]["lookup"] >= report["requests"][server]["create"]
-    assert "| operation | fuse full on ext4 | fuse-overlayfs on ext4 |" in \
+    assert "| operation | fuse full on ext4 | fuse writeback on ext4 | fuse-overlayfs on ext4 |" \
+        in \
         (out / "metadata.md").read_text()
