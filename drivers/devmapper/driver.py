@@ -442,7 +442,7 @@ class DevmapperDriver(BaseDriver):
                 finally:
                     unmount(where)
             finally:
-                deactivate(name)
+                _deactivate_unless_held(name)
         finally:
             where.rmdir()
 
@@ -590,20 +590,22 @@ class DevmapperDriver(BaseDriver):
         super().unmount(name, target, force)
         dm_name = device_name(self.tag, container_key(name))
         if not self._mounts_of(dm_name):
-            try:
-                deactivate(dm_name)
-            except DmError as exc:  # held open elsewhere: it goes at the next unmount or rm
-                if exc.errno != errno.EBUSY:
-                    raise
+            _deactivate_unless_held(dm_name)
 
     def usage(self, name: str) -> Usage:
         """The device's size less what its filesystem can still give the container."""
         record = self._record(name)
-        mounted = self._mounts_of(device_name(self.tag, record.key))
+        dm_name = device_name(self.tag, record.key)
+        mounted = self._mounts_of(dm_name)
         with contextlib.ExitStack() as stack:
             if not mounted:
+                # Open with no mount in sight: ``umount --force`` detached a read-write mount
+                # that open files still hold. A second mount shares its superblock, and the
+                # kernel refuses one that would change that superblock's read-only state.
+                header = dm_status(dm_name)
+                held = header is not None and header.open_count > 0
                 where = self._container(name) / ".measure"
-                stack.enter_context(self._mounted(record, where, read_only=True))
+                stack.enter_context(self._mounted(record, where, read_only=not held))
                 mounted = [where]
             st = os.statvfs(mounted[0])
         return Usage(max(0, record.sectors * SECTOR - st.f_bavail * st.f_frsize), record.quota,
@@ -619,6 +621,17 @@ class DevmapperDriver(BaseDriver):
     def list_containers(self) -> set[str]:
         names = {record.key[2:] for record in self.records.with_prefix("c/")}
         return names | {p.name for p in (self.home / "containers").iterdir()}
+
+
+def _deactivate_unless_held(name: str) -> None:
+    """Deactivate a device, unless it is held open elsewhere (EBUSY): a mount that ``umount
+    --force`` detached holds it until its last open file closes, and ``ps`` measures such a
+    container by mounting the device once more. It goes at the next unmount or rm then."""
+    try:
+        deactivate(name)
+    except DmError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
 
 
 def deactivate_all(home: Path) -> list[str]:
