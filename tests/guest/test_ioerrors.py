@@ -68,7 +68,9 @@ class Phase:
     fault: str
     injected: str = "before the operations"
     operations: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)  # trimmed (faultreport.trim)
+    # imaged's failed commands' lines, trimmed (faultreport.trim); an application's failed
+    # write is the kernel's answer, in its operation only
+    failures: list[str] = field(default_factory=list)
     check_under_fault: dict[str, int] | None = None  # None: not run
     repaired_under_fault: list[str] | None = None
     e2fsck_exit: int | None = None
@@ -97,7 +99,6 @@ class Phase:
 class Tally:
     """What a test did under faults, phase by phase, for the faults report (faultreport.py)."""
 
-    root: Path
     phases: list[Phase] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)  # found after the last heal
 
@@ -270,7 +271,7 @@ def test_io_errors_leave_clean_failures_and_a_repairable_store(
         tmp_path: Path, root: Path, registry: LocalRegistry, layout: OCILayout,
         imaged: CLI, record_property: Callable[[str, object], None]) -> None:
     started = time.monotonic()
-    tally = Tally(root)
+    tally = Tally()
     contents = {"one": {"one.txt": b"one\n" * 1000},
                 "two": {f"two{i}": bytes([i]) * 2 * MiB for i in range(4)},
                 "three": {f"three{i}": bytes([0x30 + i]) * 4 * MiB for i in range(2)}}
