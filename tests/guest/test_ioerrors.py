@@ -11,13 +11,15 @@ recorded image verifies, every container acknowledged before or during the fault
 its acknowledged (fsynced) bytes, and a container made afterwards reads exactly the image's
 files: nothing unverified is served.
 
-Each test prints its tally (faults, operations, failures and their lines, findings, repairs,
-data lost) for docs/testing.md.
+The test records, phase by phase, the fault (which target, injected when), the operations under
+it, the failures (their lines trimmed: ``faultreport.trim``), what ``check`` found under the
+fault, after the heal and after the repair, what the repair did and the data lost, into the
+faults report (tests/guest/faultreport.py, docs/testing.md "The faults report"), a failed run's
+as far as it came.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -34,18 +36,23 @@ import pytest
 from imaged.testing.images import OCILayout
 from imaged.testing.registry import LocalRegistry
 from tests.conftest import CLI, Result, push_simple, unmount_below
-from tests.guest.faultdisk import (
+from tests.guest import faultreport
+from tests.guest.faultdisk import (  # noqa: F401 - images: an autouse fixture
+    BLOCK,
     FaultDisk,
+    MiB,
     drop_caches,
     fault_disk,
+    images,
+    make_fs,
     mounted,
     physical_blocks,
     run,
+    write_synced,
 )
 
 pytestmark = pytest.mark.guest
 
-MiB = 1 << 20
 DISK_SIZE = 128 * MiB
 ACKED = b"acknowledged by fsync\n" * 200
 # What a failing disk may answer, as the kernel passes it on: the I/O error itself, and, once
@@ -55,29 +62,74 @@ DISK_ERRORS = (os.strerror(errno.EIO), os.strerror(errno.EROFS), "disk I/O error
 
 
 @dataclass
-class Tally:
-    """What a test did under faults, printed at its end."""
+class Phase:
+    """One fault, from its injection to the check after its heal: the faults report's row."""
 
-    faults: list[str] = field(default_factory=list)
+    fault: str
+    injected: str = "before the operations"
     operations: list[str] = field(default_factory=list)
+    # imaged's failed commands' lines, trimmed (faultreport.trim); an application's failed
+    # write is the kernel's answer, in its operation only
     failures: list[str] = field(default_factory=list)
-    checks: list[str] = field(default_factory=list)  # when: how many findings
-    findings: list[str] = field(default_factory=list)
+    check_under_fault: dict[str, int] | None = None  # None: not run
+    repaired_under_fault: list[str] | None = None
+    e2fsck_exit: int | None = None
+    check_after_heal: dict[str, int] = field(default_factory=dict)
     repaired: list[str] = field(default_factory=list)
+    check_after_repair: dict[str, int] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)
 
-    def report(self, name: str, started: float) -> str:
-        lines = [f"{name}: {len(self.faults)} faults ({', '.join(self.faults)}), "
-                 f"{len(self.operations)} operations under them, {len(self.failures)} failed, "
-                 f"check found {len(self.findings)} ({'; '.join(self.checks)}), "
-                 f"repaired {len(self.repaired)}, "
-                 f"lost {len(self.lost)}; {time.monotonic() - started:.1f} s"]
-        lines += [f"  operation: {line}" for line in self.operations]
-        lines += [f"  failure: {line}" for line in self.failures]
-        lines += [f"  finding: {line}" for line in self.findings]
-        lines += [f"  repaired: {line}" for line in self.repaired]
-        lines += [f"  lost: {line}" for line in self.lost]
-        return "\n".join(lines)
+    def figures(self) -> dict[str, Any]:
+        """Check findings (by kind) and repairs by when, the ones not run left out; the
+        failures' lines counted."""
+        under = {} if self.check_under_fault is None else \
+            {"under fault": self.check_under_fault}
+        repaired_under = {} if self.repaired_under_fault is None else \
+            {"under fault": self.repaired_under_fault}
+        return {"fault": self.fault, "injected": self.injected, "operations": self.operations,
+                "failed": len(self.failures), "failures": faultreport.counted(self.failures),
+                "check": {**under, "after heal": self.check_after_heal,
+                          "after repair": self.check_after_repair},
+                "e2fsck_exit": self.e2fsck_exit,
+                "repaired": {**repaired_under, "after heal": self.repaired},
+                "lost": self.lost}
+
+
+@dataclass
+class Tally:
+    """What a test did under faults, phase by phase, for the faults report (faultreport.py)."""
+
+    phases: list[Phase] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # found after the last heal
+
+    @property
+    def phase(self) -> Phase:
+        return self.phases[-1]
+
+    def figures(self, started: float) -> dict[str, Any]:
+        phases = [phase.figures() for phase in self.phases]
+        return {
+            "fault": "I/O errors: dm-dust bad blocks, dm-flakey failing writes (from before "
+                     "and from the middle of commands), dm-flakey failing reads and writes",
+            "filesystem": f"ext4, {BLOCK // 1024} KiB blocks, {DISK_SIZE // MiB} MiB",
+            "faults": len(phases),
+            "operations_under_faults": sum(len(p["operations"]) for p in phases),
+            "operations_failed": sum(p["failed"] for p in phases),
+            "failure_lines": faultreport.counted([line for phase in self.phases
+                                                  for line in phase.failures]),
+            "check_findings": {when: sum(sum(p["check"].get(when, {}).values()) for p in phases)
+                               for when in ("under fault", "after heal", "after repair")},
+            "repaired": sum(len(done) for p in phases for done in p["repaired"].values()),
+            "acknowledged_data_lost": [f"{what} (after {p['fault']})" for p in phases
+                                       for what in p["lost"]] + self.lost,
+            "seconds": round(time.monotonic() - started, 1),
+            "phases": phases,
+        }
+
+
+def kinds(findings: list[dict[str, Any]]) -> dict[str, int]:
+    """``check``'s findings counted by kind."""
+    return faultreport.counted([finding["kind"] for finding in findings])
 
 
 def clean_failure(result: Result, root: Path, context: str) -> str:
@@ -95,8 +147,8 @@ def clean_failure(result: Result, root: Path, context: str) -> str:
 
 
 class Workload:
-    """The CLI on the faulty root, each command tallied: a success is acknowledged (and must
-    survive), a failure must be clean."""
+    """The CLI on the faulty root, each command tallied in the current phase: a success is
+    acknowledged (and must survive), a failure must be clean."""
 
     def __init__(self, imaged: CLI, root: Path, tally: Tally) -> None:
         self.imaged, self.root, self.tally = imaged, root, tally
@@ -106,20 +158,23 @@ class Workload:
         assert result.code == 0, (args, result)
         return result.out
 
-    def attempt(self, disk: FaultDisk, *args: str) -> Result:
-        return self.tallied(disk, args, self.imaged("--driver", "vfs", *args))
+    def attempt(self, *args: str) -> Result:
+        return self.tallied(args, self.imaged("--driver", "vfs", *args))
 
-    def tallied(self, disk: FaultDisk, args: tuple[str, ...], result: Result) -> Result:
-        self.tally.operations.append(f"{' '.join(args[:2])} ({disk.mode}): "
-                                     + ("ok" if result.code == 0 else "failed"))
+    def tallied(self, args: tuple[str, ...], result: Result) -> Result:
+        phase = self.tally.phase
+        phase.operations.append(f"{faultreport.short(args)}: "
+                                + ("ok" if result.code == 0 else "failed"))
         if result.code != 0:
-            self.tally.failures.append(clean_failure(result, self.root, f"{args} {disk.mode}"))
+            line = clean_failure(result, self.root, f"{args} under {phase.fault}")
+            phase.failures.append(faultreport.trim(line, str(self.root)))
         return result
 
-    def attempt_while(self, disk: FaultDisk, fault: Callable[[], None],
+    def attempt_while(self, fault: Callable[[], None], name: str,
                       under_way: Callable[[], bool] | str, *args: str) -> Result:
-        """The command as a real process, with ``fault`` injected once it is under way: once
-        ``under_way`` holds, or once a line of its progress on stderr has that text."""
+        """The command as a real process, with ``fault`` (a phase called ``name``) injected
+        once it is under way: once ``under_way`` holds, or once a line of its progress on
+        stderr has that text."""
         proc = subprocess.Popen([sys.executable, "-m", "imaged", "--root", str(self.root),
                                  "--driver", "vfs", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -135,36 +190,33 @@ class Workload:
                     time.sleep(0.005)
             when = "while it ran" if proc.poll() is None else "after it ended"
             fault()
-            self.tally.faults.append(f"{disk.mode}, from the middle of {args[0]} ({when})")
+            self.tally.phases.append(Phase(name, f"from the middle of {args[0]} ({when})"))
             out, err = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        return self.tallied(disk, args, Result(proc.returncode, out, seen + err))
+        return self.tallied(args, Result(proc.returncode, out, seen + err))
 
-    def cycle(self, disk: FaultDisk, ref: str, name: str,
-              acked: dict[str, dict[str, bytes]]) -> None:
+    def cycle(self, ref: str, name: str, acked: dict[str, dict[str, bytes]]) -> None:
         """Create and mount a container, write a file with fsync, unmount and remove it, as far
         as the disk lets it; what succeeded is acknowledged (until its removal succeeds)."""
-        made = self.attempt(disk, "mount", ref, "--name", name)
+        made = self.attempt("mount", ref, "--name", name)
         if made.code != 0:
             return
-        self.write(disk, Path(made.out.strip().splitlines()[-1]), name, "acked", acked)
-        self.attempt(disk, "umount", name)
-        if self.attempt(disk, "rm", "--force", name).code == 0:
+        self.write(Path(made.out.strip().splitlines()[-1]), name, "acked", acked)
+        self.attempt("umount", name)
+        if self.attempt("rm", "--force", name).code == 0:
             acked.pop(name, None)
 
-    def check(self, when: str) -> list[dict[str, Any]]:
-        """``check --verify-data``'s findings, tallied; exit status 1 exactly when any."""
+    def check(self) -> dict[str, int]:
+        """``check --verify-data``'s findings by kind; exit status 1 exactly when any."""
         result = self.imaged("--driver", "vfs", "check", "--verify-data", "--json")
         findings: list[dict[str, Any]] = json.loads(result.out)["findings"]
         assert result.code == (1 if findings else 0), result
-        self.tally.checks.append(f"{when}: {len(findings)}")
-        self.tally.findings += [f"{f['kind']}: {f['message']}" for f in findings]
-        return findings
+        return kinds(findings)
 
-    def write(self, disk: FaultDisk, path: Path, name: str, file: str,
+    def write(self, path: Path, name: str, file: str,
               acked: dict[str, dict[str, bytes]]) -> None:
         """An application's write with fsync into a mounted container, tallied, and recorded
         in ``acked`` when it was acknowledged (a failure is the kernel's error to the
@@ -172,34 +224,24 @@ class Workload:
         try:
             write_synced(path, file, ACKED)
         except OSError as exc:
-            self.tally.operations.append(f"write+fsync in {name} ({disk.mode}): {exc.strerror}")
+            self.tally.phase.operations.append(f"write+fsync in {name}: {exc.strerror}")
             return
-        self.tally.operations.append(f"write+fsync in {name} ({disk.mode}): ok")
+        self.tally.phase.operations.append(f"write+fsync in {name}: ok")
         acked.setdefault(name, {})[file] = ACKED
 
-    def repair(self) -> None:
+    def repair(self) -> list[str]:
+        """What ``check --verify-data --repair`` did, a line per finding."""
         result = self.imaged("--driver", "vfs", "check", "--verify-data", "--repair", "--json")
-        for f in json.loads(result.out)["findings"]:
-            self.tally.repaired.append(f"{f['kind']} {f['subject']}" + (
-                "" if f.get("repaired") else f" NOT REPAIRED: {f.get('error')}"))
+        done = [f"{f['kind']} {f['subject']}"
+                + ("" if f.get("repaired") else f" NOT REPAIRED: {f.get('error')}")
+                for f in json.loads(result.out)["findings"]]
+        return [faultreport.trim(line, str(self.root)) for line in done]
 
     def containers(self) -> dict[str, Any]:
         return {row["name"]: row for row in json.loads(self.ok("ps", "--json"))}
 
 
-def write_synced(directory: Path, name: str, data: bytes) -> None:
-    """Write ``name`` and fsync it and its directory: what an application does to be sure."""
-    with (directory / name).open("wb") as f:
-        f.write(data)
-        os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def heal(disk: FaultDisk, root: Path, tally: Tally) -> None:
+def heal(disk: FaultDisk, root: Path, phase: Phase) -> None:
     """What an operator does: unmount, the disk healthy, ``e2fsck -fy``, mount again (the
     caller's ``mounted`` unmounts at the end)."""
     unmount_below(root)  # a container left mounted: its record goes stale, for check to find
@@ -208,16 +250,8 @@ def heal(disk: FaultDisk, root: Path, tally: Tally) -> None:
     fsck = subprocess.run(["e2fsck", "-fy", str(disk.path)], capture_output=True, text=True,
                           timeout=120, check=False)
     assert fsck.returncode in (0, 1), fsck  # clean, or errors corrected
-    tally.faults.append(f"healed (e2fsck exit {fsck.returncode})")
+    phase.e2fsck_exit = fsck.returncode
     run("mount", str(disk.path), str(root))
-
-
-def mkfs(tmp_path: Path) -> Path:
-    image = tmp_path / "disk.img"
-    with image.open("wb") as f:
-        f.truncate(DISK_SIZE)
-    run("mkfs.ext4", "-q", "-b", "4096", str(image))
-    return image
 
 
 def first_blocks_under(*directories: Path) -> list[int]:
@@ -235,7 +269,7 @@ def image_files(files: dict[str, bytes]) -> dict[str, bytes]:
 
 def test_io_errors_leave_clean_failures_and_a_repairable_store(
         tmp_path: Path, root: Path, registry: LocalRegistry, layout: OCILayout,
-        imaged: CLI) -> None:
+        imaged: CLI, record_property: Callable[[str, object], None]) -> None:
     started = time.monotonic()
     tally = Tally()
     contents = {"one": {"one.txt": b"one\n" * 1000},
@@ -244,97 +278,113 @@ def test_io_errors_leave_clean_failures_and_a_repairable_store(
     refs = {name: push_simple(layout, registry, f"ioerr/{name}", files=files).ref
             for name, files in contents.items()}
     root.mkdir()
-    image = mkfs(tmp_path)
-    with contextlib.ExitStack() as cleanup:
-        # The guest's /tmp is RAM that the tests after this one need: the disk goes at the end.
-        cleanup.callback(image.unlink)
-        disk = cleanup.enter_context(fault_disk(image, f"imaged-ioerr-{os.getpid()}"))
-        cleanup.enter_context(mounted(disk.path, root))
-        work = Workload(imaged, root, tally)
-        work.ok("pull", refs["one"])
-        work.ok("pull", refs["two"])
-        kept = Path(work.ok("mount", refs["one"], "--name", "kept").strip().splitlines()[-1])
-        write_synced(kept, "acked", ACKED)
-        work.ok("umount", "kept")
-        acked: dict[str, dict[str, bytes]] = {"kept": {"acked": ACKED}}
+    # The disk image goes at teardown (faultdisk.images): the guest's /tmp is RAM that the
+    # tests after this one need.
+    image = make_fs(tmp_path / "disk.img", DISK_SIZE, ["mkfs.ext4", "-q", "-b", str(BLOCK)])
+    try:
+        with fault_disk(image, f"imaged-ioerr-{os.getpid()}") as disk, mounted(disk.path, root):
+            work = Workload(imaged, root, tally)
+            run_faults(work, disk, refs, contents)
+    finally:
+        figures = tally.figures(started)
+        record_property("fault_report", figures)  # a failed run's too, as far as it came
+        print(json.dumps(figures, indent=1))
+    assert not figures["acknowledged_data_lost"], figures
 
-        acked_images = {refs["one"], refs["two"]}
 
-        def recover(when: str) -> None:
-            """Heal as an operator would, then check, repair, and check again: clean, with
-            every image whose pull returned still there (its blobs verified by the check)."""
-            heal(disk, root, tally)
-            work.check(f"after {when}")
-            work.repair()
-            after = imaged("--driver", "vfs", "check", "--verify-data")
-            assert after.code == 0, (when, after, tally.report("io errors", started))
-            listed = {ref for image in json.loads(work.ok("images", "--json"))
-                      for ref in image["refs"]}
-            tally.lost += [f"image {ref} (after {when})" for ref in sorted(acked_images - listed)]
+def run_faults(work: Workload, disk: FaultDisk, refs: dict[str, str],
+               contents: dict[str, dict[str, bytes]]) -> None:
+    """The four faults in turn, each healed, checked and repaired, then every acknowledged
+    container and every image read back."""
+    root, tally = work.root, work.tally
+    work.ok("pull", refs["one"])
+    work.ok("pull", refs["two"])
+    kept = Path(work.ok("mount", refs["one"], "--name", "kept").strip().splitlines()[-1])
+    write_synced(kept, "acked", ACKED)
+    work.ok("umount", "kept")
+    acked: dict[str, dict[str, bytes]] = {"kept": {"acked": ACKED}}
 
-        # Bad sectors under every blob and every unpacked layer's files: their reads fail.
-        disk.bad_blocks(first_blocks_under(root / "content" / "blobs",
-                                     root / "drivers" / "vfs" / "layers"))
-        drop_caches()
-        tally.faults.append(disk.mode)
-        assert {f["kind"] for f in work.check("on bad sectors")} == {"blob-unreadable"}
-        work.cycle(disk, refs["one"], "fresh-bad-sectors", acked)
-        if work.attempt(disk, "pull", refs["three"]).code == 0:
-            acked_images.add(refs["three"])
-        work.attempt(disk, "gc")
-        work.repair()
-        recover("bad sectors")
+    acked_images = {refs["one"], refs["two"]}
 
-        # Writes fail from the middle of a pull on (it has its manifest, not its layers), while
-        # a container is mounted and its application writes.
-        kept = Path(work.ok("mount", refs["one"], "--name", "kept").strip().splitlines()[-1])
-        pulled = work.attempt_while(disk, disk.fail_writes, " 2 layers, ", "pull", refs["three"])
-        if pulled.code == 0:
-            acked_images.add(refs["three"])
-        work.write(disk, kept, "kept", "during", acked)
-        work.attempt(disk, "umount", "kept")
-        work.cycle(disk, refs["one"], "fresh-failing-writes", acked)
-        if work.attempt(disk, "rmi", refs["two"]).code == 0:
-            acked_images.discard(refs["two"])
-        work.attempt(disk, "gc")
-        recover("writes failing from the middle of a pull")
+    def recover() -> None:
+        """Heal as an operator would, then check, repair, and check again: clean, with every
+        image whose pull returned still there (its blobs verified by the check)."""
+        phase = tally.phase
+        heal(disk, root, phase)
+        phase.check_after_heal = work.check()
+        phase.repaired = work.repair()
+        phase.check_after_repair = work.check()
+        assert not phase.check_after_repair, (phase.fault, phase)
+        listed = {ref for image in json.loads(work.ok("images", "--json"))
+                  for ref in image["refs"]}
+        phase.lost += [f"image {ref.rsplit('/', 1)[-1]}" for ref in sorted(acked_images - listed)]
 
-        # Writes fail from the middle of a container's creation (vfs copies the image).
-        containers = root / "drivers" / "vfs" / "containers"
-        made = work.attempt_while(disk, disk.fail_writes,
-                                  (containers / "fresh-mid-create").exists,
-                                  "mount", refs["two"], "--name", "fresh-mid-create")
-        if made.code == 0:
-            acked["fresh-mid-create"] = {}
-        recover("writes failing from the middle of a container's creation")
+    # Bad sectors under every blob and every unpacked layer's files: their reads fail.
+    blocks = first_blocks_under(root / "content" / "blobs", root / "drivers" / "vfs" / "layers")
+    disk.bad_blocks(blocks)
+    drop_caches()
+    tally.phases.append(Phase(f"dm-dust: reads of {len(blocks)} blocks fail (the first of "
+                              "every blob and unpacked layer file)",
+                              "before the operations, page cache dropped"))
+    tally.phase.check_under_fault = work.check()
+    assert set(tally.phase.check_under_fault) == {"blob-unreadable"}, tally.phase
+    work.cycle(refs["one"], "fresh-bad-sectors", acked)
+    if work.attempt("pull", refs["three"]).code == 0:
+        acked_images.add(refs["three"])
+    work.attempt("gc")
+    tally.phase.repaired_under_fault = work.repair()
+    recover()
 
-        # Every read and write fails.
-        disk.fail_all()
-        drop_caches()
-        tally.faults.append(disk.mode)
-        if work.attempt(disk, "pull", refs["three"]).code == 0:
-            acked_images.add(refs["three"])
-        work.cycle(disk, refs["one"], "fresh-dead-disk", acked)
-        work.attempt(disk, "images")
-        work.attempt(disk, "gc")
-        recover("a dead disk")
+    # Writes fail from the middle of a pull on (it has its manifest, not its layers), while
+    # a container is mounted and its application writes.
+    kept = Path(work.ok("mount", refs["one"], "--name", "kept").strip().splitlines()[-1])
+    pulled = work.attempt_while(disk.fail_writes, "dm-flakey error_writes: every write fails",
+                                " 2 layers, ", "pull", refs["three"])
+    if pulled.code == 0:
+        acked_images.add(refs["three"])
+    work.write(kept, "kept", "during", acked)
+    work.attempt("umount", "kept")
+    work.cycle(refs["one"], "fresh-failing-writes", acked)
+    if work.attempt("rmi", refs["two"]).code == 0:
+        acked_images.discard(refs["two"])
+    work.attempt("gc")
+    recover()
 
-        containers_now = work.containers()
-        for name, files in acked.items():
-            if name not in containers_now:
-                tally.lost.append(f"container {name}")
-                continue
-            path = Path(work.ok("mount", containers_now[name]["image"], "--name", name)
-                        .strip().splitlines()[-1])
-            tally.lost += [f"container {name}'s {file}" for file, data in files.items()
-                           if not (path / file).is_file() or (path / file).read_bytes() != data]
-            work.ok("umount", name)
-        # Served after the faults: every image as pushed, in a new container.
-        for name, ref in refs.items():
-            work.ok("pull", ref)
-            path = Path(work.ok("mount", ref, "--name", f"after-{name}").strip().splitlines()[-1])
-            for file, data in image_files(contents[name]).items():
-                assert (path / file).read_bytes() == data, (name, file)
-            work.ok("rm", "--force", f"after-{name}")
-    print(tally.report("io errors", started))
-    assert not tally.lost, tally.report("io errors", started)
+    # Writes fail from the middle of a container's creation (vfs copies the image).
+    containers = root / "drivers" / "vfs" / "containers"
+    made = work.attempt_while(disk.fail_writes, "dm-flakey error_writes: every write fails",
+                              (containers / "fresh-mid-create").exists,
+                              "mount", refs["two"], "--name", "fresh-mid-create")
+    if made.code == 0:
+        acked["fresh-mid-create"] = {}
+    recover()
+
+    # Every read and write fails.
+    disk.fail_all()
+    drop_caches()
+    tally.phases.append(Phase("dm-flakey: every read and write fails",
+                              "before the operations, page cache dropped"))
+    if work.attempt("pull", refs["three"]).code == 0:
+        acked_images.add(refs["three"])
+    work.cycle(refs["one"], "fresh-dead-disk", acked)
+    work.attempt("images")
+    work.attempt("gc")
+    recover()
+
+    containers_now = work.containers()
+    for name, files in acked.items():
+        if name not in containers_now:
+            tally.lost.append(f"container {name}")
+            continue
+        path = Path(work.ok("mount", containers_now[name]["image"], "--name", name)
+                    .strip().splitlines()[-1])
+        tally.lost += [f"container {name}'s {file}" for file, data in files.items()
+                       if not (path / file).is_file() or (path / file).read_bytes() != data]
+        work.ok("umount", name)
+    # Served after the faults: every image as pushed, in a new container.
+    for name, ref in refs.items():
+        work.ok("pull", ref)
+        path = Path(work.ok("mount", ref, "--name", f"after-{name}").strip().splitlines()[-1])
+        for file, data in image_files(contents[name]).items():
+            assert (path / file).read_bytes() == data, (name, file)
+        work.ok("rm", "--force", f"after-{name}")

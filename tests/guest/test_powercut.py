@@ -26,15 +26,12 @@ for its mkfs here, since every replayed point copies the whole disk in the guest
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import json
 import os
 import re
-import shutil
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +39,23 @@ import pytest
 import trio
 
 from imaged.config import Overrides, load_config
-from imaged.host import loopdev
-from imaged.host.mounts import unmount
 from imaged.ops.service import Service
 from imaged.testing.registry import LocalRegistry
-from tests.conftest import CLI, push_simple, unmount_below
+from tests.conftest import CLI, push_simple
 from tests.guest import dmlog
+from tests.guest.faultdisk import (  # noqa: F401 - images: an autouse fixture
+    MiB,
+    images,
+    logged,
+    make_fs,
+    mounted,
+    mounted_image,
+    run,
+    write_synced,
+)
 
 pytestmark = pytest.mark.guest
 
-MiB = 1 << 20
 DATA_SIZE = 64 * MiB
 LOG_SIZE = 256 * MiB
 LIMIT = 40
@@ -61,17 +65,6 @@ WRITTEN = b"acknowledged by fsync\n" * 100  # 2,200 bytes: less than a block
 # fstests' variables: mkfs.xfs then makes a filesystem under its 300 MB minimum.
 SMALL_XFS = {"TEST_DIR": "/nonexistent", "TEST_DEV": "/nonexistent", "QA_CHECK_FS": "xfs"}
 MKFS = {"ext4": (["mkfs.ext4", "-q"], {}), "xfs": (["mkfs.xfs", "-q", "-f"], SMALL_XFS)}
-
-
-@pytest.fixture(autouse=True)
-def images(tmp_path: Path) -> Iterator[None]:
-    """The test's disk images (``*.img`` in ``tmp_path``) and the OCI layout it pushed from
-    removed at teardown, failing or not: pytest keeps a session's temporary directories, and
-    the guest's /tmp, half its RAM, holds those of every guest test (a full tier ran out)."""
-    yield
-    for image in tmp_path.glob("*.img"):
-        image.unlink()
-    shutil.rmtree(tmp_path / "layout", ignore_errors=True)
 
 
 def sparse_copy(source: Path, target: Path) -> None:
@@ -99,59 +92,12 @@ def fresh_disk(tmp_path: Path, fstype: str) -> tuple[Path, Path, Path]:
     """Sparse files for the data device (a fresh ``fstype`` on it) and the log, and a copy of
     the data device as the log starts from it: the base every replay begins on."""
     data, log, base = tmp_path / "data.img", tmp_path / "log.img", tmp_path / "base.img"
-    for path, size in ((data, DATA_SIZE), (log, LOG_SIZE)):
-        with path.open("wb") as f:
-            f.truncate(size)
     mkfs, env = MKFS[fstype]
-    run(*mkfs, str(data), env=env)
+    make_fs(data, DATA_SIZE, mkfs, env)
+    with log.open("wb") as f:
+        f.truncate(LOG_SIZE)
     sparse_copy(data, base)
     return data, log, base
-
-
-def run(*argv: str, env: dict[str, str] | None = None) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60,
-                          env=None if env is None else {**os.environ, **env}).stdout
-
-
-@contextlib.contextmanager
-def mounted(image: Path, mount_point: Path) -> Iterator[Path]:
-    """``image``'s filesystem at ``mount_point`` through an autoclear loop device."""
-    with loopdev.attach(image) as attachment:
-        run("mount", str(attachment.device.path), str(mount_point))
-    try:
-        yield mount_point
-    finally:
-        unmount_below(mount_point)
-        unmount(mount_point)
-
-
-@contextlib.contextmanager
-def logged(data: Path, log: Path, name: str) -> Iterator[Path]:
-    """A dm-log-writes device over ``data``, logging to ``log``; removed, and its loop devices
-    with it, failing or not."""
-    with loopdev.attach(data) as under, loopdev.attach(log) as logdev:
-        sectors = DATA_SIZE // 512
-        run("dmsetup", "create", name, "--table",
-            f"0 {sectors} log-writes {under.device.path} {logdev.device.path}")
-    try:
-        yield Path("/dev/mapper") / name
-    finally:
-        run("dmsetup", "remove", "--retry", name)
-
-
-def write_acknowledged(directory: Path) -> None:
-    """``WRITTEN`` as ``directory``/acked, durable when this returns: the bytes flushed out of
-    Python's buffer and fsynced, then the directory fsynced for the name, as an application
-    must."""
-    with (directory / "acked").open("wb") as f:
-        f.write(WRITTEN)
-        f.flush()  # fsync sees only what the kernel has
-        os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def mark(name: str, label: str) -> None:
@@ -194,30 +140,25 @@ def test_every_flush_point_leaves_a_store_that_checks(
     name = f"imaged-powercut-{os.getpid()}"
     operations = ["pull one", "pull two", "container write", "umount", "rmi two", "gc"]
     root.mkdir()
-    with logged(data, log, name) as device:
-        run("mount", str(device), str(root))
-        try:
-            def ok(*args: str) -> str:
-                result = imaged("--driver", "vfs", *args)
-                assert result.code == 0, f"imaged {' '.join(args)}: {result.err}"
-                return result.out
+    with logged(data, log, name) as device, mounted(device, root):
+        def ok(*args: str) -> str:
+            result = imaged("--driver", "vfs", *args)
+            assert result.code == 0, f"imaged {' '.join(args)}: {result.err}"
+            return result.out
 
-            ok("pull", first.ref)
-            mark(name, "0")
-            ok("pull", second.ref)
-            mark(name, "1")
-            write_acknowledged(Path(ok("mount", first.ref, "--name", "c").strip()
-                                    .splitlines()[-1]))
-            mark(name, "2")
-            ok("umount", "c")
-            mark(name, "3")
-            ok("rmi", second.ref)
-            mark(name, "4")
-            ok("gc")
-            mark(name, "5")
-        finally:
-            unmount_below(root)
-            unmount(root)
+        ok("pull", first.ref)
+        mark(name, "0")
+        ok("pull", second.ref)
+        mark(name, "1")
+        write_synced(Path(ok("mount", first.ref, "--name", "c").strip().splitlines()[-1]), "acked",
+                     WRITTEN)
+        mark(name, "2")
+        ok("umount", "c")
+        mark(name, "3")
+        ok("rmi", second.ref)
+        mark(name, "4")
+        ok("gc")
+        mark(name, "5")
     recorded = time.monotonic() - started
 
     with log.open("rb") as stream:
@@ -244,7 +185,7 @@ def test_every_flush_point_leaves_a_store_that_checks(
             done = point + 1
             sparse_copy(advanced, scratch)
             returned = [operations[op] for op, index in marks.items() if index < point]
-            with mounted(scratch, root):
+            with mounted_image(scratch, root):
                 report, images = inspect(root)
                 recovered.update(recovery_kind(note) for note in report["recovered"])
                 findings += [(point, finding) for finding in report["findings"]]
@@ -290,15 +231,11 @@ def test_an_fsynced_write_is_on_the_disk_when_fsync_returns(tmp_path: Path, fsty
     name = f"imaged-fsync-{os.getpid()}"
     disk = tmp_path / "disk"
     disk.mkdir()
-    with logged(data, log, name) as device:
-        run("mount", str(device), str(disk))
-        try:
-            write_acknowledged(disk)
-            mark(name, "written")
-        finally:
-            unmount(disk)
+    with logged(data, log, name) as device, mounted(device, disk):
+        write_synced(disk, "acked", WRITTEN)
+        mark(name, "written")
     with log.open("rb") as stream, base.open("r+b") as target:
         parsed = dmlog.read_log(stream)
         dmlog.replay(stream, parsed, target, parsed.marks()["written"])
-    with mounted(base, disk):
+    with mounted_image(base, disk):
         assert (disk / "acked").read_bytes() == WRITTEN

@@ -39,7 +39,7 @@ import json
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +47,20 @@ import pytest
 import trio
 
 from imaged.cli.client import DaemonClient, segment
-from imaged.host import loopdev
-from imaged.host.mounts import unmount
 from imaged.server.daemon import STALL_SECONDS
 from imaged.testing.images import OCILayout, file, push
 from imaged.testing.registry import LocalRegistry
-from tests.conftest import push_simple, unmount_below
-from tests.guest.test_powercut import images, run  # noqa: F401 - images: an autouse fixture
+from tests.conftest import push_simple
+from tests.guest.faultdisk import (  # noqa: F401 - images: an autouse fixture
+    MiB,
+    delayed,
+    images,
+    make_fs,
+    mounted,
+)
 
 pytestmark = pytest.mark.guest
 
-MiB = 1 << 20
 DISK_SIZE = 256 * MiB
 DELAY_MS = 50
 STALL_BOUND = 3 * DELAY_MS / 1000  # seconds
@@ -65,20 +68,6 @@ ANSWER_BOUND = 1.0  # an answer this late is a hung loop, whatever the guest's s
 IDLE_SAMPLES = 10
 _STALL = re.compile(r"WARNING: event loop blocked (\d+) ms by task (.*)")
 _LONGEST = re.compile(r"longest event-loop step: event loop blocked (\d+) ms by task (.*)")
-
-
-@contextlib.contextmanager
-def delayed(image: Path, name: str, delay_ms: int) -> Iterator[Path]:
-    """A dm-delay device over ``image``: reads at once, writes ``delay_ms`` late (0: passed
-    straight through, the baseline)."""
-    with loopdev.attach(image) as under:
-        dev = under.device.path
-        run("dmsetup", "create", name, "--table",
-            f"0 {DISK_SIZE // 512} delay {dev} 0 0 {dev} 0 {delay_ms}")
-    try:
-        yield Path("/dev/mapper") / name
-    finally:
-        run("dmsetup", "remove", "--retry", name)
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -117,10 +106,7 @@ def test_info_answers_while_pulls_and_gc_write_to_a_slow_disk(
         tmp_path: Path, root: Path, registry: LocalRegistry, layout: OCILayout,
         start_daemon: Any, record_property: Callable[[str, object], None],
         delay_ms: int, many_files: bool) -> None:
-    image = tmp_path / "disk.img"
-    with image.open("wb") as f:
-        f.truncate(DISK_SIZE)
-    run("mkfs.ext4", "-q", str(image))
+    image = make_fs(tmp_path / "disk.img", DISK_SIZE, ["mkfs.ext4", "-q"])
     files = {f"f{i}": b"%d\n" % i for i in range(MANY_FILES)} if many_files else \
         {f"blob{i}": bytes([i]) * MiB for i in range(16)}
     pushed = push_simple(layout, registry, "slowdisk/one", files=files)
@@ -133,58 +119,53 @@ def test_info_answers_while_pulls_and_gc_write_to_a_slow_disk(
     idle: list[float] = []
     spans: dict[str, float] = {}
     results: dict[str, Any] = {}
-    with delayed(image, f"imaged-slow-{id(image)}", delay_ms) as device:
-        run("mount", str(device), str(root))
-        try:
-            daemon = start_daemon("vfs")
-            with contextlib.closing(DaemonClient(daemon.socket, timeout=60)) as work, \
-                    contextlib.closing(DaemonClient(daemon.socket, timeout=60)) as probe:
+    with delayed(image, f"imaged-slow-{id(image)}", delay_ms) as device, mounted(device, root):
+        daemon = start_daemon("vfs")
+        with contextlib.closing(DaemonClient(daemon.socket, timeout=60)) as work, \
+                contextlib.closing(DaemonClient(daemon.socket, timeout=60)) as probe:
 
-                def pull(ref: str) -> Callable[[], Any]:
-                    return lambda: list(work.stream("POST", "/v1/images/pull", {"ref": ref}))[-1]
+            def pull(ref: str) -> Callable[[], Any]:
+                return lambda: list(work.stream("POST", "/v1/images/pull", {"ref": ref}))[-1]
 
-                def operations() -> None:
-                    for label, call in (
-                            ("pull", pull(pushed.ref)),
-                            ("failing pull", pull(failing)),
-                            ("rmi", lambda: work.call("DELETE",
-                                                      f"/v1/images/{segment(pushed.ref)}")),
-                            ("gc", lambda: work.call("POST", "/v1/gc"))):
-                        began = time.monotonic()
-                        results[label] = call()
-                        spans[label] = time.monotonic() - began
-
-                for _ in range(IDLE_SAMPLES):  # the guest's own cost of an answer
+            def operations() -> None:
+                for label, call in (
+                        ("pull", pull(pushed.ref)),
+                        ("failing pull", pull(failing)),
+                        ("rmi", lambda: work.call("DELETE",
+                                                  f"/v1/images/{segment(pushed.ref)}")),
+                        ("gc", lambda: work.call("POST", "/v1/gc"))):
                     began = time.monotonic()
-                    probe.call("GET", "/v1/info")
-                    idle.append(time.monotonic() - began)
+                    results[label] = call()
+                    spans[label] = time.monotonic() - began
 
-                async def main() -> None:
-                    done = trio.Event()
+            for _ in range(IDLE_SAMPLES):  # the guest's own cost of an answer
+                began = time.monotonic()
+                probe.call("GET", "/v1/info")
+                idle.append(time.monotonic() - began)
 
-                    async def load() -> None:
-                        await trio.to_thread.run_sync(operations)
-                        done.set()
+            async def main() -> None:
+                done = trio.Event()
 
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(load)
-                        while not done.is_set():
-                            began = time.monotonic()
-                            await trio.to_thread.run_sync(probe.call, "GET", "/v1/info")
-                            latencies.append(time.monotonic() - began)
-                            await trio.sleep(0.02)
+                async def load() -> None:
+                    await trio.to_thread.run_sync(operations)
+                    done.set()
 
-                try:
-                    trio.run(main)
-                except BaseException:
-                    print(daemon.output())  # why the daemon failed a request, for the report
-                    raise
-                finally:
-                    daemon.stop()  # before the unmount, which it would keep busy
-            log = daemon.output()
-        finally:
-            unmount_below(root)
-            unmount(root)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(load)
+                    while not done.is_set():
+                        began = time.monotonic()
+                        await trio.to_thread.run_sync(probe.call, "GET", "/v1/info")
+                        latencies.append(time.monotonic() - began)
+                        await trio.sleep(0.02)
+
+            try:
+                trio.run(main)
+            except BaseException:
+                print(daemon.output())  # why the daemon failed a request, for the report
+                raise
+            finally:
+                daemon.stop()  # before the unmount, which it would keep busy
+        log = daemon.output()
     assert results["pull"]["status"] == "done", results
     assert results["failing pull"]["status"] == "error", results
     assert results["gc"]["removed"]["partials"] >= 1, results  # the gc had work to do
