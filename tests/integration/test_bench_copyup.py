@@ -68,10 +68,11 @@ def test_quick_copyup_report(imaged_proc: Any, tmp_path: Path, root: Path) -> No
 
 def test_an_unknown_filesystem_is_one_line(imaged_proc: Any, tmp_path: Path) -> None:
     result = imaged_proc("bench", "copyup", "--quick", "--out", str(tmp_path),
-                         "--filesystems", "zfs")
+                         "--filesystems", "ntfs")
     assert result.code != 0
     assert result.err.strip().splitlines() == [
-        "imaged: error: no filesystem zfs (there are ext4, xfs, btrfs)"]
+        "imaged: error: no filesystem ntfs (there are ext4, xfs, btrfs, zfs-fuse; zfs means "
+        "zfs-fuse)"]
 
 
 def test_a_filesystem_the_bench_cannot_make_is_a_row_saying_why(
