@@ -242,7 +242,7 @@ def zfs_fs(size: int, parent: Path | None = None) -> Iterator[ZfsFs]:
         except (ZfsError, RuntimeError) as e:
             raise ScratchError(f"zfs-fuse: {e}") from None
         yield ZfsFs(name, f"{name}/bench", device, devices, mount_point,
-                    f"a zfs-fuse pool (userspace ZFS behind FUSE, pool version 23) of "
+                    f"a zfs-fuse pool {name} (userspace ZFS behind FUSE, pool version 23) of "
                     f"{size >> 30} GiB on {device} "
                     f"({'direct I/O' if direct else 'direct I/O refused: cached'}), its daemon "
                     f"{'started for the run' if daemon.ours else 'one already running'}",

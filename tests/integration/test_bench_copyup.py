@@ -16,6 +16,7 @@ import pytest
 from imaged.bench import copyup
 from imaged.host.mounts import mountinfo
 from imaged.ops import copycost
+from tests.conftest import need_tools
 
 
 def _left_behind(scratch: str) -> list[str]:
@@ -64,6 +65,37 @@ def test_quick_copyup_report(imaged_proc: Any, tmp_path: Path, root: Path) -> No
     assert lowers is not None
     assert _left_behind(lowers[1]) == []
     assert not Path(lowers[1]).exists()
+
+
+def test_quick_copyup_on_zfs_fuse(imaged_proc: Any, tmp_path: Path) -> None:
+    """``--filesystems zfs``: a zfs-fuse pool of its own, the zfs clone and a volume measured,
+    kernel overlay a row saying why it cannot stack there, the report named copyup-zfs; and
+    after it the pool, its loop device and every mount gone (the scratch is in TMPDIR)."""
+    need_tools("zfs-fuse", "zfs", "zpool")
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    scratch.mkdir()
+    result = imaged_proc("bench", "copyup", "--quick", "--out", str(out), "--filesystems",
+                         "zfs", "--configs", "zfs", "overlay", "volume",
+                         env={"TMPDIR": str(scratch)})
+    assert result.code == 0, result.err
+    report = json.loads((out / "copyup-zfs.json").read_text())
+    series = report["series"]
+    for config in ("zfs", "volume"):
+        assert series[f"{config} on zfs-fuse: first overwrite 16M cold"]["median"] > 0
+    # A clone's first overwrite writes a new record of the file, not the file.
+    assert 0 < series["zfs on zfs-fuse: space used after first overwrite 16M cold"]["median"] \
+        < 4 * 1024
+    assert report["facts"]["rename of a lower directory: zfs on zfs-fuse"] == "ok"
+    assert any("exported and imported" in note for note in report["notes"])
+    assert "| overlay | not measured: overlay cannot stack on zfs-fuse: " in \
+        (out / "copyup-zfs.md").read_text()
+    pool = re.search(r"zfs-fuse pool (imagedbench\d+) ", report["facts"]["scratch zfs-fuse"])
+    assert pool is not None
+    pools = subprocess.run(["zpool", "list", "-H", "-o", "name"], capture_output=True,
+                           text=True, check=False).stdout.split()
+    assert pool[1] not in pools
+    assert _left_behind(str(scratch)) == []
+    assert list(scratch.iterdir()) == []
 
 
 def test_an_unknown_filesystem_is_one_line(imaged_proc: Any, tmp_path: Path) -> None:
