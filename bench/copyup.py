@@ -11,7 +11,7 @@ copy once, for the whole layer, when the container is created (its writes then t
 files); a btrfs subvolume snapshot (on btrfs only); and a "volume", a plain directory on the
 same filesystem, what Docker's docs tell write-heavy workloads to use.
 
-Each backing filesystem (ext4, xfs with reflink, btrfs) is a dedicated loop filesystem on its
+Each kernel backing filesystem (ext4, xfs with reflink, btrfs) is a dedicated loop filesystem on its
 own loop device with direct I/O (``imaged.bench.scratch.loop_fs``): cold means that
 filesystem unmounted and mounted again before the container mounts, so neither its caches
 nor the host's cache of its backing file hold the lower file; warm means the lower file read
@@ -30,9 +30,19 @@ overwrite runs at every size; the others at the smallest and largest (the middle
 interpolate them). And a rename of a lower directory of 1,000 files: ``ok`` or ``EXDEV``,
 and then the time ``mv``'s copy-and-delete fallback takes.
 
+zfs-fuse, asked for by name (``--filesystems zfs``): this kernel has no ZFS, so the pool is
+Debian's userspace zfs-fuse behind FUSE, on a loop device of its own
+(``imaged.bench.scratch.zfs_fs``), and every row says so. Its cold is the pool exported and
+imported (which unloads it from the daemon, its ARC with it), and its ``zfs`` row is a
+container as the zfs driver makes one, a clone of the top layer's snapshot. A run on it alone
+writes ``copyup-zfs.*``, beside, not over, the kernel filesystems' report.
+
 A configuration is one entry of ``CONFIGURATIONS``: how to stack and with which options, and
 when it cannot be measured on a filesystem, why: a report row that says so, never a missing
-row or a zero. zfs and devmapper are such rows (``ELSEWHERE``).
+row or a zero. Stacked configurations are tried once on each filesystem first (a mount and a
+copy-up), so one the filesystem cannot carry (kernel overlay and imaged's fuse server on
+zfs-fuse, which has no xattrs) is such a row with the kernel's or the server's reason, and
+so is devmapper (``ELSEWHERE``).
 """
 
 from __future__ import annotations

@@ -101,14 +101,7 @@ def loop_fs(size: int, kind: str, parent: Path | None = None) -> Iterator[LoopFs
                               check=False)
         if made.returncode != 0:
             raise ScratchError(f"{_MKFS[kind][0]} failed: {made.stderr.strip()[:200]}")
-        attached = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
-                                  capture_output=True, text=True, check=False)
-        if attached.returncode != 0:
-            raise ScratchError(f"losetup failed: {attached.stderr.strip()[:200]}")
-        device = attached.stdout.strip()
-        try:
-            flag = Path(f"/sys/block/{Path(device).name}/loop/dio")
-            direct = flag.exists() and flag.read_text().strip() == "1"
+        with _loop_device(image) as (device, direct):
             subprocess.run(["mount", device, str(mount_point)], check=True, capture_output=True)
             try:
                 yield LoopFs(device, mount_point,
@@ -117,8 +110,6 @@ def loop_fs(size: int, kind: str, parent: Path | None = None) -> Iterator[LoopFs
                              direct)
             finally:
                 _unmount(mount_point)
-        finally:
-            subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
 
 
 @contextlib.contextmanager
