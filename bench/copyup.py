@@ -1181,11 +1181,15 @@ def _method(runs: int, sizes: Sequence[int], the_plan: _Plan, elapsed: float,
         "run every configuration in turn, the order rotating from run to run; every sample "
         "in a fresh container (new upper and work directories and a new mount, a new "
         "snapshot, or the plain copy restored) on the same lower directories",
-        "cold: the loop filesystem unmounted and mounted again after the container's "
-        "directories exist and before its mount (its loop device asked for direct I/O, so "
-        "the host's cache of the backing file is not read either; the scratch facts say "
-        "whether it was granted). warm: the lower file read once before the operation",
     ]
+    kernel = [f for f in filesystems if f != ZFS]
+    notes.append(
+        (f"cold on {', '.join(kernel)}: the loop filesystem unmounted and mounted again after "
+         "the container's directories exist and before its mount (its loop device asked for "
+         "direct I/O, so the host's cache of the backing file is not read either; the "
+         "scratch facts say whether it was granted); " if kernel else "") +
+        (f"cold on {ZFS}: the pool exported and imported at that moment (below); "
+         if ZFS in filesystems else "") + "warm: the lower file read once before the operation")
     if ZFS in filesystems:
         notes.append(
             "zfs-fuse is Debian's userspace ZFS (pool version 23) behind FUSE, not kernel "
