@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from imaged.bench import copyup
+from imaged.bench.scratch import zfs_fs
 from imaged.host.mounts import mountinfo
 from imaged.ops import copycost
 from tests.conftest import need_tools
@@ -94,6 +95,32 @@ def test_quick_copyup_on_zfs_fuse(imaged_proc: Any, tmp_path: Path) -> None:
     pools = subprocess.run(["zpool", "list", "-H", "-o", "name"], capture_output=True,
                            text=True, check=False).stdout.split()
     assert pool[1] not in pools
+    assert _left_behind(str(scratch)) == []
+    assert list(scratch.iterdir()) == []
+
+
+class _Interrupted(Exception):
+    """What the bench's body raises in the middle of a sample."""
+
+
+def test_a_zfs_fuse_scratch_is_gone_after_a_failure(tmp_path: Path) -> None:
+    """A sample that fails with a layer made and a container mounted: the pool, its loop
+    device, its mounts and its files are gone all the same."""
+    need_tools("zfs-fuse", "zfs", "zpool")
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "file").write_bytes(b"lower")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(_Interrupted), zfs_fs(1 << 30, scratch) as fs:
+        pool = fs.pool
+        origin = fs.layer("base", None, content)
+        with fs.clone(origin, "c", fs.mount_point / "rootfs") as rootfs:
+            assert (rootfs / "file").read_bytes() == b"lower"
+            raise _Interrupted
+    pools = subprocess.run(["zpool", "list", "-H", "-o", "name"], capture_output=True,
+                           text=True, check=False).stdout.split()
+    assert pool not in pools
     assert _left_behind(str(scratch)) == []
     assert list(scratch.iterdir()) == []
 
