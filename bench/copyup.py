@@ -11,7 +11,7 @@ copy once, for the whole layer, when the container is created (its writes then t
 files); a btrfs subvolume snapshot (on btrfs only); and a "volume", a plain directory on the
 same filesystem, what Docker's docs tell write-heavy workloads to use.
 
-Each backing filesystem (ext4, xfs with reflink, btrfs) is a dedicated loop filesystem on its
+Each kernel backing filesystem (ext4, xfs with reflink, btrfs) is a dedicated loop filesystem on its
 own loop device with direct I/O (``imaged.bench.scratch.loop_fs``): cold means that
 filesystem unmounted and mounted again before the container mounts, so neither its caches
 nor the host's cache of its backing file hold the lower file; warm means the lower file read
@@ -30,9 +30,19 @@ overwrite runs at every size; the others at the smallest and largest (the middle
 interpolate them). And a rename of a lower directory of 1,000 files: ``ok`` or ``EXDEV``,
 and then the time ``mv``'s copy-and-delete fallback takes.
 
+zfs-fuse, asked for by name (``--filesystems zfs``): this kernel has no ZFS, so the pool is
+Debian's userspace zfs-fuse behind FUSE, on a loop device of its own
+(``imaged.bench.scratch.zfs_fs``), and every row says so. Its cold is the pool exported and
+imported (which unloads it from the daemon, its ARC with it), and its ``zfs`` row is a
+container as the zfs driver makes one, a clone of the top layer's snapshot. A run on it alone
+writes ``copyup-zfs.*``, beside, not over, the kernel filesystems' report.
+
 A configuration is one entry of ``CONFIGURATIONS``: how to stack and with which options, and
 when it cannot be measured on a filesystem, why: a report row that says so, never a missing
-row or a zero. zfs and devmapper are such rows (``ELSEWHERE``).
+row or a zero. Stacked configurations are tried once on each filesystem first (a mount and a
+copy-up), so one the filesystem cannot carry (kernel overlay and imaged's fuse server on
+zfs-fuse, which has no xattrs) is such a row with the kernel's or the server's reason, and
+so is devmapper (``ELSEWHERE``).
 """
 
 from __future__ import annotations
@@ -57,20 +67,22 @@ from pathlib import Path
 
 from imaged import __version__
 from imaged.bench.report import BarPanel, Panel, Series, cell, machine_facts, write_report
-from imaged.bench.scratch import LoopFs, ScratchError, loop_fs, settle
+from imaged.bench.scratch import LoopFs, ScratchError, ZfsFs, loop_fs, settle, zfs_fs
 from imaged.drivers.vfs import copy_tree, reflink_supported
-from imaged.errors import InvalidError
-from imaged.fsutil import fsync_dir, syncfs
+from imaged.errors import ImagedError, InvalidError
+from imaged.fsutil import fsync_dir
 from imaged.host.mounts import MountSpec, kernel_filesystems, mount_with_command, mountinfo, unmount
 from imaged.ops import advise, copycost
 
 SIZES = (1 << 20, 16 << 20, 256 << 20, 1 << 30)
 QUICK_SIZES = (1 << 20, 16 << 20)
-FILESYSTEMS = ("ext4", "xfs", "btrfs")
+ZFS = "zfs-fuse"  # userspace ZFS behind FUSE: named so that nobody reads it as kernel ZFS
+FILESYSTEMS = ("ext4", "xfs", "btrfs", ZFS)
+FILESYSTEM_ALIASES = {"zfs": ZFS}  # the only ZFS this machine has
+# zfs-fuse measures a userspace daemon and takes as long as the three others: asked for only
+DEFAULT_FILESYSTEMS = ("ext4", "xfs", "btrfs")
 # Configurations of the issue this module does not run, and why: rows, not silence.
 ELSEWHERE = {
-    ("zfs", "zfs"): "not measured: zfs on zfs-fuse is not run by bench copyup (its FUSE "
-                    "daemon would be measured, not zfs)",
     ("devmapper", "devmapper"): "not measured: needs the guest kernel tier (tests/guest, "
                                 "device-mapper); not run by bench copyup",
 }
@@ -93,7 +105,8 @@ class Configuration:
     """One way to give a container its files. ``kind`` says how: ``overlay`` (the kernel's),
     ``imaged`` (``python -m imaged.fuse.serve``), ``fuse-overlayfs`` (Debian's), ``vfs``
     (imaged's copy driver: the layers copied at create), ``snapshot`` (a btrfs subvolume
-    snapshot), ``volume`` (a plain directory). ``options`` are mount options for the kernel
+    snapshot), ``clone`` (a zfs clone of the top layer's snapshot, as the zfs driver
+    makes a container), ``volume`` (a plain directory). ``options`` are mount options for the kernel
     and fuse-overlayfs, server arguments for imaged. ``implied`` marks options a server that
     lacks them does anyway (full copy-up was the only mode before ``--copy-up`` existed), so
     the row runs without them there. ``only_on``: the filesystems it can run on at all;
@@ -113,6 +126,7 @@ CONFIGURATIONS = (
     Configuration("overlay volatile", "overlay", ("volatile",)),
     Configuration("vfs", "vfs"),
     Configuration("btrfs", "snapshot", only_on=("btrfs",)),
+    Configuration("zfs", "clone", only_on=(ZFS,)),
     Configuration("fuse full", "imaged", ("--copy-up", "full"), implied=True),
     Configuration("fuse reflink", "imaged",
                   ("--copy-up", "auto", "--partial-threshold", NEVER_PARTIAL), reflink=True),
@@ -144,6 +158,10 @@ class Layers:
     tree_files: int
     rename: str  # a lower directory of RENAME_FILES files
     flat: dict[str, Path]  # kind -> the directory holding both layers merged
+    origin: str | None = None  # the zfs snapshot of the top layer containers are clones of
+
+
+Backing = LoopFs | ZfsFs  # a backing filesystem: mount point, sync, remount (cold)
 
 
 @dataclass(frozen=True)
@@ -192,6 +210,61 @@ def _unfit(config: Configuration, filesystem: str, scratch: Path) -> str:
         return f"{config.name} runs on {' and '.join(config.only_on)} only"
     if config.reflink and not reflink_supported(scratch / "reflink-probe"):
         return f"{filesystem} cannot clone extents (FICLONE): reflink is full copy-up here"
+    return ""
+
+
+def _kernel_log() -> list[str]:
+    """The kernel's log lines (with their timestamps, so new ones tell apart), or none when
+    this host does not let us read it."""
+    return subprocess.run(["dmesg"], capture_output=True, text=True, check=False,
+                          timeout=30).stdout.splitlines()
+
+
+def _stores_xattrs(directory: Path) -> bool:
+    probe = directory / "xattr-probe"
+    probe.touch()
+    try:
+        os.setxattr(probe, "trusted.imaged-probe", b"1")
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+    return True
+
+
+def overlay_refusal(kernel_lines: Sequence[str]) -> str:
+    """What overlayfs said in the kernel's log lines when it refused a mount, without its
+    timestamps and its "...falling back" lines (what it would do instead, not why not)."""
+    said = [m[1].strip() for line in kernel_lines
+            if (m := re.search(r"overlayfs: (.*)", line)) and not m[1].startswith("...")]
+    return "; ".join(said)
+
+
+def _probe(config: Configuration, options: tuple[str, ...], fs: Backing,
+           filesystem: str) -> str:
+    """Why ``config`` cannot stack with its upper on this filesystem, or "" when it can:
+    one mount and one copy-up of a lower file, which is where a filesystem lacking what
+    the stack needs (RENAME_WHITEOUT, xattrs on zfs-fuse) fails. The kernel says why
+    overlay refused in its log, not in mount's message."""
+    home = fs.mount_point / "probe"
+    lower, upper, work, target = (home / d for d in ("lower", "upper", "work", "mnt"))
+    for path in (lower, upper, work, target):
+        path.mkdir(parents=True)
+    (lower / "file").write_bytes(b"lower")
+    before = set(_kernel_log())
+    try:
+        with _mounted(config, options, (lower,), upper, work, target,
+                      home.with_name("probe.log")), (target / "file").open("ab") as fh:
+            fh.write(b"written")
+    except (OSError, RuntimeError, subprocess.SubprocessError, ImagedError) as e:
+        why = overlay_refusal([line for line in _kernel_log() if line not in before]) or (
+            f"a copy-up failed: {e.strerror}" if isinstance(e, OSError) and e.strerror
+            else str(e).strip().splitlines()[0])
+        if not _stores_xattrs(upper):
+            why += f" ({filesystem} stores no xattrs)"
+        return f"{config.name} cannot stack on {filesystem}: {why}"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     return ""
 
 
@@ -285,7 +358,7 @@ def _btrfs(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def _container(config: Configuration, options: tuple[str, ...], layers: Layers, fs: LoopFs,
+def _container(config: Configuration, options: tuple[str, ...], layers: Layers, fs: Backing,
                *, cold: bool) -> Iterator[Container]:
     """A fresh container: new upper and work directories and a new mount, a new snapshot,
     or (vfs, volume) the plain copy restored after the sample; gone on exit. ``cold``: the
@@ -305,6 +378,12 @@ def _container(config: Configuration, options: tuple[str, ...], layers: Layers, 
             with _mounted(config, options, layers.lowers, upper, work, target,
                           base / f"{config.name.replace(' ', '-')}.log"):
                 yield Container(target, upper, layers.lowers[0])
+        elif config.kind == "clone":
+            if not isinstance(fs, ZfsFs) or layers.origin is None:
+                raise RuntimeError("a zfs clone needs a zfs-fuse pool and its layers")
+            with fs.clone(layers.origin, "c", home / "rootfs",
+                          before_mount=fs.remount if cold else lambda: None) as rootfs:
+                yield Container(rootfs, rootfs, rootfs)
         elif config.kind == "snapshot":
             snap = home / "snap"
             _btrfs("subvolume", "snapshot", str(layers.flat["snapshot"]), str(snap))
@@ -384,11 +463,13 @@ def _make_tree(root: Path, files: int) -> None:
         names.append(path)
 
 
-def _make_layers(scratch: Path, sizes: Sequence[int], tree_files: int,
+def _make_layers(fs: Backing, sizes: Sequence[int], tree_files: int,
                  kinds: set[str]) -> Layers:
     """The lower layers, and the flat copies the plain and snapshot ``kinds`` start from:
     vfs's as its driver makes it (``cp --reflink=auto``), a volume's by plain writes, the
-    btrfs configuration's a subvolume whose data is cloned from the layers."""
+    btrfs configuration's a subvolume whose data is cloned from the layers; for a zfs clone,
+    the two layers as the zfs driver keeps them (the top a clone of the base's snapshot)."""
+    scratch = fs.mount_point
     top, base = scratch / "lower-top", scratch / "lower-base"
     (top / "big").mkdir(parents=True)
     big = {}
@@ -419,9 +500,12 @@ def _make_layers(scratch: Path, sizes: Sequence[int], tree_files: int,
                 subprocess.run(["cp", "-a", reflink, "--no-target-directory", str(layer),
                                 str(target)], check=True, timeout=1800)
         flat[kind] = target
+    origin = None
+    if "clone" in kinds and isinstance(fs, ZfsFs):
+        origin = fs.layer("top", fs.layer("base", None, base), top)
     settle()
     return Layers((top, base), big, "tree", tarball, tarball.stat().st_size, tree_files,
-                  "rename/dir", flat)
+                  "rename/dir", flat, origin)
 
 
 def _label(size: int) -> str:
@@ -446,11 +530,12 @@ def _allocated(tree: Path) -> int:
     return total
 
 
-def _free(mount_point: Path) -> int:
-    """Free bytes of the backing filesystem once what was written reached it (syncfs):
-    what a clone shares costs nothing here, while st_blocks counts it in full."""
-    syncfs(mount_point)
-    stat = os.statvfs(mount_point)
+def _free(fs: Backing) -> int:
+    """Free bytes of the backing filesystem once what was written reached it (syncfs, a
+    transaction group on zfs-fuse): what a clone shares costs nothing here, while st_blocks
+    counts it in full."""
+    fs.sync()
+    stat = os.statvfs(fs.mount_point)
     return stat.f_bfree * stat.f_frsize
 
 
@@ -572,7 +657,7 @@ def plan(sizes: Sequence[int], *, quick: bool, metadata: bool) -> _Plan:
                  TEMPERATURES, io=not quick, first_writes=True)
 
 
-def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, fs: LoopFs,
+def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, fs: Backing,
             filesystem: str, the_plan: _Plan, table: _Table, outcomes: dict[str, set[str]]
             ) -> None:
     """One run's samples of one configuration on one filesystem, each in a fresh
@@ -592,11 +677,11 @@ def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, fs:
                     if temperature == "warm":
                         _warm(box.warm / rel)
                     path = box.mount / rel
-                    before, free = _allocated(box.upper), _free(fs.mount_point)
+                    free, before = _free(fs), _allocated(box.upper)
                     first = _timed(functools.partial(operate, operation, path, size))
                     synced = _timed(functools.partial(_fsync, path))
+                    used = free - _free(fs)  # synced first: zfs counts synced blocks only
                     grown = _allocated(box.upper) - before
-                    used = free - _free(fs.mount_point)
                     second = _timed(functools.partial(operate, operation, path, size,
                                                       second=True))
                 label = f"{operation} {_label(size)} {temperature}"
@@ -630,7 +715,7 @@ def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, fs:
 
 
 def _container_io(config: Configuration, options: tuple[str, ...], layers: Layers,
-                  fs: LoopFs, filesystem: str, table: _Table) -> None:
+                  fs: Backing, filesystem: str, table: _Table) -> None:
     """What a container does most, in one cold container: ``find | xargs stat`` over the
     tree, reading the largest file, both cold then warm, and unpacking the tree into it."""
     settle()
@@ -647,18 +732,19 @@ def _container_io(config: Configuration, options: tuple[str, ...], layers: Layer
                 add(f"read {_label(largest)} {temperature}", "MB/s",
                     _read_rate(box.mount / layers.big[largest]))
         settle()
-        add(f"untar {layers.tree_files} files + syncfs", "seconds", _untar(box, layers))
+        add(f"untar {layers.tree_files} files + syncfs", "seconds", _untar(box, layers, fs))
         if config.kind in PLAIN:
             shutil.rmtree(box.mount / "untar")
 
 
-def _untar(box: Container, layers: Layers) -> float:
-    """Seconds to unpack the tree into a new directory of the container and syncfs it."""
+def _untar(box: Container, layers: Layers, fs: Backing) -> float:
+    """Seconds to unpack the tree into a new directory of the container and sync the
+    backing filesystem (where the upper is)."""
     (box.mount / "untar").mkdir()
     start = time.perf_counter()
     subprocess.run(["tar", "-xf", str(layers.tarball), "-C", str(box.mount / "untar")],
                    check=True, timeout=1800, stdin=subprocess.DEVNULL)
-    syncfs(box.upper)
+    fs.sync()
     return time.perf_counter() - start
 
 
@@ -668,7 +754,7 @@ _NOT_REQUESTS = {"init", "destroy"}  # the session's own, answered inside libfus
 
 
 def _requests(config: Configuration, options: tuple[str, ...], layers: Layers,
-              fs: LoopFs) -> dict[str, int]:
+              fs: Backing) -> dict[str, int]:
     """The requests a FUSE server answers over one untar in a fresh container, mount to
     unmount, by operation: imaged's ``--count-requests``, fuse-overlayfs's ``debug`` log.
     Untimed (both ways of counting cost time); the kernel decides what it sends, so one
@@ -679,7 +765,7 @@ def _requests(config: Configuration, options: tuple[str, ...], layers: Layers,
     counting = (*options, "--count-requests", str(counts)) if config.kind == "imaged" \
         else (*options, "debug")
     with _container(config, counting, layers, fs, cold=False) as box:
-        _untar(box, layers)
+        _untar(box, layers, fs)
     if config.kind == "imaged":
         found: dict[str, int] = json.loads(counts.read_text())
         counts.unlink()
@@ -936,6 +1022,12 @@ def _selected(names: Sequence[str] | None) -> tuple[Configuration, ...]:
     return tuple(known[n] for n in names)
 
 
+def report_name(filesystems: Sequence[str]) -> str:
+    """``copyup-zfs`` for a run on zfs-fuse alone, else ``copyup``: the userspace ZFS is
+    measured apart, and its report must not replace the kernel filesystems' in ``DIR``."""
+    return "copyup-zfs" if set(filesystems) == {ZFS} else "copyup"
+
+
 def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
         filesystems: Sequence[str] | None = None, configs: Sequence[str] | None = None, *,
         metadata: bool = False) -> list[Path]:
@@ -946,11 +1038,12 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
         raise RuntimeError("imaged bench copyup needs root: it mounts loop filesystems, "
                            "overlays and FUSE filesystems and drops the page cache")
     chosen = _selected(configs or (METADATA_CONFIGS if metadata else None))
-    filesystems = list(filesystems or (("ext4",) if metadata else FILESYSTEMS))
+    filesystems = [FILESYSTEM_ALIASES.get(f, f)
+                   for f in filesystems or (("ext4",) if metadata else DEFAULT_FILESYSTEMS)]
     unknown = [f for f in filesystems if f not in FILESYSTEMS]
     if unknown:
         raise InvalidError(f"no filesystem {', '.join(unknown)} (there are "
-                         f"{', '.join(FILESYSTEMS)})")
+                         f"{', '.join(FILESYSTEMS)}; zfs means zfs-fuse)")
     sizes = [] if metadata else sorted(sizes or (QUICK_SIZES if quick else SIZES))
     the_plan = plan(sizes, quick=quick, metadata=metadata)
     runs = 1 if quick else runs
@@ -1011,7 +1104,7 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
         return write_report(out, "metadata", f"Untar and find | xargs stat on "
                             f"{', '.join(filesystems)}", series, facts, ratios, notes,
                             summary=summary, data={"requests": requests})
-    return write_report(out, "copyup", title, series, facts, ratios, notes,
+    return write_report(out, report_name(filesystems), title, series, facts, ratios, notes,
                         _panels(table, measured, sizes, the_plan.temperatures[0]), summary,
                         data={"requests": requests})
 
@@ -1023,18 +1116,24 @@ def _filesystem(filesystem: str, size: int, runnable: list[tuple[Configuration, 
                 facts: dict[str, object], notes: list[str],
                 requests: dict[str, dict[str, int]]) -> None:
     """Every run of every configuration that fits on one backing filesystem."""
-    with loop_fs(size, filesystem) as fs:
+    backing = zfs_fs(size) if filesystem == ZFS else loop_fs(size, filesystem)
+    with backing as fs:
         here = []
         for config, options in runnable:
             why = _unfit(config, filesystem, fs.mount_point)
+            if not why and config.kind in MOUNTED:
+                why = _probe(config, options, fs, filesystem)
             if why:
                 absent[(config.name, filesystem)] = f"not measured: {why}"
             else:
                 here.append((config, options))
         print(f"{filesystem}: {fs.description}", file=sys.stderr)
-        layers = _make_layers(fs.mount_point, sizes, tree_files, {c.kind for c, _ in here})
+        layers = _make_layers(fs, sizes, tree_files, {c.kind for c, _ in here})
         facts[f"scratch {filesystem}"] = \
             f"{fs.description}, mounted {_mount_entry(fs.mount_point) or 'not a mount'}"
+        if filesystem == ZFS:
+            facts["zfs-fuse settings (/etc/zfs/zfsrc, read when its daemon starts)"] = \
+                _zfsrc()
         failed: set[str] = set()
         for i in range(runs):
             order = here[i % max(1, len(here)):] + here[:i % max(1, len(here))]
@@ -1047,7 +1146,7 @@ def _filesystem(filesystem: str, size: int, runnable: list[tuple[Configuration, 
                     _sample(config, options, layers, fs, filesystem, the_plan, table, outcomes)
                 except ScratchError:
                     raise  # the filesystem is gone: not one configuration's failure
-                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                except (OSError, RuntimeError, subprocess.SubprocessError, ImagedError) as e:
                     # One configuration failing should not cost the others their report.
                     failed.add(config.name)
                     absent[(config.name, filesystem)] = \
@@ -1066,6 +1165,16 @@ def _filesystem(filesystem: str, size: int, runnable: list[tuple[Configuration, 
                         _requests(config, options, layers, fs)
 
 
+def _zfsrc() -> str:
+    """The daemon's settings that shape what is measured (ARC size, FUSE cache timeouts)."""
+    try:
+        lines = Path("/etc/zfs/zfsrc").read_text().splitlines()
+    except OSError:
+        return "no /etc/zfs/zfsrc: zfs-fuse's defaults"
+    return "; ".join(line.strip() for line in lines
+                     if line.strip() and not line.lstrip().startswith("#"))
+
+
 def _method(runs: int, sizes: Sequence[int], the_plan: _Plan, elapsed: float,
             tree_files: int, filesystems: Sequence[str]) -> list[str]:
     """The notes that say how the run measured what it reports."""
@@ -1075,11 +1184,31 @@ def _method(runs: int, sizes: Sequence[int], the_plan: _Plan, elapsed: float,
         "run every configuration in turn, the order rotating from run to run; every sample "
         "in a fresh container (new upper and work directories and a new mount, a new "
         "snapshot, or the plain copy restored) on the same lower directories",
-        "cold: the loop filesystem unmounted and mounted again after the container's "
-        "directories exist and before its mount (its loop device asked for direct I/O, so "
-        "the host's cache of the backing file is not read either; the scratch facts say "
-        "whether it was granted). warm: the lower file read once before the operation",
     ]
+    kernel = [f for f in filesystems if f != ZFS]
+    notes.append(
+        (f"cold on {', '.join(kernel)}: the loop filesystem unmounted and mounted again after "
+         "the container's directories exist and before its mount (its loop device asked for "
+         "direct I/O, so the host's cache of the backing file is not read either; the "
+         "scratch facts say whether it was granted); " if kernel else "") +
+        (f"cold on {ZFS}: the pool exported and imported at that moment (below); "
+         if ZFS in filesystems else "") + "warm: the lower file read once before the operation")
+    if ZFS in filesystems:
+        notes.append(
+            "zfs-fuse is Debian's userspace ZFS (pool version 23) behind FUSE, not kernel "
+            "ZFS (this kernel has none): every number on it includes its daemon and FUSE. "
+            "Its pool is on a loop device of its own with direct I/O; cold there means the "
+            "pool exported and imported again (zpool export unmounts every dataset, unloads "
+            "the pool from the daemon, its ARC and vdev cache with it, and closes the loop "
+            "device; a dataset unmount alone would leave the daemon's ARC warm), the "
+            "daemon itself is not restarted (another user's pools may be in it). The zfs row "
+            "is a container as imaged's zfs driver makes it: the base and top layers "
+            "datasets, the top a clone of the base's @layer snapshot, the container a "
+            "canmount=noauto clone of the top's (the bind mount the driver adds on top is "
+            "left out); vfs, a volume and the stacked rows put their directories in one "
+            "dataset of the same pool. Sync on zfs-fuse (before statvfs, st_blocks and "
+            "after untar) waits for a transaction group, as the zfs driver does: syncfs "
+            "does not reach its daemon")
     if the_plan.first_writes:
         notes += [
             "operations: open = open O_RDWR + close; overwrite = open O_RDWR + 4 KiB pwrite "

@@ -13,9 +13,14 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from imaged.drivers.zfs import SNAPSHOT, SYNC_PROPERTY, ZfsError, zfs, zpool
+from imaged.fsutil import syncfs
+from imaged.host.mounts import is_mounted
+from imaged.testing import zfsfuse
 
 _MKFS = {
     "ext4": ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"],
@@ -63,6 +68,10 @@ class LoopFs:
     description: str
     direct_io: bool
 
+    def sync(self) -> None:
+        """Make what was written count in statvfs and st_blocks."""
+        syncfs(self.mount_point)
+
     def remount(self) -> None:
         """Unmount and mount again: the next reads of this filesystem come from its device
         (with direct I/O on the loop device, not from the host's cache of the backing file)."""
@@ -92,14 +101,7 @@ def loop_fs(size: int, kind: str, parent: Path | None = None) -> Iterator[LoopFs
                               check=False)
         if made.returncode != 0:
             raise ScratchError(f"{_MKFS[kind][0]} failed: {made.stderr.strip()[:200]}")
-        attached = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
-                                  capture_output=True, text=True, check=False)
-        if attached.returncode != 0:
-            raise ScratchError(f"losetup failed: {attached.stderr.strip()[:200]}")
-        device = attached.stdout.strip()
-        try:
-            flag = Path(f"/sys/block/{Path(device).name}/loop/dio")
-            direct = flag.exists() and flag.read_text().strip() == "1"
+        with _loop_device(image) as (device, direct):
             subprocess.run(["mount", device, str(mount_point)], check=True, capture_output=True)
             try:
                 yield LoopFs(device, mount_point,
@@ -108,8 +110,140 @@ def loop_fs(size: int, kind: str, parent: Path | None = None) -> Iterator[LoopFs
                              direct)
             finally:
                 _unmount(mount_point)
+
+
+@contextlib.contextmanager
+def _loop_device(image: Path) -> Iterator[tuple[str, bool]]:
+    """(device, whether direct I/O was granted) of a loop device on ``image``, asked for
+    ``--direct-io=on``; detached on exit."""
+    attached = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
+                              capture_output=True, text=True, check=False)
+    if attached.returncode != 0:
+        raise ScratchError(f"losetup failed: {attached.stderr.strip()[:200]}")
+    device = attached.stdout.strip()
+    try:
+        flag = Path(f"/sys/block/{Path(device).name}/loop/dio")
+        yield device, flag.exists() and flag.read_text().strip() == "1"
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+
+
+@dataclass
+class ZfsFs:
+    """A zfs-fuse pool (userspace ZFS behind FUSE, not kernel ZFS) on a loop device of its
+    own, with one dataset mounted at ``mount_point``. What LoopFs is for the kernel
+    filesystems: ``remount`` exports and imports the pool, which unmounts every dataset
+    (the kernel's FUSE caches go), unloads the pool from the daemon (its ARC and vdev cache
+    with it) and closes the loop device (whose page cache the last close drops), so the next
+    read comes from the device; a plain unmount would leave the daemon's ARC warm."""
+
+    pool: str
+    dataset: str
+    device: str
+    devices: Path  # a directory holding only a link to ``device``: what import scans
+    mount_point: Path
+    description: str
+    direct_io: bool
+
+    def sync(self) -> None:
+        """Wait for the open transaction group to reach the pool: syncfs does not reach
+        zfs-fuse, and statvfs and st_blocks count only synced blocks. Clearing a property
+        nobody sets is a sync task (zfs-fuse has no ``zpool sync``), as the zfs driver does."""
+        zfs("inherit", SYNC_PROPERTY, self.dataset)
+
+    def remount(self) -> None:
+        try:
+            zpool("export", self.pool)
+            zpool("import", "-d", str(self.devices), self.pool)
+        except ZfsError as e:
+            raise ScratchError(f"exporting and importing the zfs-fuse pool failed: {e}") \
+                from None
+
+    def mount(self, dataset: str) -> None:
+        """Mount a ``canmount=noauto`` dataset at its mountpoint unless it is (zfs-fuse
+        mounts new clones by itself, import does not)."""
+        mountpoint = zfs("get", "-H", "-o", "value", "mountpoint", dataset).strip()
+        if not is_mounted(Path(mountpoint)):
+            zfs("mount", dataset)
+
+    def layer(self, name: str, origin: str | None, content: Path) -> str:
+        """A layer as the zfs driver makes one: a dataset (a clone of ``origin``, the parent
+        layer's snapshot, when given), ``content`` copied in, unmounted, snapshotted; the
+        snapshot's name, what the next layer or a container is cloned from."""
+        dataset = f"{self.pool}/layers/{name}"
+        mountpoint = self.mount_point.parent / "layers" / name
+        options = ("-o", f"mountpoint={mountpoint}", "-o", "canmount=noauto")
+        if origin is None:
+            zfs("create", "-p", *options, dataset)
+        else:
+            zfs("clone", *options, origin, dataset)
+        self.mount(dataset)
+        subprocess.run(["cp", "-a", "--no-target-directory", str(content), str(mountpoint)],
+                       check=True, timeout=1800)
+        zfs("umount", dataset)
+        zfs("snapshot", f"{dataset}@{SNAPSHOT}")
+        return f"{dataset}@{SNAPSHOT}"
+
+    @contextlib.contextmanager
+    def clone(self, origin: str, name: str, mountpoint: Path, *,
+              before_mount: Callable[[], None] = lambda: None) -> Iterator[Path]:
+        """A container as the zfs driver makes one: a ``canmount=noauto`` clone of a layer's
+        snapshot at ``mountpoint``, mounted after ``before_mount``; destroyed on exit."""
+        dataset = f"{self.pool}/containers/{name}"
+        zfs("clone", "-o", f"mountpoint={mountpoint}", "-o", "canmount=noauto", origin,
+            dataset)
+        try:
+            before_mount()
+            self.mount(dataset)
+            yield mountpoint
         finally:
-            subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+            zfs("destroy", "-r", dataset)
+
+
+@contextlib.contextmanager
+def zfs_fs(size: int, parent: Path | None = None) -> Iterator[ZfsFs]:
+    """A fresh zfs-fuse pool on its own loop device (direct I/O asked), its dataset mounted;
+    the pool destroyed, the loop device detached and a daemon started here stopped (by its
+    PID, and only when no pool of anyone else is in it: ``zfsfuse.running``) on exit, even on
+    failure. ``ScratchError`` when this host cannot make one."""
+    if os.geteuid() != 0:
+        raise ScratchError("a zfs-fuse pool needs root")
+    missing = [t for t in ("zfs-fuse", "zfs", "zpool") if shutil.which(t) is None]
+    if missing:
+        raise ScratchError(f"{', '.join(missing)} not installed (scripts/setup installs "
+                           "zfs-fuse)")
+    name = f"imagedbench{os.getpid()}"
+    with tempfile.TemporaryDirectory(prefix="imaged-bench-", dir=parent) as tmp, \
+            contextlib.ExitStack() as stack:
+        base = Path(tmp)
+        image, devices, mount_point = base / "pool.img", base / "devices", base / "mnt"
+        devices.mkdir()
+        with image.open("wb") as fh:
+            fh.truncate(size)
+        try:
+            daemon = stack.enter_context(zfsfuse.running(base / "daemon"))
+            device, direct = stack.enter_context(_loop_device(image))
+            (devices / Path(device).name).symlink_to(device)
+            zpool("create", "-o", "cachefile=none", "-m", "none", name, device)
+            stack.callback(_destroy_pool, name)
+            zfs("create", "-o", f"mountpoint={mount_point}", f"{name}/bench")
+            zfs("create", "-o", "mountpoint=none", f"{name}/containers")
+        except ScratchError:
+            raise
+        except (ZfsError, RuntimeError) as e:
+            raise ScratchError(f"zfs-fuse: {e}") from None
+        yield ZfsFs(name, f"{name}/bench", device, devices, mount_point,
+                    f"a zfs-fuse pool {name} (userspace ZFS behind FUSE, pool version 23) of "
+                    f"{size >> 30} GiB on {device} "
+                    f"({'direct I/O' if direct else 'direct I/O refused: cached'}), its daemon "
+                    f"{'started for the run' if daemon.ours else 'one already running'}",
+                    direct)
+
+
+def _destroy_pool(name: str) -> None:
+    """Destroy the pool (unmounting its datasets), even one a failed export left out."""
+    with contextlib.suppress(ZfsError):
+        zpool("destroy", "-f", name)
 
 
 def _unmount(mount_point: Path) -> None:

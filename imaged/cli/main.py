@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="one run of 1M and 16M files, no read, untar or stat rows "
                                 "(about 2 minutes)")
             p.add_argument("--filesystems", nargs="+", default=None, metavar="FS",
-                           help="backing filesystems (default ext4 xfs btrfs)")
+                           help="backing filesystems (default ext4 xfs btrfs); also "
+                                "zfs-fuse (or zfs): a pool of the userspace zfs-fuse, whose "
+                                "report alone is named copyup-zfs")
             p.add_argument("--configs", "--drivers", nargs="+", default=None, metavar="CONFIG",
                            help="configurations, e.g. overlay 'fuse partial' volume "
                                 "(default: all)")

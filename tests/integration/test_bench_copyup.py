@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from imaged.bench import copyup
+from imaged.bench.scratch import zfs_fs
 from imaged.host.mounts import mountinfo
 from imaged.ops import copycost
+from tests.conftest import need_tools
 
 
 def _left_behind(scratch: str) -> list[str]:
@@ -66,12 +68,70 @@ def test_quick_copyup_report(imaged_proc: Any, tmp_path: Path, root: Path) -> No
     assert not Path(lowers[1]).exists()
 
 
+def test_quick_copyup_on_zfs_fuse(imaged_proc: Any, tmp_path: Path) -> None:
+    """``--filesystems zfs``: a zfs-fuse pool of its own, the zfs clone and a volume measured,
+    kernel overlay a row saying why it cannot stack there, the report named copyup-zfs; and
+    after it the pool, its loop device and every mount gone (the scratch is in TMPDIR)."""
+    need_tools("zfs-fuse", "zfs", "zpool")
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    scratch.mkdir()
+    result = imaged_proc("bench", "copyup", "--quick", "--out", str(out), "--filesystems",
+                         "zfs", "--configs", "zfs", "overlay", "volume",
+                         env={"TMPDIR": str(scratch)})
+    assert result.code == 0, result.err
+    report = json.loads((out / "copyup-zfs.json").read_text())
+    series = report["series"]
+    for config in ("zfs", "volume"):
+        assert series[f"{config} on zfs-fuse: first overwrite 16M cold"]["median"] > 0
+    # A clone's first overwrite writes a new record of the file, not the file.
+    assert 0 < series["zfs on zfs-fuse: space used after first overwrite 16M cold"]["median"] \
+        < 4 * 1024
+    assert report["facts"]["rename of a lower directory: zfs on zfs-fuse"] == "ok"
+    assert any("exported and imported" in note for note in report["notes"])
+    assert "| overlay | not measured: overlay cannot stack on zfs-fuse: " in \
+        (out / "copyup-zfs.md").read_text()
+    pool = re.search(r"zfs-fuse pool (imagedbench\d+) ", report["facts"]["scratch zfs-fuse"])
+    assert pool is not None
+    pools = subprocess.run(["zpool", "list", "-H", "-o", "name"], capture_output=True,
+                           text=True, check=False).stdout.split()
+    assert pool[1] not in pools
+    assert _left_behind(str(scratch)) == []
+    assert list(scratch.iterdir()) == []
+
+
+class _Interrupted(Exception):
+    """What the bench's body raises in the middle of a sample."""
+
+
+def test_a_zfs_fuse_scratch_is_gone_after_a_failure(tmp_path: Path) -> None:
+    """A sample that fails with a layer made and a container mounted: the pool, its loop
+    device, its mounts and its files are gone all the same."""
+    need_tools("zfs-fuse", "zfs", "zpool")
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "file").write_bytes(b"lower")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(_Interrupted), zfs_fs(1 << 30, scratch) as fs:
+        pool = fs.pool
+        origin = fs.layer("base", None, content)
+        with fs.clone(origin, "c", fs.mount_point / "rootfs") as rootfs:
+            assert (rootfs / "file").read_bytes() == b"lower"
+            raise _Interrupted
+    pools = subprocess.run(["zpool", "list", "-H", "-o", "name"], capture_output=True,
+                           text=True, check=False).stdout.split()
+    assert pool not in pools
+    assert _left_behind(str(scratch)) == []
+    assert list(scratch.iterdir()) == []
+
+
 def test_an_unknown_filesystem_is_one_line(imaged_proc: Any, tmp_path: Path) -> None:
     result = imaged_proc("bench", "copyup", "--quick", "--out", str(tmp_path),
-                         "--filesystems", "zfs")
+                         "--filesystems", "ntfs")
     assert result.code != 0
     assert result.err.strip().splitlines() == [
-        "imaged: error: no filesystem zfs (there are ext4, xfs, btrfs)"]
+        "imaged: error: no filesystem ntfs (there are ext4, xfs, btrfs, zfs-fuse; zfs means "
+        "zfs-fuse)"]
 
 
 def test_a_filesystem_the_bench_cannot_make_is_a_row_saying_why(

@@ -16,7 +16,9 @@ from imaged.bench.copyup import (
     _selected,
     _Table,
     _unfit,
+    overlay_refusal,
     plan,
+    report_name,
 )
 from imaged.errors import InvalidError
 
@@ -60,12 +62,33 @@ def test_a_configuration_that_cannot_run_on_a_filesystem_says_why(tmp_path: Path
     assert _unfit(_BY_NAME["btrfs"], "xfs", tmp_path) == "btrfs runs on btrfs only"
     assert _unfit(_BY_NAME["btrfs"], "btrfs", tmp_path) == ""
     assert _unfit(_BY_NAME["overlay"], "ext4", tmp_path) == ""
+    assert _unfit(_BY_NAME["zfs"], "btrfs", tmp_path) == "zfs runs on zfs-fuse only"
+    assert _unfit(_BY_NAME["zfs"], "zfs-fuse", tmp_path) == ""
+
+
+def test_why_overlay_refused_an_upper_is_what_the_kernel_said_without_its_fallbacks() -> None:
+    """The lines dmesg printed when kernel overlay refused a zfs-fuse upper (Linux 6.18),
+    among a line of another subsystem."""
+    lines = ["[22265.846200] loop1: detected capacity change from 0 to 4194304",
+             "[22265.846221] overlayfs: upper fs does not support RENAME_WHITEOUT.",
+             "[22265.846237] overlayfs: failed to set xattr on upper",
+             "[22265.846239] overlayfs: ...falling back to redirect_dir=nofollow.",
+             "[22265.846242] overlayfs: upper fs missing required features."]
+    assert overlay_refusal(lines) == ("upper fs does not support RENAME_WHITEOUT.; failed to "
+                                      "set xattr on upper; upper fs missing required features.")
+    assert overlay_refusal(lines[:1]) == ""
+
+
+def test_a_run_on_zfs_fuse_alone_is_a_report_of_its_own() -> None:
+    assert report_name(["zfs-fuse"]) == "copyup-zfs"
+    assert report_name(["ext4", "zfs-fuse"]) == "copyup"
+    assert report_name(["ext4", "xfs", "btrfs"]) == "copyup"
 
 
 def test_an_unknown_configuration_is_one_line() -> None:
     assert [c.name for c in _selected(["volume", "fuse partial"])] == ["volume", "fuse partial"]
-    with pytest.raises(InvalidError, match="no configuration 'zfs' \\(there are overlay, "):
-        _selected(["zfs"])
+    with pytest.raises(InvalidError, match="no configuration 'aufs' \\(there are overlay, "):
+        _selected(["aufs"])
 
 
 def test_the_container_io_table_names_each_row_and_its_multiple_of_the_peer() -> None:
