@@ -203,9 +203,9 @@ class ZfsFs:
 @contextlib.contextmanager
 def zfs_fs(size: int, parent: Path | None = None) -> Iterator[ZfsFs]:
     """A fresh zfs-fuse pool on its own loop device (direct I/O asked), its dataset mounted;
-    the pool destroyed, the loop device detached and a daemon started here stopped (by its
-    PID, and only when no pool of anyone else is in it: ``zfsfuse.running``) on exit, even on
-    failure. ``ScratchError`` when this host cannot make one."""
+    the pool destroyed, the loop device detached and the daemon stopped if imaged's tooling
+    started it and no pool is left in it (``zfsfuse.running``) on exit, even on failure.
+    ``ScratchError`` when this host cannot make one."""
     if os.geteuid() != 0:
         raise ScratchError("a zfs-fuse pool needs root")
     missing = [t for t in ("zfs-fuse", "zfs", "zpool") if shutil.which(t) is None]
@@ -221,7 +221,7 @@ def zfs_fs(size: int, parent: Path | None = None) -> Iterator[ZfsFs]:
         with image.open("wb") as fh:
             fh.truncate(size)
         try:
-            daemon = stack.enter_context(zfsfuse.running(base / "daemon"))
+            daemon = stack.enter_context(zfsfuse.running())
             device, direct = stack.enter_context(_loop_device(image))
             (devices / Path(device).name).symlink_to(device)
             zpool("create", "-o", "cachefile=none", "-m", "none", name, device)

@@ -164,10 +164,10 @@ def xfs_filesystem(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def zfs_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zfsfuse.Daemon]:
+def zfs_daemon() -> Iterator[zfsfuse.Daemon]:
     """One zfs-fuse daemon for the session (each test gets a pool of its own in it)."""
     need_tools("zfs-fuse", "zfs", "zpool")
-    with zfsfuse.running(tmp_path_factory.mktemp("zfs-fuse")) as daemon:
+    with zfsfuse.running() as daemon:
         yield daemon
 
 

@@ -6,8 +6,11 @@ What running it for tests takes, learned the hard way:
 - It daemonizes, so it is not our child: its PID comes from ``--pidfile`` and is watched through
   a pidfd (no PID reuse can fool the stop), and a stale pid file makes it exit 1 silently.
 - There is one daemon per machine (its socket is ``/var/run/zfs/zfs_socket``). One that answers
-  already is used as it is and left running: only a daemon started here is stopped here, and
-  only once no pool is left in it (another user's pools would go with it).
+  already is used as it is. A daemon this module started keeps its pid file at ``PIDFILE``, and
+  the last user of this module to leave it, with no pool in it, stops it (another user's pools
+  would go with it): the session that started it may end while another still uses it, and
+  the one that ends last must not leave the daemon behind. A daemon started any other way (an
+  operator's) is never stopped here.
 - ``zpool create`` records pools in ``/etc/zfs/zpool.cache`` unless ``cachefile=none``, and the
   next daemon would try to import a pool whose file is gone.
 """
@@ -15,6 +18,7 @@ What running it for tests takes, learned the hard way:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import os
 import select
@@ -30,6 +34,8 @@ from imaged.drivers.zfs import ZfsError, zfs, zpool
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 POOL_SIZE = 4 << 30  # sparse: the host pays only for what is written
+PIDFILE = Path("/run/imaged-zfs-fuse.pid")  # a daemon this module started, whoever did
+LOCK = Path("/run/imaged-zfs-fuse.lock")  # shared by each user of the daemon (``running``)
 
 
 def answers() -> bool:
@@ -62,8 +68,8 @@ def _wait(condition: Callable[[], object], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _start(workdir: Path) -> Daemon:
-    pidfile = workdir / "zfs-fuse.pid"
+def _start() -> Daemon:
+    pidfile = PIDFILE
     pidfile.unlink(missing_ok=True)  # a stale one makes zfs-fuse exit 1 without a word
     proc = subprocess.run(["zfs-fuse", "--pidfile", str(pidfile)], capture_output=True,
                           text=True, timeout=READY_TIMEOUT, check=False)
@@ -95,19 +101,48 @@ def _stop(daemon: Daemon) -> None:
         pass
     finally:
         os.close(daemon.pidfd)
+        PIDFILE.unlink(missing_ok=True)
+
+
+def _started_here() -> Daemon:
+    """The daemon ``PIDFILE`` names, if that process is still a zfs-fuse (checked after its
+    pidfd is open, so a reused PID cannot be stopped in its place); else none."""
+    try:
+        pid = int(PIDFILE.read_text())
+        pidfd = os.pidfd_open(pid)
+    except (OSError, ValueError):
+        return Daemon(None)
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        comm = ""
+    if comm != "zfs-fuse":
+        os.close(pidfd)
+        return Daemon(None)
+    return Daemon(pidfd)
 
 
 @contextlib.contextmanager
-def running(workdir: Path) -> Iterator[Daemon]:
-    """A zfs-fuse daemon for the duration; one started here is stopped here, by its PID, unless
-    pools someone else made are still in it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    daemon = Daemon(None) if answers() else _start(workdir)
-    try:
-        yield daemon
-    finally:
-        if daemon.ours and not zpool("list", "-H", "-o", "name").split():
-            _stop(daemon)
+def running() -> Iterator[Daemon]:
+    """A zfs-fuse daemon for the duration (``ours``: started for it). Every user holds a
+    shared lock on ``LOCK`` meanwhile; the last one out (its lock the only one, nested users
+    in one process included) stops the daemon by its PID if this module started it, whichever
+    user did, and no pool is left in it."""
+    with LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        daemon = Daemon(None) if answers() else _start()
+        try:
+            yield daemon
+        finally:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                last = True
+            except BlockingIOError:  # another user still has it
+                last = False
+            if last and not zpool("list", "-H", "-o", "name").split():
+                _stop(daemon if daemon.ours else _started_here())
+            elif daemon.pidfd is not None:
+                os.close(daemon.pidfd)
 
 
 def _destroy(name: str) -> None:
@@ -152,5 +187,5 @@ def pool(workdir: Path, size: int = POOL_SIZE) -> Iterator[Pool]:
 @contextlib.contextmanager
 def zfs_pool(workdir: Path, size: int = POOL_SIZE) -> Iterator[Pool]:
     """A daemon (started if none runs) and a fresh pool in it, for one benchmark run."""
-    with running(workdir / "daemon"), pool(workdir, size) as made:
+    with running(), pool(workdir, size) as made:
         yield made
