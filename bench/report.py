@@ -161,9 +161,10 @@ def _draw_panels(plt: Any, panels: Sequence[Panel | BarPanel], title: str,
                              squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
+    colours = _colours(plt, panels)
     for ax, panel in zip(axes.flat, panels, strict=False):
         if isinstance(panel, BarPanel):
-            _draw_groups(ax, panel)
+            _draw_groups(ax, panel, colours)
             continue
         for label, points in panel.lines.items():
             ordered = sorted(points, key=lambda p: p[0])
@@ -171,7 +172,7 @@ def _draw_panels(plt: Any, panels: Sequence[Panel | BarPanel], title: str,
             lows = [s.median - min(s.samples) for _, s in ordered]
             highs = [max(s.samples) - s.median for _, s in ordered]
             ax.errorbar([x for x, _ in ordered], medians, yerr=[lows, highs], marker="o",
-                        capsize=3, label=label)
+                        capsize=3, label=label, color=colours[label])
         if panel.log:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -190,13 +191,33 @@ def _draw_panels(plt: Any, panels: Sequence[Panel | BarPanel], title: str,
     plt.close(fig)
 
 
-def _draw_groups(ax: Any, panel: BarPanel) -> None:
+def _colours(plt: Any, panels: Sequence[Panel | BarPanel]) -> dict[str, Any]:
+    """One colour per name across the whole figure.
+
+    matplotlib's colour cycle restarts in every panel, so a configuration missing from
+    one filesystem's panel would shift every later line to another configuration's
+    colour, and a reader comparing panels would compare the wrong lines.
+    """
+    names: dict[str, None] = {}
+    for panel in panels:
+        groups = panel.groups.values() if isinstance(panel, BarPanel) else [panel.lines]
+        for values in groups:
+            names.update(dict.fromkeys(values))
+    if len(names) <= 10:
+        tab10 = plt.get_cmap("tab10")
+        return {name: tab10(n) for n, name in enumerate(names)}
+    # tab20 pairs a dark and a light shade; take every dark one before any light one.
+    tab20 = plt.get_cmap("tab20")
+    return {name: tab20((2 * n + n // 10) % 20) for n, name in enumerate(names)}
+
+
+def _draw_groups(ax: Any, panel: BarPanel, colours: dict[str, Any]) -> None:
     keys = list(dict.fromkeys(k for values in panel.groups.values() for k in values))
     width = 0.8 / max(1, len(keys))
     for i, key in enumerate(keys):
         xs = [n + i * width for n, values in enumerate(panel.groups.values()) if key in values]
         ax.bar(xs, [values[key] for values in panel.groups.values() if key in values], width,
-               label=key)
+               label=key, color=colours[key])
     ax.set_xticks([n + width * (len(keys) - 1) / 2 for n in range(len(panel.groups))])
     ax.set_xticklabels(list(panel.groups), rotation=40, ha="right", fontsize=8)
     ax.set_title(panel.title, fontsize=10)

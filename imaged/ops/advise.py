@@ -16,13 +16,14 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imaged import __version__
 from imaged.config import Config
+from imaged.drivers.zfs import ZFS_FSTYPES
 from imaged.errors import ForbiddenError, NotFoundError
 from imaged.fsutil import copy_data, remove_tree
 from imaged.fuse.changes import (
@@ -33,7 +34,7 @@ from imaged.fuse.changes import (
     choose_copy_up,
 )
 from imaged.fuse.union import FileType
-from imaged.host.mounts import backing_filesystem
+from imaged.host.mounts import backing_filesystem, kernel_filesystems
 from imaged.layers.unpack import LayerEntry, UnpackLimits, list_layer
 from imaged.ops import copycost
 from imaged.ops.copycost import Model, ModelError, Prediction
@@ -78,6 +79,18 @@ class Place:
             mode = choose_copy_up(policy, FileType.REGULAR, size, can_reflink=False)
             return "fuse partial" if mode is CopyUp.PARTIAL else "fuse full"
         return self.driver
+
+
+def model_filesystem(fstype: str, driver: str, kernel: Collection[str]) -> str:
+    """The model's name for the filesystem this root's containers write to.
+
+    The zfs driver writes to its datasets wherever the root itself is, and the bench names
+    Debian's userspace ZFS ``zfs-fuse`` (its rows measure a FUSE daemon, not kernel ZFS), so a
+    zfs root on a kernel without ZFS must look up the zfs-fuse rows, never OpenZFS's.
+    """
+    if driver == "zfs" or fstype in ZFS_FSTYPES:
+        return "zfs" if "zfs" in kernel else "zfs-fuse"
+    return fstype
 
 
 def load_model(path: Path) -> Model:
@@ -238,8 +251,9 @@ def advise(store: Store, image_text: str, report: Path | None, confined: bool) -
                              "its own rights")
     image_id, listings = layer_listings(store, image_text)
     files = candidates(image_files(listings))
-    filesystem = backing_filesystem(store.root).fstype
     driver = store.meta.get_setting("driver") or store.capabilities()[0]
+    filesystem = model_filesystem(backing_filesystem(store.root).fstype, driver,
+                                  kernel_filesystems())
     place = Place(driver, filesystem, store.config)
     model, source = choose_model(store.root, filesystem, report)
     out = []

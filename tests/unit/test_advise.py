@@ -12,7 +12,15 @@ import pytest
 from imaged.config import Config
 from imaged.errors import ForbiddenError
 from imaged.ops import copycost
-from imaged.ops.advise import Place, advise, costs, load_model, not_measured, recommend
+from imaged.ops.advise import (
+    Place,
+    advise,
+    costs,
+    load_model,
+    model_filesystem,
+    not_measured,
+    recommend,
+)
 from imaged.ops.copycost import ModelError, Prediction
 from imaged.ops.writable import Candidate
 from imaged.store.root import Store
@@ -130,3 +138,14 @@ def test_costs_price_this_roots_configuration_on_every_filesystem_measured() -> 
     place = Place("overlay", "ext4", Config())
     assert [(p.config, p.filesystem) for p in costs(model, place, MIB)] == [
         ("overlay", "ext4"), ("overlay", "xfs"), ("fuse partial", "ext4")]
+
+
+@pytest.mark.parametrize(("fstype", "driver", "kernel", "expected"), [
+    ("ext4", "overlay", {"ext4", "overlay"}, "ext4"),
+    ("ext4", "zfs", {"ext4"}, "zfs-fuse"),        # datasets elsewhere; no ZFS in this kernel
+    ("fuse.zfs", "fuse", {"ext4", "fuse"}, "zfs-fuse"),  # a fuse root on a zfs-fuse dataset
+    ("zfs", "zfs", {"zfs"}, "zfs"),              # OpenZFS: its own rows, never zfs-fuse's
+])
+def test_a_zfs_root_reads_the_rows_of_the_zfs_it_runs_on(fstype: str, driver: str,
+                                                          kernel: set[str], expected: str) -> None:
+    assert model_filesystem(fstype, driver, kernel) == expected
