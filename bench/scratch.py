@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imaged.drivers.zfs import SNAPSHOT, SYNC_PROPERTY, ZfsError, zfs, zpool
+from imaged.errors import ImagedError
 from imaged.fsutil import syncfs
+from imaged.host import loopdev
 from imaged.host.mounts import is_mounted
 from imaged.testing import zfsfuse
 
@@ -114,18 +116,22 @@ def loop_fs(size: int, kind: str, parent: Path | None = None) -> Iterator[LoopFs
 
 @contextlib.contextmanager
 def _loop_device(image: Path) -> Iterator[tuple[str, bool]]:
-    """(device, whether direct I/O was granted) of a loop device on ``image``, asked for
-    ``--direct-io=on``; detached on exit."""
-    attached = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
-                              capture_output=True, text=True, check=False)
-    if attached.returncode != 0:
-        raise ScratchError(f"losetup failed: {attached.stderr.strip()[:200]}")
-    device = attached.stdout.strip()
+    """(device, whether the kernel granted direct I/O) of a loop device on ``image``, unbound
+    on exit.
+
+    Not autoclear, and its descriptor closed at once: a cold remount unmounts the device's
+    only holder, which must neither unbind it nor leave the device's page cache held open.
+    """
     try:
-        flag = Path(f"/sys/block/{Path(device).name}/loop/dio")
-        yield device, flag.exists() and flag.read_text().strip() == "1"
+        attachment = loopdev.attach(image, autoclear=False, direct_io=True)
+    except (OSError, ImagedError) as e:
+        raise ScratchError(f"cannot bind a loop device to {image}: {e}") from None
+    attachment.close()
+    try:
+        granted = loopdev.get_status(attachment.device).flags & loopdev.LO_FLAGS_DIRECT_IO
+        yield str(attachment.device.path), bool(granted)
     finally:
-        subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+        loopdev.detach(attachment.device)
 
 
 @dataclass

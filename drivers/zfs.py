@@ -64,7 +64,13 @@ from imaged.config import Config
 from imaged.drivers import Capabilities, Finding, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import BaseDriver
 from imaged.errors import ConflictError, ImagedError, InternalError, InvalidError
-from imaged.host.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted
+from imaged.host.mounts import (
+    MountSpec,
+    backing_filesystem,
+    bind_mount,
+    is_mounted,
+    kernel_filesystems,
+)
 from imaged.layers.unpack import WhiteoutMode
 from imaged.sizes import shrink_refused
 
@@ -239,7 +245,7 @@ def xattr_support(props: Mapping[str, str]) -> tuple[bool, str]:
     Unmounted, the implementation decides: OpenZFS (a kernel module) stores them, zfs-fuse
     only when started with ``--enable-xattr``, which is not its default."""
     if props["mounted"] != "yes":
-        if "zfs" in Path("/proc/filesystems").read_text().split():
+        if "zfs" in kernel_filesystems():
             return True, "xattrs (OpenZFS)"
         return False, ("no xattrs: zfs-fuse stores none unless started with --enable-xattr "
                        "(not checked: the parent dataset is not mounted)")

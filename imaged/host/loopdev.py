@@ -194,19 +194,22 @@ def get_free() -> LoopDevice:
 
 
 def attach(backing: Path, *, read_only: bool = False, block_size: int = 0,
-           autoclear: bool = True) -> Attachment:
+           autoclear: bool = True, direct_io: bool = False) -> Attachment:
     """Bind ``backing`` to a free loop device, with autoclear (unless told otherwise: only
-    tests want a binding that outlives every holder) and direct I/O off.
+    tests and benches want a binding that outlives every holder) and direct I/O off.
 
-    Direct I/O stays off so the loop device goes through the page cache of the backing file:
-    it works on every backing filesystem (tmpfs and overlay refuse O_DIRECT) and with any block
-    size, at the price of caching data twice.
+    Direct I/O stays off by default so the loop device goes through the page cache of the
+    backing file: it works on every backing filesystem (some refuse O_DIRECT: tmpfs before
+    Linux 6.6) and with any block size, at the price of caching data twice. A bench asks for
+    it, so that a cold read comes from the disk and not from the backing file's pages; where
+    the backing file cannot do it the kernel binds it cached, and ``get_status`` says which.
     """
     file_flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     backing_fd = os.open(backing, file_flags)
     try:
         flags = ((LO_FLAGS_AUTOCLEAR if autoclear else 0)
-                 | (LO_FLAGS_READ_ONLY if read_only else 0))
+                 | (LO_FLAGS_READ_ONLY if read_only else 0)
+                 | (LO_FLAGS_DIRECT_IO if direct_io else 0))
         config = pack_loop_config(backing_fd, LoopInfo(flags=flags, file_name=str(backing)),
                                   block_size)
         last: OSError | None = None
