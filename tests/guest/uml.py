@@ -181,13 +181,15 @@ def launch(kernel: Kernel, cmdline: list[str], console: IO[bytes], *, timeout: f
 
 
 def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
-         memory: str = "1G", env: Mapping[str, str] | None = None) -> GuestRun:
+         memory: str = "1G", env: Mapping[str, str] | None = None,
+         systemd: bool = False) -> GuestRun:
     """Boot the guest, run ``script`` (sh) in it as root, and return what came back.
 
     ``share`` (an existing directory) is mounted writable at the same path in the guest; the
     script, its output and exit status pass through it, and the script may leave files there.
     The guest is killed after ``timeout`` seconds. ``env`` goes to the UML process (the xstate
-    shim's preload), not to the guest.
+    shim's preload), not to the guest. With ``systemd`` the guest's PID 1 is systemd (init.sh
+    execs it once the root is ready) and the script runs as its service ``imaged-guest``.
     """
     for path in (share, kernel.modules, INIT, TREE):
         _check_cmdline_path(path)
@@ -198,6 +200,9 @@ def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
                # Unknown name=value arguments become init's environment.
                f"IMAGED_GUEST_SHARE={share}", f"IMAGED_GUEST_MODULES={kernel.modules}",
                f"IMAGED_GUEST_TREE={TREE}"]
+    if systemd:
+        # fstab=no: the host's /etc/fstab names the host's disks, which the guest does not have.
+        cmdline += ["IMAGED_GUEST_INIT=systemd", "fstab=no"]
     with (share / "console").open("wb") as console:
         end = launch(kernel, cmdline, console, timeout=timeout, env=env)
     status_file = share / "status"
