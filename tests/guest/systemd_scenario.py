@@ -23,6 +23,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +78,16 @@ def set_drop_in(name: str, service: str) -> None:
 
 
 def server_of(root: Path) -> tuple[int, int]:
-    """The container's server as its record names it: PID and start time (clock ticks)."""
+    """The container's server as its record names it: its PID, and a pidfd of that process,
+    which stays that process's however PIDs are reused and becomes readable when it ends."""
     record = root / "drivers" / "fuse" / "containers" / CONTAINER / "server"
-    pid, started = record.read_text().split()
-    return int(pid), int(started)
+    pid = int(record.read_text().split()[0])
+    return pid, os.pidfd_open(pid)
 
 
-def alive(pid: int, started: int) -> bool:
-    """Whether ``pid`` is still the process that started at ``started`` (a zombie is not)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return False
-    return fields[0] != "Z" and int(fields[19]) == started
+def ended(pidfd: int, timeout: float = 0.0) -> bool:
+    """Whether the process has ended (a zombie has), waiting up to ``timeout`` seconds."""
+    return bool(select.select([pidfd], [], [], timeout)[0])
 
 
 def cgroup(pid: int) -> str:
@@ -134,27 +133,16 @@ def ps_state(config: Path) -> str:
     return state
 
 
-def wait_gone(pid: int, started: int) -> bool:
-    """Whether the server ended within WAIT (it is not this process's child: pidfd, no reap)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], WAIT)[0]) or not alive(pid, started)
-    finally:
-        os.close(fd)
-
-
 def mount(api: DaemonClient, root: Path) -> tuple[Path, int, tuple[int, int]]:
-    """Mount the container; its path, a file opened for writing in it, and its server."""
+    """Mount the container; its path, a file opened for writing in it, and its server (PID and
+    pidfd)."""
     merged = Path(api.call("POST", f"/v1/containers/{CONTAINER}/mount", {})["path"])
     fd = os.open(merged / "open.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
     os.write(fd, FILE_TEXT.encode())
     return merged, fd, server_of(root)
 
 
-def run(facts: dict[str, Any], work: Path, save: Any) -> None:
+def run(facts: dict[str, Any], work: Path, save: Callable[[], None]) -> None:
     root, config = work / "root", work / "imaged.toml"
     registry = start_registry(work / "registry")
     try:
@@ -165,67 +153,54 @@ def run(facts: dict[str, Any], work: Path, save: Any) -> None:
         push(layout, "systemd", ref)
         install(root, config)
         systemctl("start", "imaged.socket", "imaged.service")
-        api = DaemonClient(SOCKET, timeout=60)
-        try:
+        with closing(DaemonClient(SOCKET, timeout=60)) as api:
             list(api.stream("POST", "/v1/images/pull", {"ref": ref}))
             api.call("POST", "/v1/containers", {"name": CONTAINER, "image": ref})
-            merged, fd, (pid, started) = mount(api, root)
-        finally:
-            api.close()
+            merged, fd, (pid, pidfd) = mount(api, root)
         facts["before"] = {"pid1": Path("/proc/1/comm").read_text().strip(),
-                           "kill_mode": unit_property("KillMode"), "server": [pid, started],
+                           "kill_mode": unit_property("KillMode"), "server": pid,
                            "cgroup": cgroup(pid), "main_pid": int(unit_property("MainPID"))}
         save()
 
         systemctl("restart", "imaged.service")
-        api = DaemonClient(SOCKET, timeout=60)
-        try:
+        with closing(DaemonClient(SOCKET, timeout=60)) as api:
             facts["restart"] = {"main_pid": int(unit_property("MainPID")),
-                                "server_alive": alive(pid, started), "cgroup": cgroup(pid),
+                                "server_alive": not ended(pidfd), "cgroup": cgroup(pid),
                                 **through(fd, merged, "after restart\n"),
                                 "api_state": container_state(api), "ps_state": ps_state(config)}
-        finally:
-            api.close()
         save()
 
         systemctl("stop", "imaged.service")
         facts["stop"] = {"active": unit_property("ActiveState"),
-                         "server_alive": alive(pid, started),
+                         "server_alive": not ended(pidfd),
                          **through(fd, merged, "after stop\n")}
         save()
 
         systemctl("start", "imaged.service")
         os.close(fd)  # an open file keeps umount busy
-        api = DaemonClient(SOCKET, timeout=60)
-        try:
+        with closing(DaemonClient(SOCKET, timeout=60)) as api:
             facts["started_again"] = {"api_state": container_state(api)}
             api.call("POST", f"/v1/containers/{CONTAINER}/unmount", {})
-            facts["umount"] = {"server_gone": wait_gone(pid, started),
+            facts["umount"] = {"server_gone": ended(pidfd, WAIT),
                                "api_state": container_state(api),
                                "mounted": os.path.ismount(merged)}
-        finally:
-            api.close()
         save()
 
         # The negative: the same restart with the unit's whole cgroup signalled.
         set_drop_in("kill-mode", "KillMode=control-group\n")
-        api = DaemonClient(SOCKET, timeout=60)
-        try:
-            merged, fd, (pid, started) = mount(api, root)
-        finally:
-            api.close()
+        with closing(DaemonClient(SOCKET, timeout=60)) as api:
+            os.close(pidfd)
+            merged, fd, (pid, pidfd) = mount(api, root)
         facts["control_group"] = {"kill_mode": unit_property("KillMode"),
-                                  "server": [pid, started], "cgroup": cgroup(pid)}
+                                  "server": pid, "cgroup": cgroup(pid)}
         systemctl("restart", "imaged.service")
-        facts["control_group"].update(server_alive=alive(pid, started),
+        facts["control_group"].update(server_alive=not ended(pidfd),
                                       **through(fd, merged, "after restart\n"))
         os.close(fd)
+        os.close(pidfd)
         save()
-        api = DaemonClient(SOCKET, timeout=60)
-        try:
+        with closing(DaemonClient(SOCKET, timeout=60)) as api:
             api.call("POST", f"/v1/containers/{CONTAINER}/unmount", {})
-        finally:
-            api.close()
         systemctl("stop", "imaged.service", "imaged.socket")
     finally:
         registry.stop()
