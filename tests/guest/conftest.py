@@ -247,6 +247,20 @@ def _outcome(report: TestReport) -> str:
         else report.outcome
 
 
+@pytest.fixture(scope="session")
+def kernel() -> uml.Kernel:
+    """On the host, for tests that boot guests of their own (the harness's, systemd's)."""
+    return uml.fetch_kernel()
+
+
+@pytest.fixture(scope="session")
+def boot_env(kernel: uml.Kernel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The UML process's environment for such a boot: the xstate shim where this host needs it,
+    as the guest tier boots (xstate.py)."""
+    scratch = tmp_path_factory.mktemp("xstate")
+    return xstate.probe(kernel, scratch).plan.environment(scratch / "shim.report")
+
+
 # Filesystems that enforce project quotas once mounted with ``prjquota`` (the guest's kernel has
 # quota support; the host's has none). ext4 needs the project feature and a project quota inode.
 PRJQUOTA_MKFS = {

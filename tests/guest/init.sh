@@ -3,8 +3,10 @@
 # root read-only over hostfs and passed IMAGED_GUEST_SHARE (a writable host directory, mounted at
 # the same path here) and IMAGED_GUEST_MODULES (the kernel's module tree) in the environment.
 # It makes a writable root, runs $IMAGED_GUEST_SHARE/run, writes its exit status beside it and
-# powers off. busybox runs it because nothing but the read-only root exists yet; every command
-# is traced to the console, which the host shows when a guest gives no status.
+# powers off; given IMAGED_GUEST_INIT (systemd's path) it execs systemd instead, whose
+# imaged-guest.service (tests/guest/systemd/) does the same. busybox runs it because nothing but
+# the read-only root exists yet; every command is traced to the console, which the host shows
+# when a guest gives no status.
 set -eux
 bb=/bin/busybox
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
@@ -68,6 +70,15 @@ $bb ip link set lo up  # registries the tests start listen on 127.0.0.1
 export IMAGED_GUEST=1  # tells tests they are in the guest
 export DM_DISABLE_UDEV=1  # dmsetup makes its /dev/mapper nodes itself instead of waiting
 cd /
+if [ -n "${IMAGED_GUEST_INIT:-}" ]; then
+  # systemd as PID 1 on the root made above, booting only imaged-guest.target: the run script
+  # as a service (with the environment above), which powers the guest off when it ends.
+  $bb mkdir -p /run/systemd/system
+  $bb cp "$IMAGED_GUEST_TREE"/tests/guest/systemd/imaged-guest.* /run/systemd/system/
+  $bb env | $bb grep -E '^(IMAGED_GUEST[A-Z_]*|DM_DISABLE_UDEV|HOME)=' > /run/imaged-guest.env
+  trap - EXIT
+  exec "$IMAGED_GUEST_INIT" systemd.unit=imaged-guest.target
+fi
 set +e
 $bb sh "$IMAGED_GUEST_SHARE/run" > "$IMAGED_GUEST_SHARE/output" 2>&1 < /dev/null
 echo $? > "$IMAGED_GUEST_SHARE/status"

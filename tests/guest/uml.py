@@ -30,6 +30,7 @@ PACKAGE = "user-mode-linux"
 INIT = Path(__file__).with_name("init.sh")
 TREE = INIT.resolve().parents[2]  # this checkout, visible in the guest at the same path
 BUSYBOX = Path("/bin/busybox")  # init.sh's shell: static, so it runs before anything is mounted
+SYSTEMD = Path("/lib/systemd/systemd")  # what init.sh execs for boot(systemd=True): the host's
 # The guest's RAM is a file UML maps; on the host's tmpfs it costs only the pages the guest touches.
 RAM_DIR = Path("/dev/shm")
 # After a SIGKILL the kernel reaps UML's helper processes asynchronously.
@@ -181,23 +182,30 @@ def launch(kernel: Kernel, cmdline: list[str], console: IO[bytes], *, timeout: f
 
 
 def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
-         memory: str = "1G", env: Mapping[str, str] | None = None) -> GuestRun:
+         memory: str = "1G", env: Mapping[str, str] | None = None,
+         systemd: bool = False) -> GuestRun:
     """Boot the guest, run ``script`` (sh) in it as root, and return what came back.
 
     ``share`` (an existing directory) is mounted writable at the same path in the guest; the
     script, its output and exit status pass through it, and the script may leave files there.
     The guest is killed after ``timeout`` seconds. ``env`` goes to the UML process (the xstate
-    shim's preload), not to the guest.
+    shim's preload), not to the guest. With ``systemd`` the guest's PID 1 is systemd (init.sh
+    execs it once the root is ready) and the script runs as its service ``imaged-guest``.
     """
     for path in (share, kernel.modules, INIT, TREE):
         _check_cmdline_path(path)
     if not BUSYBOX.is_file():
         raise FileNotFoundError(f"{BUSYBOX} not found: install busybox-static (scripts/setup)")
+    if systemd and not SYSTEMD.is_file():
+        raise FileNotFoundError(f"{SYSTEMD} not found: a systemd guest boots the host's systemd")
     (share / "run").write_text(script)
     cmdline = [f"mem={memory}", *ROOT_ARGS, f"init={INIT}",
                # Unknown name=value arguments become init's environment.
                f"IMAGED_GUEST_SHARE={share}", f"IMAGED_GUEST_MODULES={kernel.modules}",
                f"IMAGED_GUEST_TREE={TREE}"]
+    if systemd:
+        # fstab=no: the host's /etc/fstab names the host's disks, which the guest does not have.
+        cmdline += [f"IMAGED_GUEST_INIT={SYSTEMD}", "fstab=no"]
     with (share / "console").open("wb") as console:
         end = launch(kernel, cmdline, console, timeout=timeout, env=env)
     status_file = share / "status"
