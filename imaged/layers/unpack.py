@@ -598,8 +598,12 @@ class _Tree:
         raise NotImplementedError
 
     def _walk(self, path: bytes, create: bool) -> int:
+        """An fd for directory ``path``, from the cache or opened; it belongs to the cache."""
         if not path:
             return self._root
+        cached = self._cache.get(path)
+        if cached is not None:
+            return cached
         missing = [path]
         head = path
         while True:
@@ -678,9 +682,7 @@ class _Unpacker(_Reader, _Tree):
         omits) when ``create``; otherwise a missing one raises FileNotFoundError. The fd
         belongs to the cache: do not close it, and do not hold it across another call.
         """
-        fd = self._cache.get(path)
-        if fd is None:
-            fd = self._walk(path, create)
+        fd = self._walk(path, create)
         if create and path and path not in self._touched:
             self._claim(path)
         return fd
