@@ -135,7 +135,14 @@ def summary(differences: Mapping[bytes, list[str]]) -> str:
     """The first ``SHOWN`` differing paths in path order, each with what differs, and how many
     more: one line, however many files a fault hurt."""
     paths = sorted(differences)
-    shown = "; ".join(f"{show(path).strip(chr(39))}: {', '.join(differences[path])}"
+    shown = "; ".join(f"{_plain(path)}: {' and '.join(differences[path])}"
                       for path in paths[:SHOWN])
     more = len(paths) - SHOWN
     return shown + (f"; and {more} more path{'s' if more > 1 else ''}" if more > 0 else "")
+
+
+def _plain(path: bytes) -> str:
+    """A path unquoted, as users type it; undecodable bytes and control characters escaped,
+    so the line stays one line."""
+    text = path.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -598,7 +598,7 @@ class Service:
         (overlayfs(5): lower layers must not change while mounted): a mounted container
         stacked on it, or bound to it read-only; nor under what ZFS cloned from it, which it
         refuses to destroy. The error then says what the user must do; no container is
-        touched (docs/testing.md, "Damaged layers")."""
+        touched (docs/store.md, "Damaged layers")."""
         chain = Digest.parse(finding.subject)
         driver = self.store.driver()
         stacked = driver.capabilities().family == "stacked"

@@ -57,8 +57,9 @@ def image(registry: LocalRegistry, layout: OCILayout, request: pytest.FixtureReq
 
 
 @pytest.fixture(params=["overlay", "fuse", "vfs", "btrfs"])
-def driver(request: pytest.FixtureRequest, tmp_path: Path, root: Path) -> Iterator[str]:
-    """Stacked (overlay, fuse) and snapshot (vfs, btrfs on a loop btrfs) drivers; whatever a
+def driver(request: pytest.FixtureRequest, tmp_path: Path, root: Path,
+           isolated_env: dict[str, str]) -> Iterator[str]:
+    """Stacked (overlay, fuse) and snapshot drivers (vfs; btrfs on a loop btrfs); whatever a
     test leaves mounted under the root goes, failing or not."""
     with driver_bed(request, tmp_path, request.param) as name:
         try:
@@ -210,6 +211,38 @@ async def test_a_layer_a_mounted_container_reads_is_left_with_what_to_do(
         assert (mounted / "mine").read_bytes() == b"acknowledged\n"
         assert (mounted / "usr/bin/tool").read_bytes() == TOOL
         await service.rm("busy", force=True)
+
+
+async def test_zfs_says_what_to_do_when_clones_hold_the_damaged_layer(
+        request: pytest.FixtureRequest, tmp_path: Path, root: Path,
+        isolated_env: dict[str, str], image: Pushed) -> None:
+    """zfs-fuse: the top layer is a clone of the base layer's snapshot, which ZFS will not
+    destroy under it, so the base is not applied again; the finding names the clone and what
+    the user must do, and nothing is removed. The top layer, which nothing is cloned from,
+    is applied again. (The service reads the pool's dataset from the test's config file.)"""
+    with driver_bed(request, tmp_path, "zfs"):
+        try:
+            async with pulled(root, image, "zfs") as service:
+                layers = service.store.image(image.ref).layers
+                base, top = layers[0].chain_id, layers[1].chain_id
+                driver = service.store.driver()
+                with driver.layer_tree(base.hex) as tree:
+                    overwrite(tree)
+                with driver.layer_tree(top.hex) as tree:
+                    (tree / "hello.txt").write_bytes(b"goodbye\n")
+                found = await findings(service, verify_data=True, repair=True)
+                dataset = service.store.config.drivers["zfs"]["dataset"]
+                assert [(f["subject"], f["repaired"]) for f in found] == \
+                    [(str(base), False), (str(top), True)], found
+                assert found[0]["error"] == (
+                    f"ZFS clones of it remain ({dataset}/layers/{top.hex}): "
+                    "remove the containers and images built on it (imaged rm, imaged rmi, "
+                    f"imaged gc), then imaged pull {image.ref} again")
+                after = await findings(service, verify_data=True)
+                assert [f["subject"] for f in after] == [str(base)]
+                assert service.store.meta.layer_state(base) == "ready"
+        finally:
+            unmount_below(root)
 
 
 def test_the_command_names_the_layer_and_exits_1(imaged: CLI, image: Pushed,
