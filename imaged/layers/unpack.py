@@ -378,7 +378,9 @@ class _Stream:
             parts.append(piece)
         return b"".join(parts)
 
-    def write_to(self, fd: int, n: int) -> None:
+    def _consume(self, n: int, take: Callable[[memoryview], int]) -> None:
+        """Hand ``n`` bytes of member data to ``take`` in the slices they lie in; it says how
+        many of each it took (a short write takes fewer)."""
         while n:
             pos = self._pos
             avail = len(self._buf) - pos
@@ -386,30 +388,29 @@ class _Stream:
                 if not self._fill():
                     raise _Truncated
                 continue
-            written = os.write(fd, self._view[pos:pos + (n if n < avail else avail)])
-            self._pos = pos + written
-            n -= written
+            taken = take(self._view[pos:pos + (n if n < avail else avail)])
+            self._pos = pos + taken
+            n -= taken
+
+    def write_to(self, fd: int, n: int) -> None:
+        self._consume(n, lambda data: os.write(fd, data))
 
     def compare(self, fd: int, n: int) -> str | None:
         """Consume ``n`` bytes of member data against what ``fd`` reads from where it is:
         None when they are the same, else what differs. The stream is consumed either way."""
         problem = None
-        while n:
-            pos = self._pos
-            avail = len(self._buf) - pos
-            if not avail:
-                if not self._fill():
-                    raise _Truncated
-                continue
-            step = n if n < avail else avail
+
+        def take(data: memoryview) -> int:
+            nonlocal problem
             if problem is None:
                 try:
-                    if _read_exactly(fd, step) != self._view[pos:pos + step]:
+                    if _read_exactly(fd, len(data)) != data:
                         problem = "contents differ"
                 except OSError as exc:
                     problem = f"cannot be read ({exc.strerror or exc})"
-            self._pos = pos + step
-            n -= step
+            return len(data)
+
+        self._consume(n, take)
         return problem
 
     def skip(self, n: int) -> None:
@@ -1058,15 +1059,7 @@ class _Verifier(_Reader, _Tree):
         """Below each opaque directory (snapshot drivers), only what this layer wrote."""
         while pending:
             directory = pending.pop()
-            try:
-                dir_fd = self._walk(directory, create=False)
-                with scandir_fd(dir_fd) as listing:
-                    entries = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False))
-                               for e in listing]
-            except OSError as exc:
-                if exc.errno not in _ABSENT:
-                    self._note(directory, [f"cannot be read ({exc.strerror or exc})"])
-                continue
+            entries = self._listing(directory)
             remove, descend = opaque_purge(directory, entries, self._touched)
             prefix = directory + b"/" if directory else b""
             for name in remove:
@@ -1078,21 +1071,25 @@ class _Verifier(_Reader, _Tree):
         pending = [b""]
         while pending:
             directory = pending.pop()
-            try:
-                dir_fd = self._walk(directory, create=False)
-                with scandir_fd(dir_fd) as listing:
-                    entries = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False))
-                               for e in listing]
-            except OSError as exc:
-                if exc.errno not in _ABSENT:
-                    self._note(directory, [f"cannot be read ({exc.strerror or exc})"])
-                continue
+            entries = self._listing(directory)
             prefix = directory + b"/" if directory else b""
             for name, is_dir in entries:
                 if prefix + name not in self._touched:
                     self._note(prefix + name, ["not in the layer"])
                 elif is_dir:
                     pending.append(prefix + name)
+
+
+    def _listing(self, directory: bytes) -> list[tuple[bytes, bool]]:
+        """A directory's entries as (name, is a real directory); none where it cannot be
+        listed (a missing one was named already, an unreadable one is named here)."""
+        try:
+            with scandir_fd(self._walk(directory, create=False)) as listing:
+                return [(os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in listing]
+        except OSError as exc:
+            if exc.errno not in _ABSENT:
+                self._note(directory, [f"cannot be read ({exc.strerror or exc})"])
+            return []
 
 
 def _read_xattrs(path: str, keys: list[bytes]) -> dict[bytes, bytes | None] | None:
