@@ -510,8 +510,9 @@ class DevmapperDriver(BaseDriver):
         record = self.records.get(layer_key(key))
         if record is None or record.state != "ready":
             raise InternalError(f"layer {key} has no thin device")
-        with self._mounted(record, self.home / "layers" / f".tree-{key}", read_only=True):
-            yield self.home / "layers" / f".tree-{key}"
+        where = self.home / "layers" / f".tree-{key}"
+        with self._mounted(record, where, read_only=True):
+            yield where
 
     def layer_paths(self, key: str) -> list[Path]:
         """Nothing: a layer's bytes are blocks in the pool, not files under the root."""

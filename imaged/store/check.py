@@ -142,7 +142,7 @@ def _under(path: str, directory: Path) -> bool:
 
 def inspect(records: Records, content: ContentStore, driver: Driver | None, root: Path,
             held: Callable[[str], bool], verify_data: bool,
-            limits: UnpackLimits | None = None) -> list[Finding]:
+            limits: UnpackLimits) -> list[Finding]:
     """Every finding, without changing anything. ``held`` is the service's lease table;
     ``limits`` (with ``verify_data``) are the unpacker's, for reading layer blobs again."""
     found = blob_findings(records, content, held, verify_data)
@@ -166,7 +166,7 @@ def inspect(records: Records, content: ContentStore, driver: Driver | None, root
     except (ImagedError, OSError) as exc:
         found.append(Finding(CHECK_FAILED, driver.name,
                              f"the {driver.name} driver's own check failed: {_why(exc)}"))
-    if verify_data and limits is not None:
+    if verify_data:
         found += tree_findings(records, content, driver, held, limits,
                                {f.subject for f in found})
     return found
