@@ -972,7 +972,8 @@ class _Verifier(_Reader, _Tree):
         def compare(seen: Seen | None, at: tuple[int, bytes]) -> list[str]:
             nonlocal consumed
             found = entry_differences(member, seen)
-            if seen is None or not stat.S_ISREG(seen.mode):
+            if seen is None or not stat.S_ISREG(seen.mode) or \
+                    member.type not in (REGULAR, HARDLINK):
                 return found
             if member.type == HARDLINK:
                 if self._regular.get(hardlink_source(member.linkname)) != seen.inode:
