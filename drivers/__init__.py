@@ -11,6 +11,7 @@ btrfs, zfs, devmapper).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence, Set
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -154,6 +155,17 @@ class Driver(Protocol):
         """Remove a layer, committed or half-written; a missing one is not an error."""
 
     def list_layers(self) -> set[str]: ...
+
+    def layer_tree(self, key: str) -> AbstractContextManager[Path]:
+        """The directory the layer's tar was applied into, as children and containers see it,
+        for the block: ``imaged check --verify-data`` compares it with the layer's blob and
+        writes nothing. A driver that keeps committed layers unmounted (zfs, devmapper)
+        mounts one for the block."""
+
+    def layer_dependents(self, key: str) -> list[str]:
+        """What is made from the layer such that it cannot be removed and applied again
+        (``imaged check --repair`` of a damaged layer): ZFS clones of its snapshot. Empty
+        where children and containers are copies or snapshots that stand alone."""
 
     def layer_paths(self, key: str) -> list[Path]:
         """Everything on disk that ``remove_layer`` deletes, so garbage collection can report

@@ -84,6 +84,18 @@ class BaseDriver(ABC):
     def list_layers(self) -> set[str]:
         return {p.name for p in (self.home / "layers").iterdir()}
 
+    def _tree(self, key: str) -> Path:
+        """Where ``prepare_layer`` has the layer's tar applied."""
+        return self._layer(key)
+
+    def layer_tree(self, key: str) -> contextlib.AbstractContextManager[Path]:
+        """The layer's directory itself: these drivers keep it where it was applied."""
+        return contextlib.nullcontext(self._tree(key))
+
+    def layer_dependents(self, key: str) -> list[str]:
+        """None: a child layer or container is a copy or a snapshot of its own."""
+        return []
+
     def list_containers(self) -> set[str]:
         return {p.name for p in (self.home / "containers").iterdir()}
 

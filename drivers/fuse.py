@@ -81,8 +81,12 @@ class FuseDriver(DirectoryDriver):
     def capabilities(self) -> Capabilities:
         return _capabilities()
 
+    def _tree(self, key: str) -> Path:
+        return self._layer(key) / "diff"
+
     def prepare_layer(self, key: str, parent: str | None) -> Path:
-        diff = super().prepare_layer(key, parent) / "diff"
+        super().prepare_layer(key, parent)
+        diff = self._tree(key)
         diff.mkdir(mode=0o755)
         return diff
 

@@ -95,9 +95,13 @@ class OverlayDriver(DirectoryDriver):
     def _short(self, key: str) -> str:
         return (self._layer(key) / "link").read_text().strip()
 
+    def _tree(self, key: str) -> Path:
+        return self._layer(key) / "diff"
+
     def prepare_layer(self, key: str, parent: str | None) -> Path:
         """``diff/`` in the layer's directory, and the short link the mount(2) fallback uses."""
-        diff = super().prepare_layer(key, parent) / "diff"
+        super().prepare_layer(key, parent)
+        diff = self._tree(key)
         diff.mkdir(mode=0o755)
         while True:
             short = "".join(secrets.choice(_SHORT_ALPHABET) for _ in range(_SHORT_LENGTH))

@@ -55,7 +55,7 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,14 +347,17 @@ class ZfsDriver(BaseDriver):
         except ZfsError as exc:
             if exc.kind == "missing":
                 return
-            origins = {name: props["origin"] for name, props in
-                       get([self.parent.dataset], ["origin"], depth=2).items()}
-            clones = dependents(origins, dataset)
+            clones = self._clones(dataset)
             if not clones:
                 raise
             raise ConflictError(f"{dataset} cannot be destroyed: cloned from it: "
                                 f"{', '.join(clones)}; remove those first (imaged refuses "
                                 "rather than promote them)") from None
+
+    def _clones(self, dataset: str) -> list[str]:
+        origins = {name: props["origin"] for name, props in
+                   get([self.parent.dataset], ["origin"], depth=2).items()}
+        return dependents(origins, dataset)
 
     # layers
 
@@ -385,6 +388,25 @@ class ZfsDriver(BaseDriver):
 
     def list_layers(self) -> set[str]:
         return self._names("layers")
+
+    @contextlib.contextmanager
+    def layer_tree(self, key: str) -> Iterator[Path]:
+        """The layer's dataset, mounted for the block as ``prepare_layer`` mounted it (commit
+        leaves it unmounted). Nothing has written it since its snapshot was taken, so it
+        holds the snapshot's blocks, which children and containers are cloned from."""
+        dataset, mountpoint = self._dataset("layers", key), self._layer(key)
+        mounted = is_mounted(mountpoint)
+        self._mount(dataset, mountpoint)
+        try:
+            yield mountpoint
+        finally:
+            if not mounted:
+                self._umount(dataset, mountpoint)
+
+    def layer_dependents(self, key: str) -> list[str]:
+        """The datasets cloned from the layer's snapshot: ZFS refuses to destroy it under
+        them."""
+        return self._clones(self._dataset("layers", key))
 
     def check(self, layers: Set[str]) -> list[Finding]:
         """A ready layer's dataset must have its ``@layer`` snapshot: children and containers

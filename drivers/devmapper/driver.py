@@ -502,6 +502,18 @@ class DevmapperDriver(BaseDriver):
     def list_layers(self) -> set[str]:
         return {record.key[2:] for record in self.records.with_prefix("l/")}
 
+    @contextlib.contextmanager
+    def layer_tree(self, key: str) -> Iterator[Path]:
+        """The layer's thin device, activated and its filesystem mounted read-only for the
+        block beside the layer's mark (a read-only mount of a clean filesystem writes
+        nothing), as ``usage`` measures an unmounted container."""
+        record = self.records.get(layer_key(key))
+        if record is None or record.state != "ready":
+            raise InternalError(f"layer {key} has no thin device")
+        where = self.home / "layers" / f".tree-{key}"
+        with self._mounted(record, where, read_only=True):
+            yield where
+
     def layer_paths(self, key: str) -> list[Path]:
         """Nothing: a layer's bytes are blocks in the pool, not files under the root."""
         return []

@@ -31,6 +31,7 @@ from imaged.faults import pause_point
 from imaged.fsutil import syncfs
 from imaged.host.mounts import MountEntry, backing_filesystem, is_mounted
 from imaged.host.targets import attach, beneath, detach, open_target
+from imaged.layers.unpack import UnpackLimits
 from imaged.names import name_or_new
 from imaged.ops import advise
 from imaged.ops.pull import Puller, PullResult
@@ -507,9 +508,11 @@ class Service:
             store.make_room()
         records = check.Records.read(store.meta)
         driver = store.recorded_driver()
+        limits = UnpackLimits(store.config.limits.max_layer_bytes,
+                              store.config.limits.max_layer_entries)
         found = await trio.to_thread.run_sync(functools.partial(
             check.inspect, records, store.content, driver, store.root, self.leases.held,
-            verify_data))
+            verify_data, limits))
         found = [f for f in found if not check.explained(store.meta, self.leases, f)]
         if repair:
             found = [await self._repair(f) for f in sorted(found, key=self._repair_order())]
@@ -529,6 +532,8 @@ class Service:
                 await self._refetch(finding)
             elif finding.kind == check.LAYER_MISSING:
                 await self._restore_layer(Digest.parse(finding.subject))
+            elif finding.kind == check.LAYER_DAMAGED:
+                await self._reapply_layer(finding)
             elif finding.kind == check.MOUNT_BROKEN:
                 async with self._container_locks[finding.subject]:
                     await self._revive(self._get(finding.subject))
@@ -583,6 +588,35 @@ class Service:
                     Descriptor(layer.media_type, layer.blob_digest, layer.size))
                 return
         raise NotFoundError(f"no recorded image has layer {chain}")
+
+    async def _reapply_layer(self, finding: Finding) -> None:
+        """A layer whose tree differs from its verified blob, applied again from it in place:
+        ``_restore_layer``, whose ``prepare_layer`` removes the damaged tree first, recorded
+        'creating' meanwhile so a crash leaves what recovery removes and check restores.
+
+        Not while something reads the tree, since removing files from under it is undefined
+        (overlayfs(5): lower layers must not change while mounted): a mounted container
+        stacked on it, or bound to it read-only; nor under what ZFS cloned from it, which it
+        refuses to destroy. The error then says what the user must do; no container is
+        touched (docs/store.md, "Damaged layers")."""
+        chain = Digest.parse(finding.subject)
+        driver = self.store.driver()
+        stacked = driver.capabilities().family == "stacked"
+        readers = sorted(row.name for row in self.store.meta.containers()
+                         if row.state == "ready" and row.mount_path is not None
+                         and (stacked or row.read_only)
+                         and chain.hex in self._layers_of(row.image_id))
+        if readers:
+            raise ConflictError(
+                f"mounted container{'s' if len(readers) > 1 else ''} {', '.join(readers)} "
+                "read it: unmount (imaged umount NAME), then run imaged check --repair again")
+        clones = await trio.to_thread.run_sync(driver.layer_dependents, chain.hex)
+        if clones:
+            raise ConflictError(
+                f"ZFS clones of it remain ({', '.join(clones)}): remove the containers and "
+                "images built on it (imaged rm, imaged rmi, imaged gc), then imaged pull "
+                f"{' '.join(finding.images) or 'the image'} again")
+        await self._restore_layer(chain)
 
     async def info(self) -> dict[str, Any]:
         """The root, host and drivers. Everything but the metadata runs in a thread: probing

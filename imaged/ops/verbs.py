@@ -228,10 +228,11 @@ GC = Verb("gc", "remove blobs and layers nothing references", lambda s, a, c: s.
 CHECK = Verb(
     "check", "check the store's consistency: metadata, blobs, driver, mounts, quotas",
     lambda s, a, c: s.check(a["verify_data"], a["repair"]),
-    (Param("verify_data", bool, "query", "re-hash every blob", option="--verify-data"),
+    (Param("verify_data", bool, "query", "re-hash every blob and compare every layer with it",
+           option="--verify-data"),
      # Repair wants the root to itself, so it is the embedded CLI's alone (DESIGN §5).
      Param("repair", bool, "query", "repair what can be repaired (refetch damaged blobs, "
-           "re-apply lost layers, drop dead records); not through the daemon",
+           "re-apply lost and damaged layers, drop dead records); not through the daemon",
            option="--repair", api=False)),
     Route("GET", "check"), show=render.findings, failed=lambda result: not result["ok"])
 ADVISE = Verb(

@@ -32,6 +32,8 @@ from imaged.drivers import Driver, Finding
 from imaged.errors import ImagedError, InvalidError
 from imaged.host import loopdev
 from imaged.host.mounts import MountEntry, mountinfo, unmount
+from imaged.layers.compare import summary
+from imaged.layers.unpack import UnpackLimits, verify_layer
 from imaged.sizes import format_size
 from imaged.store.content import ContentStore
 from imaged.store.gc import release
@@ -47,6 +49,7 @@ BLOB_UNRECORDED = "blob-unrecorded"  # a file in content/blobs no row records
 LAYER_MISSING = "layer-missing"  # a ready or referenced layer the driver does not have
 LAYER_INTERRUPTED = "layer-interrupted"  # a layer row left in state 'creating'
 LAYER_UNRECORDED = "layer-unrecorded"  # a driver layer no row records
+LAYER_DAMAGED = "layer-damaged"  # its tree differs from its blob (with verify_data)
 CONTAINER_MISSING = "container-missing"  # a ready container the driver does not have
 CONTAINER_INTERRUPTED = "container-interrupted"  # left in state 'creating' or 'removing'
 CONTAINER_UNRECORDED = "container-unrecorded"  # a driver container no row records
@@ -66,7 +69,7 @@ BLOB_DAMAGE = frozenset({BLOB_MISSING, BLOB_SIZE, BLOB_DIGEST, BLOB_UNREADABLE})
 REPAIR_ORDER = (MOUNT_STALE, MOUNT_BROKEN, MOUNT_UNRECORDED, LOOP_UNRECORDED, CONTAINER_INTERRUPTED,
                 CONTAINER_UNRECORDED, CONTAINER_MISSING, LAYER_INTERRUPTED, LAYER_UNRECORDED,
                 BLOB_UNRECORDED, BLOB_MISSING, BLOB_SIZE, BLOB_DIGEST, BLOB_UNREADABLE,
-                LAYER_MISSING, QUOTA_MISMATCH)
+                LAYER_MISSING, LAYER_DAMAGED, QUOTA_MISMATCH)
 
 # A loop quota's capacity lands within 2 MiB of the quota (imaged.quota.loopquota); the other
 # mechanisms are exact.
@@ -138,8 +141,10 @@ def _under(path: str, directory: Path) -> bool:
 
 
 def inspect(records: Records, content: ContentStore, driver: Driver | None, root: Path,
-            held: Callable[[str], bool], verify_data: bool) -> list[Finding]:
-    """Every finding, without changing anything. ``held`` is the service's lease table."""
+            held: Callable[[str], bool], verify_data: bool,
+            limits: UnpackLimits) -> list[Finding]:
+    """Every finding, without changing anything. ``held`` is the service's lease table;
+    ``limits`` (with ``verify_data``) are the unpacker's, for reading layer blobs again."""
     found = blob_findings(records, content, held, verify_data)
     found += loop_findings(Path(os.path.realpath(root)))
     if driver is None:  # nothing was ever pulled or created with a driver
@@ -161,6 +166,9 @@ def inspect(records: Records, content: ContentStore, driver: Driver | None, root
     except (ImagedError, OSError) as exc:
         found.append(Finding(CHECK_FAILED, driver.name,
                              f"the {driver.name} driver's own check failed: {_why(exc)}"))
+    if verify_data:
+        found += tree_findings(records, content, driver, held, limits,
+                               {f.subject for f in found})
     return found
 
 
@@ -243,6 +251,38 @@ def layer_findings(records: Records, driver: Driver, held: Callable[[str], bool]
                       f"layer sha256:{key} of the {driver.name} driver has no record")
               for key in sorted(on_disk - recorded) if not held(f"sha256:{key}")]
     return found
+
+
+def tree_findings(records: Records, content: ContentStore, driver: Driver,
+                  held: Callable[[str], bool], limits: UnpackLimits,
+                  found: Set[str]) -> list[Finding]:
+    """Each ready layer of a recorded image whose tree differs from its blob, read again as
+    the unpacker read it (``verify_layer``). A layer or blob with a finding already (``found``:
+    missing, damaged, half-applied) is skipped: its own finding says more, and a blob that
+    does not verify cannot say what the layer should hold."""
+    whiteouts = driver.capabilities().whiteouts
+    on_disk = driver.list_layers()
+    layers = {str(layer.chain_id): layer for row in records.images for layer in row.layers}
+    result = []
+    for chain, layer in sorted(layers.items(), key=lambda item: item[1].position):
+        if records.layers.get(chain) != "ready" or held(chain) or chain in found or \
+                str(layer.blob_digest) in found or layer.chain_id.hex not in on_disk:
+            continue
+        try:
+            with driver.layer_tree(layer.chain_id.hex) as tree:
+                differences = verify_layer(content.path(layer.blob_digest), layer.media_type,
+                                           layer.diff_id, tree, whiteouts, limits)
+        except (ImagedError, OSError) as exc:
+            result.append(Finding(LAYER_DAMAGED, chain, f"layer {chain} cannot be compared "
+                                  f"with its blob {layer.blob_digest}: {_why(exc)}",
+                                  records.images_using_layer(chain)))
+            continue
+        if differences:
+            result.append(Finding(LAYER_DAMAGED, chain,
+                                  f"layer {chain} differs from its blob {layer.blob_digest}: "
+                                  f"{summary(differences)}",
+                                  records.images_using_layer(chain)))
+    return result
 
 
 def container_findings(records: Records, driver: Driver, held: Callable[[str], bool]
@@ -408,8 +448,8 @@ def explained(meta: Metadata, leases: Leases, finding: Finding) -> bool:
 
 
 def repair(store: Store, leases: Leases, finding: Finding) -> None:
-    """Repair one finding of any kind but ``BLOB_DAMAGE`` and ``LAYER_MISSING`` (the
-    service's), raising an ImagedError or OSError when it cannot be done."""
+    """Repair one finding of any kind but ``BLOB_DAMAGE``, ``LAYER_MISSING`` and
+    ``LAYER_DAMAGED`` (the service's), raising an ImagedError or OSError when it cannot be done."""
     driver = store.driver()
     kind, subject = finding.kind, finding.subject
     if kind == BLOB_UNRECORDED:

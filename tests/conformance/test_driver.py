@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from imaged.config import Overrides, load_config
+from imaged.drivers import registry as driver_registry
 from imaged.host.mounts import is_mounted
 from imaged.testing.images import Entry, directory, file, push, symlink
 from tests.conformance.conftest import Bed
@@ -324,3 +328,51 @@ def test_malicious_layer_is_refused_and_store_unchanged(bed: Bed, tmp_path: Path
     after = sorted(p.name for p in (bed.root / "drivers" / bed.driver / "layers").iterdir())
     assert after == before
     assert [i["refs"] for i in bed.ok("--json", "images").json()] == [[good]]
+
+
+@contextlib.contextmanager
+def _writable_layer(bed: Bed) -> Iterator[tuple[str, Path]]:
+    """The image's one layer where the driver keeps it (``Driver.layer_tree``), writable for
+    the block: a btrfs layer is a read-only subvolume and devmapper mounts its layer's device
+    read-only, so those are made writable for the moment and read-only again after."""
+    config = load_config(Overrides(root=bed.root, driver=bed.driver))
+    driver = driver_registry()[bed.driver][1](config, bed.root / "drivers" / bed.driver)
+    [key] = driver.list_layers()
+    with driver.layer_tree(key) as tree:
+        read_only_mount = bool(os.statvfs(tree).f_flag & os.ST_RDONLY)
+        subvolume = bed.driver == "btrfs"
+        if read_only_mount:
+            subprocess.run(["mount", "-o", "remount,rw", str(tree)], check=True, timeout=60)
+        elif subvolume:
+            subprocess.run(["btrfs", "property", "set", str(tree), "ro", "false"], check=True,
+                           timeout=60)
+        try:
+            yield key, tree
+        finally:
+            if read_only_mount:
+                subprocess.run(["mount", "-o", "remount,ro", str(tree)], check=True, timeout=60)
+            elif subvolume:
+                subprocess.run(["btrfs", "property", "set", str(tree), "ro", "true"],
+                               check=True, timeout=60)
+
+
+def test_a_damaged_layer_is_found_and_applied_again(bed: Bed) -> None:
+    """``check --verify-data`` compares the layer's tree, where this driver keeps it, with its
+    blob, and ``--repair`` applies it again from the blob (docs/store.md, "Damaged layers"):
+    a one-layer image, so nothing is built on the layer (ZFS would keep it for its clones)."""
+    tool = bytes(range(256)) * 64
+    ref = bed.image([directory("etc"), file("etc/tool", tool, 0o755)])
+    with _writable_layer(bed) as (key, tree), (tree / "etc/tool").open("r+b") as f:
+        f.seek(5000)
+        f.write(b"\xff" * 8)
+    found = bed("check", "--verify-data")
+    assert found.code == 1
+    assert found.out.startswith(f"layer-damaged: layer sha256:{key} differs from its blob ")
+    assert found.out.endswith(f": etc/tool: contents differ; images: {ref}\n"), found.out
+    if bed.run_cli.daemon is not None:  # repair is the embedded CLI's: the daemon goes
+        bed.run_cli.daemon.stop()
+    repaired = bed("check", "--verify-data", "--repair")
+    assert repaired.code == 1 and repaired.out.endswith(" (repaired)\n"), repaired.out
+    assert bed("check", "--verify-data").out == "no findings\n"
+    merged = bed.mount(ref, "--name", "after")
+    assert (merged / "etc/tool").read_bytes() == tool

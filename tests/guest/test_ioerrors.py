@@ -294,7 +294,7 @@ def test_io_errors_leave_clean_failures_and_a_repairable_store(
 
 def run_faults(work: Workload, disk: FaultDisk, refs: dict[str, str],
                contents: dict[str, dict[str, bytes]]) -> None:
-    """The four faults in turn, each healed, checked and repaired, then every acknowledged
+    """The five faults in turn, each healed, checked and repaired, then every acknowledged
     container and every image read back."""
     root, tally = work.root, work.tally
     work.ok("pull", refs["one"])
@@ -333,6 +333,23 @@ def run_faults(work: Workload, disk: FaultDisk, refs: dict[str, str],
         acked_images.add(refs["three"])
     work.attempt("gc")
     tally.phase.repaired_under_fault = work.repair()
+    recover()
+
+    # Bad sectors under the unpacked layers' files only: the blobs verify, so check compares
+    # each layer with its blob and names every layer whose files cannot be read, and the repair
+    # applies them again from their blobs under the fault (writing a dust block heals it).
+    blocks = first_blocks_under(root / "drivers" / "vfs" / "layers")
+    disk.bad_blocks(blocks)
+    drop_caches()
+    tally.phases.append(Phase(f"dm-dust: reads of {len(blocks)} blocks fail (the first of "
+                              "every unpacked layer file only)",
+                              "before the operations, page cache dropped"))
+    tally.phase.check_under_fault = work.check()
+    assert set(tally.phase.check_under_fault) == {"layer-damaged"}, tally.phase
+    tally.phase.repaired_under_fault = work.repair()
+    assert not any("NOT REPAIRED" in line for line in tally.phase.repaired_under_fault), \
+        tally.phase
+    assert not work.check(), tally.phase
     recover()
 
     # Writes fail from the middle of a pull on (it has its manifest, not its layers), while

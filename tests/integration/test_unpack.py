@@ -26,7 +26,14 @@ import pytest
 import zstandard
 
 from imaged.digest import Digest
-from imaged.layers.unpack import LayerError, UnpackLimits, UnpackStats, WhiteoutMode, unpack_layer
+from imaged.layers.unpack import (
+    LayerError,
+    UnpackLimits,
+    UnpackStats,
+    WhiteoutMode,
+    unpack_layer,
+    verify_layer,
+)
 from imaged.testing.images import (
     MEDIA_BY_COMPRESSION,
     Entry,
@@ -112,8 +119,13 @@ def raw_layer(tmp_path: Path, tar: bytes, compression: str | None = None,
 
 def unpack(blob: Blob, target: Path, mode: WhiteoutMode = OVERLAY,
            limits: UnpackLimits = LIMITS, userxattr: bool = False) -> UnpackStats:
-    return unpack_layer(blob.path, blob.media_type, blob.diff_id, target, mode, limits,
-                        userxattr)
+    """Unpack, then require ``check --verify-data``'s comparison to find the fresh tree the
+    same as the blob: every layer this file unpacks is a case against false damage."""
+    stats = unpack_layer(blob.path, blob.media_type, blob.diff_id, target, mode, limits,
+                         userxattr)
+    assert verify_layer(blob.path, blob.media_type, blob.diff_id, target, mode, limits,
+                        userxattr) == {}
+    return stats
 
 
 def refused(blob: Blob, place: Place, message: str, mode: WhiteoutMode = OVERLAY,
