@@ -232,8 +232,8 @@ async def serve(config: Config, limits: Limits | None = None) -> None:
                              config.registry_addr)
                     peers = PeerEndpoint(service.store, peer_sock)
                 # Watched from here: recovery at open runs before anyone can connect.
-                with watching(STALL_SECONDS,
-                              lambda stall: log.warning("%s", stall.describe())) as watch:
+                async with watching(STALL_SECONDS,
+                                    lambda stall: log.warning("%s", stall.describe())) as watch:
                     await Server(service, sock, limits or Limits(), peers).run(signals)
                 log.info("longest event-loop step: %s", watch.longest.describe())
     log.info("stopped")

@@ -7,16 +7,21 @@ instrument) so a regression shows itself in its log instead of as an occasional 
 each step over ``threshold`` is logged with its task and where the loop thread was when the step
 had run half the threshold (a watcher thread samples it then, since after the step the culprit's
 frames are gone), and the longest step is logged when the daemon stops.
+
+The sampler is a watchdog of the loop, so it cannot be a task on it: it runs in a trio worker
+thread (``trio.to_thread.run_sync``) in the watch's own nursery, on a limiter of its own so it
+never takes a slot of the service's blocking work, and the end of the watch (the daemon
+stopping, or failing) stops it before the nursery closes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -45,25 +50,43 @@ def task_frames(stack: traceback.StackSummary, limit: int = FRAMES) -> tuple[str
     return tuple(f"{frame.filename}:{frame.lineno} in {frame.name}" for frame in own[-limit:])
 
 
-@contextlib.contextmanager
-def watching(threshold: float, report: Callable[[Stall], None]) -> Iterator[StallWatch]:
-    """A ``StallWatch`` on the running trio loop (with its sampling thread) for the block."""
+@asynccontextmanager
+async def watching(threshold: float,
+                   report: Callable[[Stall], None]) -> AsyncIterator[StallWatch]:
+    """A ``StallWatch`` on the running trio loop, with its sampler in a worker thread, for
+    the block; the block's own error comes out as it was raised, not in a group."""
     watch = StallWatch(threshold, report)
-    sampler = threading.Thread(target=watch.sample, name="imaged-stall-watch", daemon=True)
-    sampler.start()
-    trio.lowlevel.add_instrument(watch)
     try:
-        yield watch
-    finally:
-        trio.lowlevel.remove_instrument(watch)
-        watch.stop()
-        sampler.join()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_sampling, watch)  # sampling before the first step is timed
+            trio.lowlevel.add_instrument(watch)
+            try:
+                yield watch
+            finally:
+                trio.lowlevel.remove_instrument(watch)
+                watch.stop()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        error = group.exceptions[0]
+        raise error from error.__cause__
+
+
+async def _sampling(watch: StallWatch,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """``watch.sample`` in a trio worker thread until ``watch.stop``. Not abandoned on cancel:
+    the nursery waits for the thread instead of leaving it running."""
+    def sample() -> None:
+        trio.from_thread.run_sync(task_status.started)
+        watch.sample()
+
+    await trio.to_thread.run_sync(sample, limiter=trio.CapacityLimiter(1))
 
 
 class StallWatch(trio.abc.Instrument):
     """Times every task step; ``report`` gets each ``Stall`` of at least ``threshold`` seconds,
     on the loop thread right after the step. ``longest`` is the longest step seen so far.
-    Made on the loop's thread (``watching``)."""
+    Made on the loop's thread (``watching``); ``sample`` runs in another until ``stop``."""
 
     def __init__(self, threshold: float, report: Callable[[Stall], None]) -> None:
         self.threshold = threshold

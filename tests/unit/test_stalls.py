@@ -1,8 +1,10 @@
 """The daemon's event-loop stall watch (imaged.server.stalls) on a real trio loop: a step that
-blocks is reported with its task and the line that blocked, a step that awaits is not."""
+blocks is reported with its task and the line that blocked, a step that awaits is not, and the
+sampler is a trio worker thread that ends with the watch."""
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 
@@ -33,10 +35,9 @@ def test_a_blocking_step_is_reported_with_its_task_and_line() -> None:
     seen: list[Stall] = []
 
     async def main() -> Stall:
-        with watching(THRESHOLD, seen.append) as watch:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(awaiting_task)
-                nursery.start_soon(blocking_task)
+        async with watching(THRESHOLD, seen.append) as watch, trio.open_nursery() as nursery:
+            nursery.start_soon(awaiting_task)
+            nursery.start_soon(blocking_task)
         return watch.longest
 
     longest = trio.run(main)
@@ -54,13 +55,40 @@ def test_awaiting_steps_are_not_stalls() -> None:
     seen: list[Stall] = []
 
     async def main() -> Stall:
-        with watching(THRESHOLD, seen.append) as watch:
+        async with watching(THRESHOLD, seen.append) as watch:
             await awaiting_task()
         return watch.longest
 
     longest = trio.run(main)
     assert seen == []
     assert longest.seconds < THRESHOLD
+
+
+def samplers() -> list[str]:
+    """Threads running a watch's sampler: trio names a worker thread after its function while
+    it runs one."""
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith("sample ")]
+
+
+def test_the_sampler_is_a_trio_worker_thread_that_ends_with_the_watch() -> None:
+    """A watchdog of the loop runs outside it, in trio's worker threads, never a bare thread:
+    it ends when the block ends, failed or cancelled, not when the process does."""
+    during: list[list[str]] = []
+
+    async def main() -> None:
+        with pytest.raises(LookupError):
+            async with watching(THRESHOLD, lambda stall: None):
+                during.append(samplers())
+                raise LookupError("the daemon failed")
+        assert samplers() == []
+        with trio.move_on_after(THRESHOLD):
+            async with watching(THRESHOLD, lambda stall: None):
+                during.append(samplers())
+                await trio.sleep_forever()
+        assert samplers() == []
+
+    trio.run(main)
+    assert during == [["sample from imaged.server.stalls._sampling"]] * 2
 
 
 def test_frames_below_the_scheduler_and_the_import_machinery() -> None:
