@@ -39,10 +39,10 @@ from imaged.registry_client.manifest import Descriptor, Platform
 from imaged.registry_client.reference import parse_reference
 from imaged.store import check
 from imaged.store.check import container_key
-from imaged.store.gc import Removed, candidates, release, remove_partials
+from imaged.store.gc import Removed, candidates, listing, release, remove_partials
 from imaged.store.leases import Leases
 from imaged.store.lock import Waiting
-from imaged.store.metadata import ContainerRow, ImageRow, Target
+from imaged.store.metadata import ContainerRow, ImageRow, Target, from_thread
 from imaged.store.root import Store
 
 log = logging.getLogger("imaged.ops.service")
@@ -124,7 +124,7 @@ class Service:
         Given an ID with several names, refuse without ``force`` as Docker does: removing every
         name of an image at once is rarely what was meant.
         """
-        self.store.make_room()
+        await trio.to_thread.run_sync(self.store.make_room)
         image_id, name = self.store.resolve_image(text)
         users = self.store.meta.containers_of(image_id)
         if users and not force:
@@ -148,26 +148,25 @@ class Service:
     async def _release(self, blobs: list[Digest]) -> int:
         """Remove what an rmi or rm just orphaned, through garbage collection's own removal so
         leases are respected here too; bytes freed as ``du`` counts them."""
-        return (await self._remove(blobs, self.store.meta.unused_layers())).freed_bytes
+        async with self._removing:
+            return (await self._remove(blobs, self.store.meta.unused_layers())).freed_bytes
 
     async def _remove(self, blobs: list[Digest], layers: list[str],
                       partials: list[tuple[Digest, Path]] | None = None) -> Removed:
         """``imaged.store.gc``'s removal in a worker thread, the pulls held off its keys (the
-        module says why that is safe); one removal at a time (``Puller.holding_off``)."""
+        module says why that is safe). The caller holds ``_removing``: one removal at a time
+        (``Puller.holding_off``)."""
         store, leases = self.store, self.leases
         driver = store.recorded_driver() if layers else None
 
-        def delete_row(chain: str) -> None:
-            trio.from_thread.run_sync(store.meta.delete_layer, chain)
-
         def work(blobs: list[Digest], layers: list[str]) -> Removed:
-            removed = release(store, leases, blobs, layers, driver, delete_row)
+            removed = release(store, leases, blobs, layers, driver, from_thread(store.meta))
             return removed if partials is None else \
                 remove_partials(store, leases, partials, removed)
 
         keys = [str(digest) for digest in blobs] + \
             [str(digest) for digest, _ in partials or []]
-        async with self._removing, self._puller.holding_off(keys, layers):
+        async with self._puller.holding_off(keys, layers):
             # A pull that ended while this waited may have recorded an image that needs some
             # of these (its lease is gone with it); none can record while they are held off.
             referenced = store.meta.referenced_blobs()
@@ -178,11 +177,15 @@ class Service:
 
     async def gc(self) -> dict[str, Any]:
         """Remove every blob and layer nothing references or leases, and partial downloads no
-        running pull holds (``imaged.store.gc``); the removal in a worker thread."""
-        self.store.make_room()
-        blobs, layers = candidates(self.store)
-        partials = self.store.content.partials()
-        return (await self._remove(blobs, layers, partials)).to_json()
+        running pull holds (``imaged.store.gc``): the directories listed and the removal done
+        in worker threads, the rows read between them on the loop."""
+        store = self.store
+        await trio.to_thread.run_sync(store.make_room)
+        driver = store.recorded_driver()
+        async with self._removing:
+            listed = await trio.to_thread.run_sync(listing, store, driver)
+            blobs, layers = candidates(store, listed)
+            return (await self._remove(blobs, layers, listed.partials)).to_json()
 
     # containers
 
@@ -370,7 +373,7 @@ class Service:
     async def umount(self, name: str, force: bool = False) -> dict[str, Any]:
         """Unmount, a conflict while files are open on the mount; ``force`` detaches it
         instead (MNT_DETACH: gone for new opens, kept for the open files until they close)."""
-        self.store.make_room()
+        await trio.to_thread.run_sync(self.store.make_room)
         async with self._container_locks[name]:
             row = self._get(name)
             if row.mount_path is not None:
@@ -441,7 +444,7 @@ class Service:
             driver.unmount(row.name, path if row.target is Target.GIVEN else None, force)
 
     async def rm(self, name: str, force: bool = False) -> dict[str, Any]:
-        self.store.make_room()
+        await trio.to_thread.run_sync(self.store.make_room)
         row = self._get(name)
         if row.mount_path is not None:
             if not force:
@@ -504,7 +507,7 @@ class Service:
         the check can no longer see. Repair is for the embedded CLI only (DESIGN §5)."""
         store = self.store
         if repair:
-            store.make_room()
+            await trio.to_thread.run_sync(store.make_room)
         records = check.Records.read(store.meta)
         driver = store.recorded_driver()
         found = await trio.to_thread.run_sync(functools.partial(
@@ -533,12 +536,24 @@ class Service:
                 async with self._container_locks[finding.subject]:
                     await self._revive(self._get(finding.subject))
             else:
-                # Synchronous, no checkpoint: no pull may lease what is being removed meanwhile
-                # (repair is the embedded CLI's, where nothing else runs).
-                check.repair(self.store, self.leases, finding)
+                await self._repair_store(finding)
         except (ImagedError, OSError) as exc:
             return dataclasses.replace(finding, error=str(getattr(exc, "strerror", None) or exc))
         return dataclasses.replace(finding, repaired=True)
+
+    async def _repair_store(self, finding: Finding) -> None:
+        """``check.repair`` in a worker thread, as a removal: one at a time with gc's, ``rmi``'s
+        and ``rm``'s, and the pulls held off the blob or layer it removes, so none takes it up
+        meanwhile (a container's blobs and layers are released under their leases, as ``rm``
+        releases them)."""
+        store = self.store
+        driver = store.driver()
+        subject = finding.kind in (check.LAYER_INTERRUPTED, check.LAYER_UNRECORDED)
+        blobs = [finding.subject] if finding.kind == check.BLOB_UNRECORDED else []
+        async with self._removing, \
+                self._puller.holding_off(blobs, [finding.subject] if subject else []):
+            await trio.to_thread.run_sync(check.repair, store, self.leases, finding, driver,
+                                          from_thread(store.meta))
 
     async def _refetch(self, finding: Finding) -> None:
         """A damaged or missing blob fetched again from a repository of an image that uses
