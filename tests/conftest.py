@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -328,6 +329,15 @@ class Daemon:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def loop_calls(self) -> tuple[int, list[str]]:
+        """Once stopped: how many calls that wait on the root's disk its event loop made (the
+        count it logs at the end, ``imaged.server.stalls``), and the call sites it logged."""
+        log = self.output()
+        (count,) = re.findall(r"calls on the event loop that waited on the root's disk: (\d+)",
+                              log)
+        return int(count), [line for line in log.splitlines()
+                            if "on the event loop by task" in line]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:

@@ -157,7 +157,7 @@ class Service:
         module says why that is safe). The caller holds ``_removing``: one removal at a time
         (``Puller.holding_off``)."""
         store, leases = self.store, self.leases
-        driver = store.recorded_driver() if layers else None
+        driver = await store.open_recorded_driver() if layers else None
 
         def work(blobs: list[Digest], layers: list[str]) -> Removed:
             removed = release(store, leases, blobs, layers, driver, from_thread(store.meta))
@@ -181,7 +181,7 @@ class Service:
         in worker threads, the rows read between them on the loop."""
         store = self.store
         await trio.to_thread.run_sync(store.make_room)
-        driver = store.recorded_driver()
+        driver = await store.open_recorded_driver()
         async with self._removing:
             listed = await trio.to_thread.run_sync(listing, store, driver)
             blobs, layers = candidates(store, listed)
@@ -192,7 +192,7 @@ class Service:
     async def _describe(self, rows: list[ContainerRow]) -> list[dict[str, Any]]:
         """Containers as the API shows them; the driver reads all their usage in one batch (one
         ``zfs list`` or ``qgroup show`` for a whole ``ps``), off the event loop."""
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
 
         def facts() -> tuple[dict[str, Usage], dict[str, str | None]]:
             ready = [row for row in rows if row.state == "ready"]
@@ -253,7 +253,7 @@ class Service:
 
     async def _create(self, image_id: Digest, name: str, quota: int | None,
                       read_only: bool) -> None:
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
         with self.leases.hold([container_key(name)]):  # 'creating' is not a crash's leftover
             self.store.meta.insert_container(ContainerRow(
                 name, image_id, driver.name, quota, read_only, "creating", None, Target.OWN,
@@ -298,7 +298,8 @@ class Service:
                 if target is not None and Path(row.mount_path) != target:
                     raise ConflictError(f"container {row.name} is already mounted at "
                                         f"{row.mount_path}")
-                why = await trio.to_thread.run_sync(self.store.driver().broken, row.name)
+                driver = await self.store.open_driver()
+                why = await trio.to_thread.run_sync(driver.broken, row.name)
                 if why is None:
                     return {"name": row.name, "path": row.mount_path, "mounts": []}
                 log.warning("container %s is broken (%s): clearing its dead mount at %s to "
@@ -317,7 +318,7 @@ class Service:
     async def _mount_row(self, row: ContainerRow, target: Path | None,
                          confined: bool) -> dict[str, Any]:
         prefixes = self.store.config.mount_prefixes
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
         layers = self._layers_of(row.image_id)
         if confined and target is not None:
             mounted = await trio.to_thread.run_sync(self._attach, row, layers, target, prefixes)
@@ -399,7 +400,7 @@ class Service:
     async def _watch(self, name: str) -> None:
         """Wait for the server of ``name`` to end, then revive the container if its mount is
         still recorded and dead. One already dead when the watch starts is revived at once."""
-        fd = await trio.to_thread.run_sync(self.store.driver().serving_fd, name)
+        fd = await trio.to_thread.run_sync((await self.store.open_driver()).serving_fd, name)
         if fd is not None:
             try:
                 await trio.lowlevel.wait_readable(fd)
@@ -410,7 +411,7 @@ class Service:
             if row is None or row.state != "ready" or row.mount_path is None or \
                     not is_mounted(Path(row.mount_path)):
                 return  # unmounted meanwhile, by imaged or by hand (imaged check reports that)
-            why = await trio.to_thread.run_sync(self.store.driver().broken, name)
+            why = await trio.to_thread.run_sync((await self.store.open_driver()).broken, name)
             if why is None:
                 return
             now = trio.current_time()
@@ -454,7 +455,7 @@ class Service:
         with self.leases.hold([container_key(name)]):  # 'removing' is not a crash's leftover
             self.store.meta.update_container(name, state="removing")
             pause_point("mid-removal")
-            await trio.to_thread.run_sync(self.store.driver().remove_container, name)
+            await trio.to_thread.run_sync((await self.store.open_driver()).remove_container, name)
             freed = await self._release(self.store.meta.delete_container(name))
         return {"ok": True, "name": name, "freed_bytes": freed}
 
@@ -467,7 +468,7 @@ class Service:
         row = self._get(name)
         if row.read_only:
             raise InvalidError(f"container {name} is read-only: it has no writable layer")
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
         if materialize and not driver.partial_copy_up:  # refused before the quota changes
             raise InvalidError(f"container {name} has no partial files to materialize: the "
                                f"{driver.name} driver copies up whole files (only fuse copies "
@@ -509,7 +510,7 @@ class Service:
         if repair:
             await trio.to_thread.run_sync(store.make_room)
         records = check.Records.read(store.meta)
-        driver = store.recorded_driver()
+        driver = await store.open_recorded_driver()
         found = await trio.to_thread.run_sync(functools.partial(
             check.inspect, records, store.content, driver, store.root, self.leases.held,
             verify_data))
@@ -547,7 +548,7 @@ class Service:
         meanwhile (a container's blobs and layers are released under their leases, as ``rm``
         releases them)."""
         store = self.store
-        driver = store.driver()
+        driver = await store.open_driver()
         subject = finding.kind in (check.LAYER_INTERRUPTED, check.LAYER_UNRECORDED)
         blobs = [finding.subject] if finding.kind == check.BLOB_UNRECORDED else []
         async with self._removing, \

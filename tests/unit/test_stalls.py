@@ -4,14 +4,16 @@ sampler is a trio worker thread that ends with the watch."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import trio
 
-from imaged.server.stalls import Stall, task_frames, watching
+from imaged.server.stalls import DiskCall, Stall, task_frames, watching
 
 pytestmark = pytest.mark.unit
 
@@ -89,6 +91,45 @@ def test_the_sampler_is_a_trio_worker_thread_that_ends_with_the_watch() -> None:
 
     trio.run(main)
     assert during == [["sample from imaged.server.stalls._sampling"]] * 2
+
+
+def lists_the_root(root: Path) -> list[str]:
+    return [path.name for path in root.iterdir()]
+
+
+def test_calls_on_the_loop_that_wait_on_the_root_are_counted_with_their_site(
+        tmp_path: Path) -> None:
+    """Whatever the disk's speed: a listing of the root on the loop is named with its task
+    and line, twice counted and once reported; the same in a worker thread, a file outside
+    the root and an ``await`` are not; a process started on the loop is, wherever it runs."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "outside").write_text("not the root's disk")
+    calls: list[DiskCall] = []
+
+    async def loop_work() -> None:
+        await trio.lowlevel.checkpoint()
+        for _ in range(2):
+            lists_the_root(root)
+
+    async def main() -> int:
+        async with watching(THRESHOLD, lambda stall: None, root, calls.append) as watch:
+            await trio.to_thread.run_sync(lists_the_root, root)
+            (tmp_path / "outside").read_text()
+            await trio.lowlevel.checkpoint()
+            assert watch.disk_calls == 0
+            await loop_work()
+            subprocess.run(["true"], check=True)  # noqa: ASYNC221 - what the watch must see
+        return watch.disk_calls
+
+    assert trio.run(main) == 3
+    assert [(call.event, call.path) for call in calls] == \
+        [("os.listdir", str(root)), ("subprocess.Popen", "true")]
+    assert calls[0].task.endswith("<locals>.main"), calls[0].task
+    assert "in iterdir" in calls[0].where[-1], calls[0].where
+    assert any("in lists_the_root" in frame for frame in calls[0].where), calls[0].where
+    assert any("in loop_work" in frame for frame in calls[0].where), calls[0].where
+    assert calls[0].describe().startswith(f"os.listdir {root} on the event loop by task ")
 
 
 def test_frames_below_the_scheduler_and_the_import_machinery() -> None:
