@@ -243,6 +243,20 @@ def push_simple(layout: OCILayout, registry: LocalRegistry, repo: str, tag: str 
     return Pushed(ref, manifest.digest, layout)
 
 
+def push_bad_diff_id(layout: OCILayout, registry: LocalRegistry, repo: str,
+                     data: bytes) -> str:
+    """An image whose one layer downloads and verifies but whose config names another DiffID:
+    its pull fails at unpacking and leaves the layer's bytes in ingest."""
+    layer = layout.add_layer([file("big.bin", data)])
+    manifest = layout.add_image([layer], config_extra={
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}})
+    name = repo.replace("/", "-")
+    layout.tag(manifest, name)
+    ref = f"{registry.host}/{repo}:v1"
+    push(layout, name, ref)
+    return ref
+
+
 def upstream_gets(registry: LocalRegistry, repo: str) -> list[str]:
     """The registry's access-log lines for GETs under ``repo``: what pulls really fetched."""
     return [line for line in registry.log().splitlines() if f'"GET /v2/{repo}/' in line]

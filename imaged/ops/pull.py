@@ -459,9 +459,12 @@ class Puller:
         for digest in held.blobs:
             key = str(digest)
             if not self.leases.held_by_others(key, lease):
-                async with self._downloads.exclusive(key):
+                # Taken back in a thread, as gc removes: held off, a pull that leases the key
+                # meanwhile cannot find the file and then lose it (a manifest's is looked for
+                # under the record lock, not in a flight).
+                async with self.holding_off([key], []):
                     if not self.leases.held_by_others(key, lease) and not meta.has_blob(digest):
-                        self.store.content.uncommit(digest)
+                        await trio.to_thread.run_sync(self.store.content.uncommit, digest)
             lease.discard(key)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -540,11 +540,14 @@ class Metadata:
             return self._orphan_blobs()
 
 
-def from_thread(meta: Metadata) -> Metadata:
+_M = TypeVar("_M", bound="Metadata")
+
+
+def from_thread(meta: _M) -> _M:
     """``meta`` for a trio worker thread: each method call runs on the trio thread and returns
     its result there. Only whole calls cross: ``transaction`` (a block of statements) and
     attributes that are not methods are refused."""
-    return cast(Metadata, _FromThread(meta))
+    return cast(_M, _FromThread(meta))
 
 
 class _FromThread:

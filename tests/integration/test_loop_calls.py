@@ -16,7 +16,7 @@ import pytest
 from imaged.cli.client import DaemonClient, segment
 from imaged.testing.images import OCILayout
 from imaged.testing.registry import LocalRegistry
-from tests.conftest import push_simple
+from tests.conftest import push_bad_diff_id, push_simple
 
 
 @pytest.mark.parametrize("driver", ["vfs", "overlay", "fuse"])
@@ -28,9 +28,11 @@ def test_requests_make_no_disk_call_on_the_event_loop(
         api.call("GET", "/v1/info")
         assert list(api.stream("POST", "/v1/images/pull", {"ref": pushed.ref}))[-1][
             "status"] == "done"
-        assert list(api.stream("POST", "/v1/images/pull",
-                               {"ref": f"{registry.host}/loopcalls/absent:v1"}))[-1][
-            "status"] == "error"
+        for failing in (f"{registry.host}/loopcalls/absent:v1",  # before any download
+                        push_bad_diff_id(layout, registry, f"loopcalls/bad-{driver}",
+                                         b"unpacked, then refused" * 1000)):  # undone after
+            assert list(api.stream("POST", "/v1/images/pull", {"ref": failing}))[-1][
+                "status"] == "error"
         api.call("GET", "/v1/images")
         api.call("POST", "/v1/containers", {"name": "c1", "image": pushed.ref, "quota": 64 << 20})
         path = Path(api.call("POST", "/v1/containers/c1/mount")["path"])
