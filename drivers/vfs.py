@@ -33,24 +33,29 @@ from imaged.quota import loopquota
 _COPY_TIMEOUT = 3600
 
 
-def reflink_supported(directory: Path) -> bool:
+def reflink_supported(directory: Path) -> bool | None:
     """Try a FICLONE between two files in ``directory``: the only reliable test. The ioctl
     itself, not ``cp --reflink``, so ``info`` (which probes every driver) stays cheap. The files
     are unnamed (O_TMPFILE) and empty, which xfs and btrfs clone and ext4 refuses alike: the
-    probe allocates no block, so it answers on a full disk too."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=directory) as src, \
-            tempfile.TemporaryFile(dir=directory) as dst:
-        try:
-            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
-        except OSError:
-            return False
-        return True
+    probe allocates no block, so it answers on a full disk too. None when the files cannot be
+    made (a filesystem turned read-only by an I/O error): unknown, which ``info`` must still
+    report, not fail on."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory) as src, \
+                tempfile.TemporaryFile(dir=directory) as dst:
+            try:
+                fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+            except OSError:
+                return False
+            return True
+    except OSError:
+        return None
 
 
 def probe(config: Config) -> Probe:
-    reflink = reflink_supported(config.root / "drivers" / "vfs") if config.root.exists() \
-        else False
+    reflink = bool(reflink_supported(config.root / "drivers" / "vfs")) \
+        if config.root.exists() else False
     mode, why = quota_mode(config, "vfs", nearest_directory(config.root))
     return Probe("vfs", True, "always available (full copies"
                  f"{', reflinked' if reflink else ''}); quota mode {mode} ({why})",
@@ -80,10 +85,10 @@ class VfsDriver(DirectoryDriver):
 
     def capabilities(self) -> Capabilities:
         # Tested on first use only: every command opens the driver, and the test runs cp.
-        if self._reflink is None:
+        if self._reflink is None:  # unknown (None) is tested again next time
             self._reflink = reflink_supported(self.home)
         return Capabilities("snapshot", WhiteoutMode.DELETE, self._quota_mode, "total",
-                            rename_lower_dirs=True, xattrs=True, reflink=self._reflink)
+                            rename_lower_dirs=True, xattrs=True, reflink=bool(self._reflink))
 
     def prepare_layer(self, key: str, parent: str | None) -> Path:
         """A copy of the parent layer (its directory's owner and mode included)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -242,6 +243,20 @@ def push_simple(layout: OCILayout, registry: LocalRegistry, repo: str, tag: str 
     return Pushed(ref, manifest.digest, layout)
 
 
+def push_bad_diff_id(layout: OCILayout, registry: LocalRegistry, repo: str,
+                     data: bytes) -> str:
+    """An image whose one layer downloads and verifies but whose config names another DiffID:
+    its pull fails at unpacking and leaves the layer's bytes in ingest."""
+    layer = layout.add_layer([file("big.bin", data)])
+    manifest = layout.add_image([layer], config_extra={
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}})
+    name = repo.replace("/", "-")
+    layout.tag(manifest, name)
+    ref = f"{registry.host}/{repo}:v1"
+    push(layout, name, ref)
+    return ref
+
+
 def upstream_gets(registry: LocalRegistry, repo: str) -> list[str]:
     """The registry's access-log lines for GETs under ``repo``: what pulls really fetched."""
     return [line for line in registry.log().splitlines() if f'"GET /v2/{repo}/' in line]
@@ -328,6 +343,15 @@ class Daemon:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def loop_calls(self) -> tuple[int, list[str]]:
+        """Once stopped: how many calls that wait on the root's disk its event loop made (the
+        count it logs at the end, ``imaged.server.stalls``), and the call sites it logged."""
+        log = self.output()
+        (count,) = re.findall(r"calls on the event loop that waited on the root's disk: (\d+)",
+                              log)
+        return int(count), [line for line in log.splitlines()
+                            if "on the event loop by task" in line]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:

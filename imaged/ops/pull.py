@@ -275,7 +275,7 @@ class Puller:
         in syncfs than in unpacking). A layer another pull applied may be flushed twice; never
         not at all.
         """
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
         applied: dict[Digest, UnpackStats] = {}
 
         async def one(i: int) -> None:
@@ -315,7 +315,7 @@ class Puller:
         if self.store.meta.layer_state(chain) == "ready":
             return None
         parent = chains[i - 1] if i else None
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
         # The blob is read by this flight even if the pull that started it goes away.
         with self.leases.hold([str(desc.digest)]):
             self.store.meta.begin_layer(chain, parent, diff_ids[i], driver.name)
@@ -372,7 +372,7 @@ class Puller:
         """Apply a recorded layer again from its blob (``imaged check --repair`` of a layer the
         driver lost), recorded as a pull records it: 'creating' until applied and flushed, so
         a crash meanwhile leaves what recovery removes."""
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
         with self.leases.hold([str(chain), str(desc.digest)]):
             async with self._unpacks.exclusive(str(chain)):
                 self.store.meta.begin_layer(chain, parent, diff_id, driver.name)
@@ -408,7 +408,7 @@ class Puller:
         recovery removes, never a row whose files are gone."""
         self._applied.pop(chain, None)
         self.store.meta.delete_layer(str(chain))
-        await trio.to_thread.run_sync(self.store.driver().remove_layer, chain.hex)
+        await trio.to_thread.run_sync((await self.store.open_driver()).remove_layer, chain.hex)
 
     async def _record(self, small_blobs: list[tuple[Digest, bytes, str]],
                       new: NewImage) -> None:
@@ -459,9 +459,12 @@ class Puller:
         for digest in held.blobs:
             key = str(digest)
             if not self.leases.held_by_others(key, lease):
-                async with self._downloads.exclusive(key):
+                # Taken back in a thread, as gc removes: held off, a pull that leases the key
+                # meanwhile cannot find the file and then lose it (a manifest's is looked for
+                # under the record lock, not in a flight).
+                async with self.holding_off([key], []):
                     if not self.leases.held_by_others(key, lease) and not meta.has_blob(digest):
-                        self.store.content.uncommit(digest)
+                        await trio.to_thread.run_sync(self.store.content.uncommit, digest)
             lease.discard(key)
 
 

@@ -40,10 +40,10 @@ from imaged.registry_client.manifest import Descriptor, Platform
 from imaged.registry_client.reference import parse_reference
 from imaged.store import check
 from imaged.store.check import container_key
-from imaged.store.gc import Removed, candidates, release, remove_partials
+from imaged.store.gc import Removed, candidates, listing, release, remove_partials
 from imaged.store.leases import Leases
 from imaged.store.lock import Waiting
-from imaged.store.metadata import ContainerRow, ImageRow, Target
+from imaged.store.metadata import ContainerRow, ImageRow, Target, from_thread
 from imaged.store.root import Store
 
 log = logging.getLogger("imaged.ops.service")
@@ -125,7 +125,7 @@ class Service:
         Given an ID with several names, refuse without ``force`` as Docker does: removing every
         name of an image at once is rarely what was meant.
         """
-        self.store.make_room()
+        await trio.to_thread.run_sync(self.store.make_room)
         image_id, name = self.store.resolve_image(text)
         users = self.store.meta.containers_of(image_id)
         if users and not force:
@@ -149,26 +149,25 @@ class Service:
     async def _release(self, blobs: list[Digest]) -> int:
         """Remove what an rmi or rm just orphaned, through garbage collection's own removal so
         leases are respected here too; bytes freed as ``du`` counts them."""
-        return (await self._remove(blobs, self.store.meta.unused_layers())).freed_bytes
+        async with self._removing:
+            return (await self._remove(blobs, self.store.meta.unused_layers())).freed_bytes
 
     async def _remove(self, blobs: list[Digest], layers: list[str],
                       partials: list[tuple[Digest, Path]] | None = None) -> Removed:
         """``imaged.store.gc``'s removal in a worker thread, the pulls held off its keys (the
-        module says why that is safe); one removal at a time (``Puller.holding_off``)."""
+        module says why that is safe). The caller holds ``_removing``: one removal at a time
+        (``Puller.holding_off``)."""
         store, leases = self.store, self.leases
-        driver = store.recorded_driver() if layers else None
-
-        def delete_row(chain: str) -> None:
-            trio.from_thread.run_sync(store.meta.delete_layer, chain)
+        driver = await store.open_recorded_driver() if layers else None
 
         def work(blobs: list[Digest], layers: list[str]) -> Removed:
-            removed = release(store, leases, blobs, layers, driver, delete_row)
+            removed = release(store, leases, blobs, layers, driver, from_thread(store.meta))
             return removed if partials is None else \
                 remove_partials(store, leases, partials, removed)
 
         keys = [str(digest) for digest in blobs] + \
             [str(digest) for digest, _ in partials or []]
-        async with self._removing, self._puller.holding_off(keys, layers):
+        async with self._puller.holding_off(keys, layers):
             # A pull that ended while this waited may have recorded an image that needs some
             # of these (its lease is gone with it); none can record while they are held off.
             referenced = store.meta.referenced_blobs()
@@ -179,18 +178,22 @@ class Service:
 
     async def gc(self) -> dict[str, Any]:
         """Remove every blob and layer nothing references or leases, and partial downloads no
-        running pull holds (``imaged.store.gc``); the removal in a worker thread."""
-        self.store.make_room()
-        blobs, layers = candidates(self.store)
-        partials = self.store.content.partials()
-        return (await self._remove(blobs, layers, partials)).to_json()
+        running pull holds (``imaged.store.gc``): the directories listed and the removal done
+        in worker threads, the rows read between them on the loop."""
+        store = self.store
+        await trio.to_thread.run_sync(store.make_room)
+        driver = await store.open_recorded_driver()
+        async with self._removing:
+            listed = await trio.to_thread.run_sync(listing, store, driver)
+            blobs, layers = candidates(store, listed)
+            return (await self._remove(blobs, layers, listed.partials)).to_json()
 
     # containers
 
     async def _describe(self, rows: list[ContainerRow]) -> list[dict[str, Any]]:
         """Containers as the API shows them; the driver reads all their usage in one batch (one
         ``zfs list`` or ``qgroup show`` for a whole ``ps``), off the event loop."""
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
 
         def facts() -> tuple[dict[str, Usage], dict[str, str | None]]:
             ready = [row for row in rows if row.state == "ready"]
@@ -251,7 +254,7 @@ class Service:
 
     async def _create(self, image_id: Digest, name: str, quota: int | None,
                       read_only: bool) -> None:
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
         with self.leases.hold([container_key(name)]):  # 'creating' is not a crash's leftover
             self.store.meta.insert_container(ContainerRow(
                 name, image_id, driver.name, quota, read_only, "creating", None, Target.OWN,
@@ -296,7 +299,8 @@ class Service:
                 if target is not None and Path(row.mount_path) != target:
                     raise ConflictError(f"container {row.name} is already mounted at "
                                         f"{row.mount_path}")
-                why = await trio.to_thread.run_sync(self.store.driver().broken, row.name)
+                driver = await self.store.open_driver()
+                why = await trio.to_thread.run_sync(driver.broken, row.name)
                 if why is None:
                     return {"name": row.name, "path": row.mount_path, "mounts": []}
                 log.warning("container %s is broken (%s): clearing its dead mount at %s to "
@@ -315,7 +319,7 @@ class Service:
     async def _mount_row(self, row: ContainerRow, target: Path | None,
                          confined: bool) -> dict[str, Any]:
         prefixes = self.store.config.mount_prefixes
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
         layers = self._layers_of(row.image_id)
         if confined and target is not None:
             mounted = await trio.to_thread.run_sync(self._attach, row, layers, target, prefixes)
@@ -371,7 +375,7 @@ class Service:
     async def umount(self, name: str, force: bool = False) -> dict[str, Any]:
         """Unmount, a conflict while files are open on the mount; ``force`` detaches it
         instead (MNT_DETACH: gone for new opens, kept for the open files until they close)."""
-        self.store.make_room()
+        await trio.to_thread.run_sync(self.store.make_room)
         async with self._container_locks[name]:
             row = self._get(name)
             if row.mount_path is not None:
@@ -397,7 +401,7 @@ class Service:
     async def _watch(self, name: str) -> None:
         """Wait for the server of ``name`` to end, then revive the container if its mount is
         still recorded and dead. One already dead when the watch starts is revived at once."""
-        fd = await trio.to_thread.run_sync(self.store.driver().serving_fd, name)
+        fd = await trio.to_thread.run_sync((await self.store.open_driver()).serving_fd, name)
         if fd is not None:
             try:
                 await trio.lowlevel.wait_readable(fd)
@@ -408,7 +412,7 @@ class Service:
             if row is None or row.state != "ready" or row.mount_path is None or \
                     not is_mounted(Path(row.mount_path)):
                 return  # unmounted meanwhile, by imaged or by hand (imaged check reports that)
-            why = await trio.to_thread.run_sync(self.store.driver().broken, name)
+            why = await trio.to_thread.run_sync((await self.store.open_driver()).broken, name)
             if why is None:
                 return
             now = trio.current_time()
@@ -442,7 +446,7 @@ class Service:
             driver.unmount(row.name, path if row.target is Target.GIVEN else None, force)
 
     async def rm(self, name: str, force: bool = False) -> dict[str, Any]:
-        self.store.make_room()
+        await trio.to_thread.run_sync(self.store.make_room)
         row = self._get(name)
         if row.mount_path is not None:
             if not force:
@@ -452,7 +456,7 @@ class Service:
         with self.leases.hold([container_key(name)]):  # 'removing' is not a crash's leftover
             self.store.meta.update_container(name, state="removing")
             pause_point("mid-removal")
-            await trio.to_thread.run_sync(self.store.driver().remove_container, name)
+            await trio.to_thread.run_sync((await self.store.open_driver()).remove_container, name)
             freed = await self._release(self.store.meta.delete_container(name))
         return {"ok": True, "name": name, "freed_bytes": freed}
 
@@ -465,7 +469,7 @@ class Service:
         row = self._get(name)
         if row.read_only:
             raise InvalidError(f"container {name} is read-only: it has no writable layer")
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
         if materialize and not driver.partial_copy_up:  # refused before the quota changes
             raise InvalidError(f"container {name} has no partial files to materialize: the "
                                f"{driver.name} driver copies up whole files (only fuse copies "
@@ -505,9 +509,9 @@ class Service:
         the check can no longer see. Repair is for the embedded CLI only (DESIGN §5)."""
         store = self.store
         if repair:
-            store.make_room()
+            await trio.to_thread.run_sync(store.make_room)
         records = check.Records.read(store.meta)
-        driver = store.recorded_driver()
+        driver = await store.open_recorded_driver()
         limits = UnpackLimits(store.config.limits.max_layer_bytes,
                               store.config.limits.max_layer_entries)
         found = await trio.to_thread.run_sync(functools.partial(
@@ -538,12 +542,24 @@ class Service:
                 async with self._container_locks[finding.subject]:
                     await self._revive(self._get(finding.subject))
             else:
-                # Synchronous, no checkpoint: no pull may lease what is being removed meanwhile
-                # (repair is the embedded CLI's, where nothing else runs).
-                check.repair(self.store, self.leases, finding)
+                await self._repair_store(finding)
         except (ImagedError, OSError) as exc:
             return dataclasses.replace(finding, error=str(getattr(exc, "strerror", None) or exc))
         return dataclasses.replace(finding, repaired=True)
+
+    async def _repair_store(self, finding: Finding) -> None:
+        """``check.repair`` in a worker thread, as a removal: one at a time with gc's, ``rmi``'s
+        and ``rm``'s, and the pulls held off the blob or layer it removes, so none takes it up
+        meanwhile (a container's blobs and layers are released under their leases, as ``rm``
+        releases them)."""
+        store = self.store
+        driver = await store.open_driver()
+        subject = finding.kind in (check.LAYER_INTERRUPTED, check.LAYER_UNRECORDED)
+        blobs = [finding.subject] if finding.kind == check.BLOB_UNRECORDED else []
+        async with self._removing, \
+                self._puller.holding_off(blobs, [finding.subject] if subject else []):
+            await trio.to_thread.run_sync(check.repair, store, self.leases, finding, driver,
+                                          from_thread(store.meta))
 
     async def _refetch(self, finding: Finding) -> None:
         """A damaged or missing blob fetched again from a repository of an image that uses
@@ -600,7 +616,7 @@ class Service:
         refuses to destroy. The error then says what the user must do; no container is
         touched (docs/store.md, "Damaged layers")."""
         chain = Digest.parse(finding.subject)
-        driver = self.store.driver()
+        driver = await self.store.open_driver()
         stacked = driver.capabilities().family == "stacked"
         readers = sorted(row.name for row in self.store.meta.containers()
                          if row.state == "ready" and row.mount_path is not None

@@ -232,8 +232,12 @@ async def serve(config: Config, limits: Limits | None = None) -> None:
                              config.registry_addr)
                     peers = PeerEndpoint(service.store, peer_sock)
                 # Watched from here: recovery at open runs before anyone can connect.
-                with watching(STALL_SECONDS,
-                              lambda stall: log.warning("%s", stall.describe())) as watch:
+                async with watching(
+                        STALL_SECONDS, lambda stall: log.warning("%s", stall.describe()),
+                        service.store.root,
+                        lambda call: log.warning("%s", call.describe())) as watch:
                     await Server(service, sock, limits or Limits(), peers).run(signals)
                 log.info("longest event-loop step: %s", watch.longest.describe())
+                log.info("calls on the event loop that waited on the root's disk: %d",
+                         watch.disk_calls)
     log.info("stopped")

@@ -14,9 +14,10 @@ lease holds: a pull's blobs and layers exist before the transaction that records
 ``explained`` then drops findings that work in flight accounts for after all (a pull that
 started or recorded while the inspection ran). ``repair`` fixes what needs nothing but the
 store; refetching blobs and re-applying layers need the registry and the unpacker, so they are
-the service's (``imaged.ops.service``). Repairs run on the caller's thread, as garbage
-collection does, so that no pull can lease something between the check of its lease and its
-removal; repair is embedded-only (DESIGN §5), so no other client waits meanwhile.
+the service's (``imaged.ops.service``). Repairs run in a worker thread, as garbage collection's
+removals do and under the same lock, with the pulls held off the blob or layer being removed
+(``Service._repair_store``), their rows changed through the trio thread; repair is
+embedded-only (DESIGN §5), but a slow disk would otherwise stall its own progress and signals.
 """
 
 from __future__ import annotations
@@ -447,29 +448,31 @@ def explained(meta: Metadata, leases: Leases, finding: Finding) -> bool:
 # -- repairs that need only the store -----------------------------------------------------------
 
 
-def repair(store: Store, leases: Leases, finding: Finding) -> None:
+def repair(store: Store, leases: Leases, finding: Finding, driver: Driver,
+           meta: Metadata) -> None:
     """Repair one finding of any kind but ``BLOB_DAMAGE``, ``LAYER_MISSING`` and
-    ``LAYER_DAMAGED`` (the service's), raising an ImagedError or OSError when it cannot be done."""
-    driver = store.driver()
+    ``LAYER_DAMAGED`` (the service's), raising an ImagedError or OSError when it cannot be
+    done. ``driver`` is the root's; ``meta`` its metadata as the calling thread may use it
+    (``from_thread`` in a worker, as the service runs this)."""
     kind, subject = finding.kind, finding.subject
     if kind == BLOB_UNRECORDED:
         store.content.uncommit(Digest.parse(subject))
     elif kind in (LAYER_INTERRUPTED, LAYER_UNRECORDED):
-        store.meta.delete_layer(subject)  # row first, as recovery does
+        meta.delete_layer(subject)  # row first, as recovery does
         driver.remove_layer(subject.split(":", 1)[1])
     elif kind in (CONTAINER_INTERRUPTED, CONTAINER_UNRECORDED, CONTAINER_MISSING):
-        _remove_container(store, leases, driver, subject)
+        _remove_container(store, leases, driver, meta, subject)
     elif kind == MOUNT_STALE:
-        row = store.meta.container(subject)
+        row = meta.container(subject)
         if row is not None and row.target is Target.ATTACHED:  # the driver's own may be left
             driver.unmount(subject, None)
-        store.meta.update_container(subject, mount_path=None, target=Target.OWN)
+        meta.update_container(subject, mount_path=None, target=Target.OWN)
     elif kind == MOUNT_UNRECORDED:
-        _unmount_unrecorded(store, driver, Path(subject))
+        _unmount_unrecorded(driver, meta, Path(subject))
     elif kind == LOOP_UNRECORDED:
         _detach(Path(subject))
     elif kind == QUOTA_MISMATCH:
-        row = store.meta.container(subject)
+        row = meta.container(subject)
         if row is None or row.quota is None:
             raise InvalidError(f"container {subject} has no quota recorded any more")
         driver.resize_quota(subject, row.quota, row.mount_path is not None)
@@ -477,25 +480,26 @@ def repair(store: Store, leases: Leases, finding: Finding) -> None:
         driver.repair(finding)
 
 
-def _remove_container(store: Store, leases: Leases, driver: Driver, name: str) -> None:
+def _remove_container(store: Store, leases: Leases, driver: Driver, meta: Metadata,
+                      name: str) -> None:
     """What is left of a container goes with its record; its data, where any is left, was
     not recorded as a container (or was being removed), so nothing can use it."""
-    row = store.meta.container(name)
+    row = meta.container(name)
     if row is not None and row.mount_path is not None and row.target is not Target.OWN:
         with contextlib.suppress(ImagedError):  # a given target: unmount it, if still there
             unmount(Path(row.mount_path))
     driver.remove_container(name)
     if row is not None:
-        blobs = store.meta.delete_container(name)
-        layers = store.meta.unused_layers()  # after: the container held its image's layers
-        release(store, leases, blobs, layers, store.recorded_driver() if layers else None)
+        blobs = meta.delete_container(name)
+        layers = meta.unused_layers()  # after: the container held its image's layers
+        release(store, leases, blobs, layers, driver, meta)
 
 
-def _unmount_unrecorded(store: Store, driver: Driver, point: Path) -> None:
+def _unmount_unrecorded(driver: Driver, meta: Metadata, point: Path) -> None:
     """A container's default mount point through its driver (which also lets go of what it
     mounted beneath, a loop quota's filesystem); anything else directly."""
     name = point.parent.name
-    if point == _own_mount_point(driver, name) and store.meta.container(name) is not None:
+    if point == _own_mount_point(driver, name) and meta.container(name) is not None:
         driver.unmount(name, None)
     else:
         unmount(point)

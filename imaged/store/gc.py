@@ -18,10 +18,13 @@ removes them for the same reason), layer directories with no row at all (as reco
 partial downloads no running pull holds (a failed pull leaves its partial blobs for a retry to
 resume; gc is how an operator who needs the space back gets it).
 
-What to remove is decided on the event loop, reading the directories and the rows without a
-checkpoint in between (a pull records a layer's row before it makes its directory). The removal
-itself runs in a worker thread (``Service._remove``), walking each layer for the bytes it frees
-and deleting it, which on a layer of thousands of files held the loop for a third of a second.
+What to remove is decided from the directories, listed in a worker thread (``listing``), and
+then the rows, read on the trio thread: in that order, since a pull records a layer's row before
+it makes its directory (``candidates`` says why that suffices). The removal itself runs in a
+worker thread (``Service._remove``), walking each layer for the bytes it frees and deleting it,
+which on a layer of thousands of files held the loop for a third of a second; one removal runs
+at a time, gc's listing included, so an ``rmi`` cannot delete rows between gc's listing and
+its rows.
 A pull may lease a key meanwhile; what keeps it from reusing what is being removed is that the
 service holds the pulls' flights and records off every key being removed
 (``Puller.holding_off``): the pull waits, then finds the key gone and fetches or applies it
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ from imaged.digest import Digest
 from imaged.drivers import Driver
 from imaged.fsutil import freed_by_removing
 from imaged.store.leases import Leases
+from imaged.store.metadata import Metadata
 from imaged.store.root import Store, why_layer_stays
 
 log = logging.getLogger("imaged.store.gc")
@@ -68,16 +72,15 @@ class Removed:
 
 
 def release(store: Store, leases: Leases, blobs: Iterable[Digest],
-            layers: Iterable[str], driver: Driver | None,
-            delete_row: Callable[[str], None] | None = None) -> Removed:
+            layers: Iterable[str], driver: Driver | None, meta: Metadata) -> Removed:
     """Remove blobs and layers (by ChainID, ``sha256:<hex>``) the metadata no longer needs,
     except what a lease holds; ``driver`` is the root's recorded one (None: no layers).
 
     Blobs arrive with their rows already deleted (in the transaction that orphaned them), so
     only files remain to go. A layer's row goes before its directory: a crash in between leaves
     a directory without a row, which recovery removes, never a ready row whose files are gone.
-    ``delete_row`` deletes a layer's row (default: directly); from a worker thread it must hand
-    the call to the event loop, which owns the metadata's connection.
+    ``meta`` deletes the rows: ``store.meta`` on the trio thread, ``from_thread(store.meta)``
+    in a worker thread (``imaged.store.metadata``).
     """
     freed = removed_blobs = removed_layers = 0
     failed: list[str] = []
@@ -94,7 +97,7 @@ def release(store: Store, leases: Leases, blobs: Iterable[Digest],
             key = chain.split(":", 1)[1]
             paths = driver.layer_paths(key)
             before = freed_by_removing(paths)
-            (delete_row or store.meta.delete_layer)(chain)
+            meta.delete_layer(chain)
             why = why_layer_stays(driver, key)
             if why is not None:  # what stayed on disk was not freed
                 freed += before - freed_by_removing(paths)
@@ -106,22 +109,39 @@ def release(store: Store, leases: Leases, blobs: Iterable[Digest],
     return Removed(freed, removed_blobs, removed_layers, failed=tuple(failed))
 
 
-def candidates(store: Store) -> tuple[list[Digest], list[str]]:
+@dataclass(frozen=True)
+class Listing:
+    """What is on disk, listed in a worker thread before ``candidates`` reads the rows."""
+
+    blobs: list[Digest]  # committed blob files
+    layers: set[str]  # the driver's layers, by key
+    partials: list[tuple[Digest, Path]]  # partial downloads in ingest
+
+
+def listing(store: Store, driver: Driver | None) -> Listing:
+    """The blob files, the driver's layers (None: no driver recorded) and the partial
+    downloads; in a worker thread, since on a slow disk each directory read waits on it."""
+    return Listing([digest for digest, _ in store.content.iter_blobs()],
+                   driver.list_layers() if driver is not None else set(),
+                   store.content.partials())
+
+
+def candidates(store: Store, listed: Listing) -> tuple[list[Digest], list[str]]:
     """Everything nothing references (module docstring): blobs, then layers, children before
-    parents. On the event loop, in one step: the directories and the rows are read together."""
+    parents, from ``listed`` and the rows read after it on the trio thread. Files before rows
+    is what keeps this right without holding the loop: a pull records a layer's row before it
+    makes its directory, so a listed layer's row is there when the rows are read; a blob file
+    or layer a pull makes after the listing is not a candidate; one whose row a pull records
+    after the listing is taken out again (``Service._remove``)."""
     blobs = set(store.meta.drop_orphan_blobs())
     referenced = store.meta.referenced_blobs()
-    blobs.update(digest for digest, _ in store.content.iter_blobs()
-                 if str(digest) not in referenced)
+    blobs.update(digest for digest in listed.blobs if str(digest) not in referenced)
     # Children before parents: layers with no row (a crash between a row and its removal)
     # sit on top of recorded ones, and layers being created on top of ready ones.
     creating = store.meta.layers_in_state("creating")
-    layers = []
-    driver = store.recorded_driver()
-    if driver is not None:
-        recorded = {chain.split(":", 1)[1] for chain in
-                    (*store.meta.layers_in_state("ready"), *creating)}
-        layers += [f"sha256:{key}" for key in sorted(driver.list_layers() - recorded)]
+    recorded = {chain.split(":", 1)[1] for chain in
+                (*store.meta.layers_in_state("ready"), *creating)}
+    layers = [f"sha256:{key}" for key in sorted(listed.layers - recorded)]
     layers += creating + store.meta.unused_layers()
     return sorted(blobs), layers
 

@@ -2,19 +2,26 @@
 
 Calls are short local transactions, so they run on the trio thread (as s3ql does) rather than
 paying a thread hop each. Every change that spans several rows happens in one transaction.
+Work in a worker thread that must change rows between its file operations (gc's and repair's
+removals: a row goes before its files) uses ``from_thread``, which hands each call back to the
+trio thread: a statement run from the worker would land inside whatever transaction the trio
+thread had open.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
+
+import trio
 
 from imaged.digest import Digest
 from imaged.errors import ConflictError, sqlite_failure
@@ -531,6 +538,31 @@ class Metadata:
         """Delete the rows of blobs nothing references; returns them (the caller deletes files)."""
         with self.transaction():
             return self._orphan_blobs()
+
+
+_M = TypeVar("_M", bound="Metadata")
+
+
+def from_thread(meta: _M) -> _M:
+    """``meta`` for a trio worker thread: each method call runs on the trio thread and returns
+    its result there. Only whole calls cross: ``transaction`` (a block of statements) and
+    attributes that are not methods are refused."""
+    return cast(_M, _FromThread(meta))
+
+
+class _FromThread:
+    def __init__(self, meta: Metadata) -> None:
+        self._meta = meta
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._meta, name)
+        if name == "transaction" or not callable(method):
+            raise AttributeError(f"{name} cannot be used from a worker thread")
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return trio.from_thread.run_sync(functools.partial(method, *args, **kwargs))
+
+        return call
 
 
 def _split_sql(script: str) -> list[str]:

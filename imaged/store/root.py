@@ -11,6 +11,8 @@ import contextlib
 import re
 from pathlib import Path
 
+import trio
+
 from imaged.config import Config
 from imaged.digest import Digest
 from imaged.drivers import Capabilities, Driver, choose, registry
@@ -95,12 +97,42 @@ class Store:
     def driver(self) -> Driver:
         """The root's driver, chosen and recorded at first use (one root, one driver)."""
         if self._driver is None:
+            return self.adopt_driver(self.make_driver(self.meta.get_setting("driver")))
+        return self._driver
+
+    async def open_driver(self) -> Driver:
+        """``driver()`` for the event loop: opening a driver probes the root, makes its
+        directories and tests what the filesystem can do (vfs writes a file to try a reflink),
+        so the first opening runs in a worker thread; the metadata stays on the loop."""
+        if self._driver is None:
             recorded = self.meta.get_setting("driver")
-            name = choose(self.config, backing_filesystem(self.root).fstype, recorded)
-            _, factory = registry()[name]
-            self._driver = factory(self.config, self.root / "drivers" / name)
-            if recorded is None:
-                self.meta.set_setting("driver", name)
+
+            def make() -> Driver:
+                driver = self.make_driver(recorded)
+                driver.capabilities()  # tested at the first call (vfs' reflink): here, too
+                return driver
+
+            return self.adopt_driver(await trio.to_thread.run_sync(make))
+        return self._driver
+
+    async def open_recorded_driver(self) -> Driver | None:
+        """``recorded_driver()`` for the event loop (``open_driver``)."""
+        return await self.open_driver() if self.meta.get_setting("driver") is not None else None
+
+    def make_driver(self, recorded: str | None) -> Driver:
+        """The driver ``recorded`` names (None: the one this root's filesystem chooses), made
+        but not recorded."""
+        name = choose(self.config, backing_filesystem(self.root).fstype, recorded)
+        _, factory = registry()[name]
+        return factory(self.config, self.root / "drivers" / name)
+
+    def adopt_driver(self, driver: Driver) -> Driver:
+        """Record ``driver`` as the root's if none is (its first use), unless one is open
+        already (two requests made one each meanwhile): the open one stays."""
+        if self._driver is None:
+            if self.meta.get_setting("driver") is None:
+                self.meta.set_setting("driver", driver.name)
+            self._driver = driver
         return self._driver
 
     def check_driver(self) -> None:

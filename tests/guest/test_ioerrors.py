@@ -16,10 +16,19 @@ it, the failures (their lines trimmed: ``faultreport.trim``), what ``check`` fou
 fault, after the heal and after the repair, what the repair did and the data lost, into the
 faults report (tests/guest/faultreport.py, docs/testing.md "The faults report"), a failed run's
 as far as it came.
+
+A second test runs the daemon on such a root (``imaged serve``, vfs): while every write fails,
+a pull, a container's creation and a gc through the socket API each succeed or fail with one
+line naming the path and the errno's text (the API's error code, DESIGN §5: a storage failure
+is ``internal``, its message the operation, the file and the errno, never the generic internal
+error whose details only the log has), the daemon logs no traceback, stays up and answers
+``GET /v1/info``; then, stopped and healed as above, ``check --repair`` restores the store and the
+container acknowledged before the fault keeps its fsynced bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -33,9 +42,11 @@ from typing import Any
 
 import pytest
 
+from imaged.cli.client import DaemonClient
+from imaged.errors import ImagedError, error_from_json
 from imaged.testing.images import OCILayout
 from imaged.testing.registry import LocalRegistry
-from tests.conftest import CLI, Result, push_simple, unmount_below
+from tests.conftest import CLI, Daemon, Result, push_simple, unmount_below
 from tests.guest import faultreport
 from tests.guest.faultdisk import (  # noqa: F401 - images: an autouse fixture
     BLOCK,
@@ -59,6 +70,8 @@ ACKED = b"acknowledged by fsync\n" * 200
 # ext4 has aborted its journal over one, a read-only filesystem; SQLite passes no errno on and
 # says "disk I/O error" for any failed read, write or sync of its files.
 DISK_ERRORS = (os.strerror(errno.EIO), os.strerror(errno.EROFS), "disk I/O error")
+API_CODES = ("invalid", "forbidden", "not_found", "conflict", "quota_unsupported", "registry",
+             "internal")  # DESIGN §5
 
 
 @dataclass
@@ -146,6 +159,19 @@ def clean_failure(result: Result, root: Path, context: str) -> str:
     return line
 
 
+def clean_api_failure(error: ImagedError, root: Path, context: str) -> str:
+    """A request's error through the socket API, checked as ``clean_failure`` checks the CLI's:
+    a documented code, one line naming a path under the root and an errno's text, not the
+    generic internal error (a bug's, whose traceback went to the log); ``code: message``."""
+    line = f"{error.code}: {error.message}"
+    assert error.code in API_CODES, (context, line)
+    assert "\n" not in error.message and "Traceback" not in error.message, (context, line)
+    assert "the daemon's log has the details" not in error.message, (context, line)
+    assert str(root) in error.message, (context, line)
+    assert any(text in error.message for text in DISK_ERRORS), (context, line)
+    return line
+
+
 class Workload:
     """The CLI on the faulty root, each command tallied in the current phase: a success is
     acknowledged (and must survive), a failure must be clean."""
@@ -169,6 +195,24 @@ class Workload:
             line = clean_failure(result, self.root, f"{args} under {phase.fault}")
             phase.failures.append(faultreport.trim(line, str(self.root)))
         return result
+
+    def request(self, api: DaemonClient, label: str,
+                call: Callable[[DaemonClient], dict[str, Any]]) -> dict[str, Any] | None:
+        """A request through the daemon's socket API, tallied as ``attempt`` tallies a command
+        (its error checked by ``clean_api_failure``); its answer, None when it failed. A pull's
+        stream that ends in an error object is a failure too."""
+        phase = self.tally.phase
+        try:
+            answer = call(api)
+            if answer.get("status") == "error":
+                raise error_from_json(answer)
+        except ImagedError as exc:
+            line = clean_api_failure(exc, self.root, f"{label} under {phase.fault}")
+            phase.operations.append(f"API {label}: failed")
+            phase.failures.append(faultreport.trim(line, str(self.root)))
+            return None
+        phase.operations.append(f"API {label}: ok")
+        return answer
 
     def attempt_while(self, fault: Callable[[], None], name: str,
                       under_way: Callable[[], bool] | str, *args: str) -> Result:
@@ -405,3 +449,73 @@ def run_faults(work: Workload, disk: FaultDisk, refs: dict[str, str],
         for file, data in image_files(contents[name]).items():
             assert (path / file).read_bytes() == data, (name, file)
         work.ok("rm", "--force", f"after-{name}")
+
+
+def test_the_daemon_under_failing_writes_fails_cleanly_and_stays_up(
+        tmp_path: Path, root: Path, registry: LocalRegistry, layout: OCILayout, imaged: CLI,
+        start_daemon: Any, record_property: Callable[[str, object], None]) -> None:
+    started = time.monotonic()
+    tally = Tally()
+    refs = {name: push_simple(layout, registry, f"ioerr-daemon/{name}", files=files).ref
+            for name, files in (("one", {"one.txt": b"one\n" * 1000}),
+                                ("two", {f"two{i}": bytes([i]) * 2 * MiB for i in range(4)}))}
+    root.mkdir()
+    image = make_fs(tmp_path / "disk.img", DISK_SIZE, ["mkfs.ext4", "-q", "-b", str(BLOCK)])
+    try:
+        with fault_disk(image, f"imaged-ioerr-daemon-{os.getpid()}") as disk, \
+                mounted(disk.path, root):
+            work = Workload(imaged, root, tally)
+            daemon = start_daemon("vfs")
+            acked: dict[str, dict[str, bytes]] = {}
+            try:
+                serve_under_failing_writes(work, daemon, disk, refs, acked)
+            finally:
+                daemon.stop()  # mounts stay, as after any stop: heal unmounts them
+            log = daemon.output()
+            assert "Traceback" not in log and "internal error" not in log, log
+            phase = tally.phase
+            heal(disk, root, phase)
+            phase.check_after_heal = work.check()
+            phase.repaired = work.repair()
+            phase.check_after_repair = work.check()
+            assert not phase.check_after_repair, phase
+            path = Path(work.ok("mount", refs["one"], "--name", "kept").strip().splitlines()[-1])
+            tally.lost += [f"container kept's {file}" for file, data in acked["kept"].items()
+                           if not (path / file).is_file() or (path / file).read_bytes() != data]
+            work.ok("rm", "--force", "kept")
+    finally:
+        figures = tally.figures(started)
+        figures["fault"] = "I/O errors under the daemon: dm-flakey failing writes"
+        record_property("fault_report", figures)
+        print(json.dumps(figures, indent=1))
+    assert not figures["acknowledged_data_lost"], figures
+
+
+def serve_under_failing_writes(work: Workload, daemon: Daemon, disk: FaultDisk,
+                               refs: dict[str, str], acked: dict[str, dict[str, bytes]]) -> None:
+    """Through the socket: an image pulled and container ``kept`` written with fsync while the
+    disk is healthy, then every write failing while a pull, a creation, the container's
+    application and a gc run; the daemon must answer ``GET /v1/info`` after each. ``acked``
+    gets what the application's fsync acknowledged."""
+    with contextlib.closing(DaemonClient(daemon.socket, timeout=120)) as api:
+        assert list(api.stream("POST", "/v1/images/pull", {"ref": refs["one"]}))[-1][
+            "status"] == "done"
+        api.call("POST", "/v1/containers", {"name": "kept", "image": refs["one"]})
+        path = Path(api.call("POST", "/v1/containers/kept/mount")["path"])
+        write_synced(path, "acked", ACKED)
+        acked["kept"] = {"acked": ACKED}
+        disk.fail_writes()
+        work.tally.phases.append(Phase("dm-flakey error_writes: every write fails (daemon)"))
+        operations: list[tuple[str, Callable[[DaemonClient], dict[str, Any]]]] = [
+            ("pull two", lambda api: list(api.stream("POST", "/v1/images/pull",
+                                                     {"ref": refs["two"]}))[-1]),
+            ("create fresh", lambda api: api.call("POST", "/v1/containers",
+                                                  {"name": "fresh", "image": refs["one"]})),
+            ("gc", lambda api: api.call("POST", "/v1/gc")),
+        ]
+        for label, call in operations:
+            work.request(api, label, call)
+            work.write(path, "kept", f"after-{label.replace(' ', '-')}", acked)
+            assert work.request(api, "info", lambda api: api.call("GET", "/v1/info")), \
+                work.tally.phase
+        assert work.tally.phase.failures, work.tally.phase  # the fault reached the daemon

@@ -2,25 +2,25 @@
 the daemon still answers ``GET /v1/info`` while pulls, an ``rmi`` and a gc run, because blocking
 work runs in threads, never on the event loop.
 
-Timings are not asserted in this project's tests: the latencies of ``GET /v1/info`` depend on
-the guest's scheduling (user-mode-linux has one CPU, on a host of two shared cores) and on
-its own work (it
-probes every driver, in a worker thread), so they are measured, printed and recorded
-(``record_property``, for the faults report; idle answers first, as the guest's own cost) and
-bound only loosely (``ANSWER_BOUND``). What is asserted is structural: the daemon times every
-step of its event loop (``imaged.server.stalls``, logging each over ``STALL_SECONDS``) and no
-step may reach ``STALL_BOUND``, three delayed writes: a flush waits for the data and then for
-the journal's commit, so a step that flushes on the loop comes near it or over. A step's own
-work (parsing, JSON, SQLite in WAL mode, which does not flush at commit) took 11-47 ms in the
-guest, GIL waits behind the pull's threads included, and up to 90 ms when the host's load
-average was 5.7 (the guest's process descheduled: no line sampled). Before the fixes that came
-with this test the longest steps were 0.87 s (the download's buffers faulted in on the loop)
-and 48-64 ms per ``GET /v1/info`` (vfs' probe writing a file into the root on the loop); with
-the buffers put back on the loop, runs saw 182 and 366 ms, which this bound catches. So the
-bound sits between what a loaded guest does and what one blocking call does, with little room
-either side on this machine; a failure names the task and the line the loop was on, from the
-daemon's log, so it says which of the two it was. The same workload runs with the delay at 0
-as the baseline.
+Timings are not asserted in this project's tests: the latencies of ``GET /v1/info`` and the
+length of the event loop's steps depend on the guest's scheduling (user-mode-linux has one CPU,
+on a host of two shared cores) and on its own work (it probes every driver, in a worker thread),
+so they are measured, printed and recorded (``record_property``, for the faults report; idle
+answers first, as the guest's own cost) and never bound. A bound on steps was tried: between
+what a loaded guest's step takes (up to 90 ms with nothing blocking, at a host load average of
+5.7) and what one flush on the loop costs (three delayed writes, 150 ms) it had little room
+either side, so it could fail on a busy machine and pass a blocking call on a quiet one.
+
+What is asserted is structural, and independent of timing: the daemon's stall watch counts the
+calls its loop thread makes that wait on the root's disk (``imaged.server.stalls``: Python's
+audit events for opening, listing, making, renaming and removing files under the root, and for
+starting a process), logging each call site with its task and frames, and the count it logs
+when it stops must be zero. A call on the loop fails the test however fast the disk answered it,
+and nothing else does. The slow disk is what makes such a call matter, and the numbers
+recorded show what it costs; ``tests/integration/test_loop_calls.py`` requires the same of every
+kind of request on the host's disk. The stalls the watch logs (steps over ``STALL_SECONDS``)
+are recorded with their tasks, for the report. The same workload runs with the delay at 0 as
+the baseline.
 
 A third case has a first image of ``MANY_FILES`` small files: its ``rmi`` walks the layer for
 the bytes it frees and deletes it, which held the loop for 430 ms (at b492408) while gc and
@@ -47,10 +47,10 @@ import pytest
 import trio
 
 from imaged.cli.client import DaemonClient, segment
-from imaged.server.daemon import STALL_SECONDS
-from imaged.testing.images import OCILayout, file, push
+from imaged.testing.images import OCILayout
 from imaged.testing.registry import LocalRegistry
-from tests.conftest import push_simple
+from tests.conftest import push_bad_diff_id, push_simple
+from tests.guest import faultreport
 from tests.guest.faultdisk import (  # noqa: F401 - images: an autouse fixture
     MiB,
     delayed,
@@ -63,8 +63,6 @@ pytestmark = pytest.mark.guest
 
 DISK_SIZE = 256 * MiB
 DELAY_MS = 50
-STALL_BOUND = 3 * DELAY_MS / 1000  # seconds
-ANSWER_BOUND = 1.0  # an answer this late is a hung loop, whatever the guest's scheduling
 IDLE_SAMPLES = 10
 _STALL = re.compile(r"WARNING: event loop blocked (\d+) ms by task (.*)")
 _LONGEST = re.compile(r"longest event-loop step: event loop blocked (\d+) ms by task (.*)")
@@ -80,20 +78,6 @@ def milliseconds(samples: list[float]) -> dict[str, float]:
     return {"p50": round(statistics.median(samples) * 1000, 1),
             "p99": round(percentile(samples, 0.99) * 1000, 1),
             "max": round(max(samples) * 1000, 1)}
-
-
-def push_bad_diff_id(layout: OCILayout, registry: LocalRegistry, repo: str,
-                     data: bytes) -> str:
-    """An image whose one layer downloads and verifies but whose config names another DiffID:
-    its pull fails at unpacking and leaves the layer's bytes in ingest."""
-    layer = layout.add_layer([file("big.bin", data)])
-    manifest = layout.add_image([layer], config_extra={
-        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}})
-    name = repo.replace("/", "-")
-    layout.tag(manifest, name)
-    ref = f"{registry.host}/{repo}:v1"
-    push(layout, name, ref)
-    return ref
 
 
 MANY_FILES = 5000
@@ -186,12 +170,11 @@ def test_info_answers_while_pulls_and_gc_write_to_a_slow_disk(
         "longest_loop_step_ms": int(longest[0]),
         "longest_loop_step_task": longest[1],
         "stalls_logged": len(stalls),
+        "stalls_by_task": faultreport.counted([task.split(" at ")[0] for _, task in stalls]),
+        "disk_calls_on_the_loop": daemon.loop_calls()[0],
     }
     record_property("fault_report", figures)
     print(json.dumps(figures))
     print("\n".join(line for line in log.splitlines() if "event loop" in line))
-    assert len(latencies) >= 5, (spans, latencies)  # sampled while the work ran
-    assert max(latencies) < ANSWER_BOUND, latencies
-    over = [(ms, task) for ms, task in stalls if ms >= STALL_BOUND * 1000]
-    assert not over, over
-    assert STALL_SECONDS <= STALL_BOUND  # the daemon logs every step this test must see
+    assert latencies, spans  # the daemon answered while the work ran
+    assert daemon.loop_calls() == (0, []), log

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from imaged.config import Config
 from imaged.digest import Digest, chain_ids
@@ -24,7 +25,7 @@ from imaged.errors import (
 )
 from imaged.store.content import INGEST_EXPIRY_SECONDS, ContentStore, Ingest
 from imaged.store.lock import RootLock, Waiting
-from imaged.store.metadata import MIGRATIONS, LayerRow, Metadata, NewImage
+from imaged.store.metadata import MIGRATIONS, LayerRow, Metadata, NewImage, from_thread
 from imaged.store.root import Store
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
@@ -752,3 +753,33 @@ def test_blobs_removed_while_listed_are_skipped(content: ContentStore) -> None:
     rest = [digest for digest, _ in listing]
     assert gone not in rest
     assert sorted(map(str, [first, *rest])) == sorted(str(d) for d in digests if d != gone)
+
+
+class _Where(Metadata):
+    def where(self) -> int:
+        return threading.get_ident()
+
+
+def test_metadata_from_a_worker_thread_runs_on_the_trio_thread(tmp_path: Path) -> None:
+    """A worker's calls through ``from_thread`` run on the trio thread, which owns the
+    connection; a transaction (a block of statements) cannot cross, nor an attribute."""
+    meta = _Where(tmp_path / "metadata.db")
+
+    def worker() -> tuple[int, int, str | None]:
+        through = from_thread(meta)
+        through.set_setting("driver", "vfs")
+        with pytest.raises(AttributeError, match="worker thread"):
+            through.transaction()
+        with pytest.raises(AttributeError, match="worker thread"):
+            through.path  # noqa: B018 - the refusal is what is tested
+        return threading.get_ident(), through.where(), through.get_setting("driver")
+
+    async def main() -> tuple[int, tuple[int, int, str | None]]:
+        return threading.get_ident(), await trio.to_thread.run_sync(worker)
+
+    try:
+        loop, (worker_thread, ran_on, value) = trio.run(main)
+    finally:
+        meta.close()
+    assert (ran_on, value) == (loop, "vfs")
+    assert worker_thread != loop
