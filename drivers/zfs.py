@@ -41,6 +41,13 @@ renamed at commit because zfs-fuse cannot rename filesystems ("dataset is busy",
 not). Its metadata row is ``creating`` before its dataset exists, so recovery removes it after
 a crash, and a dataset with no row at all is removed as unrecorded.
 
+A container removed while a bind of it that a forced umount detached still serves open files
+keeps its dataset until they close: ``zfs destroy`` would call it busy, and on zfs-fuse an
+attempt (or a ``zfs umount``) while it is held left the dataset busy for good in a trial here.
+So nothing is asked of ZFS while a process has a file on it (``imaged.host.mounts.users``);
+``removed/<name>`` records the removal, the name stays taken (the dataset has it: zfs-fuse
+cannot rename a busy one), and garbage collection destroys it once nothing holds it.
+
 zfs-fuse stores no xattrs unless started with ``--enable-xattr``; the probe tries one on the
 parent dataset when it is mounted and reports what it found.
 """
@@ -64,7 +71,7 @@ from imaged.config import Config
 from imaged.drivers import Capabilities, Finding, Mounted, Probe, QuotaMode, Usage
 from imaged.drivers.base import BaseDriver
 from imaged.errors import ConflictError, ImagedError, InternalError, InvalidError
-from imaged.host.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted
+from imaged.host.mounts import MountSpec, backing_filesystem, bind_mount, is_mounted, users
 from imaged.layers.unpack import WhiteoutMode
 from imaged.sizes import shrink_refused
 
@@ -408,6 +415,11 @@ class ZfsDriver(BaseDriver):
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:
+        if (self.home / "removed" / name).exists():  # the name's former holder goes first
+            if (why := self._holder_of(name)) is not None:
+                raise ConflictError(f"container {name} was removed, but its dataset stays "
+                                    f"while {why} holds it: use another name until then")
+            self.remove_container(name)
         self._new_container_home(name)
         options = [f"quota={quota}"] if quota is not None else []
         options += ["readonly=on"] if read_only else []
@@ -459,10 +471,38 @@ class ZfsDriver(BaseDriver):
                 for name, p in found.items()}
 
     def remove_container(self, name: str) -> None:
+        """Unmount, destroy, and remove the directory; while files opened before a forced
+        umount still hold the dataset, only record the removal (module docstring)."""
+        if self._holder_of(name) is not None:
+            removed = self.home / "removed"
+            removed.mkdir(exist_ok=True, mode=0o700)
+            (removed / name).touch()
+            return
         if self._container(name).exists():
             self.unmount(name, None)
         self._destroy(self._dataset("containers", name))
         super().remove_container(name)
+        (self.home / "removed" / name).unlink(missing_ok=True)
+
+    def _holder_of(self, name: str) -> str | None:
+        rootfs = self._rootfs(name)
+        if not is_mounted(rootfs) or not (pids := users(rootfs)):
+            return None
+        return (f"process {', '.join(map(str, pids))} (files on dataset "
+                f"{self._dataset('containers', name)} opened before a forced umount)")
+
+    def removals(self) -> dict[str, str | None]:
+        removed = self.home / "removed"
+        if not removed.is_dir():
+            return {}
+        return {entry.name: self._holder_of(entry.name) for entry in sorted(removed.iterdir())}
+
+    def finish_removal(self, key: str) -> None:
+        if (why := self._holder_of(key)) is not None:
+            raise ConflictError(f"removed container {key}: {why} holds it")
+        self.remove_container(key)
 
     def list_containers(self) -> set[str]:
-        return self._names("containers")
+        removed = self.home / "removed"
+        pending = {entry.name for entry in removed.iterdir()} if removed.is_dir() else set()
+        return self._names("containers") - pending

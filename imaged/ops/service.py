@@ -39,7 +39,7 @@ from imaged.registry_client.manifest import Descriptor, Platform
 from imaged.registry_client.reference import parse_reference
 from imaged.store import check
 from imaged.store.check import container_key
-from imaged.store.gc import Removed, candidates, release, remove_partials
+from imaged.store.gc import Removed, candidates, finish_removals, release, remove_partials
 from imaged.store.leases import Leases
 from imaged.store.lock import Waiting
 from imaged.store.metadata import ContainerRow, ImageRow, Target
@@ -177,12 +177,16 @@ class Service:
             return await trio.to_thread.run_sync(work, blobs, layers)
 
     async def gc(self) -> dict[str, Any]:
-        """Remove every blob and layer nothing references or leases, and partial downloads no
-        running pull holds (``imaged.store.gc``); the removal in a worker thread."""
+        """Remove every blob and layer nothing references or leases, partial downloads no
+        running pull holds (``imaged.store.gc``), and what removed containers left that
+        nothing holds any more; the removals in worker threads."""
         self.store.make_room()
         blobs, layers = candidates(self.store)
         partials = self.store.content.partials()
-        return (await self._remove(blobs, layers, partials)).to_json()
+        removed = await self._remove(blobs, layers, partials)
+        async with self._removing:
+            return (await trio.to_thread.run_sync(
+                finish_removals, self.store.recorded_driver(), removed)).to_json()
 
     # containers
 
@@ -441,13 +445,18 @@ class Service:
             driver.unmount(row.name, path if row.target is Target.GIVEN else None, force)
 
     async def rm(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Remove a container; a mounted one only with ``force``, which unmounts it as
+        ``umount --force`` does (detached while files are open on it, as ``podman rm -f``
+        removes a running container). What the detached mount still holds is the driver's
+        to finish later (``Driver.removals``): the name is free and ``ps`` no longer shows
+        it as soon as this returns."""
         self.store.make_room()
         row = self._get(name)
         if row.mount_path is not None:
             if not force:
                 raise ConflictError(f"container {name} is mounted at {row.mount_path}; "
                                     "unmount it first or use --force")
-            await self.umount(name)
+            await self.umount(name, force=True)
         with self.leases.hold([container_key(name)]):  # 'removing' is not a crash's leftover
             self.store.meta.update_container(name, state="removing")
             pause_point("mid-removal")
