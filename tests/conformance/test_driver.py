@@ -189,6 +189,25 @@ def test_image_in_use_cannot_be_removed(bed: Bed) -> None:
     assert bed.ok("--json", "ps").json() == []
 
 
+def test_mount_again_while_a_forced_umount_leaves_files_open(bed: Bed) -> None:
+    """With a quota too (a loop quota's filesystem, on this host, is still the detached
+    mount's): the next mount works at once and shows what was written, rather than waiting
+    for the open files to close."""
+    ref = bed.image([file("f", b"image")])
+    merged = bed.mount(ref, "--name", "q", "--quota", "64M")
+    held = os.open(merged / "held", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(held, b"before")
+        os.fsync(held)
+        bed.ok("umount", "--force", "q")
+        again = bed.mount(ref, "--name", "q")
+        assert (again / "held").read_bytes() == b"before"
+        assert next(c for c in bed.ok("--json", "ps").json())["state"] == "mounted"
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN: the new mount stopped a fuse server
+            os.close(held)
+
+
 def test_rm_force_of_a_busy_container(bed: Bed) -> None:
     """``rm --force`` removes a container whose mount has a file open, as ``podman rm -f``
     removes a running one: the mount detached, the container gone from ``ps`` with its
