@@ -240,6 +240,8 @@ def test_rm_force_of_a_busy_container(bed: Bed) -> None:
             assert error["code"] == "conflict" and "forced umount" in error["message"], error
         bed.ok("check")  # what the open file holds is explained, not a finding
         pending = bed.ok("--json", "gc").json()["pending"]
+        warned = bed.ok("gc").err
+        assert all(f"removed container still held: {line}" in warned for line in pending)
     finally:
         with contextlib.suppress(OSError):  # ENOTCONN from a stopped fuse server's file
             os.close(held)
