@@ -206,6 +206,38 @@ def test_busy_device_is_removed_deferred_under_another_name(config: Config) -> N
     assert pool_ids is not None and record.id not in pool_ids
 
 
+def test_a_detached_mount_holds_a_removed_container_device_until_its_file_closes(
+        config: Config) -> None:
+    """``rm --force`` of a busy container: the mount detached, the device still held by it
+    is renamed and its deletion deferred, the name free at once; the kernel removes the
+    device when the open file closes, and the next start deletes its thin id."""
+    driver = start(config)
+    driver.create_container("busy", [], None, False)
+    merged = driver.mount("busy", [], False, None).path
+    name = pool.device_name(driver.tag, "c/busy")
+    held = os.open(merged / "held", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(ConflictError):
+            driver.unmount("busy", None)
+        driver.unmount("busy", None, force=True)
+        driver.remove_container("busy")
+        record = next(r for r in driver.records.all() if r.key.startswith("dead/"))
+        dead = pool.device_name(driver.tag, record.key)
+        assert ioctl.dm_status(name) is None and ioctl.dm_status(dead) is not None
+        os.write(held, b"the detached mount still writes")
+        driver.create_container("busy", [], None, False)
+    finally:
+        os.close(held)
+    deadline = time.monotonic() + 10
+    while ioctl.dm_status(dead) is not None:
+        assert time.monotonic() < deadline, f"{dead} was not removed after its last close"
+        time.sleep(0.05)
+    again = start(config)
+    assert f"finished removing thin device {record.id}" in again.recovered
+    pool_ids = again._pool_ids()
+    assert pool_ids is not None and record.id not in pool_ids
+
+
 def test_nothing_is_created_above_the_fill_threshold(config: Config) -> None:
     driver = start(config, data_size=256 * MiB, fill_threshold=0.25)
     driver.create_container("filler", [], 128 * MiB, False)
