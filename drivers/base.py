@@ -139,13 +139,15 @@ class BaseDriver(ABC):
         removed.mkdir(exist_ok=True, mode=0o700)
         os.rename(self._container(name), removed / f"{name}.{secrets.token_hex(4)}")
 
+    def _removed(self) -> list[Path]:
+        """The entries of ``removed/``, one per removal left to finish."""
+        removed = self.home / "removed"
+        return sorted(removed.iterdir()) if removed.is_dir() else []
+
     def removals(self) -> dict[str, str | None]:
         """Containers removed while something still held part of them, by key: what holds
         it (to say so), or None where it can be finished now. Reads, changes nothing."""
-        removed = self.home / "removed"
-        if not removed.is_dir():
-            return {}
-        return {entry.name: self._holder(entry) for entry in sorted(removed.iterdir())}
+        return {entry.name: self._holder(entry) for entry in self._removed()}
 
     def _holder(self, entry: Path) -> str | None:
         """What still holds a buried container (none here: only a loop quota is held)."""
@@ -157,12 +159,12 @@ class BaseDriver(ABC):
         entry = self.home / "removed" / key
         why = self._let_go(entry)
         if why is not None:
-            raise ConflictError(f"removed container {key.rsplit('.', 1)[0]}: {why}")
+            raise ConflictError(f"removed container {key}: {why}")
         remove_tree(entry)
 
     def _let_go(self, entry: Path) -> str | None:
-        """Release what a buried container holds outside its directory, as far as can be
-        done now; why the rest must wait, or None."""
+        """Release what a buried container holds outside its entry, as far as can be done
+        now; why the rest must wait, or None (the entry is removed next, if still there)."""
         return self._holder(entry)
 
     def materialize(self, name: str, layers: Sequence[str], mounted: bool) -> None:

@@ -417,8 +417,8 @@ class ZfsDriver(BaseDriver):
                          read_only: bool) -> None:
         if (self.home / "removed" / name).exists():  # the name's former holder goes first
             if (why := self._holder_of(name)) is not None:
-                raise ConflictError(f"container {name} was removed, but its dataset stays "
-                                    f"while {why} holds it: use another name until then")
+                raise ConflictError(f"container {name} was removed, but {why} holds its "
+                                    "dataset: use another name until they close")
             self.remove_container(name)
         self._new_container_home(name)
         options = [f"quota={quota}"] if quota is not None else []
@@ -491,18 +491,16 @@ class ZfsDriver(BaseDriver):
         return (f"process {', '.join(map(str, pids))} (files on dataset "
                 f"{self._dataset('containers', name)} opened before a forced umount)")
 
-    def removals(self) -> dict[str, str | None]:
-        removed = self.home / "removed"
-        if not removed.is_dir():
-            return {}
-        return {entry.name: self._holder_of(entry.name) for entry in sorted(removed.iterdir())}
+    def _holder(self, entry: Path) -> str | None:
+        """``removed/<name>`` is only the record: the dataset and directory keep the name."""
+        why = self._holder_of(entry.name)
+        return None if why is None else f"{why} holds its dataset"
 
-    def finish_removal(self, key: str) -> None:
-        if (why := self._holder_of(key)) is not None:
-            raise ConflictError(f"removed container {key}: {why} holds it")
-        self.remove_container(key)
+    def _let_go(self, entry: Path) -> str | None:
+        why = self._holder(entry)
+        if why is None:
+            self.remove_container(entry.name)  # the record goes last
+        return why
 
     def list_containers(self) -> set[str]:
-        removed = self.home / "removed"
-        pending = {entry.name for entry in removed.iterdir()} if removed.is_dir() else set()
-        return self._names("containers") - pending
+        return self._names("containers") - {entry.name for entry in self._removed()}
