@@ -570,8 +570,8 @@ def resize(fs: LoopFS, new_quota: int, mounted: bool) -> None:
     where = mounts(fs)
     if not where and (alive := held(fs)):  # offline tools on a live filesystem would wreck it
         raise ConflictError(f"{alive[0].path} still has this container's filesystem for files "
-                            "opened on it before a forced umount: mount the container to "
-                            "grow its quota, or close those files first")
+                            "opened on it before a forced umount: close those files first, "
+                            "or grow the quota while the container is mounted")
     space = _measure(fs)
     low, _, high = capacity_window(new_quota)
     capacity = space.capacity // BLOCK_SIZE
