@@ -205,7 +205,18 @@ class Driver(Protocol):
         """``usage`` of many containers at once: a driver whose numbers come from one command
         for the whole filesystem (qgroups, ZFS properties) answers ``ps`` with one call."""
 
-    def remove_container(self, name: str) -> None: ...
+    def remove_container(self, name: str) -> None:
+        """Remove the container, mounted by nobody now. What a mount that a forced umount
+        detached still holds (a loop quota's filesystem, a ZFS dataset) is not waited for:
+        it is recorded as a removal to finish (``removals``) and the name is free at once."""
+
+    def removals(self) -> dict[str, str | None]:
+        """Removals left to finish, by key: what still holds each (in words), or None where
+        it can be finished now (``imaged check`` reports those). Changes nothing."""
+
+    def finish_removal(self, key: str) -> None:
+        """Finish one (garbage collection, ``check --repair``): a ConflictError saying what
+        holds it while something still does."""
 
     def list_containers(self) -> set[str]: ...
 

@@ -13,11 +13,19 @@ vfs, aufs), a container's writable data under one of two quota mechanisms.
 Layout under a driver's home: ``layers/<chainid>``, ``containers/<name>/`` with ``merged/``
 (the default mount point) and, for directory drivers, ``data/`` or ``quota.img`` + ``fs/``.
 Only what the drivers put *in* a layer or a container's data directory differs.
+
+``removed/<name>.<hex>/``: what is left of a container removed while a mount of it that a forced
+umount detached still serves open files, and that cannot go before they close (a loop quota's
+image, still the filesystem of that mount). Moved out of ``containers/`` so the name is free at
+once; garbage collection finishes it once nothing holds it, and ``check`` reports one that
+could be finished (``removals``, ``finish_removal``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence, Set
 from pathlib import Path
@@ -25,8 +33,9 @@ from typing import ClassVar
 
 from imaged.config import Config
 from imaged.drivers import Finding, Mounted, QuotaMode, Usage, loop_usage
-from imaged.errors import InvalidError, QuotaUnsupportedError
+from imaged.errors import ConflictError, InvalidError, QuotaUnsupportedError
 from imaged.fsutil import disk_usage, remove_tree
+from imaged.host import loopdev
 from imaged.host.mounts import is_mounted, unmount
 from imaged.quota import loopquota, projquota
 from imaged.sizes import shrink_refused
@@ -134,6 +143,41 @@ class BaseDriver(ABC):
     def remove_container(self, name: str) -> None:
         """The container's directory, once whatever the driver keeps elsewhere is gone."""
         remove_tree(self._container(name))
+
+    def _bury(self, name: str) -> None:
+        """Move what is left of the container to ``removed/`` (module docstring): its name
+        is free from now on, and ``finish_removal`` removes it once nothing holds it."""
+        removed = self.home / "removed"
+        removed.mkdir(exist_ok=True, mode=0o700)
+        os.rename(self._container(name), removed / f"{name}.{secrets.token_hex(4)}")
+
+    def _removed(self) -> list[Path]:
+        """The entries of ``removed/``, one per removal left to finish."""
+        removed = self.home / "removed"
+        return sorted(removed.iterdir()) if removed.is_dir() else []
+
+    def removals(self) -> dict[str, str | None]:
+        """Containers removed while something still held part of them, by key: what holds
+        it (to say so), or None where it can be finished now. Reads, changes nothing."""
+        return {entry.name: self._holder(entry) for entry in self._removed()}
+
+    def _holder(self, entry: Path) -> str | None:
+        """What still holds a buried container (none here: only a loop quota is held)."""
+        return None
+
+    def finish_removal(self, key: str) -> None:
+        """Remove what a removal left (``removals``); a ConflictError while it is still
+        held."""
+        entry = self.home / "removed" / key
+        why = self._let_go(entry)
+        if why is not None:
+            raise ConflictError(f"removed container {key}: {why}")
+        remove_tree(entry)
+
+    def _let_go(self, entry: Path) -> str | None:
+        """Release what a buried container holds outside its entry, as far as can be done
+        now; why the rest must wait, or None (the entry is removed next, if still there)."""
+        return self._holder(entry)
 
     def materialize(self, name: str, layers: Sequence[str], mounted: bool) -> None:
         """Nothing to complete: copy-up is whole-file everywhere but in fuse (``update
@@ -259,12 +303,33 @@ class DirectoryDriver(BaseDriver):
             loopquota.unmount(self._quota_fs(name), lazy=force)
 
     def remove_container(self, name: str) -> None:
+        """Everything of the container; a loop quota's image that a forced umount's detached
+        mount still has is buried with the directory instead (module docstring)."""
         if not self._container(name).exists():
             return
         self.unmount(name, None)
-        if self._has_quota(name):
-            loopquota.remove(self._quota_fs(name))
         project = self._project_dir(name)
         if project is not None:  # the id may be reused: it must not carry this limit along
             projquota.set_limit(project, projquota.project_of(project), None)
+        if self._has_quota(name) and loopquota.remove(self._quota_fs(name)):
+            self._bury(name)
+            return
         super().remove_container(name)
+
+    @staticmethod
+    def _buried_fs(entry: Path) -> loopquota.LoopFS:
+        return loopquota.LoopFS(entry / "quota.img", entry / "fs")
+
+    def _holder(self, entry: Path) -> str | None:
+        return _holding(loopquota.held(self._buried_fs(entry)))
+
+    def _let_go(self, entry: Path) -> str | None:
+        fs = self._buried_fs(entry)
+        return _holding(loopquota.remove(fs)) if fs.image.exists() else None
+
+
+def _holding(devices: Sequence[loopdev.LoopDevice]) -> str | None:
+    if not devices:
+        return None
+    return (f"{devices[0].path} still has its quota filesystem, for files opened on it "
+            "before a forced umount; it lets go when they close")

@@ -41,6 +41,13 @@ renamed at commit because zfs-fuse cannot rename filesystems ("dataset is busy",
 not). Its metadata row is ``creating`` before its dataset exists, so recovery removes it after
 a crash, and a dataset with no row at all is removed as unrecorded.
 
+A container removed while a bind of it that a forced umount detached still serves open files
+keeps its dataset until they close: ``zfs destroy`` would call it busy, and on zfs-fuse an
+attempt (or a ``zfs umount``) while it is held left the dataset busy for good in a trial here.
+So nothing is asked of ZFS while a process has a file on it (``imaged.host.mounts.users``);
+``removed/<name>`` records the removal, the name stays taken (the dataset has it: zfs-fuse
+cannot rename a busy one), and garbage collection destroys it once nothing holds it.
+
 zfs-fuse stores no xattrs unless started with ``--enable-xattr``; the probe tries one on the
 parent dataset when it is mounted and reports what it found.
 """
@@ -70,6 +77,7 @@ from imaged.host.mounts import (
     bind_mount,
     is_mounted,
     kernel_filesystems,
+    users,
 )
 from imaged.layers.unpack import WhiteoutMode
 from imaged.sizes import shrink_refused
@@ -436,6 +444,11 @@ class ZfsDriver(BaseDriver):
 
     def create_container(self, name: str, layers: Sequence[str], quota: int | None,
                          read_only: bool) -> None:
+        if (self.home / "removed" / name).exists():  # the name's former holder goes first
+            if (why := self._holder_of(name)) is not None:
+                raise ConflictError(f"container {name} was removed, but {why} holds its "
+                                    "dataset: use another name until they close")
+            self.remove_container(name)
         self._new_container_home(name)
         options = [f"quota={quota}"] if quota is not None else []
         options += ["readonly=on"] if read_only else []
@@ -487,10 +500,36 @@ class ZfsDriver(BaseDriver):
                 for name, p in found.items()}
 
     def remove_container(self, name: str) -> None:
+        """Unmount, destroy, and remove the directory; while files opened before a forced
+        umount still hold the dataset, only record the removal (module docstring)."""
+        if self._holder_of(name) is not None:
+            removed = self.home / "removed"
+            removed.mkdir(exist_ok=True, mode=0o700)
+            (removed / name).touch()
+            return
         if self._container(name).exists():
             self.unmount(name, None)
         self._destroy(self._dataset("containers", name))
         super().remove_container(name)
+        (self.home / "removed" / name).unlink(missing_ok=True)
+
+    def _holder_of(self, name: str) -> str | None:
+        rootfs = self._rootfs(name)
+        if not is_mounted(rootfs) or not (pids := users(rootfs)):
+            return None
+        return (f"process {', '.join(map(str, pids))} (files on dataset "
+                f"{self._dataset('containers', name)} opened before a forced umount)")
+
+    def _holder(self, entry: Path) -> str | None:
+        """``removed/<name>`` is only the record: the dataset and directory keep the name."""
+        why = self._holder_of(entry.name)
+        return None if why is None else f"{why} holds its dataset"
+
+    def _let_go(self, entry: Path) -> str | None:
+        why = self._holder(entry)
+        if why is None:
+            self.remove_container(entry.name)  # the record goes last
+        return why
 
     def list_containers(self) -> set[str]:
-        return self._names("containers")
+        return self._names("containers") - {entry.name for entry in self._removed()}

@@ -290,6 +290,22 @@ def detach(device: LoopDevice) -> None:
         os.close(fd)
 
 
+def claimed(device: LoopDevice) -> bool:
+    """Whether a filesystem still has the device (an exclusive open is refused, as mkfs
+    finds a mounted device): after ``umount --force`` a detached mount keeps it until its
+    last open file closes, though the mount table no longer shows it."""
+    try:
+        fd = os.open(device.path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return True
+        if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):  # gone meanwhile
+            return False
+        raise
+    os.close(fd)
+    return False
+
+
 def bound_devices() -> list[tuple[LoopDevice, str]]:
     """Every bound loop device with the kernel's path of its backing file."""
     found = []

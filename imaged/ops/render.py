@@ -98,7 +98,10 @@ def freed(result: dict[str, Any]) -> str:
 
 
 def not_removed(result: dict[str, Any]) -> list[str]:
-    return [f"not removed: {line}" for line in result.get("failed", [])]
+    """gc's warnings: what failed, and removed containers still held (a later gc finishes
+    those)."""
+    return [f"not removed: {line}" for line in result.get("failed", [])] + \
+        [f"removed container still held: {line}" for line in result.get("pending", [])]
 
 
 def findings(result: dict[str, Any]) -> str:

@@ -40,7 +40,14 @@ from imaged.registry_client.manifest import Descriptor, Platform
 from imaged.registry_client.reference import parse_reference
 from imaged.store import check
 from imaged.store.check import container_key
-from imaged.store.gc import Removed, candidates, listing, release, remove_partials
+from imaged.store.gc import (
+    Removed,
+    candidates,
+    finish_removals,
+    listing,
+    release,
+    remove_partials,
+)
 from imaged.store.leases import Leases
 from imaged.store.lock import Waiting
 from imaged.store.metadata import ContainerRow, ImageRow, Target, from_thread
@@ -177,16 +184,18 @@ class Service:
             return await trio.to_thread.run_sync(work, blobs, layers)
 
     async def gc(self) -> dict[str, Any]:
-        """Remove every blob and layer nothing references or leases, and partial downloads no
-        running pull holds (``imaged.store.gc``): the directories listed and the removal done
-        in worker threads, the rows read between them on the loop."""
+        """Remove every blob and layer nothing references or leases, partial downloads no
+        running pull holds (``imaged.store.gc``), and what removed containers left that
+        nothing holds any more: the directories listed and the removals done in worker
+        threads, the rows read between them on the loop."""
         store = self.store
         await trio.to_thread.run_sync(store.make_room)
         driver = await store.open_recorded_driver()
         async with self._removing:
             listed = await trio.to_thread.run_sync(listing, store, driver)
             blobs, layers = candidates(store, listed)
-            return (await self._remove(blobs, layers, listed.partials)).to_json()
+            removed = await self._remove(blobs, layers, listed.partials)
+            return (await trio.to_thread.run_sync(finish_removals, driver, removed)).to_json()
 
     # containers
 
@@ -446,13 +455,18 @@ class Service:
             driver.unmount(row.name, path if row.target is Target.GIVEN else None, force)
 
     async def rm(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Remove a container; a mounted one only with ``force``, which unmounts it as
+        ``umount --force`` does (detached while files are open on it, as ``podman rm -f``
+        removes a running container). What the detached mount still holds is the driver's
+        to finish later (``Driver.removals``): the name is free and ``ps`` no longer shows
+        it as soon as this returns."""
         await trio.to_thread.run_sync(self.store.make_room)
         row = self._get(name)
         if row.mount_path is not None:
             if not force:
                 raise ConflictError(f"container {name} is mounted at {row.mount_path}; "
                                     "unmount it first or use --force")
-            await self.umount(name)
+            await self.umount(name, force=True)
         with self.leases.hold([container_key(name)]):  # 'removing' is not a crash's leftover
             self.store.meta.update_container(name, state="removing")
             pause_point("mid-removal")

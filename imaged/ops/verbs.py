@@ -216,7 +216,8 @@ UMOUNT = Verb("umount", "unmount a container, keep its data",
               Route("POST", "containers/{name}/unmount"),
               operation_id="unmount")
 RM = Verb("rm", "remove a container", lambda s, a, c: s.rm(a["name"], a["force"]),
-          (_CONTAINER, Param("force", bool, "query", "unmount it first if mounted",
+          (_CONTAINER, Param("force", bool, "query", "unmount it first if mounted, detached "
+                             "even while files are open on it (as umount --force)",
                              option="--force")),
           Route("DELETE", "containers/{name}"), operation_id="remove")
 PS = Verb("ps", "list containers", lambda s, a, c: s.ps(), route=Route("GET", "containers"),

@@ -511,20 +511,36 @@ def mount(fs: LoopFS) -> None:
     if other:
         raise ConflictError(f"{fs.mount_point} already has {other[-1].source} "
                             f"({other[-1].fstype}) mounted on it")
-    # A device still bound to the image but mounted nowhere is a leftover (a crash between
-    # bind and mount, or a manual losetup): release it so one image never has two devices.
-    _release(fs)
+    # The filesystem a forced umount detached, still alive for the files open on it, is
+    # mounted here again: a second mount of its device shares its superblock, so there is
+    # still one filesystem over the image's blocks. A device bound to the image but mounted
+    # nowhere is a leftover (a crash between bind and mount, a manual losetup): released, so
+    # that one image never has two devices.
+    alive = held(fs)
+    _release(fs, [device for device in devices(fs) if device not in alive])
+    if alive:
+        _sys_mount(str(alive[0].path), fs.mount_point, "ext4", MOUNT_FLAGS, MOUNT_DATA)
+        return
     reserve(fs.image)
     _attach_and_mount(fs.image, fs.mount_point, MOUNT_FLAGS)
 
 
-def _release(fs: LoopFS, wait: bool = True) -> None:
-    for device in devices(fs):
+def held(fs: LoopFS) -> list[loopdev.LoopDevice]:
+    """The image's devices a filesystem still has. Asked where this namespace mounts the
+    image nowhere, that is a mount a forced umount detached, alive until the last file open
+    on it closes."""
+    return [device for device in devices(fs) if loopdev.claimed(device)]
+
+
+def _release(fs: LoopFS, which: list[loopdev.LoopDevice], wait: bool = True) -> None:
+    """Unbind the devices; one a detached mount still has unbinds itself when that mount
+    goes (autoclear), so it is not waited for."""
+    for device in which:
         loopdev.detach(device)  # with a holder left, the kernel unbinds when it lets go
-        if wait and not loopdev.wait_unbound(device, fs.image):
+        if wait and not loopdev.claimed(device) and \
+                not loopdev.wait_unbound(device, fs.image):
             raise ConflictError(f"{device.path} still holds {fs.image}: another process or "
-                                "mount namespace has it open, or files opened on the "
-                                "container before a forced umount still are")
+                                "mount namespace has it open")
 
 
 def unmount(fs: LoopFS, lazy: bool = False) -> None:
@@ -533,12 +549,11 @@ def unmount(fs: LoopFS, lazy: bool = False) -> None:
     This is also the recovery for a forgotten filesystem: its devices are found by their
     backing file, whatever mounted them. ``lazy`` (a forced ``umount``) detaches the mounts
     even while files are open on them and leaves each device to unbind itself when the last
-    of those closes (autoclear); until then ``mount`` refuses, since a second device on the
-    same image would be a second filesystem over the same blocks.
+    of those closes (autoclear); until then ``mount`` mounts that device again (``held``).
     """
     for where in reversed(mounts(fs)):
         _sys_umount(where, lazy)
-    _release(fs, wait=not lazy)
+    _release(fs, devices(fs), wait=not lazy)
 
 
 def resize(fs: LoopFS, new_quota: int, mounted: bool) -> None:
@@ -553,6 +568,10 @@ def resize(fs: LoopFS, new_quota: int, mounted: bool) -> None:
     if not fs.image.exists():
         raise NotFoundError(f"no loop quota image at {fs.image}")
     where = mounts(fs)
+    if not where and (alive := held(fs)):  # offline tools on a live filesystem would wreck it
+        raise ConflictError(f"{alive[0].path} still has this container's filesystem for files "
+                            "opened on it before a forced umount: close those files first, "
+                            "or grow the quota while the container is mounted")
     space = _measure(fs)
     low, _, high = capacity_window(new_quota)
     capacity = space.capacity // BLOCK_SIZE
@@ -572,10 +591,16 @@ def resize(fs: LoopFS, new_quota: int, mounted: bool) -> None:
         _resize_offline(fs, new_quota, space)
 
 
-def remove(fs: LoopFS) -> None:
-    """Unmount if needed, delete the image, and remove the mount point if it is empty."""
+def remove(fs: LoopFS) -> list[loopdev.LoopDevice]:
+    """Unmount if needed, delete the image, and remove the mount point if it is empty; or,
+    while a forced umount's detached mount still has the filesystem, keep the image and
+    return that device: it unbinds itself when the last file open on it closes."""
     unmount(fs)
+    alive = held(fs)
+    if alive:
+        return alive
     with contextlib.suppress(FileNotFoundError):
         fs.image.unlink()
     with contextlib.suppress(OSError):  # absent, not empty, or a mount point of something else
         fs.mount_point.rmdir()
+    return []

@@ -59,6 +59,7 @@ MOUNT_BROKEN = "mount-broken"  # mounted, but nothing serves it (a fuse server t
 MOUNT_UNRECORDED = "mount-unrecorded"  # mounted under the root, nothing records it
 LOOP_UNRECORDED = "loop-unrecorded"  # a loop device on a file under the root, used by nothing
 QUOTA_MISMATCH = "quota-mismatch"  # a container's enforced quota differs from its record
+REMOVAL_UNFINISHED = "removal-unfinished"  # what a removed container left, held by nothing now
 CHECK_FAILED = "check-failed"  # a part of the check could not run
 
 # Blobs that need the registry to be repaired (``imaged.ops.service``).
@@ -70,7 +71,7 @@ BLOB_DAMAGE = frozenset({BLOB_MISSING, BLOB_SIZE, BLOB_DIGEST, BLOB_UNREADABLE})
 REPAIR_ORDER = (MOUNT_STALE, MOUNT_BROKEN, MOUNT_UNRECORDED, LOOP_UNRECORDED, CONTAINER_INTERRUPTED,
                 CONTAINER_UNRECORDED, CONTAINER_MISSING, LAYER_INTERRUPTED, LAYER_UNRECORDED,
                 BLOB_UNRECORDED, BLOB_MISSING, BLOB_SIZE, BLOB_DIGEST, BLOB_UNREADABLE,
-                LAYER_MISSING, LAYER_DAMAGED, QUOTA_MISMATCH)
+                LAYER_MISSING, LAYER_DAMAGED, QUOTA_MISMATCH, REMOVAL_UNFINISHED)
 
 # A loop quota's capacity lands within 2 MiB of the quota (imaged.quota.loopquota); the other
 # mechanisms are exact.
@@ -152,6 +153,7 @@ def inspect(records: Records, content: ContentStore, driver: Driver | None, root
         return found
     found += layer_findings(records, driver, held)
     found += container_findings(records, driver, held)
+    found += removal_findings(driver)
     found += mount_findings(records, driver, Path(os.path.realpath(root)), held)
     # Reading an unmounted loop quota mounts it for the moment, which lets go of a device left
     # on its image: such a container's quota waits for that finding's repair.
@@ -307,6 +309,16 @@ def container_findings(records: Records, driver: Driver, held: Callable[[str], b
     return found
 
 
+def removal_findings(driver: Driver) -> list[Finding]:
+    """What ``rm`` left for later (a mount that a forced umount detached held part of the
+    container) and nothing holds any more: garbage collection would finish it. One still
+    held is no finding: it goes when the files open on it close."""
+    return [Finding(REMOVAL_UNFINISHED, key,
+                    f"removed container {key} left {driver.home / 'removed' / key} behind, "
+                    "which nothing holds any more (imaged gc removes it)")
+            for key, why in driver.removals().items() if why is None]
+
+
 def _own_mount_point(driver: Driver, name: str) -> Path:
     """A container's default mount point, as the mount table shows it (symlinks resolved)."""
     return Path(os.path.realpath(driver.home)) / "containers" / name / "merged"
@@ -362,7 +374,7 @@ def _driver_part(point: str, driver: Driver, held: Callable[[str], bool]) -> boo
     home = Path(os.path.realpath(driver.home))
     relative = Path(point).relative_to(home).parts if _under(point, home) else ()
     if len(relative) >= 2 and relative[0] == "containers":
-        return relative[1] in driver.list_containers()
+        return relative[1] in driver.list_containers() or relative[1] in driver.removals()
     return len(relative) >= 2 and relative[0] == "layers" and held(f"sha256:{relative[1]}")
 
 
@@ -376,8 +388,9 @@ def _unrecorded_mount(entry: MountEntry, owner: str | None) -> str:
 
 def loop_findings(root: Path) -> list[Finding]:
     """Loop devices on files under the root that nothing mounts or holds (a device-mapper
-    pool holds its files' devices). Every device imaged binds clears itself when its mount
-    goes, so one left bound was bound by hand, or by a crash mid-way."""
+    pool holds its files' devices, a mount that a forced umount detached its filesystem's).
+    Every device imaged binds clears itself when its mount goes, so one left bound was bound
+    by hand, or by a crash mid-way."""
     return [Finding(LOOP_UNRECORDED, str(device.path),
                     f"loop device {device.path} holds {backing}, but nothing mounts or uses it")
             for device, backing in _idle_loops(root)]
@@ -394,7 +407,8 @@ def _idle_loops(root: Path) -> list[tuple[loopdev.LoopDevice, str]]:
             holders = os.listdir(device.sysfs / "holders")
         except FileNotFoundError:  # unbound meanwhile
             continue
-        if (os.major(dev), os.minor(dev)) not in mounted and not holders:
+        if (os.major(dev), os.minor(dev)) not in mounted and not holders and \
+                not loopdev.claimed(device):
             idle.append((device, backing))
     return idle
 
@@ -471,6 +485,8 @@ def repair(store: Store, leases: Leases, finding: Finding, driver: Driver,
         _unmount_unrecorded(driver, meta, Path(subject))
     elif kind == LOOP_UNRECORDED:
         _detach(Path(subject))
+    elif kind == REMOVAL_UNFINISHED:
+        driver.finish_removal(subject)
     elif kind == QUOTA_MISMATCH:
         row = meta.container(subject)
         if row is None or row.quota is None:

@@ -47,6 +47,7 @@ from typing import Any
 
 from imaged.digest import Digest
 from imaged.drivers import Driver
+from imaged.errors import ConflictError
 from imaged.fsutil import freed_by_removing
 from imaged.store.leases import Leases
 from imaged.store.metadata import Metadata
@@ -62,13 +63,16 @@ class Removed:
     layers: int
     partials: int = 0  # partial downloads (gc only)
     failed: tuple[str, ...] = ()  # what could not be removed, and why: not counted as freed
+    containers: int = 0  # removals of containers finished (gc only: ``finish_removals``)
+    pending: tuple[str, ...] = ()  # removals still held, and by what
 
     def to_json(self) -> dict[str, Any]:
-        """The shape of ``POST /v1/gc`` (DESIGN §5, with ``partials`` and ``failed`` added)."""
+        """The shape of ``POST /v1/gc`` (DESIGN §5, with ``partials``, ``containers``,
+        ``failed`` and ``pending`` added)."""
         return {"freed_bytes": self.freed_bytes,
                 "removed": {"blobs": self.blobs, "layers": self.layers,
-                            "partials": self.partials},
-                "failed": list(self.failed)}
+                            "partials": self.partials, "containers": self.containers},
+                "failed": list(self.failed), "pending": list(self.pending)}
 
 
 def release(store: Store, leases: Leases, blobs: Iterable[Digest],
@@ -107,6 +111,30 @@ def release(store: Store, leases: Leases, blobs: Iterable[Digest],
             freed += before
             removed_layers += 1
     return Removed(freed, removed_blobs, removed_layers, failed=tuple(failed))
+
+
+def finish_removals(driver: Driver | None, removed: Removed) -> Removed:
+    """``removed`` with the containers finished that ``rm`` had to leave to a later time (a
+    mount that a forced umount detached still held part of them: ``Driver.removals``) and
+    that nothing holds any more; those still held are listed as pending, with their holder."""
+    if driver is None:
+        return removed
+    freed = finished = 0
+    pending = []
+    for key, why in driver.removals().items():
+        if why is not None:
+            pending.append(f"{key}: {why}")
+            continue
+        before = freed_by_removing([driver.home / "removed" / key])
+        try:
+            driver.finish_removal(key)
+        except ConflictError as exc:  # held again since it was looked at
+            pending.append(str(exc))
+            continue
+        freed += before
+        finished += 1
+    return dataclasses.replace(removed, freed_bytes=removed.freed_bytes + freed,
+                               containers=finished, pending=tuple(pending))
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,72 @@ def test_image_in_use_cannot_be_removed(bed: Bed) -> None:
     assert bed.ok("--json", "ps").json() == []
 
 
+def test_mount_again_while_a_forced_umount_leaves_files_open(bed: Bed) -> None:
+    """With a quota too (a loop quota's filesystem, on this host, is still the detached
+    mount's): the next mount works at once and shows what was written, rather than waiting
+    for the open files to close."""
+    ref = bed.image([file("f", b"image")])
+    merged = bed.mount(ref, "--name", "q", "--quota", "64M")
+    held = os.open(merged / "held", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(held, b"before")
+        os.fsync(held)
+        bed.ok("umount", "--force", "q")
+        again = bed.mount(ref, "--name", "q")
+        assert (again / "held").read_bytes() == b"before"
+        assert next(c for c in bed.ok("--json", "ps").json())["state"] == "mounted"
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN: the new mount stopped a fuse server
+            os.close(held)
+
+
+def test_rm_force_of_a_busy_container(bed: Bed) -> None:
+    """``rm --force`` removes a container whose mount has a file open, as ``podman rm -f``
+    removes a running one: the mount detached, the container gone from ``ps`` with its
+    writable layer, the name free for a fresh container (or, where the driver must keep
+    what the open file holds under that name, refused naming the holder). The open file goes
+    on where the kernel serves the mount and answers ENOTCONN where a fuse server served it;
+    once it closes, ``gc`` finishes what was left and nothing stays behind (the bed's store
+    check: no mount, loop device or directory)."""
+    ref = bed.image([file("f", b"image")])
+    merged = bed.mount(ref, "--name", "busy", "--quota", "64M")
+    (merged / "kept").write_bytes(b"the container's own")
+    held = os.open(merged / "held", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(held, b"before")
+        busy = bed("--json", "rm", "busy")
+        assert busy.code == 1 and busy.json()["error"]["code"] == "conflict"
+        assert bed.ok("--json", "rm", "--force", "busy").json()["ok"] is True
+        assert not is_mounted(merged) and not (merged / "kept").exists()
+        assert bed.ok("--json", "ps").json() == []
+        try:
+            os.write(held, b" after")
+        except OSError as exc:  # a fuse server stops with its container
+            assert exc.errno == errno.ENOTCONN, exc
+        again = bed("--json", "mount", ref, "--name", "busy")
+        if again.code == 0:
+            assert not (Path(again.json()["path"]) / "kept").exists()
+            bed.ok("rm", "--force", "busy")
+        else:
+            error = again.json()["error"]
+            assert error["code"] == "conflict" and "forced umount" in error["message"], error
+        bed.ok("check")  # what the open file holds is explained, not a finding
+        pending = bed.ok("--json", "gc").json()["pending"]
+        warned = bed.ok("gc").err
+        assert all(f"removed container still held: {line}" in warned for line in pending)
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN from a stopped fuse server's file
+            os.close(held)
+    finished = bed.ok("--json", "gc").json()
+    assert finished["pending"] == [] and finished["removed"]["containers"] == len(pending)
+    fresh = bed.mount(ref, "--name", "busy")
+    assert sorted(os.listdir(fresh)) == ["f"]
+    bed.ok("rm", "--force", "busy")
+    assert bed.ok("--json", "ps").json() == []
+    removed = bed.root / "drivers" / bed.driver / "removed"
+    assert not removed.exists() or not any(removed.iterdir())
+
+
 def test_name_conflicts(bed: Bed) -> None:
     first = bed.image([file("a", b"1")])
     second = bed.image([file("b", b"2")])

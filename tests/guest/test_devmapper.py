@@ -4,7 +4,8 @@ The conformance battery runs here for devmapper, on a thin pool the driver makes
 then what only devmapper has: the quota is the device's size; a crash between ``create_snap``
 and the records' commit is undone at the next start; pool devices no record knows are deleted
 and records the pool lacks are reported; a device still open is removed deferred under another
-name; nothing more is created above the pool's fill threshold. Every test takes its root's
+name (held by an open node, or by a mount a forced umount detached); nothing more is created
+above the pool's fill threshold. Every test takes its root's
 devices, pool and loop devices down afterwards, failing or not.
 """
 
@@ -179,22 +180,38 @@ def test_pool_devices_without_records_go_and_lost_records_are_reported(config: C
     assert start(config).recovered == []
 
 
-def test_busy_device_is_removed_deferred_under_another_name(config: Config) -> None:
+@pytest.mark.parametrize("holder", ["node", "detached mount"])
+def test_busy_device_is_removed_deferred_under_another_name(config: Config,
+                                                            holder: str) -> None:
+    """A device still open when its container is removed, by a process holding its node, or
+    by the mount a forced umount detached (``rm --force`` of a busy container), whose file
+    still writes: renamed and its deletion deferred, the name free at once; the kernel removes
+    it after the last close, and the next start deletes its thin id."""
     driver = start(config)
     driver.create_container("busy", [], None, False)
-    driver.mount("busy", [], False, None)
+    merged = driver.mount("busy", [], False, None).path
     name = pool.device_name(driver.tag, "c/busy")
-    holder = os.open(ioctl.node_path(name), os.O_RDONLY)
+    if holder == "node":
+        held = os.open(ioctl.node_path(name), os.O_RDONLY)
+    else:
+        held = os.open(merged / "held", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        driver.unmount("busy", None)  # the device stays: it is open
+        if holder == "node":
+            driver.unmount("busy", None)  # the device stays: it is open
+        else:
+            with pytest.raises(ConflictError):
+                driver.unmount("busy", None)
+            driver.unmount("busy", None, force=True)
         driver.remove_container("busy")
         record = next(r for r in driver.records.all() if r.key.startswith("dead/"))
         dead = pool.device_name(driver.tag, record.key)
         assert record.state == "removing"
         assert ioctl.dm_status(name) is None and ioctl.dm_status(dead) is not None
+        if holder != "node":
+            os.write(held, b"the detached mount still writes")
         driver.create_container("busy", [], None, False)  # its name is free at once
     finally:
-        os.close(holder)
+        os.close(held)
     # The kernel removes it after the last close, from a work queue: soon, not at once.
     deadline = time.monotonic() + 10
     while ioctl.dm_status(dead) is not None:

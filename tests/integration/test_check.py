@@ -297,6 +297,31 @@ async def test_a_loop_device_left_on_a_quota_image(root: Path, pushed: Pushed,
         (path / "f").write_bytes(b"quota still works\n")
 
 
+async def test_a_removal_left_for_later_is_found_once_nothing_holds_it(
+        root: Path, pushed: Pushed, clean_up: None) -> None:
+    """``rm --force`` with a file open keeps a loop quota's image for the detached mount;
+    while the file is open that is no finding, once it closes it is one, and its repair
+    removes what was left."""
+    async with pulled(root, pushed) as service:
+        path = Path((await service.mount(pushed.ref, "q", 32 << 20, False, None))["path"])
+        home = service.store.driver().home
+        if not (home / "containers" / "q" / "quota.img").exists():
+            pytest.skip("this root's containers have no loop quota images (project quotas)")
+        held = os.open(path / "held", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            await service.rm("q", force=True)
+            [left] = os.listdir(home / "removed")
+            assert left.startswith("q.") and (home / "removed" / left / "quota.img").exists()
+            assert await findings(service) == []
+        finally:
+            os.close(held)
+        found = await assert_repaired(service, check.REMOVAL_UNFINISHED, left)
+        assert found["message"] == (f"removed container {left} left {home / 'removed' / left} "
+                                    "behind, which nothing holds any more (imaged gc removes "
+                                    "it)")
+        assert os.listdir(home / "removed") == []
+
+
 async def test_a_quota_that_differs_from_its_record(root: Path, pushed: Pushed,
                                                     clean_up: None) -> None:
     async with pulled(root, pushed) as service:

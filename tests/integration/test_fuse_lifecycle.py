@@ -254,6 +254,33 @@ def test_a_forced_umount_leaves_the_server_to_the_open_files_and_a_mount_ends_it
     _wait_gone(pid)
 
 
+def test_rm_force_stops_the_server_of_a_busy_container(
+        fuse_root: Path, image: str, imaged: CLI) -> None:
+    """``rm --force`` with a file open: unlike ``umount --force``, which leaves the server
+    to the open files, removing the container stops it (nothing serves a removed container's
+    upper), the open file answers ENOTCONN, and neither process nor record stays behind."""
+    merged = Path(_cli(imaged, "mount", image, "--name", "c8", "--quota", "16M").out.strip())
+    pid, started = _server(fuse_root, "c8")
+    held = os.open(merged / "open.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(held, b"one")
+        _cli(imaged, "rm", "--force", "c8")
+        assert not _same_process(pid, started)
+        with pytest.raises(OSError) as dead:
+            os.write(held, b" two")
+        assert dead.value.errno == errno.ENOTCONN
+    finally:
+        with contextlib.suppress(OSError):  # the stopped server's file may fail its close too
+            os.close(held)
+    assert not is_mounted(merged) and not (_containers(fuse_root) / "c8").exists()
+    assert _cli(imaged, "--json", "ps").json() == []
+    again = Path(_cli(imaged, "mount", image, "--name", "c8").out.strip())
+    assert not (again / "open.txt").exists()
+    pid, _ = _server(fuse_root, "c8")
+    _cli(imaged, "umount", "c8")
+    _wait_gone(pid)
+
+
 def test_usage_is_kept_across_a_clean_exit_and_walked_after_a_kill(
         fuse_root: Path, image: str, imaged: CLI) -> None:
     home = _containers(fuse_root) / "c4"

@@ -28,8 +28,9 @@ from tests.conformance.conftest import Bed
 from tests.conftest import push_simple
 
 T = TypeVar("T")
-NOTHING = {"freed_bytes": 0, "removed": {"blobs": 0, "layers": 0, "partials": 0},
-           "failed": []}
+NOTHING = {"freed_bytes": 0,
+           "removed": {"blobs": 0, "layers": 0, "partials": 0, "containers": 0},
+           "failed": [], "pending": []}
 
 
 class GcBed(Bed):
@@ -140,7 +141,7 @@ def test_orphans_go_and_freed_bytes_match_du(bed: GcBed) -> None:
     result, before = bed.with_service(plant_and_collect)
     after = bed.du()
     # manifest, config, top layer blob and the loose blob; the base blob is the kept image's too
-    assert result["removed"] == {"blobs": 4, "layers": 2, "partials": 0}
+    assert result["removed"] == {"blobs": 4, "layers": 2, "partials": 0, "containers": 0}
     assert result["freed_bytes"] == before - after
     assert result["freed_bytes"] > 500 * 1024
     kept_blobs, kept_chains = bed.parts(kept)
@@ -195,14 +196,15 @@ def test_leased_blobs_and_layers_are_kept(bed: GcBed) -> None:
 
         with service.leases.hold([blobs[3], chains[1], str(applying)]):
             result = await service.gc()
-        assert result["removed"] == {"blobs": 2, "layers": 0, "partials": 0}  # manifest, config
+        # the manifest and the config
+        assert result["removed"] == {"blobs": 2, "layers": 0, "partials": 0, "containers": 0}
         assert blobs[3].split(":")[1] in bed.blob_names()
         assert {chains[1].split(":")[1], applying.hex} <= bed.layer_keys()
         assert service.store.meta.layer_state(applying) == "creating"
 
         before = bed.du()
         result = await service.gc()
-        assert result["removed"] == {"blobs": 1, "layers": 2, "partials": 0}
+        assert result["removed"] == {"blobs": 1, "layers": 2, "partials": 0, "containers": 0}
         assert result["freed_bytes"] == before - bed.du()
         assert not {chains[1].split(":")[1], applying.hex} & bed.layer_keys()
         assert service.store.meta.layer_state(applying) is None
@@ -246,7 +248,7 @@ def test_rmi_keeps_what_a_pull_has_leased(bed: GcBed) -> None:
         assert bed.layer_keys() == hexes(chains[:1])
         before = bed.du()
         result = await service.gc()
-        assert result["removed"] == {"blobs": 1, "layers": 1, "partials": 0}
+        assert result["removed"] == {"blobs": 1, "layers": 1, "partials": 0, "containers": 0}
         assert result["freed_bytes"] == before - bed.du()
 
     bed.with_service(rmi_then_collect)

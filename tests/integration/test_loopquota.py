@@ -423,10 +423,11 @@ def test_unmount_and_mount_keep_data_and_quota(make_fs: Callable[..., lq.LoopFS]
 
 def test_a_lazy_unmount_leaves_the_device_to_the_open_files(
         make_fs: Callable[..., lq.LoopFS]) -> None:
-    """``umount --force``: refused while a file is open, then detached; the file still writes,
-    a mount meanwhile is refused (a second device on the image would be a second filesystem
-    over the same blocks), and once the file closes the device unbinds itself and the next
-    mount shows what was written."""
+    """``umount --force``: refused while a file is open, then detached; the file still writes.
+    A mount meanwhile mounts the same device again, sharing the detached filesystem (one
+    filesystem over the image's blocks, not a second device's), so both see each other's
+    writes; an offline resize is refused while the detached mount lives; a removal keeps the
+    image and names the device; once the file closes the device unbinds itself."""
     fs = make_fs(16 * MiB)
     held = os.open(fs.mount_point / "held", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
@@ -435,13 +436,23 @@ def test_a_lazy_unmount_leaves_the_device_to_the_open_files(
         lq.unmount(fs, lazy=True)
         assert str(fs.mount_point) not in mounted_points() and len(bound_to(fs.image)) == 1
         os.write(held, b"after the detach")
+        assert [device.path.name for device in lq.held(fs)] == bound_to(fs.image)
         with pytest.raises(ConflictError, match="forced umount"):
-            lq.mount(fs)
+            lq.resize(fs, 32 * MiB, mounted=False)
+        lq.mount(fs)
+        assert len(bound_to(fs.image)) == 1
+        assert (fs.mount_point / "held").read_bytes() == b"after the detach"
+        os.write(held, b", and after the mount")
+        assert (fs.mount_point / "held").read_bytes() == b"after the detach, and after the mount"
+        lq.unmount(fs)  # this mount is not busy; the detached one keeps the device
+        assert len(bound_to(fs.image)) == 1
+        assert [device.path.name for device in lq.remove(fs)] == bound_to(fs.image)
+        assert fs.image.exists()
     finally:
         os.close(held)
     assert gone(fs)
     lq.mount(fs)
-    assert (fs.mount_point / "held").read_bytes() == b"after the detach"
+    assert (fs.mount_point / "held").read_bytes() == b"after the detach, and after the mount"
     assert len(bound_to(fs.image)) == 1
 
 
