@@ -100,6 +100,7 @@ FILESYSTEM_ALIASES = {"zfs": ZFS, "devmapper": "thin-ext4"}
 # exists only in the guest kernel here: both asked for only
 DEFAULT_FILESYSTEMS = ("ext4", "xfs", "btrfs")
 GUEST_REPORT = "docs/bench/copyup-devmapper.md"
+SPACE_SOURCE = {False: "statvfs", True: "the thin pool's data blocks"}
 # The command line that made the report, when it is not this process's own (scripts/bench-guest
 # runs imaged in the guest and names itself here): recorded in the report's facts.
 COMMAND_ENV = "IMAGED_BENCH_COMMAND"
@@ -881,7 +882,7 @@ def _first_write_table(table: _Table, filesystem: str, configs: list[Configurati
     lines = [f"First 4 KiB overwrite in the middle of a lower file (open O_RDWR + pwrite + "
              f"close), median ms, {' / '.join(temps)}; the second overwrite, the fsync after "
              f"the first, what the writable layer grew by (st_blocks) and the space the "
-             f"filesystem lost (statvfs) at {largest} cold:", "",
+             f"filesystem lost ({SPACE_SOURCE[filesystem in THIN]}) at {largest} cold:", "",
              "| configuration | " + " | ".join(_label(s) for s in sizes) +
              " | second | fsync after | growth | space used |",
              "|---|" + "---:|" * (len(sizes) + 4)]
@@ -993,7 +994,8 @@ def _panels(table: _Table, measured: dict[str, list[Configuration]], sizes: Sequ
             if used is not None:
                 bars.setdefault(config.name, {})[filesystem] = used.median / 1024
     panels.append(BarPanel(f"space the first overwrite of {largest} took ({temperature})",
-                           "MiB (statvfs, after syncfs)", bars))
+                           f"MiB ({SPACE_SOURCE[set(measured) <= set(THIN)]}, after sync)",
+                           bars))
     return panels
 
 
