@@ -1111,8 +1111,7 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
             for key in [k for k in outcomes if k.endswith(f" on {filesystem}")]:
                 del outcomes[key]
             absent.update({(c.name, filesystem): f"not measured: {e}" for c, _ in runnable})
-    if not metadata and not set(filesystems) & set(THIN) and \
-            "devmapper" in {c.name for c in chosen}:
+    if not metadata and not set(filesystems) & set(THIN):
         absent[("devmapper", THIN[0])] = (
             "not measured here: device-mapper runs in the guest kernel tier "
             f"({GUEST_COMMAND}, {GUEST_REPORT})")

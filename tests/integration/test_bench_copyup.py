@@ -60,8 +60,6 @@ def test_quick_copyup_report(imaged_proc: Any, tmp_path: Path, root: Path) -> No
     assert "direct I/O" in report["facts"]["scratch xfs"]
     markdown = (out / "copyup.md").read_text()
     assert "| btrfs | not measured: btrfs runs on btrfs only |" in markdown
-    assert "| devmapper | not measured: devmapper runs on thin-ext4 and thin-xfs only |" in \
-        markdown
     assert "| devmapper | thin-ext4 | not measured here: device-mapper runs in the guest " \
         "kernel tier (scripts/bench-guest DIR copyup --filesystems devmapper, " \
         "docs/bench/copyup-devmapper.md) |" in markdown
