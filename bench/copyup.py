@@ -37,12 +37,22 @@ imported (which unloads it from the daemon, its ARC with it), and its ``zfs`` ro
 container as the zfs driver makes one, a clone of the top layer's snapshot. A run on it alone
 writes ``copyup-zfs.*``, beside, not over, the kernel filesystems' report.
 
+devmapper, asked for by name (``--filesystems devmapper``, that is ``thin-ext4``, or
+``thin-xfs``): a device-mapper thin pool as the devmapper driver makes one, on loop devices of
+its own (``imaged.bench.scratch.thin_fs``), with the driver's filesystem on a thin device of
+it, where every other configuration keeps its directories, and a ``devmapper`` row that is a
+container as the driver makes one, a snapshot of the top layer's device. This host's kernel
+has no device-mapper: ``scripts/bench-guest DIR copyup --filesystems devmapper`` runs the
+bench in the user-mode-linux guest of the test tier, and the report, ``copyup-devmapper.*``,
+opens by saying that its numbers are the guest's (one CPU, no disk) and how to relate them
+to the host's: through its overlay row.
+
 A configuration is one entry of ``CONFIGURATIONS``: how to stack and with which options, and
 when it cannot be measured on a filesystem, why: a report row that says so, never a missing
 row or a zero. Stacked configurations are tried once on each filesystem first (a mount and a
 copy-up), so one the filesystem cannot carry (kernel overlay and imaged's fuse server on
 zfs-fuse, which has no xattrs) is such a row with the kernel's or the server's reason, and
-so is devmapper (``ELSEWHERE``).
+so is devmapper in a run without a thin pool (where it is measured instead).
 """
 
 from __future__ import annotations
