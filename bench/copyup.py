@@ -37,12 +37,22 @@ imported (which unloads it from the daemon, its ARC with it), and its ``zfs`` ro
 container as the zfs driver makes one, a clone of the top layer's snapshot. A run on it alone
 writes ``copyup-zfs.*``, beside, not over, the kernel filesystems' report.
 
+devmapper, asked for by name (``--filesystems devmapper``, that is ``thin-ext4``, or
+``thin-xfs``): a device-mapper thin pool as the devmapper driver makes one, on loop devices of
+its own (``imaged.bench.scratch.thin_fs``), with the driver's filesystem on a thin device of
+it, where every other configuration keeps its directories, and a ``devmapper`` row that is a
+container as the driver makes one, a snapshot of the top layer's device. This host's kernel
+has no device-mapper: ``scripts/bench-guest DIR copyup --filesystems devmapper`` runs the
+bench in the user-mode-linux guest of the test tier, and the report, ``copyup-devmapper.*``,
+opens by saying that its numbers are the guest's (one CPU, no disk) and how to relate them
+to the host's: through its overlay row.
+
 A configuration is one entry of ``CONFIGURATIONS``: how to stack and with which options, and
 when it cannot be measured on a filesystem, why: a report row that says so, never a missing
 row or a zero. Stacked configurations are tried once on each filesystem first (a mount and a
 copy-up), so one the filesystem cannot carry (kernel overlay and imaged's fuse server on
 zfs-fuse, which has no xattrs) is such a row with the kernel's or the server's reason, and
-so is devmapper (``ELSEWHERE``).
+so is devmapper in a run without a thin pool (where it is measured instead).
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -67,7 +78,18 @@ from pathlib import Path
 
 from imaged import __version__
 from imaged.bench.report import BarPanel, Panel, Series, cell, machine_facts, write_report
-from imaged.bench.scratch import LoopFs, ScratchError, ZfsFs, loop_fs, settle, zfs_fs
+from imaged.bench.scratch import (
+    GUEST_COMMAND,
+    LoopFs,
+    ScratchError,
+    ThinFs,
+    ZfsFs,
+    loop_fs,
+    settle,
+    thin_fs,
+    zfs_fs,
+)
+from imaged.drivers.devmapper.ioctl import kernel_support
 from imaged.drivers.vfs import copy_tree, reflink_supported
 from imaged.errors import ImagedError, InvalidError
 from imaged.fsutil import fsync_dir
@@ -77,15 +99,25 @@ from imaged.ops import advise, copycost
 SIZES = (1 << 20, 16 << 20, 256 << 20, 1 << 30)
 QUICK_SIZES = (1 << 20, 16 << 20)
 ZFS = "zfs-fuse"  # userspace ZFS behind FUSE: named so that nobody reads it as kernel ZFS
-FILESYSTEMS = ("ext4", "xfs", "btrfs", ZFS)
-FILESYSTEM_ALIASES = {"zfs": ZFS}  # the only ZFS this machine has
-# zfs-fuse measures a userspace daemon and takes as long as the three others: asked for only
+# The devmapper driver's filesystems on a thin device of its pool: named apart from the plain
+# filesystems, since every layer below them is device-mapper's (and, on this host, a guest's).
+THIN = ("thin-ext4", "thin-xfs")
+FILESYSTEMS = ("ext4", "xfs", "btrfs", ZFS, *THIN)
+# zfs: the only ZFS this machine has; devmapper: the driver's default filesystem (drivers.
+# devmapper.fs = "ext4")
+FILESYSTEM_ALIASES = {"zfs": ZFS, "devmapper": "thin-ext4"}
+# zfs-fuse measures a userspace daemon and takes as long as the three others; device-mapper
+# exists only in the guest kernel here: both asked for only
 DEFAULT_FILESYSTEMS = ("ext4", "xfs", "btrfs")
-# Configurations of the issue this module does not run, and why: rows, not silence.
-ELSEWHERE = {
-    ("devmapper", "devmapper"): "not measured: needs the guest kernel tier (tests/guest, "
-                                "device-mapper); not run by bench copyup",
-}
+GUEST_REPORT = "docs/bench/copyup-devmapper.md"
+SPACE_SOURCE = {False: "statvfs", True: "the thin pool's data blocks"}
+# The command line that made the report, when it is not this process's own (scripts/bench-guest
+# runs imaged in the guest and names itself here): recorded in the report's facts.
+COMMAND_ENV = "IMAGED_BENCH_COMMAND"
+# A file the host keeps its /proc/loadavg copied into, for a guest whose own load says nothing
+# of the machine's (scripts/bench-guest writes it into the share).
+HOST_LOAD_ENV = "IMAGED_BENCH_HOST_LOADAVG"
+HOST_LOAD_WHOSE = "the host's "
 OPERATIONS = ("open", "overwrite", "append", "truncate", "chmod")
 EVERY_SIZE = ("overwrite",)  # the others at the smallest and largest size only
 TEMPERATURES = ("cold", "warm")
@@ -127,6 +159,7 @@ CONFIGURATIONS = (
     Configuration("vfs", "vfs"),
     Configuration("btrfs", "snapshot", only_on=("btrfs",)),
     Configuration("zfs", "clone", only_on=(ZFS,)),
+    Configuration("devmapper", "clone", only_on=THIN),
     Configuration("fuse full", "imaged", ("--copy-up", "full"), implied=True),
     Configuration("fuse reflink", "imaged",
                   ("--copy-up", "auto", "--partial-threshold", NEVER_PARTIAL), reflink=True),
@@ -158,10 +191,11 @@ class Layers:
     tree_files: int
     rename: str  # a lower directory of RENAME_FILES files
     flat: dict[str, Path]  # kind -> the directory holding both layers merged
-    origin: str | None = None  # the zfs snapshot of the top layer containers are clones of
+    # what containers are clones of: the top layer's zfs snapshot, or its thin device's id
+    origin: str | None = None
 
 
-Backing = LoopFs | ZfsFs  # a backing filesystem: mount point, sync, remount (cold)
+Backing = LoopFs | ZfsFs | ThinFs  # a backing filesystem: mount point, sync, free, remount
 
 
 @dataclass(frozen=True)
@@ -379,8 +413,8 @@ def _container(config: Configuration, options: tuple[str, ...], layers: Layers, 
                           base / f"{config.name.replace(' ', '-')}.log"):
                 yield Container(target, upper, layers.lowers[0])
         elif config.kind == "clone":
-            if not isinstance(fs, ZfsFs) or layers.origin is None:
-                raise RuntimeError("a zfs clone needs a zfs-fuse pool and its layers")
+            if not isinstance(fs, ZfsFs | ThinFs) or layers.origin is None:
+                raise RuntimeError("a clone needs a zfs-fuse or thin pool and its layers")
             with fs.clone(layers.origin, "c", home / "rootfs",
                           before_mount=fs.remount if cold else lambda: None) as rootfs:
                 yield Container(rootfs, rootfs, rootfs)
@@ -501,7 +535,7 @@ def _make_layers(fs: Backing, sizes: Sequence[int], tree_files: int,
                                 str(target)], check=True, timeout=1800)
         flat[kind] = target
     origin = None
-    if "clone" in kinds and isinstance(fs, ZfsFs):
+    if "clone" in kinds and isinstance(fs, ZfsFs | ThinFs):
         origin = fs.layer("top", fs.layer("base", None, base), top)
     settle()
     return Layers((top, base), big, "tree", tarball, tarball.stat().st_size, tree_files,
@@ -528,15 +562,6 @@ def _allocated(tree: Path) -> int:
         for name in dirnames + filenames:
             total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
     return total
-
-
-def _free(fs: Backing) -> int:
-    """Free bytes of the backing filesystem once what was written reached it (syncfs, a
-    transaction group on zfs-fuse): what a clone shares costs nothing here, while st_blocks
-    counts it in full."""
-    fs.sync()
-    stat = os.statvfs(fs.mount_point)
-    return stat.f_bfree * stat.f_frsize
 
 
 def operate(operation: str, path: Path, size: int, *, second: bool = False) -> None:
@@ -677,10 +702,10 @@ def _sample(config: Configuration, options: tuple[str, ...], layers: Layers, fs:
                     if temperature == "warm":
                         _warm(box.warm / rel)
                     path = box.mount / rel
-                    free, before = _free(fs), _allocated(box.upper)
+                    free, before = fs.free(), _allocated(box.upper)
                     first = _timed(functools.partial(operate, operation, path, size))
                     synced = _timed(functools.partial(_fsync, path))
-                    used = free - _free(fs)  # synced first: zfs counts synced blocks only
+                    used = free - fs.free()  # synced first: zfs counts synced blocks only
                     grown = _allocated(box.upper) - before
                     second = _timed(functools.partial(operate, operation, path, size,
                                                       second=True))
@@ -867,7 +892,7 @@ def _first_write_table(table: _Table, filesystem: str, configs: list[Configurati
     lines = [f"First 4 KiB overwrite in the middle of a lower file (open O_RDWR + pwrite + "
              f"close), median ms, {' / '.join(temps)}; the second overwrite, the fsync after "
              f"the first, what the writable layer grew by (st_blocks) and the space the "
-             f"filesystem lost (statvfs) at {largest} cold:", "",
+             f"filesystem lost ({SPACE_SOURCE[filesystem in THIN]}) at {largest} cold:", "",
              "| configuration | " + " | ".join(_label(s) for s in sizes) +
              " | second | fsync after | growth | space used |",
              "|---|" + "---:|" * (len(sizes) + 4)]
@@ -979,7 +1004,8 @@ def _panels(table: _Table, measured: dict[str, list[Configuration]], sizes: Sequ
             if used is not None:
                 bars.setdefault(config.name, {})[filesystem] = used.median / 1024
     panels.append(BarPanel(f"space the first overwrite of {largest} took ({temperature})",
-                           "MiB (statvfs, after syncfs)", bars))
+                           f"MiB ({SPACE_SOURCE[set(measured) <= set(THIN)]}, after sync)",
+                           bars))
     return panels
 
 
@@ -1023,8 +1049,11 @@ def _selected(names: Sequence[str] | None) -> tuple[Configuration, ...]:
 
 
 def report_name(filesystems: Sequence[str]) -> str:
-    """``copyup-zfs`` for a run on zfs-fuse alone, else ``copyup``: the userspace ZFS is
-    measured apart, and its report must not replace the kernel filesystems' in ``DIR``."""
+    """``copyup-zfs`` for a run on zfs-fuse alone, ``copyup-devmapper`` for one on a thin
+    pool, else ``copyup``: the userspace ZFS and device-mapper (in the guest kernel here) are
+    measured apart, and their reports must not replace the kernel filesystems' in ``DIR``."""
+    if set(filesystems) & set(THIN):
+        return "copyup-devmapper"
     return "copyup-zfs" if set(filesystems) == {ZFS} else "copyup"
 
 
@@ -1043,12 +1072,18 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
     unknown = [f for f in filesystems if f not in FILESYSTEMS]
     if unknown:
         raise InvalidError(f"no filesystem {', '.join(unknown)} (there are "
-                         f"{', '.join(FILESYSTEMS)}; zfs means zfs-fuse)")
+                         f"{', '.join(FILESYSTEMS)}; zfs means zfs-fuse, devmapper "
+                         "thin-ext4)")
+    thin_missing = kernel_support() if set(filesystems) & set(THIN) else None
+    if thin_missing is not None and set(filesystems) <= set(THIN):
+        raise InvalidError(f"devmapper cannot be measured here: device-mapper is not usable in "
+                           f"this kernel ({thin_missing}); {GUEST_COMMAND} runs it in the "
+                           "user-mode-linux guest")
     sizes = [] if metadata else sorted(sizes or (QUICK_SIZES if quick else SIZES))
     the_plan = plan(sizes, quick=quick, metadata=metadata)
     runs = 1 if quick else runs
     tree_files = QUICK_TREE_FILES if quick else TREE_FILES
-    load_start = Path("/proc/loadavg").read_text().split()[:3]
+    load_start = _load()
     started = time.monotonic()
     notes: list[str] = []
     server_help = _server_help()
@@ -1068,6 +1103,12 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
     measured: dict[str, list[Configuration]] = {}
     facts = machine_facts()
     facts["imaged"] = __version__
+    facts["loadavg"] = load_start  # the host's, in a guest that is given them
+    if os.environ.get(COMMAND_ENV):
+        facts["command"] = os.environ[COMMAND_ENV]
+    guest = guest_facts() if os.environ.get("IMAGED_GUEST") == "1" else None
+    if guest is not None:
+        facts["guest"] = guest
     scratch_size = max(8 << 30, 5 * sum(sizes) + (4 << 30))
     for filesystem in filesystems:
         try:
@@ -1080,8 +1121,10 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
             for key in [k for k in outcomes if k.endswith(f" on {filesystem}")]:
                 del outcomes[key]
             absent.update({(c.name, filesystem): f"not measured: {e}" for c, _ in runnable})
-    if not metadata:
-        absent.update(ELSEWHERE)
+    if not metadata and not set(filesystems) & set(THIN):
+        absent[("devmapper", THIN[0])] = (
+            "not measured here: device-mapper runs in the guest kernel tier "
+            f"({GUEST_COMMAND}, {GUEST_REPORT})")
     for (name, filesystem), why in absent.items():
         notes.append(f"{name} on {filesystem}: {why}")
     for key, seen in outcomes.items():
@@ -1089,15 +1132,17 @@ def run(out: Path, runs: int, sizes: Sequence[int] | None, quick: bool,
     series = list(table.series.values())
     facts["fuse-overlayfs"] = _version(["fuse-overlayfs", "--version"])
     elapsed = time.monotonic() - started
-    load_end = Path("/proc/loadavg").read_text().split()[:3]
+    load_end = _load()
     notes += _method(runs, sizes, the_plan, elapsed, tree_files, filesystems)
     notes += [
-        f"load average (1, 5, 15 min) {' '.join(load_start)} at the start, "
+        f"{HOST_LOAD_WHOSE if HOST_LOAD_ENV in os.environ else ''}load average (1, 5, 15 "
+        f"min) {' '.join(load_start)} at the start, "
         f"{' '.join(load_end)} at the end: this 2-core machine is shared with other work, "
         "so compare ratios within this run, not absolute numbers across reports",
     ]
     ratios = _ratios(table, measured, sizes, tree_files)
-    summary = [*_summary(table, measured, absent, sizes, the_plan, tree_files, outcomes), "",
+    summary = [*([guest_preamble(guest, facts.get("command")), ""] if guest else []),
+               *_summary(table, measured, absent, sizes, the_plan, tree_files, outcomes), "",
                *_requests_table(requests, tree_files)]
     title = f"Copy-up and container I/O on {', '.join(filesystems)}"
     if metadata:
@@ -1116,7 +1161,9 @@ def _filesystem(filesystem: str, size: int, runnable: list[tuple[Configuration, 
                 facts: dict[str, object], notes: list[str],
                 requests: dict[str, dict[str, int]]) -> None:
     """Every run of every configuration that fits on one backing filesystem."""
-    backing = zfs_fs(size) if filesystem == ZFS else loop_fs(size, filesystem)
+    backing = zfs_fs(size) if filesystem == ZFS else \
+        thin_fs(size, filesystem.removeprefix("thin-")) if filesystem in THIN else \
+        loop_fs(size, filesystem)
     with backing as fs:
         here = []
         for config, options in runnable:
@@ -1165,6 +1212,40 @@ def _filesystem(filesystem: str, size: int, runnable: list[tuple[Configuration, 
                         _requests(config, options, layers, fs)
 
 
+def _load() -> list[str]:
+    """The 1, 5 and 15 minute load averages of the machine: the host's where the host copies
+    them in (a guest's own are of its one CPU), else this kernel's."""
+    return Path(os.environ.get(HOST_LOAD_ENV, "/proc/loadavg")).read_text().split()[:3]
+
+
+def guest_facts() -> str:
+    """What the user-mode-linux guest gives a benchmark: its CPUs, its RAM, and what its /tmp
+    (where the scratch filesystems' files are) is."""
+    memory = next((line.split(":", 1)[1].strip() for line in
+                   Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal:")), "?")
+    where = tempfile.gettempdir()  # where the scratch filesystems' files go
+    tmp = os.statvfs(where)
+    fstype = next((m.fstype for m in mountinfo() if m.mount_point == where), "?")
+    return (f"user-mode-linux {os.uname().release} (Linux as a host process, no KVM), "
+            f"{os.cpu_count()} CPU, {memory} of RAM, {where} a {fstype} of "
+            f"{tmp.f_blocks * tmp.f_frsize >> 20} MiB holding the scratch filesystems' "
+            "backing files")
+
+
+def guest_preamble(guest: str, command: object) -> str:
+    """The paragraph a guest's report opens with: what its numbers are and are not."""
+    return (f"**These are numbers from a user-mode-linux guest** ({guest}). Every system call "
+            "and page fault of the guest is a round trip through the host's ptrace, it has one "
+            "CPU for everything, and the thin pool's loop devices sit on files in its tmpfs, "
+            "so there is no disk under any number: cold means the filesystem's caches "
+            "dropped, not a read from a disk. Compare rows within this report only; to relate "
+            "them to the host's tables ([copyup.md](copyup.md)), go through the in-guest "
+            "overlay row (overlay on the same filesystem here, overlay on ext4 there): its "
+            "ratio to the host's is the guest's own overhead." +
+            (f" Made by `{command}`." if command else ""))
+
+
 def _zfsrc() -> str:
     """The daemon's settings that shape what is measured (ARC size, FUSE cache timeouts)."""
     try:
@@ -1209,6 +1290,21 @@ def _method(runs: int, sizes: Sequence[int], the_plan: _Plan, elapsed: float,
             "dataset of the same pool. Sync on zfs-fuse (before statvfs, st_blocks and "
             "after untar) waits for a transaction group, as the zfs driver does: syncfs "
             "does not reach its daemon")
+    thin = [f for f in filesystems if f in THIN]
+    if thin:
+        notes.append(
+            f"{', '.join(thin)}: a device-mapper thin pool (dm-thin, 64 KiB blocks, as the "
+            "devmapper driver makes its pool) on two loop devices of its own (data and "
+            "metadata), and on its thin device 0 the driver's filesystem, made and mounted "
+            "with the driver's own mkfs and mount options (discard included): the filesystem "
+            "the stacked, vfs and volume rows keep their directories on. The devmapper row is "
+            "a container as the driver makes one: the base layer a thin device with that "
+            "filesystem, the top layer a snapshot of it, the container a snapshot of the "
+            "top's, mounted; cold there is the bench filesystem remounted before the "
+            "container's mount (the container's device is new in every sample, so nothing of "
+            "it is cached). Space used on a thin pool is the pool's data blocks (its status "
+            "after sync), not statvfs: a snapshot's first write allocates pool blocks that no "
+            "filesystem's statvfs shows")
     if the_plan.first_writes:
         notes += [
             "operations: open = open O_RDWR + close; overwrite = open O_RDWR + 4 KiB pwrite "

@@ -17,11 +17,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imaged.drivers.devmapper.driver import mkfs_command, mount_options, pool_state
+from imaged.drivers.devmapper.ioctl import (
+    DmError,
+    activate,
+    deactivate,
+    dm_list,
+    dm_message,
+    kernel_support,
+)
+from imaged.drivers.devmapper.pool import SECTOR, dev_string, pool_target, thin_target
 from imaged.drivers.zfs import SNAPSHOT, SYNC_PROPERTY, ZfsError, zfs, zpool
 from imaged.errors import ImagedError
 from imaged.fsutil import syncfs
 from imaged.host import loopdev
-from imaged.host.mounts import is_mounted
+from imaged.host.mounts import MountSpec, is_mounted, mount_with_fsconfig, unmount
 from imaged.testing import zfsfuse
 
 _MKFS = {
@@ -73,6 +83,10 @@ class LoopFs:
     def sync(self) -> None:
         """Make what was written count in statvfs and st_blocks."""
         syncfs(self.mount_point)
+
+    def free(self) -> int:
+        """Free bytes once what was written reached the filesystem (statvfs after syncfs)."""
+        return _statvfs_free(self)
 
     def remount(self) -> None:
         """Unmount and mount again: the next reads of this filesystem come from its device
@@ -156,6 +170,10 @@ class ZfsFs:
         zfs-fuse, and statvfs and st_blocks count only synced blocks. Clearing a property
         nobody sets is a sync task (zfs-fuse has no ``zpool sync``), as the zfs driver does."""
         zfs("inherit", SYNC_PROPERTY, self.dataset)
+
+    def free(self) -> int:
+        """Free bytes of the dataset once a transaction group has synced."""
+        return _statvfs_free(self)
 
     def remount(self) -> None:
         try:
@@ -244,6 +262,188 @@ def zfs_fs(size: int, parent: Path | None = None) -> Iterator[ZfsFs]:
                     f"({'direct I/O' if direct else 'direct I/O refused: cached'}), its daemon "
                     f"{'started for the run' if daemon.ours else 'one already running'}",
                     direct)
+
+
+# Where a kernel without device-mapper is told to run the devmapper rows instead.
+GUEST_COMMAND = "scripts/bench-guest DIR copyup --filesystems devmapper"
+THIN_BLOCK_SECTORS = 128  # the driver's 64 KiB pool blocks (POOL_BLOCK_SECTORS)
+THIN_METADATA_SIZE = 256 << 20
+
+
+@dataclass
+class ThinFs:
+    """A thin pool (device-mapper's dm-thin) on two loop devices of its own, made as the
+    devmapper driver makes its pool, with one thin device carrying the driver's filesystem
+    (``fs``, made and mounted with the driver's own mkfs and mount options) at
+    ``mount_point``: what LoopFs is for a plain filesystem, and where the stacked, plain and
+    volume configurations keep their directories. Layers and containers are thin devices of
+    the same pool, each a snapshot of its parent's, as the driver makes them (``layer``,
+    ``clone``). Space is the pool's: a snapshot's first write allocates pool blocks no
+    statvfs of the bench filesystem would show."""
+
+    pool: str
+    pool_dev: str  # major:minor, as thin tables name it
+    fs: str
+    device: Path  # the bench filesystem's thin device
+    sectors: int  # of every thin device
+    mount_point: Path
+    description: str
+    direct_io: bool
+    next_id: int = 1  # thin id 0 is the bench filesystem's
+
+    def device_name(self, key: str) -> str:
+        return f"{self.pool.removesuffix('-pool')}-{key}"
+
+    def sync(self) -> None:
+        """Flush every filesystem: a container's is mounted apart from the bench one."""
+        os.sync()
+
+    def free(self) -> int:
+        """Free bytes of the pool's data, once every filesystem's writes reached it."""
+        self.sync()
+        state = pool_state(self.pool)
+        if state is None:
+            raise ScratchError(f"the thin pool {self.pool} is gone")
+        status, block_sectors = state
+        return (status.data_total - status.data_used) * block_sectors * SECTOR
+
+    def remount(self) -> None:
+        """Unmount the bench filesystem and mount it again, as LoopFs does (the thin device
+        stays active: removing it would change nothing cached below the filesystem)."""
+        _unmount(self.mount_point)
+        try:
+            self.mount()
+        except ImagedError as e:
+            raise ScratchError(f"mounting {self.device} again failed: {e}") from None
+
+    def mount(self) -> None:
+        """Mount the bench filesystem with ``discard``, as the driver mounts a container:
+        what a sample removes goes back to the pool."""
+        mount_with_fsconfig(MountSpec(self.fs, str(self.device),
+                                      mount_options(self.fs, False, discard=True)),
+                            self.mount_point)
+
+    def _new(self, origin: int | None) -> int:
+        thin_id, self.next_id = self.next_id, self.next_id + 1
+        dm_message(self.pool, f"create_thin {thin_id}" if origin is None
+                   else f"create_snap {thin_id} {origin}")
+        return thin_id
+
+    @contextlib.contextmanager
+    def _mounted(self, thin_id: int, mountpoint: Path) -> Iterator[Path]:
+        """The thin device active and its filesystem mounted at ``mountpoint`` (with
+        ``discard``, as the driver mounts a container); unmounted and removed on exit."""
+        name = self.device_name(str(thin_id))
+        device = activate(name, [thin_target(self.sectors, self.pool_dev, thin_id)])
+        try:
+            mount_with_fsconfig(MountSpec(self.fs, str(device),
+                                          mount_options(self.fs, False, discard=True)),
+                                mountpoint)
+            try:
+                yield device
+            finally:
+                unmount(mountpoint)
+        finally:
+            deactivate(name)
+
+    def layer(self, name: str, origin: str | None, content: Path) -> str:
+        """A layer as the devmapper driver makes one: a snapshot of the parent layer's device
+        (a new thin device with the driver's filesystem for the first), ``content`` copied
+        in, unmounted and deactivated; its thin id, what the next layer or a container is a
+        snapshot of."""
+        thin_id = self._new(None if origin is None else int(origin))
+        mountpoint = self.mount_point.parent / "layers" / name
+        mountpoint.mkdir(parents=True)
+        if origin is None:
+            device_name = self.device_name(str(thin_id))
+            device = activate(device_name, [thin_target(self.sectors, self.pool_dev, thin_id)])
+            try:
+                subprocess.run(mkfs_command(self.fs, device), check=True, capture_output=True,
+                               timeout=600)
+            finally:
+                deactivate(device_name)
+        with self._mounted(thin_id, mountpoint):
+            subprocess.run(["cp", "-a", "--no-target-directory", str(content), str(mountpoint)],
+                           check=True, timeout=1800)
+        return str(thin_id)
+
+    @contextlib.contextmanager
+    def clone(self, origin: str, name: str, mountpoint: Path, *,
+              before_mount: Callable[[], None] = lambda: None) -> Iterator[Path]:
+        """A container as the devmapper driver makes one: a snapshot of the top layer's
+        device, its filesystem mounted at ``mountpoint`` after ``before_mount``; the mount,
+        the device and its thin id gone on exit."""
+        thin_id = self._new(int(origin))
+        try:
+            mountpoint.mkdir(exist_ok=True)
+            before_mount()
+            with self._mounted(thin_id, mountpoint):
+                yield mountpoint
+        finally:
+            dm_message(self.pool, f"delete {thin_id}")
+
+
+@contextlib.contextmanager
+def thin_fs(size: int, fs: str, parent: Path | None = None) -> Iterator[ThinFs]:
+    """A fresh thin pool of ``size`` bytes of data on its own loop devices (direct I/O asked),
+    with a thin device of ``fs`` mounted; every mount, thin device, the pool and the loop
+    devices gone on exit, even on failure. ``ScratchError`` when this host cannot make one
+    (no device-mapper in its kernel: the user-mode-linux guest has it)."""
+    if os.geteuid() != 0:
+        raise ScratchError("a thin pool needs root")
+    missing = kernel_support()
+    if missing is not None:
+        raise ScratchError(f"device-mapper is not usable in this kernel ({missing}): "
+                           f"{GUEST_COMMAND} runs this bench in the user-mode-linux guest")
+    if shutil.which(mkfs_command(fs, Path())[0]) is None:
+        raise ScratchError(f"{mkfs_command(fs, Path())[0]} is not installed")
+    name = f"imagedbench{os.getpid()}"
+    pool = f"{name}-pool"
+    sectors = size // SECTOR // THIN_BLOCK_SECTORS * THIN_BLOCK_SECTORS
+    with tempfile.TemporaryDirectory(prefix="imaged-bench-", dir=parent) as tmp, \
+            contextlib.ExitStack() as stack:
+        base = Path(tmp)
+        for file, length in (("data", sectors * SECTOR), ("metadata", THIN_METADATA_SIZE)):
+            with (base / file).open("wb") as fh:
+                fh.truncate(length)
+        data, direct = stack.enter_context(_loop_device(base / "data"))
+        metadata, _ = stack.enter_context(_loop_device(base / "metadata"))
+        mount_point = base / "mnt"
+        mount_point.mkdir()
+        try:
+            node = activate(pool, [pool_target(sectors, metadata, data, THIN_BLOCK_SECTORS)])
+            stack.callback(_remove_thin_devices, name)
+            made = ThinFs(pool, dev_string(node.stat().st_rdev), fs, Path(), sectors,
+                          mount_point, "", direct, next_id=0)
+            made.layer("bench", None, mount_point)  # thin id 0: an empty filesystem
+            made.device = activate(made.device_name("0"),
+                                   [thin_target(sectors, made.pool_dev, 0)])
+            made.mount()
+            stack.callback(_unmount, mount_point)
+        except (DmError, ImagedError, subprocess.CalledProcessError) as e:
+            raise ScratchError(f"the thin pool: {e}") from None
+        made.description = (
+            f"a thin pool {pool} of {size >> 30} GiB (64 KiB blocks) on {data} "
+            f"({'direct I/O' if direct else 'direct I/O refused: cached'}), metadata on "
+            f"{metadata}, the bench's {fs} on thin device 0 as the devmapper driver makes and "
+            f"mounts it ({' '.join(mkfs_command(fs, Path('DEV'))[:-1])}; "
+            f"{','.join(mount_options(fs, False, discard=True))})")
+        yield made
+
+
+def _remove_thin_devices(name: str) -> None:
+    """Remove the bench's thin devices, then its pool (whose loop devices are then free)."""
+    devices = sorted((n for n, _ in dm_list() if n.startswith(f"{name}-")),
+                     key=lambda n: n.endswith("-pool"))
+    for device in devices:
+        with contextlib.suppress(DmError):
+            deactivate(device)
+
+
+def _statvfs_free(fs: LoopFs | ZfsFs) -> int:
+    fs.sync()
+    stat = os.statvfs(fs.mount_point)
+    return stat.f_bfree * stat.f_frsize
 
 
 def _destroy_pool(name: str) -> None:

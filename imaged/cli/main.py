@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--filesystems", nargs="+", default=None, metavar="FS",
                            help="backing filesystems (default ext4 xfs btrfs); also "
                                 "zfs-fuse (or zfs): a pool of the userspace zfs-fuse, whose "
-                                "report alone is named copyup-zfs")
+                                "report alone is named copyup-zfs; thin-ext4 (or devmapper) "
+                                "and thin-xfs: a device-mapper thin pool, the devmapper "
+                                "driver's, reported as copyup-devmapper (where the kernel "
+                                "has device-mapper: scripts/bench-guest runs it in the guest)")
             p.add_argument("--configs", "--drivers", nargs="+", default=None, metavar="CONFIG",
                            help="configurations, e.g. overlay 'fuse partial' volume "
                                 "(default: all)")

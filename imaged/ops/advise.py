@@ -23,6 +23,7 @@ from typing import Any
 
 from imaged import __version__
 from imaged.config import Config
+from imaged.drivers.devmapper.driver import Options as DevmapperOptions
 from imaged.drivers.zfs import ZFS_FSTYPES
 from imaged.errors import ForbiddenError, NotFoundError
 from imaged.fsutil import copy_data, remove_tree
@@ -81,13 +82,19 @@ class Place:
         return self.driver
 
 
-def model_filesystem(fstype: str, driver: str, kernel: Collection[str]) -> str:
+def model_filesystem(fstype: str, driver: str, kernel: Collection[str],
+                     devmapper_fs: str = "ext4") -> str:
     """The model's name for the filesystem this root's containers write to.
 
     The zfs driver writes to its datasets wherever the root itself is, and the bench names
     Debian's userspace ZFS ``zfs-fuse`` (its rows measure a FUSE daemon, not kernel ZFS), so a
-    zfs root on a kernel without ZFS must look up the zfs-fuse rows, never OpenZFS's.
+    zfs root on a kernel without ZFS must look up the zfs-fuse rows, never OpenZFS's. The
+    devmapper driver's containers write to their own thin devices, whatever the root is on,
+    with the filesystem ``drivers.devmapper.fs`` names: the bench calls that ``thin-ext4`` or
+    ``thin-xfs``, apart from a plain ext4 or xfs.
     """
+    if driver == "devmapper":
+        return f"thin-{devmapper_fs}"
     if driver == "zfs" or fstype in ZFS_FSTYPES:
         return "zfs" if "zfs" in kernel else "zfs-fuse"
     return fstype
@@ -253,7 +260,7 @@ def advise(store: Store, image_text: str, report: Path | None, confined: bool) -
     files = candidates(image_files(listings))
     driver = store.meta.get_setting("driver") or store.capabilities()[0]
     filesystem = model_filesystem(backing_filesystem(store.root).fstype, driver,
-                                  kernel_filesystems())
+                                  kernel_filesystems(), DevmapperOptions.of(store.config).fs)
     place = Place(driver, filesystem, store.config)
     model, source = choose_model(store.root, filesystem, report)
     out = []

@@ -15,6 +15,7 @@ import pytest
 
 from imaged.bench import copyup
 from imaged.bench.scratch import zfs_fs
+from imaged.drivers.devmapper.ioctl import kernel_support
 from imaged.host.mounts import mountinfo
 from imaged.ops import copycost
 from tests.conftest import need_tools
@@ -59,7 +60,9 @@ def test_quick_copyup_report(imaged_proc: Any, tmp_path: Path, root: Path) -> No
     assert "direct I/O" in report["facts"]["scratch xfs"]
     markdown = (out / "copyup.md").read_text()
     assert "| btrfs | not measured: btrfs runs on btrfs only |" in markdown
-    assert "| devmapper | devmapper | not measured: needs the guest kernel tier" in markdown
+    assert "| devmapper | thin-ext4 | not measured here: device-mapper runs in the guest " \
+        "kernel tier (scripts/bench-guest DIR copyup --filesystems devmapper, " \
+        "docs/bench/copyup-devmapper.md) |" in markdown
     assert (out / "copyup.png").stat().st_size > 0
     lowers = re.search(r"lowerdir=([^,:]*/imaged-bench-[^/]+)/",
                        report["facts"]["mount: overlay on xfs"])
@@ -130,8 +133,24 @@ def test_an_unknown_filesystem_is_one_line(imaged_proc: Any, tmp_path: Path) -> 
                          "--filesystems", "ntfs")
     assert result.code != 0
     assert result.err.strip().splitlines() == [
-        "imaged: error: no filesystem ntfs (there are ext4, xfs, btrfs, zfs-fuse; zfs means "
-        "zfs-fuse)"]
+        "imaged: error: no filesystem ntfs (there are ext4, xfs, btrfs, zfs-fuse, thin-ext4, "
+        "thin-xfs; zfs means zfs-fuse, devmapper thin-ext4)"]
+
+
+def test_devmapper_without_device_mapper_is_one_line(imaged_proc: Any, tmp_path: Path) -> None:
+    """This host's kernel has no device-mapper: asked for devmapper alone, the bench says so
+    and where it runs instead, in one line, and writes no report of nothing."""
+    if kernel_support() is None:
+        pytest.skip("this kernel has device-mapper: the guest test measures it here")
+    result = imaged_proc("bench", "copyup", "--quick", "--out", str(tmp_path / "out"),
+                         "--filesystems", "devmapper")
+    assert result.code != 0
+    (line,) = result.err.strip().splitlines()
+    assert line.startswith("imaged: error: devmapper cannot be measured here: device-mapper is "
+                           "not usable in this kernel (")
+    assert line.endswith("); scripts/bench-guest DIR copyup --filesystems devmapper runs it in "
+                         "the user-mode-linux guest")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_filesystem_the_bench_cannot_make_is_a_row_saying_why(

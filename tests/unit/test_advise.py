@@ -149,3 +149,33 @@ def test_costs_price_this_roots_configuration_on_every_filesystem_measured() -> 
 def test_a_zfs_root_reads_the_rows_of_the_zfs_it_runs_on(fstype: str, driver: str,
                                                           kernel: set[str], expected: str) -> None:
     assert model_filesystem(fstype, driver, kernel) == expected
+
+
+@pytest.mark.parametrize(("fstype", "devmapper_fs", "expected"), [
+    ("ext4", "ext4", "thin-ext4"),   # the root's own filesystem is not where containers write
+    ("xfs", "ext4", "thin-ext4"),
+    ("ext4", "xfs", "thin-xfs"),     # drivers.devmapper.fs = "xfs"
+])
+def test_a_devmapper_root_reads_the_rows_of_its_thin_devices(fstype: str, devmapper_fs: str,
+                                                              expected: str) -> None:
+    assert model_filesystem(fstype, "devmapper", {"ext4", "xfs"}, devmapper_fs) == expected
+
+
+def test_a_devmapper_root_is_priced_from_a_guest_report() -> None:
+    """The rows ``bench copyup --filesystems devmapper`` writes (in the guest) price a
+    devmapper root's own configuration first, with the in-guest alternatives after it."""
+    series = {f"{config} on thin-ext4: first overwrite {size} cold":
+              {"unit": "milliseconds", "median": ms, "min": ms, "max": ms, "samples": [ms]}
+              for config, size, ms in (("devmapper", "1M", 0.9), ("devmapper", "256M", 1.1),
+                                       ("overlay", "1M", 2.0), ("overlay", "256M", 400.0),
+                                       ("volume", "1M", 0.1), ("volume", "256M", 0.3))}
+    model = copycost.from_report({"title": "Copy-up and container I/O on thin-ext4",
+                                  "series": series, "notes": [], "facts": {}}, "guest report")
+    config = Config(drivers={"devmapper": {"fs": "ext4"}})
+    place = Place("devmapper", model_filesystem("ext4", "devmapper", {"ext4"}), config)
+    assert place.configuration(64 * MIB) == "devmapper"
+    predicted = costs(model, place, 64 * MIB)
+    assert [(p.config, p.filesystem) for p in predicted] == [
+        ("devmapper", "thin-ext4"), ("overlay", "thin-ext4"), ("volume", "thin-ext4")]
+    assert 0.0009 < predicted[0].seconds < 0.0011
+    assert recommend(STATUS, predicted, "devmapper").startswith("nothing to do")

@@ -85,6 +85,13 @@ def test_a_run_on_zfs_fuse_alone_is_a_report_of_its_own() -> None:
     assert report_name(["ext4", "xfs", "btrfs"]) == "copyup"
 
 
+def test_a_run_on_a_thin_pool_is_a_report_of_its_own() -> None:
+    """Device-mapper runs in the guest kernel here: its numbers never replace the host's."""
+    assert report_name(["thin-ext4"]) == "copyup-devmapper"
+    assert report_name(["thin-ext4", "thin-xfs"]) == "copyup-devmapper"
+    assert report_name(["ext4", "thin-ext4"]) == "copyup-devmapper"
+
+
 def test_an_unknown_configuration_is_one_line() -> None:
     assert [c.name for c in _selected(["volume", "fuse partial"])] == ["volume", "fuse partial"]
     with pytest.raises(InvalidError, match="no configuration 'aufs' \\(there are overlay, "):
