@@ -54,7 +54,7 @@ import pyfuse3
 import trio
 
 from imaged.fsutil import FS_XFLAG_EXTSZINHERIT, disk_usage, fsync_dir, get_fsxattr, set_fsxattr
-from imaged.fuse import control, partial
+from imaged.fuse import control, loop, partial
 from imaged.fuse.changes import DEFAULT_PARTIAL_THRESHOLD, CopyUpPolicy, CopyUpSetting
 from imaged.fuse.server import Server, clear_work
 from imaged.host.mounts import backing_filesystem
@@ -235,6 +235,7 @@ async def _serve(server: Server, control_dir: Path | None) -> None:
                     return
 
         nursery.start_soon(stop_on_signal)
+        trio.lowlevel.add_instrument(loop.install())
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
