@@ -26,8 +26,9 @@ kernel writes it back later in large WRITEs, a failure (ENOSPC included) shows o
 ``fsync(2)`` returning means the server has the data.
 
 ``--count-requests FILE`` counts the requests each handler answered and writes them to FILE as
-JSON when the server exits: what a workload costs in round trips to this process, each about
-26 µs of pyfuse3's own before any handler runs (docs/drivers.md, "Metadata speed"). Off by
+JSON when the server exits: what a workload costs in round trips to this process, each of
+which costs CPU time in pyfuse3, trio and the handler (``python -m imaged.bench.fusecpu``
+divides the one by the other; docs/drivers.md, "Metadata speed"). Off by
 default: the count is one more Python call per request. Requests libfuse answers itself
 (operations pyfuse3 does not offer, such as ``ioctl`` or ``fallocate``) are not counted.
 ``--debug`` passes libfuse's ``debug`` option: every request and reply on stderr (the
