@@ -26,8 +26,9 @@ kernel writes it back later in large WRITEs, a failure (ENOSPC included) shows o
 ``fsync(2)`` returning means the server has the data.
 
 ``--count-requests FILE`` counts the requests each handler answered and writes them to FILE as
-JSON when the server exits: what a workload costs in round trips to this process, each about
-26 µs of pyfuse3's own before any handler runs (docs/drivers.md, "Metadata speed"). Off by
+JSON when the server exits: what a workload costs in round trips to this process, each of
+which costs CPU time in pyfuse3, trio and the handler (``python -m imaged.bench.fusecpu``
+divides the one by the other; docs/drivers.md, "Metadata speed"). Off by
 default: the count is one more Python call per request. Requests libfuse answers itself
 (operations pyfuse3 does not offer, such as ``ioctl`` or ``fallocate``) are not counted.
 ``--debug`` passes libfuse's ``debug`` option: every request and reply on stderr (the
@@ -54,7 +55,7 @@ import pyfuse3
 import trio
 
 from imaged.fsutil import FS_XFLAG_EXTSZINHERIT, disk_usage, fsync_dir, get_fsxattr, set_fsxattr
-from imaged.fuse import control, partial
+from imaged.fuse import control, loop, partial
 from imaged.fuse.changes import DEFAULT_PARTIAL_THRESHOLD, CopyUpPolicy, CopyUpSetting
 from imaged.fuse.server import Server, clear_work
 from imaged.host.mounts import backing_filesystem
@@ -235,6 +236,7 @@ async def _serve(server: Server, control_dir: Path | None) -> None:
                     return
 
         nursery.start_soon(stop_on_signal)
+        trio.lowlevel.add_instrument(loop.install())
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

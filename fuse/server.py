@@ -52,6 +52,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUID_BITS = stat.S_ISUID | stat.S_ISGID
 _DEFAULT_POLICY = CopyUpPolicy()
 ORIGIN_XATTR = b"trusted.imaged.origin"  # "<layer>-<inode>" of a copy's lower file
+CAPABILITY_XATTR = b"security.capability"
 TMP_PREFIX = b"#imaged-"  # copy-ups and swaps in progress in work; leftovers of a crash
 _OPAQUE_NAMES = tuple((os.fsdecode(n), n) for n in union.OPAQUE_XATTRS)  # as listxattr says
 
@@ -167,6 +168,14 @@ class Server(pyfuse3.Operations):
         self._listed = 0
         self.index = LinkIndex(work, lowers)
         self._locks: dict[int, trio.Lock] = {}
+        # Nodes of objects this server made and has set no xattr on since: they carry no file
+        # capability, which the kernel asks for before every write and chown (a GETXATTR of
+        # security.capability each, about a fifth of an untar's requests). Nothing else sets
+        # one: the upper changes only through this server, and capabilities are never
+        # inherited from a directory (default ACLs and security labels may be, so only this
+        # name is answered from here).
+        self._capless: set[int] = set()
+        self._uid, self._gid = os.geteuid(), os.getegid()  # what a new object gets
         self._handles: dict[int, Handle] = {}
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
@@ -364,6 +373,7 @@ class Server(pyfuse3.Operations):
         if node_id not in self.nodes:
             self._drop_dir(node_id)
             self._locks.pop(node_id, None)
+            self._capless.discard(node_id)
 
     def _writable(self) -> None:
         if self.read_only:
@@ -424,7 +434,9 @@ class Server(pyfuse3.Operations):
             if fields.update_mode and not stat.S_ISLNK(place.st.st_mode):
                 os.chmod(n, stat.S_IMODE(attr.st_mode), dir_fd=d)
             if fields.update_atime or fields.update_mtime:
-                current = self._stat(d, n)
+                # a stat for the time not asked to change; utimensat's both (tar's) need none
+                both = fields.update_atime and fields.update_mtime
+                current = attr if both else self._stat(d, n)
                 os.utime(n, ns=(attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
                                 attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns),
                          dir_fd=d, follow_symlinks=False)
@@ -556,10 +568,10 @@ class Server(pyfuse3.Operations):
                                                            pyfuse3.EntryAttributes]:
         fd = -1  # the new file as the caller opens it: made and opened in one call
 
-        def made(where: int, name: bytes) -> None:
+        def made(where: int, name: bytes, mode: int) -> None:
             nonlocal fd
             fd = os.open(name, changes.open_flags(flags, writeback=self.writeback) |
-                         os.O_CREAT | os.O_EXCL, 0o600, dir_fd=where)
+                         os.O_CREAT | os.O_EXCL, mode, dir_fd=where)
 
         try:
             node, attr = self._make(parent_inode, name, FileType.REGULAR, mode, ctx,
@@ -574,13 +586,19 @@ class Server(pyfuse3.Operations):
 
     def _make(self, parent: int, name: bytes, kind: FileType, mode: int,
               ctx: pyfuse3.RequestContext, *, rdev: int = 0, target: bytes = b"",
-              create: Callable[[int, bytes], None] | None = None
+              create: Callable[[int, bytes, int], None] | None = None
               ) -> tuple[Node, pyfuse3.EntryAttributes]:
         """Make a new object as the caller would: their uid, their gid or the setgid
         directory's, their umask, made aside and renamed over an upper whiteout if one is
         there, so the name never shows the lower object it hid. ``create`` makes a regular
-        file (in the directory and under the name it is given) instead of an empty one made
-        and closed: FUSE's create keeps it open."""
+        file (in the directory, under the name and with the mode it is given) instead of an
+        empty one made and closed: FUSE's create keeps it open.
+
+        Made in the upper directory by this server, an object is already the server's uid's
+        and the directory's gid (setgid) or the server's: when those are the caller's (root
+        unpacking an image), it is made with its final mode and needs no chown and chmod.
+        Otherwise it is made private, then given its owner and then its mode, in that order
+        since a chown clears suid and sgid."""
         check_name(name)
         self._writable()
         with _errors():
@@ -595,29 +613,35 @@ class Server(pyfuse3.Operations):
             if kind is FileType.DIRECTORY and pst.st_mode & stat.S_ISGID:
                 mode |= stat.S_ISGID
             where, made = (self.work, self._tmp_name()) if plan.over_whiteout else (pdir, name)
+            owned = not plan.over_whiteout and ctx.uid == self._uid and \
+                gid == (pst.st_gid if pst.st_mode & stat.S_ISGID else self._gid)
+            first = mode if owned else 0o600
             if kind is FileType.DIRECTORY:
-                os.mkdir(made, 0o700, dir_fd=where)
+                os.mkdir(made, mode if owned else 0o700, dir_fd=where)
                 if plan.opaque:
                     os.setxattr(_proc(where, made), union.OPAQUE_XATTRS[0], union.OPAQUE_VALUE,
                                 follow_symlinks=False)
             elif kind is FileType.SYMLINK:
                 os.symlink(target, made, dir_fd=where)
             elif kind is FileType.REGULAR and create is not None:
-                create(where, made)
+                create(where, made, first)
             elif kind is FileType.REGULAR:
                 os.close(os.open(made, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
-                                 0o600, dir_fd=where))
+                                 first, dir_fd=where))
             else:
-                os.mknod(made, stat.S_IFMT(_MODES[kind]) | 0o600, rdev, dir_fd=where)
-            os.chown(made, ctx.uid, gid, dir_fd=where, follow_symlinks=False)
-            if kind is not FileType.SYMLINK:
-                os.chmod(made, mode, dir_fd=where)
+                os.mknod(made, stat.S_IFMT(_MODES[kind]) | first, rdev, dir_fd=where)
+            if not owned:
+                os.chown(made, ctx.uid, gid, dir_fd=where, follow_symlinks=False)
+                if kind is not FileType.SYMLINK:
+                    os.chmod(made, mode, dir_fd=where)
             if plan.over_whiteout:
                 renameat2(self.work, made, pdir, name, changes.RENAME_EXCHANGE)
                 os.unlink(made, dir_fd=self.work)
             st = os.stat(name, dir_fd=pdir, follow_symlinks=False)
             self.usage += st.st_blocks * 512
-            return self._known(parent, name, st, UPPER, made=True)
+            node, attr = self._known(parent, name, st, UPPER, made=True)
+            self._capless.add(node.id)
+            return node, attr
 
     def _parent_res(self, parent: int) -> Resolution:
         layers = tuple(layer for layer, _ in self._dir_layers(parent))
@@ -968,6 +992,8 @@ class Server(pyfuse3.Operations):
     # xattrs
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == CAPABILITY_XATTR and inode in self._capless:
+            raise pyfuse3.FUSEError(errno.ENODATA)
         with _errors():
             union.check_xattr_name(name)
             place = self._place(inode)
@@ -983,6 +1009,7 @@ class Server(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         self._writable()
+        self._capless.discard(inode)
         with _errors():
             union.check_xattr_name(name)
             place = await self._copied_up(inode, Access.SETXATTR)

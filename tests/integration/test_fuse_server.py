@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -205,6 +206,23 @@ def test_xattrs_hide_overlay_private_names(mounted: Mount) -> None:
     os.setxattr(m / "a", "user.x", b"1")
     assert os.getxattr(mounted.upper / "a", "user.x") == b"1"
     assert _errno(os.setxattr, m / "a", "trusted.overlay.opaque", b"y") == errno.EOPNOTSUPP
+
+
+def test_file_capabilities_of_a_new_file(mounted: Mount) -> None:
+    """The server answers a file it made has no capability without asking the upper (the
+    kernel asks before every write), until an xattr is set on it; then the capability shows,
+    and the kernel's drop of it at the next write reaches the upper."""
+    made, upper = mounted.path / "made", mounted.upper / "made"
+    made.write_bytes(b"x")
+    assert _errno(os.getxattr, made, "security.capability") == errno.ENODATA
+    caps = struct.pack("<5I", 0x02000000, 1 << 13, 0, 0, 0)  # revision 2, CAP_NET_RAW
+    os.setxattr(made, "security.capability", caps)
+    assert os.getxattr(made, "security.capability") == caps
+    assert os.getxattr(upper, "security.capability") == caps
+    with made.open("r+b") as fh:
+        fh.write(b"y")
+    assert _errno(os.getxattr, made, "security.capability") == errno.ENODATA
+    assert _errno(os.getxattr, upper, "security.capability") == errno.ENODATA
 
 
 def test_setattr_copies_up(mounted: Mount) -> None:
