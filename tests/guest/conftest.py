@@ -15,6 +15,7 @@ run there only. The plugin lives in this directory's conftest, so guest tests li
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
 import shlex
@@ -146,6 +147,10 @@ class GuestRunner:
                       " PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 PYTHONDONTWRITEBYTECODE=1\n"
                       f"exec {shlex.join(pytest_args)}\n")
             timeout = BOOT_SECONDS + TEST_SECONDS * len(nodeids)
+            if float(self.config.getini("faulthandler_timeout") or 0) > 0:
+                # pytest's faulthandler_timeout is per test and this one call runs them all:
+                # the guest's own timeout ends a hung guest, so a dump waits until after it.
+                faulthandler.dump_traceback_later(timeout + 60)
             shim_report = share / "shim.report"
             try:
                 run = uml.boot(kernel, share, script, timeout=timeout, memory=MEMORY,

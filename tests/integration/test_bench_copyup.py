@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from imaged.bench import copyup
+from imaged.bench import copyup, fusecpu
 from imaged.bench.scratch import zfs_fs
 from imaged.drivers.devmapper.ioctl import kernel_support
 from imaged.host.mounts import mountinfo
@@ -182,3 +182,23 @@ def test_metadata_report_counts_each_fuse_servers_requests(imaged_proc: Any,
     assert "| operation | fuse full on ext4 | fuse writeback on ext4 | fuse-overlayfs on ext4 |" \
         in \
         (out / "metadata.md").read_text()
+
+
+def test_fusecpu_reports_server_cpu_and_requests(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m imaged.bench.fusecpu``, the tool behind the per-request costs docs/drivers.md
+    quotes: a small run of both servers prints their rows, imaged's requests by handler (a
+    create per file at least), and leaves nothing mounted or on disk."""
+    need_tools("fuse-overlayfs")
+    files = 300
+    assert fusecpu.main(["--runs", "1", "--files", str(files), "--scratch", str(tmp_path),
+                         "--config", "imaged", "--config", "fuse-overlayfs"]) == 0
+    out = capsys.readouterr().out
+    rows = {cells[0]: cells[1:] for line in out.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    untar_wall, untar_cpu, requests, per_request = (float(v) for v in rows["imaged"][:4])
+    assert untar_wall > 0 and untar_cpu > 0 and per_request > 0
+    assert rows["fuse-overlayfs"][2:4] == ["-", "-"]  # its requests are not counted here
+    counted = json.loads(out.split("imaged requests over one untar: ")[1].splitlines()[0])
+    assert counted["create"] >= files * 0.9 and sum(counted.values()) == requests
+    assert list(tmp_path.iterdir()) == [] and _left_behind(str(tmp_path)) == []
