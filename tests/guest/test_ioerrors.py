@@ -363,15 +363,21 @@ def run_faults(work: Workload, disk: FaultDisk, refs: dict[str, str],
                   for ref in image["refs"]}
         phase.lost += [f"image {ref.rsplit('/', 1)[-1]}" for ref in sorted(acked_images - listed)]
 
+    def bad_sectors(what: str, *directories: Path) -> dict[str, int]:
+        """A new phase: reads of the first block of every file under ``directories`` fail,
+        with the page cache dropped so they reach the disk; what check finds under it."""
+        blocks = first_blocks_under(*directories)
+        disk.bad_blocks(blocks)
+        drop_caches()
+        tally.phases.append(Phase(f"dm-dust: reads of {len(blocks)} blocks fail (the first of "
+                                  f"{what})", "before the operations, page cache dropped"))
+        tally.phase.check_under_fault = work.check()
+        return tally.phase.check_under_fault
+
     # Bad sectors under every blob and every unpacked layer's files: their reads fail.
-    blocks = first_blocks_under(root / "content" / "blobs", root / "drivers" / "vfs" / "layers")
-    disk.bad_blocks(blocks)
-    drop_caches()
-    tally.phases.append(Phase(f"dm-dust: reads of {len(blocks)} blocks fail (the first of "
-                              "every blob and unpacked layer file)",
-                              "before the operations, page cache dropped"))
-    tally.phase.check_under_fault = work.check()
-    assert set(tally.phase.check_under_fault) == {"blob-unreadable"}, tally.phase
+    layers = root / "drivers" / "vfs" / "layers"
+    found = bad_sectors("every blob and unpacked layer file", root / "content" / "blobs", layers)
+    assert set(found) == {"blob-unreadable"}, tally.phase
     work.cycle(refs["one"], "fresh-bad-sectors", acked)
     if work.attempt("pull", refs["three"]).code == 0:
         acked_images.add(refs["three"])
@@ -382,14 +388,8 @@ def run_faults(work: Workload, disk: FaultDisk, refs: dict[str, str],
     # Bad sectors under the unpacked layers' files only: the blobs verify, so check compares
     # each layer with its blob and names every layer whose files cannot be read, and the repair
     # applies them again from their blobs under the fault (writing a dust block heals it).
-    blocks = first_blocks_under(root / "drivers" / "vfs" / "layers")
-    disk.bad_blocks(blocks)
-    drop_caches()
-    tally.phases.append(Phase(f"dm-dust: reads of {len(blocks)} blocks fail (the first of "
-                              "every unpacked layer file only)",
-                              "before the operations, page cache dropped"))
-    tally.phase.check_under_fault = work.check()
-    assert set(tally.phase.check_under_fault) == {"layer-damaged"}, tally.phase
+    assert set(bad_sectors("every unpacked layer file only", layers)) == {"layer-damaged"}, \
+        tally.phase
     tally.phase.repaired_under_fault = work.repair()
     assert not any("NOT REPAIRED" in line for line in tally.phase.repaired_under_fault), \
         tally.phase
