@@ -64,6 +64,7 @@ pytestmark = pytest.mark.guest
 DISK_SIZE = 256 * MiB
 DELAY_MS = 50
 IDLE_SAMPLES = 10
+SLOWEST = 3  # the slowest answers named with the operation they came during
 _STALL = re.compile(r"WARNING: event loop blocked (\d+) ms by task (.*)")
 _LONGEST = re.compile(r"longest event-loop step: event loop blocked (\d+) ms by task (.*)")
 
@@ -100,6 +101,7 @@ def test_info_answers_while_pulls_and_gc_write_to_a_slow_disk(
                                hashlib.shake_256(b"slowdisk").digest(8 * MiB))
     root.mkdir()
     latencies: list[float] = []
+    during: list[str] = []  # the operation running when each answer came
     idle: list[float] = []
     spans: dict[str, float] = {}
     results: dict[str, Any] = {}
@@ -119,6 +121,7 @@ def test_info_answers_while_pulls_and_gc_write_to_a_slow_disk(
                                                   f"/v1/images/{segment(pushed.ref)}")),
                         ("gc", lambda: work.call("POST", "/v1/gc"))):
                     began = time.monotonic()
+                    spans[label] = 0.0
                     results[label] = call()
                     spans[label] = time.monotonic() - began
 
@@ -140,6 +143,7 @@ def test_info_answers_while_pulls_and_gc_write_to_a_slow_disk(
                         began = time.monotonic()
                         await trio.to_thread.run_sync(probe.call, "GET", "/v1/info")
                         latencies.append(time.monotonic() - began)
+                        during.append(next(reversed(spans), "start"))
                         await trio.sleep(0.02)
 
             try:
@@ -167,6 +171,8 @@ def test_info_answers_while_pulls_and_gc_write_to_a_slow_disk(
         "info_answers": len(latencies),
         "info_ms": milliseconds(latencies),
         "info_idle_ms": milliseconds(idle),
+        "info_slowest": [f"{ms * 1000:.1f} ms during {label}" for ms, label in
+                         sorted(zip(latencies, during, strict=True), reverse=True)[:SLOWEST]],
         "longest_loop_step_ms": int(longest[0]),
         "longest_loop_step_task": longest[1],
         "stalls_logged": len(stalls),
