@@ -81,6 +81,25 @@ def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) ->
         raise OSError(code, os.strerror(code))
 
 
+def cached_read(fd: int, size: int, off: int) -> bytes | None:
+    """All ``size`` bytes at ``off`` if the page cache holds them (``RWF_NOWAIT``), else None.
+
+    A read the cache answers costs less than a hop to a worker thread, so it stays on the loop;
+    one that would wait on the disk goes to a worker, where the kernel's readahead requests for
+    a cold file wait side by side instead of one after another on the loop (the cold read of a
+    lower file measured 0.39x fuse-overlayfs with every read inline). A short read, at the end
+    of the file or with only part of it cached, goes to the worker too.
+    """
+    buf = bytearray(size)
+    try:
+        got = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP):
+            return None
+        raise
+    return bytes(buf) if got == size else None
+
+
 def _absent() -> pyfuse3.EntryAttributes:
     """A negative entry (node id 0): the kernel keeps the name as absent for ``TIMEOUT``
     instead of asking again at every miss (a PATH search, an import, a build's probes)."""
@@ -863,10 +882,11 @@ class Server(pyfuse3.Operations):
                     return await trio.to_thread.run_sync(partial.read, part, off, size,
                                                          limiter=self.limiter)
                 return partial.read(part, off, size)
-            if size > BIG_IO:
-                return await trio.to_thread.run_sync(os.pread, fd, size, off,
-                                                     limiter=self.limiter)
-            return os.pread(fd, size, off)
+            if size <= BIG_IO:
+                cached = cached_read(fd, size, off)
+                if cached is not None:
+                    return cached
+            return await trio.to_thread.run_sync(os.pread, fd, size, off, limiter=self.limiter)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
