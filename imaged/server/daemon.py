@@ -238,6 +238,8 @@ async def serve(config: Config, limits: Limits | None = None) -> None:
                         lambda call: log.warning("%s", call.describe())) as watch:
                     await Server(service, sock, limits or Limits(), peers).run(signals)
                 log.info("longest event-loop step: %s", watch.longest.describe())
+                log.info("longest wake-up delay of a daemon thread (waiting for the GIL or the "
+                         "CPU): %.0f ms", watch.wake_delay * 1000)
                 log.info("calls on the event loop that waited on the root's disk: %d",
                          watch.disk_calls)
     log.info("stopped")

@@ -17,6 +17,13 @@ however fast the disk was. That count does not depend on timing, so a test can r
 zero. SQLite's own reads and writes are not audited (metadata stays on the loop on purpose:
 docs/design.md), nor are ``stat`` and ``fsync``.
 
+The sampler also measures how late its own thread wakes (``wake_delay``). A step is timed only
+while the loop runs it; an answer can also wait while the loop is idle in ``epoll``, for the
+interpreter lock another thread holds (C code that keeps the GIL, such as zero-filling a large
+``bytearray``) before the loop may run at all, and the sampler waits for that lock the same way.
+So a long wake delay with short steps says the loop was starved, not blocked; it is the CPU's
+wait too, which the guest's other processes saw as under 50 ms where it was 280 ms (issue 17).
+
 The sampler is a watchdog of the loop, so it cannot be a task on it: it runs in a trio worker
 thread (``trio.to_thread.run_sync``) in the watch's own nursery, on a limiter of its own so it
 never takes a slot of the service's blocking work, and the end of the watch (the daemon
@@ -164,6 +171,8 @@ class StallWatch(trio.abc.Instrument):
         self._sampled: tuple[int, tuple[str, ...]] = (0, ())
         self._loop_thread = threading.get_ident()
         self._stop = threading.Event()
+        # Seconds past its timeout the sampler's thread woke, at most (the module's docstring).
+        self.wake_delay = 0.0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._step += 1
@@ -215,8 +224,13 @@ class StallWatch(trio.abc.Instrument):
 
     def sample(self) -> None:
         """Sample the loop thread's stack once in each step that runs past half the
-        threshold."""
-        while not self._stop.wait(self.threshold / 4):
+        threshold, and time this thread's own wake-ups."""
+        period = self.threshold / 4
+        while True:
+            asked = time.perf_counter()
+            if self._stop.wait(period):
+                return
+            self.wake_delay = max(self.wake_delay, time.perf_counter() - asked - period)
             began, step = self._began, self._step
             if began is None or step == self._sampled[0] or \
                     time.perf_counter() - began < self.threshold / 2:

@@ -143,3 +143,22 @@ def test_frames_below_the_scheduler_and_the_import_machinery() -> None:
                                   "/srv/imaged/service.py:20 in info")
     assert task_frames(stack, limit=1) == ("/srv/imaged/service.py:20 in info",)
     assert Stall("t", 0.25).describe() == "event loop blocked 250 ms by task t"
+
+
+def test_a_step_that_holds_the_gil_delays_the_samplers_wake_up() -> None:
+    """``sum`` over a ``range`` runs in C without letting go of the interpreter lock, so the
+    sampler cannot wake while it runs: its delay covers the hold, less one sampling period."""
+    period = THRESHOLD / 4
+    held: list[float] = []
+
+    async def main() -> float:
+        async with watching(THRESHOLD, lambda stall: None) as watch:
+            await trio.sleep(period * 2)  # the sampler waiting
+            began = time.perf_counter()
+            sum(range(20_000_000))
+            held.append(time.perf_counter() - began)
+            await trio.sleep(period * 2)
+        return watch.wake_delay
+
+    delay = trio.run(main)
+    assert delay >= held[0] - period, (delay, held)
