@@ -51,7 +51,7 @@ def info(result: dict[str, Any]) -> str:
         f"content:   {result['content']['blobs']} blobs, "
         f"{format_size(result['content']['bytes'])}",
         f"images:    {result['images']}",
-        "drivers:",
+        f"drivers:   probed {result['drivers_age']:.1f} s before this answer",
     ]
     for d in result["drivers"]:
         chosen = " (in use)" if d["name"] == result["driver"] else ""

@@ -34,6 +34,7 @@ from imaged.host.targets import attach, beneath, detach, open_target
 from imaged.layers.unpack import UnpackLimits
 from imaged.names import name_or_new
 from imaged.ops import advise
+from imaged.ops.probes import DriverProbes
 from imaged.ops.pull import Puller, PullResult
 from imaged.registry_client.client import RegistryClient
 from imaged.registry_client.manifest import Descriptor, Platform
@@ -81,6 +82,8 @@ class Service:
         self.leases = Leases()
         self._puller = Puller(store, client, self.leases, nursery)
         self._nursery = nursery
+        self._probes = DriverProbes(
+            lambda: [probe.to_json() for probe in probe_all(store.config)], nursery)
         # One mount, unmount or revival of a container at a time: a server that exits because
         # it was unmounted must not look like one that died to the watch (watch_mounts).
         self._container_locks: collections.defaultdict[str, trio.Lock] = \
@@ -652,20 +655,22 @@ class Service:
         """The root, host and drivers. Everything but the metadata runs in a thread: probing
         the drivers writes a test file into the root (vfs' reflink probe), reads mount tables
         and asks device-mapper, and counting the blobs stats every one, which on a slow disk
-        kept every other request waiting (issue 17)."""
+        kept every other request waiting (issue 17). The probes are the dearest part, and are
+        kept between requests (``imaged.ops.probes``)."""
         store = self.store
 
-        def host() -> tuple[MountEntry, tuple[int, int], list[dict[str, Any]]]:
-            return (backing_filesystem(store.root), store.content_usage(),
-                    [probe.to_json() for probe in probe_all(store.config)])
+        def host() -> tuple[MountEntry, tuple[int, int]]:
+            return backing_filesystem(store.root), store.content_usage()
 
-        backing, (blobs, blob_bytes), drivers = await trio.to_thread.run_sync(host)
+        probed = await self._probes.get()
+        backing, (blobs, blob_bytes) = await trio.to_thread.run_sync(host)
         return {
             "version": __version__,
             "root": str(store.root),
             "backing_filesystem": {"type": backing.fstype, "mount_point": backing.mount_point},
             "driver": store.meta.get_setting("driver"),
-            "drivers": drivers,
+            "drivers": probed.drivers,
+            "drivers_age": round(probed.age(), 3),
             "platform": str(Platform.host()),
             "kernel": _platform.release(),
             "content": {"blobs": blobs, "bytes": blob_bytes},
