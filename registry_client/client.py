@@ -21,6 +21,7 @@ import hashlib
 import http.client
 import itertools
 import logging
+import mmap
 import queue
 import ssl
 import time
@@ -572,8 +573,8 @@ class _BlobDownload:
     last_report: float = field(default=0.0, init=False)
     # the pipeline's: buffers to receive into, and buffers received but not yet hashed (None
     # once the body has ended)
-    free: queue.SimpleQueue[bytearray] = field(default_factory=queue.SimpleQueue, init=False)
-    written: queue.SimpleQueue[tuple[bytearray, int] | None] = field(
+    free: queue.SimpleQueue[mmap.mmap] = field(default_factory=queue.SimpleQueue, init=False)
+    written: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = field(
         default_factory=queue.SimpleQueue, init=False)
 
     async def run(self) -> None:
@@ -595,7 +596,7 @@ class _BlobDownload:
         if resp is None:
             return None
         begun = self.ingest.offset
-        buf = bytearray(CHUNK)
+        buf = _receive_buffer()
         with resp:
             self._receive(resp, lambda: buf, lambda b, n: self.ingest.absorb(memoryview(b)[:n]))
         return begun
@@ -615,10 +616,8 @@ class _BlobDownload:
         return start
 
     def _produce(self, resp: requests.Response) -> None:
-        # The buffers are made here, not on the event loop: faulting in 16 MiB held the loop
-        # for 0.25 s in the guest kernel, 0.87 s with its disk slowed (issue 17).
         for _ in range(_PIPELINE_DEPTH):
-            self.free.put(bytearray(CHUNK))
+            self.free.put(_receive_buffer())
         try:
             self._receive(resp, self.free.get, lambda b, n: self.written.put((b, n)))
         finally:
@@ -630,8 +629,8 @@ class _BlobDownload:
             self.ingest.absorb(memoryview(buf)[:n])
             self.free.put(buf)
 
-    def _receive(self, resp: requests.Response, buffers: Callable[[], bytearray],
-                 sink: Callable[[bytearray, int], None]) -> None:
+    def _receive(self, resp: requests.Response, buffers: Callable[[], mmap.mmap],
+                 sink: Callable[[mmap.mmap, int], None]) -> None:
         readinto = _readinto_of(resp)
         try:
             while True:
@@ -646,7 +645,7 @@ class _BlobDownload:
         except _TRANSPORT_ERRORS as exc:
             self.failures.append(exc)
 
-    def _write(self, buf: bytearray, n: int) -> bool:
+    def _write(self, buf: mmap.mmap, n: int) -> bool:
         try:
             self.ingest.append(memoryview(buf)[:n])
         except BaseException as exc:  # noqa: BLE001 - handed to the trio side below
@@ -688,6 +687,16 @@ def _local_failure(exc: BaseException, ingest: Ingest, size: int) -> BaseExcepti
             f"{format_size(size - ingest.offset)} more ({format_size(size)} in all); free space "
             "(imaged gc also removes partial downloads) and pull again")
     return os_failure(exc, f"writing blob {ingest.digest} to", ingest.path)
+
+
+def _receive_buffer() -> mmap.mmap:
+    """``CHUNK`` bytes of anonymous memory, none of it touched: the kernel faults the pages in as
+    the socket fills them, in a system call that runs without the GIL. ``bytearray(CHUNK)``
+    zero-fills its pages holding the GIL; in the guest kernel a download's 16 of them held it
+    0.8 s, 70 ms at a time, and the event loop's thread waited for it each time it woke, so
+    ``GET /v1/info`` answered in 150-280 ms during a pull (issue 17; ``bytearray`` buffers made
+    on the loop itself had held the loop 0.25 s, 0.87 s with the disk slowed)."""
+    return mmap.mmap(-1, CHUNK)
 
 
 def _readinto_of(resp: requests.Response) -> Callable[[memoryview], int]:
