@@ -1,11 +1,14 @@
 """The ``guest`` tier: tests marked ``guest`` run inside a user-mode-linux kernel (uml.py).
 
-On the host, the first guest test to run boots one guest for every guest test selected in this
-session; in it, this checkout's pytest runs exactly those tests and appends each test report to
-a file in the share as it is made. Back on the host, each test is reported as it went in the
-guest (passed, failed with the guest's traceback and captured output, skipped), through pytest's
-own report serialization (the one pytest-xdist uses), so ``-x``, ``-ra``, ``--junitxml`` and
-``--durations`` see ordinary results. A test the guest gave no result for (a hang, a crash, a
+On the host, once the session's tests are collected, one guest boots for every guest test
+selected and runs them while the host runs its own: the guest uses one of the host's two CPUs,
+and run one after the other the two tiers took most of the 20 minutes ``scripts/test`` may
+take. In it, this checkout's pytest runs exactly those tests and appends each test report to a
+file in the share as it is made. Guest tests come last on the host; the first waits for the
+guest, and each is reported as it went in the guest (passed, failed with the guest's traceback
+and captured output, skipped), through pytest's own report serialization (the one pytest-xdist
+uses), so ``-x``, ``-ra``, ``--junitxml`` and ``--durations`` see ordinary results. A session
+that ends before them kills the guest. A test the guest gave no result for (a hang, a crash, a
 harness failure) is an error naming why, with the tail of the guest's output and console.
 
 In the guest (IMAGED_GUEST=1, set by init.sh) guest tests are plain tests: fixtures and bodies
@@ -22,7 +25,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -37,6 +42,8 @@ from tests.guest import faultreport, uml, xstate
 
 IN_GUEST = os.environ.get("IMAGED_GUEST") == "1"
 REPORTS_ENV = "IMAGED_GUEST_REPORTS"  # where the guest's pytest appends its reports
+REPORTS = "reports.jsonl"  # that file, in the share
+SHIM_REPORT = "shim.report"  # what the xstate shim did, in the share
 # Booting takes about 2 s and starting pytest over hostfs a few more; a test gets a minute.
 BOOT_SECONDS = 60.0
 TEST_SECONDS = 60.0
@@ -74,12 +81,28 @@ def _tail(text: str) -> str:
     return "\n".join(text.splitlines()[-TAIL_LINES:])
 
 
+@dataclass(frozen=True)
+class Started:
+    """The session's guest, booted at collection."""
+
+    kernel: uml.Kernel
+    probed: xstate.Probe
+    share: Path
+    booting: uml.Booting
+    timeout: float
+    tests: int
+
+
 class GuestRunner:
-    """On the host: runs the session's guest tests in one guest, then reports their results."""
+    """On the host: boots one guest for the session's guest tests once they are collected, so
+    that they run alongside the host's tests, then reports their results where pytest reaches
+    them (last: ``pytest_collection_modifyitems``)."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.items: list[pytest.Item] = []
+        self.started: Started | None = None
+        self.share = contextlib.ExitStack()  # the share's temporary directory
         self.reports: dict[str, list[TestReport]] | None = None  # by node ID, once run
         self.missing = ""  # why a test has no (complete) result from the guest
         self.skip: str | None = None  # why no guest test can run on this host at all
@@ -94,17 +117,24 @@ class GuestRunner:
                     + [item for item in items if item.get_closest_marker("guest") is not None])
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Boot the guest now, so that it runs its tests while the host runs the others."""
         self.items = [item for item in session.items if item.get_closest_marker("guest")]
+        if self.items and not self.config.option.collectonly:
+            self.started = self._start()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item,
                                 nextitem: pytest.Item | None) -> bool | None:
-        """Report a guest test from the guest's run (booting it for the first such test) instead
-        of setting it up and calling it here."""
+        """Report a guest test from the guest's run (waiting for it at the first such test)
+        instead of setting it up and calling it here."""
         if item.get_closest_marker("guest") is None:
             return None  # pytest's own protocol runs it
         if self.reports is None:
-            self.reports = self._run()
+            try:
+                self.reports = self._collect(self.started) if self.started else {}
+            finally:
+                self.started = None
+                self.share.close()
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         for report in self._reports_for(item):
             item.ihook.pytest_runtest_logreport(report=report)
@@ -115,53 +145,73 @@ class GuestRunner:
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
-    def _run(self) -> dict[str, list[TestReport]]:
-        """Boot the guest once for every selected guest test and read back their reports."""
+    def pytest_unconfigure(self) -> None:
+        """A session that ended before its guest tests (``-x``, an interrupt) kills the guest."""
+        try:
+            if self.started is not None:
+                self.started.booting.finish(abort=True)
+        finally:
+            self.share.close()
+
+    def _start(self) -> Started | None:
+        """Boot the guest once for every selected guest test; None (and ``missing`` says
+        why) if it could not be booted."""
         try:
             kernel = uml.fetch_kernel()
         except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
             self.missing = f"no guest kernel: {exc}"
-            return {}
+            return None
         nodeids = [item.nodeid for item in self.items]
-        with tempfile.TemporaryDirectory(prefix="imaged-guest-") as tmp:
-            share = Path(tmp)
-            try:
-                probed = xstate.probe(kernel, share)
-            except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
-                self.missing = f"probing the host's xstate for the guest failed: {exc}"
-                return {}
-            if any("deep_images" in getattr(item, "fixturenames", ()) for item in self.items):
-                deep_storage(share / "deep")  # pushed here in seconds, not in the guest
-            reports = share / "reports.jsonl"
-            # Plugins are named, not autoloaded: importing schemathesis' and anyio's takes
-            # seconds over hostfs. pytest-trio is needed for the project's trio_mode setting.
-            # The guest's /tmp is half its RAM and dies with it: each test's tmp_path (disk
-            # images of up to a few hundred MiB) goes when the test passes, or the tier's later
-            # tests find no space left.
-            pytest_args = [sys.executable, "-m", "pytest", "-p", "trio", "-p", "no:cacheprovider",
-                           "-o", "tmp_path_retention_policy=failed", "-q", *nodeids]
-            script = (f"cd {shlex.quote(str(self.config.rootpath))}\n"
-                      f"export {REPORTS_ENV}={shlex.quote(str(reports))}"
-                      f" XDG_CACHE_HOME={shlex.quote(str(user_cache().parent))}"
-                      f" {xstate.MODE_ENV}={probed.plan.mode.value}"
-                      " PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 PYTHONDONTWRITEBYTECODE=1\n"
-                      f"exec {shlex.join(pytest_args)}\n")
-            timeout = BOOT_SECONDS + TEST_SECONDS * len(nodeids)
-            if float(self.config.getini("faulthandler_timeout") or 0) > 0:
-                # pytest's faulthandler_timeout is per test and this one call runs them all:
-                # the guest's own timeout ends a hung guest, so a dump waits until after it.
-                faulthandler.dump_traceback_later(timeout + 60)
-            shim_report = share / "shim.report"
-            try:
-                run = uml.boot(kernel, share, script, timeout=timeout, memory=MEMORY,
-                               env=probed.plan.environment(shim_report))
-            except (OSError, ValueError, RuntimeError) as exc:
-                self.missing = f"the guest did not boot: {exc}"
-                return {}
-            lines = reports.read_text().splitlines() if reports.exists() else []
-            if not lines:
-                self.skip = self._skip_reason(kernel, probed, run, share)
-            shim = xstate.Report.read(shim_report)
+        share = Path(self.share.enter_context(tempfile.TemporaryDirectory(prefix="imaged-guest-")))
+        try:
+            probed = xstate.probe(kernel, share)
+        except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+            self.missing = f"probing the host's xstate for the guest failed: {exc}"
+            return None
+        if any("deep_images" in getattr(item, "fixturenames", ()) for item in self.items):
+            deep_storage(share / "deep")  # pushed here in seconds, not in the guest
+        # Plugins are named, not autoloaded: importing schemathesis' and anyio's takes seconds
+        # over hostfs. pytest-trio is needed for the project's trio_mode setting. The guest's
+        # /tmp is half its RAM and dies with it: each test's tmp_path (disk images of up to a
+        # few hundred MiB) goes when the test passes, or the tier's later tests find no space
+        # left.
+        pytest_args = [sys.executable, "-m", "pytest", "-p", "trio", "-p", "no:cacheprovider",
+                       "-o", "tmp_path_retention_policy=failed", "-q", *nodeids]
+        script = (f"cd {shlex.quote(str(self.config.rootpath))}\n"
+                  f"export {REPORTS_ENV}={shlex.quote(str(share / REPORTS))}"
+                  f" XDG_CACHE_HOME={shlex.quote(str(user_cache().parent))}"
+                  f" {xstate.MODE_ENV}={probed.plan.mode.value}"
+                  " PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 PYTHONDONTWRITEBYTECODE=1\n"
+                  f"exec {shlex.join(pytest_args)}\n")
+        timeout = BOOT_SECONDS + TEST_SECONDS * len(nodeids)
+        try:
+            booting = uml.start_boot(kernel, share, script, timeout=timeout, memory=MEMORY,
+                                     env=probed.plan.environment(share / SHIM_REPORT))
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.missing = f"the guest did not boot: {exc}"
+            return None
+        return Started(kernel, probed, share, booting, timeout, len(nodeids))
+
+    def _collect(self, started: Started) -> dict[str, list[TestReport]]:
+        """Wait for the guest and read back its tests' reports."""
+        if float(self.config.getini("faulthandler_timeout") or 0) > 0:
+            # pytest's faulthandler_timeout is per test and this one wait covers them all: the
+            # guest's own deadline ends a hung guest, so a dump waits until after it.
+            left = started.booting.running.deadline - time.monotonic()
+            faulthandler.dump_traceback_later(max(left, 0.0) + 60)
+        waited = time.monotonic()
+        try:
+            run = started.booting.finish()
+        except (OSError, RuntimeError) as exc:
+            self.missing = f"the guest did not finish cleanly: {exc}"
+            return {}
+        waited = time.monotonic() - waited
+        kernel, probed, share = started.kernel, started.probed, started.share
+        reports = share / REPORTS
+        lines = reports.read_text().splitlines() if reports.exists() else []
+        if not lines:
+            self.skip = self._skip_reason(kernel, probed, run, share)
+        shim = xstate.Report.read(share / SHIM_REPORT)
         by_node: dict[str, list[TestReport]] = {}
         for line in lines:
             report = self._report_from_json(json.loads(line))
@@ -170,10 +220,11 @@ class GuestRunner:
         shim_counts = (f" (shim: {shim.sets} sets, {shim.fresh} fresh, {shim.older} older, "
                        f"{shim.errors} refused)" if shim else "")
         self.summary = (f"guest: user-mode-linux {kernel.version}, {probed.plan.describe()}"
-                        f"{shim_counts}, {len(nodeids)} test(s), {run.seconds:.1f} s with boot, "
-                        f"{ending}" + (f"; skipped: {self.skip}" if self.skip else ""))
+                        f"{shim_counts}, {started.tests} test(s), {run.seconds:.1f} s with boot "
+                        f"({waited:.1f} s after the host's tests), {ending}"
+                        + (f"; skipped: {self.skip}" if self.skip else ""))
         if run.timed_out:
-            why = f"the guest timed out after {timeout:.0f} s"
+            why = f"the guest timed out after {started.timeout:.0f} s"
         elif run.status is None:
             why = "the guest stopped without an exit status"
         else:

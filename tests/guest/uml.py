@@ -159,38 +159,93 @@ class Exit:
     ram: Path  # the directory its RAM file lived in: gone on return, whoever else boots guests
 
 
-def launch(kernel: Kernel, cmdline: list[str], console: IO[bytes], *, timeout: float,
-           env: Mapping[str, str] | None = None) -> Exit:
-    """Run the kernel with ``cmdline`` until it exits or ``timeout`` passes, console to
-    ``console``; ``env`` is added to the UML process's environment only. Every host process it
-    made is gone on return."""
-    with tempfile.TemporaryDirectory(prefix="imaged-guest-", dir=RAM_DIR) as ram:
-        start = time.monotonic()
-        proc = subprocess.Popen([str(kernel.binary), *cmdline], stdin=subprocess.DEVNULL,
-                                stdout=console, stderr=subprocess.STDOUT, cwd=ram,
-                                env={**os.environ, "TMPDIR": ram, **(env or {})},
-                                start_new_session=True)
+class Running:
+    """A kernel started with ``cmdline``, console to ``console``; ``env`` is added to the UML
+    process's environment only. ``finish`` waits for it until ``timeout`` has passed since the
+    start (or kills it at once, ``abort``); every host process it made and its RAM file are gone
+    once ``finish`` returns, and it must be called."""
+
+    def __init__(self, kernel: Kernel, cmdline: list[str], console: IO[bytes], *,
+                 timeout: float, env: Mapping[str, str] | None = None) -> None:
+        self._ram = tempfile.TemporaryDirectory(prefix="imaged-guest-", dir=RAM_DIR)
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout
+        try:
+            self.proc = subprocess.Popen([str(kernel.binary), *cmdline],
+                                         stdin=subprocess.DEVNULL, stdout=console,
+                                         stderr=subprocess.STDOUT, cwd=self._ram.name,
+                                         env={**os.environ, "TMPDIR": self._ram.name,
+                                              **(env or {})},
+                                         start_new_session=True)
+        except BaseException:
+            self._ram.cleanup()
+            raise
+
+    def finish(self, abort: bool = False) -> Exit:
         timed_out = False
         try:
-            proc.wait(timeout)
+            if not abort:
+                self.proc.wait(max(0.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            _kill_session(proc)
-        return Exit(pid=proc.pid, timed_out=timed_out, seconds=time.monotonic() - start,
-                    ram=Path(ram))
+            try:
+                _kill_session(self.proc)
+            finally:
+                self._ram.cleanup()
+        return Exit(pid=self.proc.pid, timed_out=timed_out,
+                    seconds=time.monotonic() - self.start, ram=Path(self._ram.name))
 
 
-def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
-         memory: str = "1G", env: Mapping[str, str] | None = None,
-         systemd: bool = False) -> GuestRun:
-    """Boot the guest, run ``script`` (sh) in it as root, and return what came back.
+def launch(kernel: Kernel, cmdline: list[str], console: IO[bytes], *, timeout: float,
+           env: Mapping[str, str] | None = None) -> Exit:
+    """Run the kernel until it exits or ``timeout`` passes (``Running``)."""
+    return Running(kernel, cmdline, console, timeout=timeout, env=env).finish()
+
+
+class Booting:
+    """A guest ``start_boot`` started; ``finish`` is ``Running.finish`` and reads back what came
+    from the guest."""
+
+    def __init__(self, kernel: Kernel, share: Path, cmdline: list[str], *, timeout: float,
+                 env: Mapping[str, str] | None) -> None:
+        self.share = share
+        self._console = (share / "console").open("wb")
+        try:
+            self.running = Running(kernel, cmdline, self._console, timeout=timeout, env=env)
+        except BaseException:
+            self._console.close()
+            raise
+
+    def finish(self, abort: bool = False) -> GuestRun:
+        try:
+            end = self.running.finish(abort)
+        finally:
+            self._console.close()
+        share = self.share
+        status_file = share / "status"
+        # Empty if the guest was killed while writing it.
+        status_text = status_file.read_text().strip() if status_file.exists() else ""
+        status = int(status_text) if status_text else None
+        output_file = share / "output"
+        output = output_file.read_text(errors="replace") if output_file.exists() else ""
+        return GuestRun(pid=end.pid, status=status, timed_out=end.timed_out,
+                        seconds=end.seconds, ram=end.ram, output=output,
+                        console=(share / "console").read_text(errors="replace"))
+
+
+def start_boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
+               memory: str = "1G", env: Mapping[str, str] | None = None,
+               systemd: bool = False) -> Booting:
+    """Boot the guest to run ``script`` (sh) in it as root, and return at once; the returned
+    ``Booting.finish`` waits for it and says what came back.
 
     ``share`` (an existing directory) is mounted writable at the same path in the guest; the
     script, its output and exit status pass through it, and the script may leave files there.
-    The guest is killed after ``timeout`` seconds. ``env`` goes to the UML process (the xstate
-    shim's preload), not to the guest. With ``systemd`` the guest's PID 1 is systemd (init.sh
-    execs it once the root is ready) and the script runs as its service ``imaged-guest``.
+    The guest is killed ``timeout`` seconds after it started. ``env`` goes to the UML process
+    (the xstate shim's preload), not to the guest. With ``systemd`` the guest's PID 1 is systemd
+    (init.sh execs it once the root is ready) and the script runs as its service
+    ``imaged-guest``.
     """
     for path in (share, kernel.modules, INIT, TREE):
         _check_cmdline_path(path)
@@ -206,17 +261,15 @@ def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
     if systemd:
         # fstab=no: the host's /etc/fstab names the host's disks, which the guest does not have.
         cmdline += [f"IMAGED_GUEST_INIT={SYSTEMD}", "fstab=no"]
-    with (share / "console").open("wb") as console:
-        end = launch(kernel, cmdline, console, timeout=timeout, env=env)
-    status_file = share / "status"
-    # Empty if the guest was killed while writing it.
-    status_text = status_file.read_text().strip() if status_file.exists() else ""
-    status = int(status_text) if status_text else None
-    output_file = share / "output"
-    output = output_file.read_text(errors="replace") if output_file.exists() else ""
-    return GuestRun(pid=end.pid, status=status, timed_out=end.timed_out, seconds=end.seconds,
-                    ram=end.ram, output=output,
-                    console=(share / "console").read_text(errors="replace"))
+    return Booting(kernel, share, cmdline, timeout=timeout, env=env)
+
+
+def boot(kernel: Kernel, share: Path, script: str, *, timeout: float,
+         memory: str = "1G", env: Mapping[str, str] | None = None,
+         systemd: bool = False) -> GuestRun:
+    """``start_boot``, waited for."""
+    return start_boot(kernel, share, script, timeout=timeout, memory=memory, env=env,
+                      systemd=systemd).finish()
 
 
 def boot_init(kernel: Kernel, init: str, console: Path, *, timeout: float = 30.0,
