@@ -221,7 +221,7 @@ class GuestRunner:
                        f"{shim.errors} refused)" if shim else "")
         self.summary = (f"guest: user-mode-linux {kernel.version}, {probed.plan.describe()}"
                         f"{shim_counts}, {started.tests} test(s), {run.seconds:.1f} s with boot "
-                        f"({waited:.1f} s after the host's tests), {ending}"
+                        f"(the first guest test waited {waited:.1f} s for it), {ending}"
                         + (f"; skipped: {self.skip}" if self.skip else ""))
         if run.timed_out:
             why = f"the guest timed out after {started.timeout:.0f} s"
