@@ -190,6 +190,14 @@ class RegistryClient:
         self._sessions: dict[str, requests.Session] = {}
         self._endpoints: dict[str, list[Endpoint]] = {}
 
+    @functools.cached_property
+    def _verifying_context(self) -> ssl.SSLContext:
+        """What requests verifies against by default (certifi's CAs), loaded once per client.
+        Left to itself urllib3 builds a context for each new connection and parses the bundle
+        into it: about 20 ms here, holding the GIL, so the event loop waits too, for every
+        connection to a registry, its token service and the CDN its blobs redirect to."""
+        return ssl.create_default_context(cafile=requests.utils.DEFAULT_CA_BUNDLE_PATH)
+
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
@@ -216,6 +224,9 @@ class RegistryClient:
             session = requests.Session()
             session.headers["User-Agent"] = USER_AGENT
             session.trust_env = False  # no proxies or .netrc credentials behind our back
+            # Every https URL (a redirect's to a CDN too) gets the client's one verifying
+            # context; a host with certs.d its own (requests picks the longest prefix).
+            session.mount("https://", _TLSAdapter(self._verifying_context))
             context = ssl_context_for(endpoint.host, self.config.certs_dirs)
             if context is not None:
                 session.mount(f"https://{endpoint.host}/", _TLSAdapter(context))

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
+from imaged.config import Config
 from imaged.errors import RegistryError
+from imaged.registry_client.client import Endpoint, RegistryClient, _TLSAdapter
 from imaged.registry_client.tls import ssl_context_for
 
 HOST = "registry.example.com:5000"
@@ -248,3 +250,29 @@ def test_unreadable_crt_directory_entry_is_an_error(tmp_path: Path) -> None:
     (directory / "ca.crt").mkdir()  # a directory where a file should be
     with pytest.raises(RegistryError, match="cannot load"):
         ssl_context_for(HOST, [certs])
+
+
+def test_a_client_verifies_every_host_with_one_context_loaded_once(tmp_path: Path,
+                                                                   pki: PKI) -> None:
+    """urllib3 would build a context and parse the CA bundle for each new connection (about
+    20 ms holding the GIL); the client's sessions share one, for their own host and for any
+    host a redirect leads to, and a host with certs.d keeps its own."""
+    (tmp_path / HOST).mkdir()
+    shutil.copy(pki.ca_cert, tmp_path / HOST / "ca.crt")
+    client = RegistryClient(Config(certs_dirs=(tmp_path,)), environ={})
+    try:
+        def context(host: str, url: str) -> ssl.SSLContext:
+            session = client._session(Endpoint(host, f"https://{host}", False, True, False))
+            adapter = session.get_adapter(url)
+            assert isinstance(adapter, _TLSAdapter), adapter
+            return adapter._context
+
+        shared = context("registry-1.docker.io", "https://registry-1.docker.io/v2/")
+        assert context("registry-1.docker.io", "https://cdn.example/blob") is shared
+        assert context("quay.io", "https://quay.io/v2/") is shared
+        assert shared.verify_mode is ssl.CERT_REQUIRED and shared.check_hostname
+        own = context(HOST, f"https://{HOST}/v2/")
+        assert own is not shared
+        assert context(HOST, "https://cdn.example/blob") is shared
+    finally:
+        client.close()
