@@ -192,11 +192,13 @@ class RegistryClient:
 
     @functools.cached_property
     def _verifying_context(self) -> ssl.SSLContext:
-        """What requests verifies against by default (certifi's CAs), loaded once per client.
-        Left to itself urllib3 builds a context for each new connection and parses the bundle
-        into it: about 20 ms here, holding the GIL, so the event loop waits too, for every
-        connection to a registry, its token service and the CDN its blobs redirect to."""
-        return ssl.create_default_context(cafile=requests.utils.DEFAULT_CA_BUNDLE_PATH)
+        """The system's CAs, as certs.d's contexts start from (``tls.ssl_context_for``), and as
+        containerd and Podman verify, loaded once per client. Left to itself urllib3 builds a
+        context for each new connection and parses requests' CA bundle into it (about 20 ms
+        here, holding the GIL, so the event loop waits too), for every connection to a
+        registry, its token service and the CDN its blobs redirect to; and those were certifi's
+        CAs, not the system's the docs promised (docs/registries.md)."""
+        return ssl.create_default_context()
 
     def close(self) -> None:
         for session in self._sessions.values():

@@ -348,6 +348,15 @@ def test_tls_pull_with_ca_in_certs_d(tls_bed: TLSBed, verified_tls: Path,
     _assert_pulled(imaged("pull", tls_bed.ref), tls_bed, imaged)
 
 
+def test_tls_pull_with_ca_in_the_systems_store(tls_bed: TLSBed, verified_tls: Path,
+                                               imaged_proc: Imaged, imaged: Imaged) -> None:
+    """A CA the system trusts needs no certs.d, as with containerd and Podman: OpenSSL's
+    ``SSL_CERT_FILE`` stands in for ``/etc/ssl/certs`` (requests' own bundle, certifi, ignores
+    it)."""
+    result = imaged_proc("pull", tls_bed.ref, env={"SSL_CERT_FILE": str(tls_bed.ca.cert)})
+    _assert_pulled(result, tls_bed, imaged)
+
+
 @pytest.mark.parametrize("ca", ["none", "other"])
 def test_tls_pull_with_untrusted_certificate_fails(tls_bed: TLSBed, verified_tls: Path,
                                                    imaged: Imaged, ca: str) -> None:
