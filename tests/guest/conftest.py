@@ -171,10 +171,12 @@ class GuestRunner:
         if any("deep_images" in getattr(item, "fixturenames", ()) for item in self.items):
             deep_storage(share / "deep")  # pushed here in seconds, not in the guest
         # Plugins are named, not autoloaded: importing schemathesis' and anyio's takes seconds
-        # over hostfs. pytest-trio is needed for the project's trio_mode setting. (The guest's
-        # /tmp is half its RAM: pyproject's tmp_path_retention_policy keeps it free.)
+        # over hostfs. pytest-trio is needed for the project's trio_mode setting. The guest's
+        # /tmp is half its RAM and dies with it: each test's tmp_path (disk images of up to a
+        # few hundred MiB) goes when the test passes, or the tier's later tests find no space
+        # left.
         pytest_args = [sys.executable, "-m", "pytest", "-p", "trio", "-p", "no:cacheprovider",
-                       "-q", *nodeids]
+                       "-o", "tmp_path_retention_policy=failed", "-q", *nodeids]
         script = (f"cd {shlex.quote(str(self.config.rootpath))}\n"
                   f"export {REPORTS_ENV}={shlex.quote(str(share / REPORTS))}"
                   f" XDG_CACHE_HOME={shlex.quote(str(user_cache().parent))}"
