@@ -705,10 +705,12 @@ def _local_failure(exc: BaseException, ingest: Ingest, size: int) -> BaseExcepti
 def _receive_buffer() -> mmap.mmap:
     """``CHUNK`` bytes of anonymous memory, none of it touched: the kernel faults the pages in as
     the socket fills them, in a system call that runs without the GIL. ``bytearray(CHUNK)``
-    zero-fills its pages holding the GIL; in the guest kernel a download's 16 of them held it
-    0.8 s, 70 ms at a time, and the event loop's thread waited for it each time it woke, so
-    ``GET /v1/info`` answered in 150-280 ms during a pull (issue 17; ``bytearray`` buffers made
-    on the loop itself had held the loop 0.25 s, 0.87 s with the disk slowed)."""
+    zero-fills its pages holding the GIL, and in the guest kernel, where page faults are slow,
+    the event loop's thread waited for it each time it woke: ``tests/guest/test_slowdisk.py``
+    at 50c35a0 had ``GET /v1/info`` at up to 309 ms during a pull and thread wake-up delays of
+    40-103 ms, and with these buffers at most 86 ms and 24-30 ms (the faults report at fac7a83).
+    ``bytearray`` buffers made on the loop itself had held the loop 0.25 s, 0.87 s with the disk
+    slowed."""
     return mmap.mmap(-1, CHUNK)
 
 

@@ -1,9 +1,9 @@
 """The drivers' probes, kept between requests of one service.
 
 Probing every driver is the dearest part of ``info``: vfs writes a test file into the root, the
-others read mount tables, ``/proc`` and device-mapper. In the user-mode guest (issue 17) that was
-27-300 ms a request under a pull, almost all of an answer that must come within 100 ms, and
-``info`` is also the CLI's first call to a daemon. What a probe finds changes when the host
+others read mount tables, ``/proc`` and device-mapper. In the user-mode guest, under a pull,
+that was most of an answer that must come within 100 ms (issue 17: docs/testing.md, slow disks),
+and ``info`` is also the CLI's first call to a daemon. What a probe finds changes when the host
 does (a module loaded, a pool made), not from one request to the next, so a service answers a
 probe up to ``MAX_AGE`` old; an older one is refreshed, and a request waits for the refresh at
 most ``WAIT`` before it answers the last probe, with its age, while the refresh goes on for the

@@ -22,7 +22,8 @@ while the loop runs it; an answer can also wait while the loop is idle in ``epol
 interpreter lock another thread holds (C code that keeps the GIL, such as zero-filling a large
 ``bytearray``) before the loop may run at all, and the sampler waits for that lock the same way.
 So a long wake delay with short steps says the loop was starved, not blocked; it is the CPU's
-wait too, which the guest's other processes saw as under 50 ms where it was 280 ms (issue 17).
+wait too, which the guest's other processes saw as under 50 ms where the daemon's answers took
+up to 600 ms (issue 17: ``tests/guest/test_slowdisk.py`` at a9454bd).
 
 The sampler is a watchdog of the loop, so it cannot be a task on it: it runs in a trio worker
 thread (``trio.to_thread.run_sync``) in the watch's own nursery, on a limiter of its own so it

@@ -29,8 +29,9 @@ the bytes it frees and deletes it, which held the loop for 430 ms (at b492408) w
 Two more figures say where a slow answer waited when no loop step was long: the daemon's
 longest thread wake-up delay (``imaged.server.stalls``: the loop, idle in ``epoll``, waiting for
 the GIL or the CPU before it could run) and ``HEARTBEAT``'s longest gap (the guest's CPU, for a
-process of its own). They found the 150-280 ms answers during a pull: the download thread
-zero-filling its 16 MiB of buffers held the GIL 70 ms at a time while the guest's CPU was free.
+process of its own). At a9454bd they showed the answers of up to 600 ms during a pull waiting
+inside the daemon, for the GIL (wake-up delays up to 141 ms), while the guest's CPU was free
+for others (gaps under 50 ms); docs/testing.md says what held the GIL.
 
 The gc has work of its own: a pull of an image whose config names a wrong DiffID downloads its
 8 MiB layer and fails at unpacking, leaving the download in ingest for a retry, and only gc
@@ -106,8 +107,8 @@ def heartbeat() -> Iterator[Callable[[], float]]:
 
 MANY_FILES = 5000
 # A process of its own that sleeps 5 ms at a time: the longest it waited past that is how long
-# the guest kept every process from the CPU. Under 50 ms while the daemon answered in 280 ms
-# (issue 17): what held the answers was in the daemon, not the guest kernel.
+# the guest kept every process from the CPU. Under 50 ms at a9454bd while the daemon answered
+# in up to 600 ms (issue 17): what held the answers was in the daemon, not the guest kernel.
 HEARTBEAT = """
 import select, sys, time
 longest, last = 0.0, time.monotonic()
