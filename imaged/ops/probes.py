@@ -6,13 +6,14 @@ that was most of an answer that must come within 100 ms (issue 17: docs/testing.
 and ``info`` is also the CLI's first call to a daemon. What a probe finds changes when the host
 does (a module loaded, a pool made), not from one request to the next, so a service answers a
 probe up to ``MAX_AGE`` old; an older one is refreshed, and a request waits for the refresh at
-most ``WAIT`` before it answers the last probe, with its age, while the refresh goes on for the
+most ``WAIT`` before it answers the last probe, with its time, while the refresh goes on for the
 next request. Only a service's first request waits for the whole probe: there is nothing older
 to answer. One refresh runs at a time, however many requests ask.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ Drivers = list[dict[str, Any]]
 class Probed:
     drivers: Drivers
     at: float  # trio.current_time() when the probe began
+    wall: float  # time.time() then: what an answer reports, so that it stays the same bytes
 
     def age(self) -> float:
         return trio.current_time() - self.at
@@ -83,13 +85,13 @@ class DriverProbes:
         return refresh.probed
 
     async def _run(self, refresh: _Refresh) -> None:
-        began = trio.current_time()
+        began, wall = trio.current_time(), time.time()
         try:
             drivers = await trio.to_thread.run_sync(self._probe)
         except Exception as exc:  # noqa: BLE001 - handed to the waiters, who raise it
             refresh.error = exc
         else:
-            self._last = refresh.probed = Probed(drivers, began)
+            self._last = refresh.probed = Probed(drivers, began, wall)
         finally:
             self._refresh = None
             refresh.done.set()

@@ -6,6 +6,7 @@ or the daemon sent it.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from imaged.sizes import format_size
@@ -51,7 +52,7 @@ def info(result: dict[str, Any]) -> str:
         f"content:   {result['content']['blobs']} blobs, "
         f"{format_size(result['content']['bytes'])}",
         f"images:    {result['images']}",
-        f"drivers:   probed {result['drivers_age']:.1f} s before this answer",
+        f"drivers:   probed {max(0.0, time.time() - result['drivers_probed_at']):.1f} s ago",
     ]
     for d in result["drivers"]:
         chosen = " (in use)" if d["name"] == result["driver"] else ""

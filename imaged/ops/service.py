@@ -670,7 +670,7 @@ class Service:
             "backing_filesystem": {"type": backing.fstype, "mount_point": backing.mount_point},
             "driver": store.meta.get_setting("driver"),
             "drivers": probed.drivers,
-            "drivers_age": round(probed.age(), 3),
+            "drivers_probed_at": probed.wall,
             "platform": str(Platform.host()),
             "kernel": _platform.release(),
             "content": {"blobs": blobs, "bytes": blob_bytes},

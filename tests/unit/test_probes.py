@@ -4,6 +4,7 @@ how often the drivers are probed."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import trio
@@ -47,9 +48,11 @@ async def test_the_first_request_waits_for_the_whole_probe() -> None:
 
 async def test_a_recent_probe_is_answered_without_probing() -> None:
     probe = Probe()
+    before = time.time()
     async with trio.open_nursery() as nursery:
         probes = DriverProbes(probe, nursery, max_age=60.0)
         first = await probes.get()
+        assert before <= first.wall <= time.time()  # what an answer reports
         second = await probes.get()
     assert (first, probe.calls) == (second, 1)
     assert 0 <= second.age() < 60.0
