@@ -194,7 +194,7 @@ class RegistryClient:
     def _verifying_context(self) -> ssl.SSLContext:
         """The system's CAs, as certs.d's contexts start from (``tls.ssl_context_for``), and as
         containerd and Podman verify, loaded once per client. Left to itself urllib3 builds a
-        context for each new connection and parses requests' CA bundle into it (about 20 ms
+        context for each new connection and parses requests' CA bundle into it (about 25 ms
         here, holding the GIL, so the event loop waits too), for every connection to a
         registry, its token service and the CDN its blobs redirect to; and those were certifi's
         CAs, not the system's the docs promised (docs/registries.md)."""

@@ -231,10 +231,10 @@ class StallWatch(trio.abc.Instrument):
             asked = time.perf_counter()
             if self._stop.wait(period):
                 return
-            self.wake_delay = max(self.wake_delay, time.perf_counter() - asked - period)
+            woke = time.perf_counter()
+            self.wake_delay = max(self.wake_delay, woke - asked - period)
             began, step = self._began, self._step
-            if began is None or step == self._sampled[0] or \
-                    time.perf_counter() - began < self.threshold / 2:
+            if began is None or step == self._sampled[0] or woke - began < self.threshold / 2:
                 continue
             frame = sys._current_frames().get(self._loop_thread)
             if frame is not None and step == self._step:

@@ -199,13 +199,13 @@ class GuestRunner:
             # guest's own deadline ends a hung guest, so a dump waits until after it.
             left = started.booting.running.deadline - time.monotonic()
             faulthandler.dump_traceback_later(max(left, 0.0) + 60)
-        waited = time.monotonic()
+        began = time.monotonic()
         try:
             run = started.booting.finish()
         except (OSError, RuntimeError) as exc:
             self.missing = f"the guest did not finish cleanly: {exc}"
             return {}
-        waited = time.monotonic() - waited
+        waited = time.monotonic() - began
         kernel, probed, share = started.kernel, started.probed, started.share
         reports = share / REPORTS
         lines = reports.read_text().splitlines() if reports.exists() else []

@@ -255,7 +255,7 @@ def test_unreadable_crt_directory_entry_is_an_error(tmp_path: Path) -> None:
 def test_a_client_verifies_every_host_with_one_context_loaded_once(tmp_path: Path,
                                                                    pki: PKI) -> None:
     """urllib3 would build a context and parse the CA bundle for each new connection (about
-    20 ms holding the GIL); the client's sessions share one, for their own host and for any
+    25 ms holding the GIL); the client's sessions share one, for their own host and for any
     host a redirect leads to, and a host with certs.d keeps its own."""
     (tmp_path / HOST).mkdir()
     shutil.copy(pki.ca_cert, tmp_path / HOST / "ca.crt")
